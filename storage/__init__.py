@@ -1,0 +1,1 @@
+"""Persistence: durable instance files and the SQLAlchemy study index."""

@@ -1,0 +1,1 @@
+"""Joint learning of the DeepSC model: phantoms, datasets, losses, trainer and metrics."""
