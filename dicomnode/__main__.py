@@ -1,0 +1,7 @@
+"""`python -m dicomnode` runs the command line."""
+
+import sys
+
+from dicomnode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""Series completion: decides when a collecting series is complete, then applies the rules.
+
+Three rules, checked in this order, and the one that fired is recorded on the Job:
+the hard `max_wait_seconds` deadline from the first instance; the sending association
+was released and the series has been idle for `release_grace_seconds`; the series has
+been idle for `quiet_seconds`. Timers are the index's persisted timestamps, so they
+resume across a restart. A late instance re-opens the Job (see storage.index).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta
+
+from dicomnode.config import SeriesConfig
+from dicomnode.rules import skip_reason
+from storage.index import SeriesProgress, StudyIndex, utcnow
+from storage.models import CompletionRule
+
+logger = logging.getLogger(__name__)
+
+
+def completion_rule(
+    series: SeriesProgress, rules: SeriesConfig, now: datetime
+) -> CompletionRule | None:
+    """The rule under which the series is complete at `now`, or None while collecting."""
+    idle = now - series.last_received_at
+    if now - series.first_received_at >= timedelta(seconds=rules.max_wait_seconds):
+        return CompletionRule.MAX_WAIT
+    if (
+        series.released_at is not None
+        and series.released_at >= series.last_received_at
+        and idle >= timedelta(seconds=rules.release_grace_seconds)
+    ):
+        return CompletionRule.RELEASE
+    if idle >= timedelta(seconds=rules.quiet_seconds):
+        return CompletionRule.QUIET
+    return None
+
+
+class SeriesAssembler:
+    """Polls the index for collecting series and closes those that are complete."""
+
+    def __init__(self, index: StudyIndex, rules: SeriesConfig, poll_seconds: float = 0.5):
+        self.index = index
+        self.rules = rules
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self, now: datetime | None = None) -> int:
+        """Close every series complete at `now`; returns how many were closed."""
+        now = now or utcnow()
+        closed = 0
+        for series in self.index.collecting_series():
+            rule = completion_rule(series, self.rules, now)
+            if rule is None:
+                continue
+            reason = skip_reason(series, self.rules)
+            if not self.index.complete_job(series.job_id, rule, reason, series.instance_count, now):
+                continue  # an instance arrived meanwhile: look again next time
+            closed += 1
+            if reason is None:
+                logger.info(
+                    "series %s complete (%s, %d instances): queued for AI",
+                    series.series_instance_uid,
+                    rule.value,
+                    series.instance_count,
+                )
+            else:
+                logger.info(
+                    "series %s complete (%s): skipped, %s",
+                    series.series_instance_uid,
+                    rule.value,
+                    reason,
+                )
+        return closed
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.check()
+            except Exception:  # the node keeps serving; the next poll retries
+                logger.exception("series assembler check failed")

@@ -1,0 +1,173 @@
+"""The `dicomnode` command line: serve, status, echo, send, init-config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicomnode import __version__
+from dicomnode.config import ConfigError, Settings, load_settings, render_config_toml
+from dicomnode.scu import Peer, PeerError, echo, send
+
+logger = logging.getLogger("dicomnode")
+
+DEFAULT_CONFIG = Path("config.toml")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path: Path | None = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    return load_settings(path)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicomnode.service import Node
+
+    settings = _settings(args)
+    _setup_logging(settings.node.log_level)
+    Node(settings).serve_forever()
+    return 0
+
+
+def _status_table(rows: list[dict[str, object]]) -> str:
+    header = ("LAST ACTIVITY (UTC)", "STATE", "N", "MOD", "STUDY DATE", "ACCESSION",
+              "SERIES", "SERIES UID", "WHY")
+    lines = [header]
+    for r in rows:
+        why = str(r["reason"] or r["completion_rule"])
+        lines.append((str(r["last_received_at"])[:19], str(r["state"]), str(r["instances"]),
+                      str(r["modality"]), str(r["study_date"]), str(r["accession_number"]),
+                      str(r["series_description"])[:24], str(r["series_instance_uid"]), why))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from storage.index import StudyIndex, counts_line
+
+    settings = _settings(args)
+    url = settings.database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        print(f"no index at {url}: the node has not run with this configuration yet")
+        return 0
+    index = StudyIndex(url)
+    try:
+        counts, rows = index.counts(), index.series_status(limit=args.limit)
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps({"counts": counts, "series": rows}, indent=2))
+    else:
+        print(counts_line(counts))
+        if rows:
+            print(_status_table(rows))
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    status = echo(args.peer, calling_aet=args.aet, timeout_s=args.timeout)
+    print(f"C-ECHO {args.peer}: status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    report = send(args.paths, args.peer, calling_aet=args.aet, timeout_s=args.timeout)
+    for path, reason in report.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    for path, reason in report.failed:
+        print(f"FAILED {path}: {reason}", file=sys.stderr)
+    print(f"sent {report.sent} instance(s) to {args.peer}; {len(report.failed)} failed, "
+          f"{len(report.skipped)} skipped")
+    return 0 if report.ok else 1
+
+
+def cmd_init_config(args: argparse.Namespace) -> int:
+    text = render_config_toml()
+    if args.output == Path("-"):
+        sys.stdout.write(text)
+        return 0
+    if args.output.exists() and not args.force:
+        print(f"{args.output} exists; use --force to overwrite", file=sys.stderr)
+        return 1
+    args.output.write_text(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _peer(text: str) -> Peer:
+    try:
+        return Peer.parse(text)
+    except PeerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicomnode",
+        description="A DICOM AI node: receives chest CT, runs DeepSC-COVID, returns SEG and SR.",
+    )
+    parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, default=None,
+                       help="config file (default: ./config.toml if present, else defaults)")
+
+    p = sub.add_parser("serve", help="run the DICOM node (Storage SCP, assembler, AI, export)",
+                       description="Run the node until SIGINT/SIGTERM.")
+    with_config(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("status", help="studies and series in the index, with their state",
+                       description="Show what the node holds and where each series stands.")
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--limit", type=int, default=50, help="most recent series to list")
+    p.set_defaults(func=cmd_status)
+
+    for name, helptext in (("echo", "C-ECHO a DICOM node"), ("send", "C-STORE files to a node")):
+        p = sub.add_parser(name, help=helptext, description=helptext + ".")
+        if name == "send":
+            p.add_argument("paths", type=Path, nargs="+", metavar="DIR",
+                           help="DICOM files or directories (searched recursively)")
+        p.add_argument("peer", type=_peer, metavar="AET@HOST:PORT", help="the peer to contact")
+        p.add_argument("--aet", default="DICOMNODE", help="calling AE title (default DICOMNODE)")
+        p.add_argument("--timeout", type=float, default=30.0, help="network timeout, seconds")
+        p.set_defaults(func=cmd_echo if name == "echo" else cmd_send)
+
+    p = sub.add_parser("init-config", help="write a commented config.toml with every default",
+                       description="Write the documented default configuration.")
+    p.add_argument("output", type=Path, nargs="?", default=DEFAULT_CONFIG,
+                   help="where to write it ('-' for stdout; default ./config.toml)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_init_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

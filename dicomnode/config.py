@@ -1,0 +1,384 @@
+"""config.toml -> typed, validated settings: the one place that knows every key and default.
+
+Each section is a frozen dataclass whose fields carry their documentation, so the
+commented `config.toml` written by `dicomnode init-config` (and shipped at the repository
+root) is generated from the same definitions the node validates against. Unknown keys,
+wrong types and out-of-range values fail at start-up with the key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AIConfig",
+    "ConfigError",
+    "Destination",
+    "NodeConfig",
+    "SeriesConfig",
+    "Settings",
+    "StorageConfig",
+    "load_settings",
+    "render_config_toml",
+    "settings_from_mapping",
+]
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, 16 chars
+OUTPUT_KINDS = ("seg", "sr", "key_images", "pdf")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or out of range; the message names it."""
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A dataclass field with documentation for the generated config.toml."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": text}, **kwargs)
+    return field(default=default, metadata={"doc": text}, **kwargs)
+
+
+def _check_ae_title(key: str, value: str) -> None:
+    if not _AE_TITLE.match(value) or value.strip() == "":
+        raise ConfigError(
+            f"{key} = {value!r}: expected an AE title of 1-16 printable characters, no backslash"
+        )
+
+
+def _check_range(key: str, value: float, low: float, high: float | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        upper = f" and <= {high}" if high is not None else ""
+        raise ConfigError(f"{key} = {value!r}: expected a number >= {low}{upper}")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """[node]: how the node appears on the DICOM network."""
+
+    ae_title: str = _doc(
+        "AE title the node answers to (callers must use it as Called AE).", "DICOMNODE"
+    )
+    host: str = _doc("Address to listen on; 0.0.0.0 listens on every interface.", "0.0.0.0")
+    port: int = _doc("TCP port of the Storage SCP (11112 is the registered DICOM port).", 11112)
+    max_associations: int = _doc(
+        "Simultaneous associations accepted (pynetdicom's default is 10).", 32
+    )
+    allowed_calling_aets: list[str] = _doc(
+        "Calling AE titles allowed to connect; empty allows any caller.", []
+    )
+    check_called_aet: bool = _doc("Reject associations whose Called AE is not ae_title.", True)
+    tls_cert: str = _doc("PEM certificate; tls_cert and tls_key set turn TLS on.", "")
+    tls_key: str = _doc("PEM private key of tls_cert.", "")
+    tls_ca: str = _doc("PEM CA bundle; when set, callers must present a certificate it signed.", "")
+    acse_timeout_s: float = _doc("Seconds to wait for association negotiation messages.", 30.0)
+    dimse_timeout_s: float = _doc("Seconds to wait for DIMSE messages within an association.", 60.0)
+    network_timeout_s: float = _doc(
+        "Seconds of network silence before an association is aborted.", 120.0
+    )
+    max_pdu_bytes: int = _doc(
+        "Largest PDU the node accepts (0 = unlimited; large is faster).", 4_194_304
+    )
+    log_level: str = _doc("Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
+
+    def __post_init__(self) -> None:
+        _check_ae_title("node.ae_title", self.ae_title)
+        for title in self.allowed_calling_aets:
+            _check_ae_title("node.allowed_calling_aets", title)
+        _check_range("node.port", self.port, 1, 65535)
+        _check_range("node.max_associations", self.max_associations, 1, 10_000)
+        _check_range("node.acse_timeout_s", self.acse_timeout_s, 0.1)
+        _check_range("node.dimse_timeout_s", self.dimse_timeout_s, 0.1)
+        _check_range("node.network_timeout_s", self.network_timeout_s, 0.1)
+        _check_range("node.max_pdu_bytes", self.max_pdu_bytes, 0)
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(
+                f"node.log_level = {self.log_level!r}: expected DEBUG, INFO, WARNING or ERROR"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("node.tls_cert and node.tls_key: set both to enable TLS, or neither")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError(
+                "node.tls_ca is set but node.tls_cert/tls_key are not: TLS needs both"
+            )
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """[storage]: where received instances, outputs and the index live."""
+
+    data_dir: str = _doc(
+        "Directory for instances, outputs and index.sqlite (created if missing).",
+        "./dicomnode-data",
+    )
+    database_url: str = _doc(
+        "SQLAlchemy URL of the study index; empty means sqlite:///<data_dir>/index.sqlite.", ""
+    )
+    min_free_disk_mb: int = _doc(
+        "Below this free space in data_dir, C-STORE answers 0xA700 (out of resources).", 1024
+    )
+
+    def __post_init__(self) -> None:
+        if not self.data_dir:
+            raise ConfigError("storage.data_dir is empty: expected a directory path")
+        _check_range("storage.min_free_disk_mb", self.min_free_disk_mb, 0)
+
+    def resolved_database_url(self, base: Path) -> str:
+        """The index URL, defaulting to SQLite inside data_dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_path(base) / 'index.sqlite').as_posix()}"
+
+    def data_path(self, base: Path) -> Path:
+        """data_dir, relative paths taken from the config file's directory."""
+        path = Path(self.data_dir).expanduser()
+        return path if path.is_absolute() else (base / path).resolve()
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    """[series]: when a series is complete and which series qualify for AI."""
+
+    quiet_seconds: float = _doc("A series is complete after this long without new instances.", 10.0)
+    release_grace_seconds: float = _doc(
+        "Once the sending association is released, complete after this long without instances.", 2.0
+    )
+    max_wait_seconds: float = _doc(
+        "Hard deadline from the first instance: complete even if instances keep arriving.", 600.0
+    )
+    modalities: list[str] = _doc("Modalities analysed.", ["CT"])
+    min_slices: int = _doc("Fewest instances for a series to be analysed.", 40)
+    max_slice_thickness_mm: float = _doc("Thickest SliceThickness analysed (mm).", 5.0)
+    image_type_excludes: list[str] = _doc(
+        "Skip a series whose ImageType contains any of these values.",
+        ["LOCALIZER", "DERIVED", "SECONDARY"],
+    )
+    image_type_requires: list[str] = _doc(
+        "Skip a series whose ImageType lacks any of these values; empty requires nothing.", []
+    )
+    description_regex: str = _doc(
+        "SeriesDescription must match this regular expression (search, case-insensitive); "
+        "empty matches any.",
+        "",
+    )
+    body_part_regex: str = _doc(
+        "BodyPartExamined must match this regular expression when present (search, "
+        "case-insensitive); empty matches any.",
+        "",
+    )
+    require_axial: bool = _doc("Skip series whose slices are not axial (within 10 degrees).", True)
+
+    def __post_init__(self) -> None:
+        _check_range("series.quiet_seconds", self.quiet_seconds, 0.1)
+        _check_range("series.release_grace_seconds", self.release_grace_seconds, 0.0)
+        _check_range("series.max_wait_seconds", self.max_wait_seconds, self.quiet_seconds)
+        _check_range("series.min_slices", self.min_slices, 1)
+        _check_range("series.max_slice_thickness_mm", self.max_slice_thickness_mm, 0.01)
+        if not self.modalities:
+            raise ConfigError('series.modalities is empty: expected a list such as ["CT"]')
+        for key in ("description_regex", "body_part_regex"):
+            try:
+                re.compile(getattr(self, key))
+            except re.error as exc:
+                raise ConfigError(f"series.{key}: not a valid regular expression ({exc})") from None
+
+
+@dataclass(frozen=True)
+class AIConfig:
+    """[ai]: the model and its analysis."""
+
+    checkpoint: str = _doc("Model checkpoint; empty uses the shipped default weights.", "")
+    device: str = _doc("auto (CUDA when present), cpu, cuda or cuda:N.", "auto")
+    peripheral_thickness_mm: float = _doc(
+        "Thickness of the peripheral lung band for the PLR (paper eq. 1, sigma).", 10.0
+    )
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"ai.device = {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        _check_range("ai.peripheral_thickness_mm", self.peripheral_thickness_mm, 0.0, 100.0)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """[[destinations]]: a DICOM node (a PACS) that receives the results."""
+
+    name: str = _doc("A short name used in logs and `dicomnode status`.")
+    ae_title: str = _doc("Called AE title of the destination.")
+    host: str = _doc("Host name or address of the destination.")
+    port: int = _doc("Port of the destination's Storage SCP.")
+    outputs: list[str] = _doc("Which results to send: seg, sr, key_images, pdf.", ["seg", "sr"])
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("destinations.name is empty: expected a short name")
+        _check_ae_title(f"destinations[{self.name}].ae_title", self.ae_title)
+        _check_range(f"destinations[{self.name}].port", self.port, 1, 65535)
+        for kind in self.outputs:
+            if kind not in OUTPUT_KINDS:
+                raise ConfigError(
+                    f"destinations[{self.name}].outputs: {kind!r} is not one of "
+                    f"{', '.join(OUTPUT_KINDS)}"
+                )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings, plus the directory relative paths are resolved against."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
+    ai: AIConfig = field(default_factory=AIConfig)
+    destinations: tuple[Destination, ...] = ()
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.storage.data_path(self.base_dir)
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.resolved_database_url(self.base_dir)
+
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeConfig,
+    "storage": StorageConfig,
+    "series": SeriesConfig,
+    "ai": AIConfig,
+}
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        return f"a list of {_type_name(inner)}s"
+    return {str: "string", int: "integer", float: "number", bool: "true/false"}.get(
+        annotation, str(annotation)
+    )
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Check one TOML value against a field type; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected {_type_name(annotation)}")
+        return [_coerce(key, inner, item) for item in value]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if not isinstance(value, annotation):
+        raise ConfigError(f"{key} = {value!r}: expected {_type_name(annotation)}")
+    return value
+
+
+def _build_section(cls: type, table: Any, prefix: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{prefix}] must be a table of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}.{unknown[0]}: unknown key; expected one of {', '.join(sorted(fields))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name in table:
+            kwargs[name] = _coerce(key, hints[name], table[name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key} is missing: expected {_type_name(hints[name])}")
+    return cls(**kwargs)
+
+
+def settings_from_mapping(data: dict[str, Any], base_dir: Path) -> Settings:
+    """Validate a parsed TOML document; raises ConfigError naming the offending key."""
+    allowed = set(_SECTIONS) | {"destinations"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"[{unknown[0]}]: unknown section; expected {', '.join(sorted(allowed))}")
+    sections = {
+        name: _build_section(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()
+    }
+    raw_destinations = data.get("destinations", [])
+    if not isinstance(raw_destinations, list):
+        raise ConfigError("destinations must be an array of tables: [[destinations]]")
+    destinations = tuple(
+        _build_section(Destination, item, "destinations") for item in raw_destinations
+    )
+    names = [d.name for d in destinations]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"destinations.name: names must be unique, got {names}")
+    return Settings(**sections, destinations=destinations, base_dir=base_dir)
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read and validate a config file; None gives the defaults (relative to the cwd)."""
+    if path is None:
+        return Settings()
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: config file not found (create one: dicomnode init-config)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return settings_from_mapping(data, base_dir=path.resolve().parent)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _render_fields(instance: Any, commented: bool = False) -> list[str]:
+    lines: list[str] = []
+    for f in dataclasses.fields(instance):
+        lines.append(f"# {f.metadata['doc']}")
+        lines.append(
+            ("# " if commented else "") + f"{f.name} = {_toml_value(getattr(instance, f.name))}"
+        )
+    return lines
+
+
+def render_config_toml() -> str:
+    """The commented default configuration (what `dicomnode init-config` writes)."""
+    out = [
+        "# dicomnode configuration. Every key is optional; shown here with its default.",
+        "# Relative paths are taken from this file's directory.",
+        "",
+    ]
+    for name, cls in _SECTIONS.items():
+        out.append(f"# {cls.__doc__}")
+        out.append(f"[{name}]")
+        out.extend(_render_fields(cls()))
+        out.append("")
+    out.append(f"# {Destination.__doc__}")
+    out.append("# Zero or more tables; uncomment and edit to export results to a PACS.")
+    example = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
+    out.append("# [[destinations]]")
+    out.extend(_render_fields(example, commented=True))
+    out.append("")
+    return "\n".join(out)

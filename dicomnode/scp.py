@@ -1,0 +1,221 @@
+"""The node's DICOM face: a pynetdicom Application Entity serving C-ECHO and C-STORE.
+
+C-STORE answers Success (0x0000) only after the instance is fsynced at its final path
+and its Instance row is committed (DESIGN.md "Receive"). Any storage SOP class and any
+transfer syntax pynetdicom knows is accepted; pixel data is stored as received and only
+decoded when a volume is built. Status codes used (PS3.4 GG.4): 0xA700 out of
+resources (disk below the watermark, write or index failure), 0xC000 cannot
+understand (the dataset does not parse or lacks the UIDs that place it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomnode.config import NodeConfig, Settings
+from storage.filestore import FileStore
+from storage.index import InstanceRecord, StudyIndex
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+_REQUIRED_UIDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _number(ds: Dataset, keyword: str, kind: type[int] | type[float]) -> Any:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def instance_record(ds: Dataset, transfer_syntax_uid: str, calling_aet: str) -> InstanceRecord:
+    """The indexed attributes of a dataset; raises ValueError if a placing UID is missing."""
+    missing = [k for k in _REQUIRED_UIDS if not _text(ds, k)]
+    if missing:
+        raise ValueError(f"dataset lacks {', '.join(missing)}")
+    orientation = ds.get("ImageOrientationPatient") or ()
+    return InstanceRecord(
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        transfer_syntax_uid=transfer_syntax_uid,
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_description=_text(ds, "StudyDescription"),
+        modality=_text(ds, "Modality"),
+        series_number=_number(ds, "SeriesNumber", int),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
+        image_type=tuple(str(v) for v in (ds.get("ImageType") or ())),
+        image_orientation=tuple(float(v) for v in orientation),
+        slice_thickness_mm=_number(ds, "SliceThickness", float),
+        instance_number=_number(ds, "InstanceNumber", int),
+        calling_aet=calling_aet,
+    )
+
+
+def tls_server_context(config: NodeConfig, base_dir: Path) -> ssl.SSLContext:
+    """Server-side TLS; with a CA bundle configured, callers must present a certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(base_dir / config.tls_cert, base_dir / config.tls_key)
+    if config.tls_ca:
+        context.load_verify_locations(base_dir / config.tls_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class StorageSCP:
+    """Receives instances into the file store and the index."""
+
+    def __init__(self, settings: Settings, index: StudyIndex, filestore: FileStore) -> None:
+        self.settings = settings
+        self.index = index
+        self.filestore = filestore
+        self.min_free_bytes = settings.storage.min_free_disk_mb * 1024 * 1024
+        self._uid_locks = [threading.Lock() for _ in range(64)]
+        self._assoc_series: dict[int, set[str]] = defaultdict(set)
+        self._assoc_lock = threading.Lock()
+        self.ae = self._make_ae(settings.node)
+        self._server: ThreadedAssociationServer | None = None
+
+    def _make_ae(self, config: NodeConfig) -> AE:
+        ae = AE(ae_title=config.ae_title)
+        ae.maximum_associations = config.max_associations
+        ae.require_calling_aet = list(config.allowed_calling_aets)
+        ae.require_called_aet = config.check_called_aet
+        ae.acse_timeout = config.acse_timeout_s
+        ae.dimse_timeout = config.dimse_timeout_s
+        ae.network_timeout = config.network_timeout_s
+        ae.maximum_pdu_size = config.max_pdu_bytes
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the configured port is 0)."""
+        if self._server is None:
+            raise RuntimeError("the SCP is not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        node = self.settings.node
+        context = tls_server_context(node, self.settings.base_dir) if node.tls_enabled else None
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_ended),
+        ]
+        self._server = self.ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=context
+        )
+        logger.info("storage SCP %s listening on %s:%d%s", node.ae_title, node.host, self.port,
+                    " (TLS)" if context else "")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- event handlers ------------------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        calling_aet = event.assoc.requestor.ae_title
+        if self.filestore.free_bytes() < self.min_free_bytes:
+            logger.error("C-STORE from %s refused: free disk below min_free_disk_mb (%d MB)",
+                         calling_aet, self.settings.storage.min_free_disk_mb)
+            return STATUS_OUT_OF_RESOURCES
+        stream = event.encoded_dataset(include_meta=False)
+        try:
+            record = instance_record(event.dataset, event.context.transfer_syntax, calling_aet)
+            relpath = self.filestore.instance_relpath(
+                record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
+            )
+        except Exception as exc:
+            return self._reject(event, calling_aet, exc)
+        digest = hashlib.sha256(stream).hexdigest()
+        lock = self._uid_locks[hash(record.sop_instance_uid) % len(self._uid_locks)]
+        try:
+            with lock:
+                status = self._store(event, record, relpath, digest)
+        except Exception:
+            logger.exception("C-STORE of %s failed to persist", record.sop_instance_uid)
+            return STATUS_OUT_OF_RESOURCES
+        with self._assoc_lock:
+            self._assoc_series[id(event.assoc)].add(record.series_instance_uid)
+        return status
+
+    def _store(self, event: evt.Event, record: InstanceRecord, relpath: str, digest: str) -> int:
+        known = self.index.find_instance(record.sop_instance_uid)
+        if known is not None:
+            if known.sha256 == digest:
+                logger.debug("duplicate of %s ignored (identical)", record.sop_instance_uid)
+                return STATUS_SUCCESS
+            aside = self.filestore.write_aside(
+                "conflicts", record.sop_instance_uid, event.encoded_dataset()
+            )
+            logger.warning("conflict: %s re-sent by %s with different content; kept the first, "
+                           "stored the second as %s", record.sop_instance_uid,
+                           record.calling_aet, aside)
+            return STATUS_SUCCESS
+        size = self.filestore.write(relpath, event.encoded_dataset())
+        self.index.add_instance(record, relpath, size, digest)
+        return STATUS_SUCCESS
+
+    def _reject(self, event: evt.Event, calling_aet: str, exc: Exception) -> int:
+        try:
+            aside = self.filestore.write_aside("rejected", "unparsed", event.encoded_dataset())
+        except Exception as write_exc:  # keep serving even if the evidence cannot be kept
+            aside = f"not kept ({write_exc})"
+        logger.error("C-STORE from %s rejected with 0xC000: %s (dataset kept as %s)",
+                     calling_aet, exc, aside)
+        return STATUS_CANNOT_UNDERSTAND
+
+    def _on_released(self, event: evt.Event) -> None:
+        with self._assoc_lock:
+            series = self._assoc_series.pop(id(event.assoc), set())
+        self.index.mark_released(series)
+        if series:
+            logger.info("association from %s released after sending %d series",
+                        event.assoc.requestor.ae_title, len(series))
+
+    def _on_ended(self, event: evt.Event) -> None:
+        """Aborted or dropped: the sender may not be done, so no release signal."""
+        with self._assoc_lock:
+            self._assoc_series.pop(id(event.assoc), None)

@@ -1,0 +1,160 @@
+"""Outgoing DICOM: C-ECHO and C-STORE as a Service Class User.
+
+Files are sent as they are on disk (no decompression): each association proposes, for
+every SOP class, exactly the transfer syntaxes of the files to send plus Explicit VR
+Little Endian, staying under the 128 presentation contexts an association allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+logger = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128
+_PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+|\[[^\]]+\]):(?P<port>\d{1,5})$")
+
+
+class PeerError(ValueError):
+    """A peer given on the command line is not AET@HOST:PORT."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        match = _PEER.match(text)
+        if not match or not 0 < int(match["port"]) < 65536:
+            raise PeerError(f"{text!r}: expected AET@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242")
+        return cls(match["aet"], match["host"].strip("[]"), int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass
+class SendReport:
+    """What happened to each file of a send."""
+
+    sent: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def echo(peer: Peer, calling_aet: str = "DICOMNODE", timeout_s: float = 10.0) -> int:
+    """C-ECHO the peer; returns the DIMSE status, raises ConnectionError if unreachable."""
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise ConnectionError(f"association with {peer} was rejected or could not be made")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status:
+        raise ConnectionError(f"no C-ECHO response from {peer}")
+    return int(status.Status)
+
+
+def dicom_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Every regular file under the given files and directories, in a stable order."""
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path
+
+
+def _header(path: Path) -> tuple[str, str]:
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    return str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+
+
+def _contexts_for(pairs: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Presentation contexts for (SOP class, transfer syntax) pairs: the files' own syntaxes,
+    plus the uncompressed little endian ones every SCP accepts."""
+    classes = {sop_class for sop_class, _ in pairs}
+    fallback = {(c, ts) for c in classes for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)}
+    return sorted(pairs | fallback)
+
+
+def _batches(files: list[tuple[Path, str, str]]) -> Iterator[list[tuple[Path, str, str]]]:
+    """Split files so that no association needs more than MAX_CONTEXTS contexts."""
+    batch: list[tuple[Path, str, str]] = []
+    pairs: set[tuple[str, str]] = set()
+    for path, sop_class, syntax in files:
+        grown = pairs | {(sop_class, syntax)}
+        if batch and len(_contexts_for(grown)) > MAX_CONTEXTS:
+            yield batch
+            batch, grown = [], {(sop_class, syntax)}
+        batch.append((path, sop_class, syntax))
+        pairs = grown
+    if batch:
+        yield batch
+
+
+def send(
+    paths: Iterable[Path], peer: Peer, calling_aet: str = "DICOMNODE", timeout_s: float = 60.0
+) -> SendReport:
+    """C-STORE every DICOM file under paths to the peer; non-DICOM files are skipped."""
+    report = SendReport()
+    files: list[tuple[Path, str, str]] = []
+    for path in dicom_files(paths):
+        try:
+            sop_class, syntax = _header(path)
+        except (InvalidDicomError, AttributeError, OSError) as exc:
+            report.skipped.append((path, f"not a DICOM file ({exc})"))
+            continue
+        files.append((path, sop_class, syntax))
+    for batch in _batches(files):
+        _send_batch(batch, peer, calling_aet, timeout_s, report)
+    return report
+
+
+def _send_batch(
+    batch: list[tuple[Path, str, str]], peer: Peer, calling_aet: str, timeout_s: float,
+    report: SendReport,
+) -> None:
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    for sop_class, syntax in _contexts_for({(c, ts) for _, c, ts in batch}):
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        reason = f"association with {peer} was rejected or could not be made"
+        report.failed.extend((path, reason) for path, _, _ in batch)
+        return
+    try:
+        for position, (path, _, _) in enumerate(batch):
+            status = assoc.send_c_store(path)
+            code = int(status.Status) if status else None
+            if code is not None and (code == 0 or code >> 12 == 0xB):
+                report.sent += 1
+                continue
+            report.failed.append((path, "no response" if code is None else f"status 0x{code:04X}"))
+            if not assoc.is_established:
+                report.failed.extend((p, "association lost") for p, _, _ in batch[position + 1:])
+                return
+    finally:
+        if assoc.is_established:
+            assoc.release()

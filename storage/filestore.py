@@ -1,0 +1,130 @@
+"""Durable instance files: write to a temp file, fsync, rename into a UID-based layout.
+
+A file is either absent or complete at its final path, even after `kill -9` or a power
+cut, because the bytes are fsynced before the atomic rename and the directory entry is
+fsynced after it. Temp files left by a crash are removed by `clean_temp` at start-up.
+
+Layout under the data directory::
+
+    instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    conflicts/<SOPInstanceUID>.<utc-time>.dcm   same UID, different content (kept aside)
+    rejected/<utc-time>.<n>.bin                  datasets that could not be parsed
+    tmp/                                         in-flight writes
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import shutil
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class InvalidUID(ValueError):
+    """A UID that is not a dotted digit string cannot be used in the file layout."""
+
+
+def check_uid(name: str, value: str) -> str:
+    """Return value if it is a syntactically valid DICOM UID (PS3.5 9.1), else raise."""
+    if not value or len(value) > 64 or not _UID.match(value):
+        raise InvalidUID(f"{name} {value!r} is not a valid DICOM UID")
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """The node's files under one data directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp_dir = root / "tmp"
+        self._durable_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+        self._counter = itertools.count()
+        for sub in ("instances", "tmp", "conflicts", "rejected"):
+            self._ensure_dir(root / sub)
+
+    def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """Relative path of an instance; raises InvalidUID for UIDs unsafe in a path."""
+        check_uid("StudyInstanceUID", study_uid)
+        check_uid("SeriesInstanceUID", series_uid)
+        check_uid("SOPInstanceUID", sop_uid)
+        return f"instances/{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def write(self, relpath: str, data: bytes) -> int:
+        """Durably write data to relpath (replacing it atomically); returns the size."""
+        final = self.root / relpath
+        self._ensure_dir(final.parent)
+        tmp = self.tmp_dir / f"{os.getpid()}.{threading.get_ident()}.{next(self._counter)}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return len(data)
+
+    def write_aside(self, kind: str, stem: str, data: bytes) -> str:
+        """Keep data that must not replace an instance (a conflict, an unparseable dataset)."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")
+        relpath = f"{kind}/{stem}.{stamp}.{next(self._counter)}.dcm"
+        self.write(relpath, data)
+        return relpath
+
+    def read(self, relpath: str) -> bytes:
+        return (self.root / relpath).read_bytes()
+
+    def clean_temp(self) -> int:
+        """Remove half-written files of a previous run; returns how many were removed."""
+        removed = 0
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            logger.warning("removed %d half-written temp file(s) from %s", removed, self.tmp_dir)
+        return removed
+
+    def free_bytes(self) -> int:
+        """Free space on the data directory's file system."""
+        return shutil.disk_usage(self.root).free
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create directory and make its entry durable (once per process per directory)."""
+        if directory in self._durable_dirs:
+            return
+        with self._lock:
+            missing: list[Path] = []
+            probe = directory
+            while not probe.exists():
+                missing.append(probe)
+                probe = probe.parent
+            directory.mkdir(parents=True, exist_ok=True)
+            for created in reversed(missing):
+                _fsync_dir(created.parent)
+            self._durable_dirs.add(directory)
