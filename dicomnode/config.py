@@ -65,7 +65,10 @@ class NodeConfig:
         "AE title the node answers to (callers must use it as Called AE).", "DICOMNODE"
     )
     host: str = _doc("Address to listen on; 0.0.0.0 listens on every interface.", "0.0.0.0")
-    port: int = _doc("TCP port of the Storage SCP (11112 is the registered DICOM port).", 11112)
+    port: int = _doc(
+        "TCP port of the Storage SCP (11112 is the registered DICOM port; 0 picks a free one).",
+        11112,
+    )
     max_associations: int = _doc(
         "Simultaneous associations accepted (pynetdicom's default is 10).", 32
     )
@@ -90,7 +93,7 @@ class NodeConfig:
         _check_ae_title("node.ae_title", self.ae_title)
         for title in self.allowed_calling_aets:
             _check_ae_title("node.allowed_calling_aets", title)
-        _check_range("node.port", self.port, 1, 65535)
+        _check_range("node.port", self.port, 0, 65535)
         _check_range("node.max_associations", self.max_associations, 1, 10_000)
         _check_range("node.acse_timeout_s", self.acse_timeout_s, 0.1)
         _check_range("node.dimse_timeout_s", self.dimse_timeout_s, 0.1)

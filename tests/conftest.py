@@ -1,0 +1,89 @@
+"""Shared fixtures: small CT series on disk, nodes on free ports, dcmtk tools."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicomnode.config import Settings, settings_from_mapping
+from dicomnode.service import Node
+
+REQUIRE_TOOLS = os.environ.get("DICOMNODE_REQUIRE_TOOLS") == "1"
+"""CI sets this: a missing dcmtk or dicom3tools then fails the tests instead of skipping."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk_tool(name: str) -> str:
+    """Path of a dcmtk program; pynetdicom installs look-alike `storescu`/`echoscu` scripts,
+    so each candidate on PATH is asked who made it."""
+    candidates = [str(Path(d) / name) for d in os.environ.get("PATH", "").split(os.pathsep)]
+    for candidate in [f"/usr/bin/{name}", *candidates]:
+        if not os.access(candidate, os.X_OK):
+            continue
+        result = subprocess.run([candidate, "--version"], capture_output=True, text=True)
+        if "dcmtk" in (result.stdout + result.stderr).lower():
+            return candidate
+    message = f"dcmtk's {name} is not installed (apt-get install dcmtk)"
+    if REQUIRE_TOOLS:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def write_ct_series(
+    out_dir: Path, slices: int = 8, size: int = 64, seed: int = 3, kind: str = "covid",
+    **kwargs: Any,
+) -> list[Path]:
+    """A small phantom chest CT series as DICOM files (training/phantoms.py)."""
+    from training.phantoms import generate_phantom, write_dicom_series
+
+    phantom = generate_phantom(kind, seed, slices=slices, size=size)
+    return write_dicom_series(phantom, out_dir, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def ct_series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 8-slice 64x64 CT series, shared read-only by the tests of a session."""
+    out = tmp_path_factory.mktemp("ct_series")
+    write_ct_series(out)
+    return out
+
+
+def node_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
+    """Settings for a test node: a free port, a temp data dir, no disk watermark."""
+    data: dict[str, Any] = {
+        "node": {"port": 0, "ae_title": "DICOMNODE"},
+        "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk_mb": 0},
+        # Long timers: tests drive completion through assembler.check(now=...) instead.
+        "series": {"min_slices": 4, "quiet_seconds": 300, "release_grace_seconds": 120,
+                   "max_wait_seconds": 3600},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return settings_from_mapping(data, base_dir=tmp_path)
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start in-process nodes (stopped at the end of the test)."""
+    nodes: list[Node] = []
+
+    def start(**sections: dict[str, Any]) -> Node:
+        node = Node(node_settings(tmp_path, **sections))
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()

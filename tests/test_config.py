@@ -1,0 +1,82 @@
+"""config.toml validation: every error names its key; the shipped file is the generated one."""
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    render_config_toml,
+    settings_from_mapping,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_is_the_generated_default() -> None:
+    assert (ROOT / "config.toml").read_text() == render_config_toml()
+    settings = load_settings(ROOT / "config.toml")
+    defaults = Settings(base_dir=ROOT)
+    assert settings.node == defaults.node
+    assert settings.series == defaults.series
+    assert settings.destinations == ()
+    assert settings.database_url == f"sqlite:///{ROOT / 'dicomnode-data' / 'index.sqlite'}"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"node": {"prot": 104}}, "node.prot: unknown key"),
+        ({"nodes": {}}, "[nodes]: unknown section"),
+        ({"node": {"port": "104"}}, "node.port = '104': expected integer"),
+        ({"node": {"port": 70000}}, "node.port = 70000"),
+        ({"node": {"ae_title": "A" * 17}}, "node.ae_title"),
+        ({"node": {"ae_title": "BAD\\AE"}}, "node.ae_title"),
+        ({"node": {"allowed_calling_aets": "PACS"}}, "node.allowed_calling_aets"),
+        ({"node": {"tls_cert": "c.pem"}}, "node.tls_cert and node.tls_key"),
+        ({"node": {"log_level": "LOUD"}}, "node.log_level"),
+        ({"node": {"check_called_aet": 1}}, "node.check_called_aet = 1: expected true/false"),
+        ({"series": {"quiet_seconds": 0}}, "series.quiet_seconds"),
+        ({"series": {"description_regex": "("}}, "series.description_regex"),
+        ({"series": {"modalities": []}}, "series.modalities"),
+        ({"ai": {"device": "tpu"}}, "ai.device"),
+        ({"destinations": [{"name": "p", "ae_title": "X", "host": "h"}]},
+         "destinations.port is missing"),
+        ({"destinations": [{"name": "p", "ae_title": "X", "host": "h", "port": 1,
+                            "outputs": ["seg", "movie"]}]}, "destinations[p].outputs: 'movie'"),
+        ({"destinations": [{"name": "p", "ae_title": "X", "host": "h", "port": 1}] * 2},
+         "names must be unique"),
+    ],
+)
+def test_errors_name_the_key(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        settings_from_mapping(data, base_dir=Path("/tmp"))
+    assert message in str(excinfo.value)
+
+
+def test_values_are_typed_and_relative_paths_follow_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[node]\nport = 4006\nallowed_calling_aets = ["CT1", "PACS"]\n'
+        '[storage]\ndata_dir = "store"\n'
+        '[series]\nquiet_seconds = 3\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "pacs.local"\n'
+        'port = 4242\noutputs = ["seg", "sr", "pdf"]\n'
+    )
+    settings = load_settings(config)
+    assert settings.node.port == 4006
+    assert settings.node.allowed_calling_aets == ["CT1", "PACS"]
+    assert settings.series.quiet_seconds == 3.0 and isinstance(settings.series.quiet_seconds, float)
+    assert settings.data_dir == tmp_path / "store"
+    assert settings.destinations[0].outputs == ["seg", "sr", "pdf"]
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad)

@@ -1,0 +1,135 @@
+"""The study index: idempotent instances, job lifecycle, queue, restart recovery, schema."""
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from storage.index import InstanceRecord, SchemaVersionError, StudyIndex
+from storage.models import SCHEMA_VERSION, CompletionRule, JobState
+
+T0 = datetime(2026, 1, 1, 12, 0, 0)
+
+
+def record(n: int, series: str = "1.2.3.4", study: str = "1.2.3") -> InstanceRecord:
+    return InstanceRecord(
+        sop_instance_uid=f"{series}.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid=study, series_instance_uid=series,
+        transfer_syntax_uid="1.2.840.10008.1.2.1", patient_id="PAT1", modality="CT",
+        image_orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), image_type=("ORIGINAL", "PRIMARY"),
+        slice_thickness_mm=1.25, instance_number=n, accession_number="ACC1",
+    )
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> StudyIndex:
+    return StudyIndex(f"sqlite:///{tmp_path / 'index.sqlite'}")
+
+
+def add(index: StudyIndex, n: int, at: datetime, **kw: str) -> bool:
+    return index.add_instance(record(n, **kw), f"p/{n}", 10, f"sha{n}", now=at)
+
+
+def test_instances_build_the_hierarchy_once(index: StudyIndex) -> None:
+    assert add(index, 1, T0)
+    assert add(index, 2, T0 + timedelta(seconds=1))
+    assert not add(index, 2, T0 + timedelta(seconds=2))  # same SOP Instance UID: no new row
+    add(index, 1, T0, series="1.2.3.5")
+    counts = index.counts()
+    assert (counts["patients"], counts["studies"], counts["series"], counts["instances"]) == (
+        1, 1, 2, 3)
+    (progress, _) = index.collecting_series()
+    assert progress.instance_count == 2
+    assert progress.last_received_at == T0 + timedelta(seconds=1)
+    assert progress.image_orientation == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    assert progress.image_type == ("ORIGINAL", "PRIMARY")
+    assert index.find_instance("1.2.3.4.2").sha256 == "sha2"
+    assert index.series_instance_paths("1.2.3.4") == ["p/1", "p/2"]
+
+
+def test_complete_refuses_a_series_that_grew(index: StudyIndex) -> None:
+    add(index, 1, T0)
+    (progress,) = index.collecting_series()
+    add(index, 2, T0)
+    assert not index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
+    assert index.complete_job(progress.job_id, CompletionRule.QUIET, None, 2)
+    assert index.job_state(progress.job_id) == (JobState.QUEUED, "")
+
+
+def test_late_instance_reopens_or_starts_a_new_pass(index: StudyIndex) -> None:
+    add(index, 1, T0)
+    (first,) = index.collecting_series()
+    index.complete_job(first.job_id, CompletionRule.QUIET, "min_slices: too few", 1)
+    add(index, 2, T0)  # skipped series re-opened by a late instance
+    (again,) = index.collecting_series()
+    assert again.job_id == first.job_id
+    assert index.series_status()[0]["reopen_count"] == 1
+    index.complete_job(first.job_id, CompletionRule.QUIET, None, 2)
+    claimed = index.claim_next_job("w1")
+    assert claimed is not None and claimed.job_id == first.job_id
+    add(index, 3, T0)  # analysis already started: a new pass, the running job is untouched
+    (new_pass,) = index.collecting_series()
+    assert new_pass.job_id != first.job_id
+    assert index.job_state(first.job_id)[0] == JobState.RUNNING
+
+
+def test_queue_claims_oldest_first_and_finishes(index: StudyIndex) -> None:
+    for series in ("1.1", "1.2"):
+        add(index, 1, T0, series=series)
+    for progress in index.collecting_series():
+        index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    a, b = index.claim_next_job("w"), index.claim_next_job("w")
+    assert a and b and (a.series_instance_uid, b.series_instance_uid) == ("1.1", "1.2")
+    assert index.claim_next_job("w") is None
+    index.finish_job(a.job_id, JobState.DONE)
+    index.finish_job(b.job_id, JobState.FAILED, "NoLungsFound: no lungs")
+    assert index.job_state(b.job_id) == (JobState.FAILED, "NoLungsFound: no lungs")
+    with pytest.raises(ValueError, match="not running"):
+        index.finish_job(a.job_id, JobState.DONE)
+    with pytest.raises(ValueError, match="done or failed"):
+        index.finish_job(a.job_id, JobState.QUEUED)
+
+
+def test_restart_requeues_running_jobs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    index = StudyIndex(url)
+    add(index, 1, T0)
+    (progress,) = index.collecting_series()
+    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
+    claimed = index.claim_next_job("w")
+    index.close()
+    reopened = StudyIndex(url)
+    assert reopened.recover_after_restart() == 1
+    assert reopened.job_state(claimed.job_id)[0] == JobState.QUEUED
+    again = reopened.claim_next_job("w")
+    assert again is not None and again.attempts == 2
+
+
+def test_schema_version_is_recorded_and_newer_files_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    index = StudyIndex(url)
+    assert index.schema_version() == SCHEMA_VERSION
+    with index.engine.begin() as conn:
+        conn.execute(text("UPDATE meta SET value = :v WHERE key = 'schema_version'"),
+                     {"v": str(SCHEMA_VERSION + 1)})
+    index.close()
+    with pytest.raises(SchemaVersionError, match="newer than this dicomnode"):
+        StudyIndex(url)
+
+
+def test_sqlite_runs_in_wal_mode(index: StudyIndex) -> None:
+    with index.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_status_rows_carry_state_and_reason(index: StudyIndex) -> None:
+    add(index, 1, T0)
+    (progress,) = index.collecting_series()
+    index.complete_job(progress.job_id, CompletionRule.MAX_WAIT, "modalities: MR", 1)
+    (row,) = index.series_status()
+    assert (row["state"], row["reason"], row["completion_rule"]) == (
+        "skipped", "modalities: MR", "max_wait")
+    assert row["accession_number"] == "ACC1" and row["instances"] == 1
+    assert replace(record(1), modality="MR").modality == "MR"
