@@ -204,11 +204,64 @@ class AIConfig:
     peripheral_thickness_mm: float = _doc(
         "Thickness of the peripheral lung band for the PLR (paper eq. 1, sigma).", 10.0
     )
+    min_lesion_volume_mm3: float = _doc(
+        "Lesion components smaller than this are removed as noise.", 50.0
+    )
+    consolidation_hu: float = _doc(
+        "Lesion voxels at or above this HU count as consolidation, below as ground-glass.",
+        -300.0,
+    )
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"ai.device = {self.device!r}: expected auto, cpu, cuda or cuda:N")
         _check_range("ai.peripheral_thickness_mm", self.peripheral_thickness_mm, 0.0, 100.0)
+        _check_range("ai.min_lesion_volume_mm3", self.min_lesion_volume_mm3, 0.0, 1e6)
+        _check_range("ai.consolidation_hu", self.consolidation_hu, -1000.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """[pipeline]: how complete series are analysed and which results are made."""
+
+    workers: int = _doc(
+        "Analysis workers (threads); one is right for a GPU, more only with spare CPU cores.", 1
+    )
+    failure_notice: bool = _doc(
+        "When analysis fails, send the destinations a short SR saying so and why.", False
+    )
+    max_lesion_segments: int = _doc(
+        "Individual lesions given their own SEG segment and SR group (largest first).", 10
+    )
+    seg_omit_empty_frames: bool = _doc(
+        "Leave empty frames out of the SEG (smaller; some OHIF builds misplace such SEGs).",
+        False,
+    )
+    key_images: int = _doc("Key images: the slices with the largest lesion area.", 3)
+
+    def __post_init__(self) -> None:
+        _check_range("pipeline.workers", self.workers, 1, 64)
+        _check_range("pipeline.max_lesion_segments", self.max_lesion_segments, 0, 200)
+        _check_range("pipeline.key_images", self.key_images, 0, 20)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """[export]: delivery of results to the destinations."""
+
+    retry_initial_seconds: float = _doc("First retry delay; doubled after each failure.", 10.0)
+    retry_max_seconds: float = _doc("Longest delay between retries.", 600.0)
+    give_up_after_seconds: float = _doc(
+        "Stop retrying a delivery this long after it was queued (it is then failed).", 86400.0
+    )
+    timeout_seconds: float = _doc("Network timeout of an export association.", 60.0)
+
+    def __post_init__(self) -> None:
+        _check_range("export.retry_initial_seconds", self.retry_initial_seconds, 0.0)
+        _check_range("export.retry_max_seconds", self.retry_max_seconds,
+                     self.retry_initial_seconds)
+        _check_range("export.give_up_after_seconds", self.give_up_after_seconds, 0.0)
+        _check_range("export.timeout_seconds", self.timeout_seconds, 0.1)
 
 
 @dataclass(frozen=True)
@@ -242,6 +295,8 @@ class Settings:
     storage: StorageConfig = field(default_factory=StorageConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
     ai: AIConfig = field(default_factory=AIConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     destinations: tuple[Destination, ...] = ()
     base_dir: Path = field(default_factory=Path.cwd)
 
@@ -259,6 +314,8 @@ _SECTIONS: dict[str, type] = {
     "storage": StorageConfig,
     "series": SeriesConfig,
     "ai": AIConfig,
+    "pipeline": PipelineConfig,
+    "export": ExportConfig,
 }
 
 

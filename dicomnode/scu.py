@@ -16,7 +16,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,10 @@ class SendReport:
     sent: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    permanent: bool = False
+    """A failure that retrying will not fix: a permanent association rejection, a
+    presentation context the peer does not accept, or a C-STORE status saying the data
+    itself is refused (0xA9xx, 0xCxxx, 0x0122)."""
 
     @property
     def ok(self) -> bool:
@@ -141,16 +145,26 @@ def _send_batch(
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
-        reason = f"association with {peer} was rejected or could not be made"
+        reason, permanent = _association_failure(assoc, peer)
+        report.permanent |= permanent
         report.failed.extend((path, reason) for path, _, _ in batch)
         return
     try:
-        for position, (path, _, _) in enumerate(batch):
-            status = assoc.send_c_store(path)
+        for position, (path, sop_class, syntax) in enumerate(batch):
+            try:
+                status = assoc.send_c_store(path)
+            except ValueError as exc:  # no accepted presentation context for this file
+                report.permanent = True
+                report.failed.append((path, f"{peer} accepts no context for {sop_class} in "
+                                            f"{syntax}: {exc}"))
+                continue
             code = int(status.Status) if status else None
             if code is not None and (code == 0 or code >> 12 == 0xB):
                 report.sent += 1
                 continue
+            if code is not None and (code >> 8 in (0xA9, 0xC0) or code >> 12 == 0xC
+                                     or code == 0x0122):
+                report.permanent = True
             report.failed.append((path, "no response" if code is None else f"status 0x{code:04X}"))
             if not assoc.is_established:
                 report.failed.extend((p, "association lost") for p, _, _ in batch[position + 1:])
@@ -158,3 +172,12 @@ def _send_batch(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _association_failure(assoc: Association, peer: Peer) -> tuple[str, bool]:
+    """Why an association was not made, and whether that is permanent (PS3.8 9.3.4)."""
+    if not assoc.is_rejected:
+        return f"could not associate with {peer} (unreachable, aborted or timed out)", False
+    rsp = assoc.acceptor.primitive
+    text = f"association rejected by {peer}: {rsp.result_str}, {rsp.source_str}, {rsp.reason_str}"
+    return text, rsp.result == 0x01

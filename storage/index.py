@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, create_engine, event, func, select, update
@@ -23,11 +23,14 @@ from storage.models import (
     SCHEMA_VERSION,
     Base,
     CompletionRule,
+    Export,
+    ExportState,
     Instance,
     Job,
     JobState,
     Meta,
     Patient,
+    Result,
     Series,
     Study,
 )
@@ -36,7 +39,10 @@ logger = logging.getLogger(__name__)
 
 # Migrations from version N to N+1, applied in order on open. New tables need none
 # (create_all adds them); changed or added columns of existing tables do.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: lambda conn: None,  # 2 adds the result and export tables only
+}
+OWN_OUTPUT = "output of this node (not analysed)"
 
 _REOPENABLE = (JobState.COLLECTING, JobState.COMPLETE, JobState.SKIPPED, JobState.QUEUED)
 
@@ -101,6 +107,37 @@ class SeriesProgress:
     first_received_at: datetime
     last_received_at: datetime
     released_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """What a worker found for a job (see storage.models.Result)."""
+
+    diagnosis: str
+    probabilities: dict[str, float]
+    lvr: float
+    plr: float | None
+    lesion_count: int
+    lesion_volume_ml: float
+    lung_volume_ml: float
+    analysis: dict[str, Any]
+    model_name: str
+    model_version: str
+    checkpoint_sha256: str
+    timings: dict[str, float]
+    outputs: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class ExportTask:
+    """A delivery handed to the exporter: all of one job's outputs for one destination."""
+
+    export_id: int
+    job_id: int
+    destination: str
+    paths: tuple[str, ...]
+    attempts: int
+    give_up_at: datetime
 
 
 @dataclass(frozen=True)
@@ -187,10 +224,13 @@ class StudyIndex:
         size_bytes: int,
         sha256: str,
         now: datetime | None = None,
+        node_output: bool = False,
     ) -> bool:
         """Index a stored instance and move its series' Job back to collecting.
 
-        Returns False (and changes nothing) when the SOP Instance UID is already indexed.
+        `node_output` marks the node's own results: their series' job is skipped at once,
+        so the node never analyses what it produced. Returns False (and changes nothing)
+        when the SOP Instance UID is already indexed.
         """
         now = now or utcnow()
         with self._write_lock, self._sessions.begin() as session:
@@ -217,8 +257,19 @@ class StudyIndex:
                     received_at=now,
                 )
             )
-            self._collect(session, series, now)
+            if node_output:
+                self._mark_own_output(session, series, now)
+            else:
+                self._collect(session, series, now)
         return True
+
+    def _mark_own_output(self, session: Session, series: Series, now: datetime) -> None:
+        has_job = series.id is not None and session.scalar(
+            select(Job.id).where(Job.series_pk == series.id).limit(1)
+        )
+        if not has_job:
+            session.add(Job(series=series, state=JobState.SKIPPED, reason=OWN_OUTPUT,
+                            created_at=now, updated_at=now, completed_at=now))
 
     def _series_for(self, session: Session, record: InstanceRecord, now: datetime) -> Series:
         series = session.scalar(
@@ -422,12 +473,160 @@ class StudyIndex:
                 raise KeyError(job_id)
             return job.state, job.reason
 
+    def job_series(self, job_id: int) -> tuple[str, str]:
+        """(StudyInstanceUID, SeriesInstanceUID) of a job."""
+        with self._sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise KeyError(job_id)
+            return job.series.study.study_instance_uid, job.series.series_instance_uid
+
+    # -- results -------------------------------------------------------------------------
+
+    def record_result(self, job_id: int, record: ResultRecord, now: datetime | None = None) -> int:
+        """Store what the AI found for a job (replacing an earlier result of the same job)."""
+        now = now or utcnow()
+        with self._write_lock, self._sessions.begin() as session:
+            session.execute(Result.__table__.delete().where(Result.job_pk == job_id))
+            result = Result(job_pk=job_id, created_at=now, **record.__dict__)
+            session.add(result)
+            session.flush()
+            return result.id
+
+    def result_for_job(self, job_id: int) -> ResultRecord | None:
+        with self._sessions() as session:
+            row = session.scalar(select(Result).where(Result.job_pk == job_id))
+            if row is None:
+                return None
+            fields = ResultRecord.__dataclass_fields__
+            return ResultRecord(**{name: getattr(row, name) for name in fields})
+
+    # -- exports -------------------------------------------------------------------------
+
+    def queue_export(
+        self, job_id: int, destination: str, paths: Sequence[str], give_up_after_s: float,
+        now: datetime | None = None,
+    ) -> int:
+        """Owe a destination these output files; the exporter sends them together."""
+        now = now or utcnow()
+        with self._write_lock, self._sessions.begin() as session:
+            export = Export(
+                job_pk=job_id, destination=destination, paths=list(paths),
+                state=ExportState.PENDING, next_attempt_at=now,
+                give_up_at=now + timedelta(seconds=give_up_after_s),
+                created_at=now, updated_at=now,
+            )
+            session.add(export)
+            session.flush()
+            return export.id
+
+    def claim_due_export(self, now: datetime | None = None) -> ExportTask | None:
+        """Atomically take the oldest pending export whose retry time has come."""
+        now = now or utcnow()
+        with self._write_lock, self._sessions.begin() as session:
+            export = session.scalar(
+                select(Export)
+                .where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now)
+                .order_by(Export.next_attempt_at, Export.id)
+                .limit(1)
+            )
+            if export is None:
+                return None
+            export.state = ExportState.SENDING
+            export.attempts += 1
+            export.updated_at = now
+            return ExportTask(export.id, export.job_pk, export.destination,
+                              tuple(export.paths), export.attempts, export.give_up_at)
+
+    def next_export_due(self) -> datetime | None:
+        """When the earliest pending export may be tried (None when nothing is pending)."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(func.min(Export.next_attempt_at)).where(
+                    Export.state == ExportState.PENDING
+                )
+            )
+
+    def finish_export(
+        self, export_id: int, error: str = "", retry_at: datetime | None = None,
+        now: datetime | None = None,
+    ) -> ExportState:
+        """Record an attempt: no error -> done; an error -> pending until retry_at, or
+        failed when retry_at is None (given up, or a rejection that will not change)."""
+        now = now or utcnow()
+        with self._write_lock, self._sessions.begin() as session:
+            export = session.get(Export, export_id)
+            if export is None:
+                raise KeyError(export_id)
+            export.updated_at = now
+            export.last_error = error
+            if not error:
+                export.state = ExportState.DONE
+                export.sent_at = now
+            elif retry_at is None:
+                export.state = ExportState.FAILED
+            else:
+                export.state = ExportState.PENDING
+                export.next_attempt_at = retry_at
+            return export.state
+
+    def requeue_study_exports(
+        self, study_instance_uid: str, give_up_after_s: float, now: datetime | None = None
+    ) -> int:
+        """`dicomnode resend`: deliver every export of a study again; returns how many."""
+        now = now or utcnow()
+        with self._write_lock, self._sessions.begin() as session:
+            exports = session.scalars(
+                select(Export)
+                .join(Job, Export.job_pk == Job.id)
+                .join(Series, Job.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .where(Study.study_instance_uid == study_instance_uid,
+                       Export.state != ExportState.SENDING)
+            ).all()
+            for export in exports:
+                export.state = ExportState.PENDING
+                export.next_attempt_at = now
+                export.give_up_at = now + timedelta(seconds=give_up_after_s)
+                export.last_error = ""
+                export.updated_at = now
+            return len(exports)
+
+    def export_status(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Exports not yet delivered, and the latest delivered ones, newest first."""
+        with self._sessions() as session:
+            rows = session.execute(
+                select(Export, Series.series_instance_uid, Study.study_instance_uid)
+                .join(Job, Export.job_pk == Job.id)
+                .join(Series, Job.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .order_by(Export.updated_at.desc(), Export.id.desc())
+                .limit(limit)
+            ).all()
+        return [
+            {
+                "export_id": e.id, "job_id": e.job_pk, "destination": e.destination,
+                "state": e.state.value, "attempts": e.attempts, "files": len(e.paths),
+                "last_error": e.last_error, "next_attempt_at": e.next_attempt_at.isoformat(),
+                "give_up_at": e.give_up_at.isoformat(),
+                "sent_at": e.sent_at.isoformat() if e.sent_at else None,
+                "series_instance_uid": series_uid, "study_instance_uid": study_uid,
+            }
+            for e, series_uid, study_uid in rows
+        ]
+
     # -- restart and status ------------------------------------------------------------
 
     def recover_after_restart(self, now: datetime | None = None) -> int:
-        """Return jobs interrupted while running to the queue; returns how many."""
+        """Return jobs interrupted while running, and exports interrupted while sending, to
+        their queues; returns how many jobs."""
         now = now or utcnow()
         with self._write_lock, self._sessions.begin() as session:
+            session.execute(
+                update(Export)
+                .where(Export.state == ExportState.SENDING)
+                .values(state=ExportState.PENDING, next_attempt_at=now, updated_at=now)
+            )
             result = session.execute(
                 update(Job)
                 .where(Job.state == JobState.RUNNING)
@@ -452,6 +651,10 @@ class StudyIndex:
                 select(Job.state, func.count(Job.id)).group_by(Job.state)
             ):
                 totals[f"jobs_{state.value}"] = n
+            for export_state, n in session.execute(
+                select(Export.state, func.count(Export.id)).group_by(Export.state)
+            ):
+                totals[f"exports_{export_state.value}"] = n
         return totals
 
     def series_status(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -498,12 +701,17 @@ def _series_row(series: Series, study: Study, patient: Patient, job: Job | None)
 
 
 def counts_line(counts: dict[str, int], states: Sequence[JobState] = tuple(JobState)) -> str:
-    """A one-line summary such as `3 studies, 5 series, 1200 instances; queued 1, done 2`."""
-    jobs = ", ".join(
-        f"{s.value} {counts[f'jobs_{s.value}']}" for s in states if counts.get(f"jobs_{s.value}")
-    )
+    """A one-line summary such as `3 studies, 5 series, 1200 instances; jobs: queued 1`."""
     head = (
         f"{counts['patients']} patients, {counts['studies']} studies, "
         f"{counts['series']} series, {counts['instances']} instances"
     )
-    return f"{head}; jobs: {jobs}" if jobs else head
+    jobs = ", ".join(
+        f"{s.value} {counts[f'jobs_{s.value}']}" for s in states if counts.get(f"jobs_{s.value}")
+    )
+    exports = ", ".join(
+        f"{s.value} {counts[f'exports_{s.value}']}" for s in ExportState
+        if counts.get(f"exports_{s.value}")
+    )
+    parts = [head, f"jobs: {jobs}" if jobs else "", f"exports: {exports}" if exports else ""]
+    return "; ".join(p for p in parts if p)

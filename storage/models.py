@@ -12,6 +12,7 @@ import enum
 from datetime import datetime
 
 from sqlalchemy import (
+    JSON,
     DateTime,
     Enum,
     Float,
@@ -23,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped by every change to the tables; `storage.index` migrates or refuses older files."""
 
 UID = String(64)  # DICOM UI VR: at most 64 characters
@@ -41,6 +42,15 @@ class JobState(enum.StrEnum):
     SKIPPED = "skipped"
     QUEUED = "queued"
     RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ExportState(enum.StrEnum):
+    """Delivery of one job's outputs to one destination."""
+
+    PENDING = "pending"
+    SENDING = "sending"
     DONE = "done"
     FAILED = "failed"
 
@@ -144,3 +154,47 @@ class Job(Base):
     series: Mapped[Series] = relationship(back_populates="jobs")
 
     __table_args__ = (Index("ix_job_state_id", "state", "id"),)
+
+
+class Result(Base):
+    """What the AI found for one job, and which output instances were made from it."""
+
+    __tablename__ = "result"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), unique=True)
+    diagnosis: Mapped[str] = mapped_column(String(32))
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
+    lvr: Mapped[float] = mapped_column(Float)
+    plr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lesion_count: Mapped[int] = mapped_column(Integer)
+    lesion_volume_ml: Mapped[float] = mapped_column(Float)
+    lung_volume_ml: Mapped[float] = mapped_column(Float)
+    analysis: Mapped[dict] = mapped_column(JSON)  # ai.analysis.ScanAnalysis.to_dict()
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64), default="")
+    timings: Mapped[dict[str, float]] = mapped_column(JSON)  # stage -> seconds
+    outputs: Mapped[dict[str, list[str]]] = mapped_column(JSON)  # kind -> instance paths
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    job: Mapped[Job] = relationship()
+
+
+class Export(Base):
+    """One job's outputs owed to one destination; retried as a whole, not per file."""
+
+    __tablename__ = "export"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    paths: Mapped[list[str]] = mapped_column(JSON)
+    state: Mapped[ExportState] = mapped_column(Enum(ExportState, native_enum=False, length=16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    give_up_at: Mapped[datetime] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    job: Mapped[Job] = relationship()
+
+    __table_args__ = (Index("ix_export_state_next", "state", "next_attempt_at"),)

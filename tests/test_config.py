@@ -80,3 +80,27 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("[node\nport = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(bad)
+
+
+def test_every_key_is_documented() -> None:
+    """docs/configuration.md is the reference a PACS admin reads: no key may be missing."""
+    import dataclasses
+
+    from dicomnode.config import (
+        AIConfig,
+        Destination,
+        ExportConfig,
+        NodeConfig,
+        PipelineConfig,
+        SeriesConfig,
+        StorageConfig,
+    )
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for section, cls in [("node", NodeConfig), ("storage", StorageConfig),
+                         ("series", SeriesConfig), ("ai", AIConfig),
+                         ("pipeline", PipelineConfig), ("export", ExportConfig),
+                         ("[destinations]", Destination)]:
+        assert f"## [{section}]" in doc
+        for item in dataclasses.fields(cls):
+            assert f"`{item.name}`" in doc, f"{section}.{item.name} not in docs/configuration.md"

@@ -1,0 +1,138 @@
+"""Delivery of results to the destinations: C-STORE with a persistent queue.
+
+Each Export row is one job's outputs for one destination, sent on one association and
+retried as a whole (a PACS that took half a study gets all of it again, which C-STORE
+makes harmless). Retries back off exponentially until `give_up_after_seconds`; a
+refusal that retrying cannot fix fails at once with the peer's own reason. Rows live in
+the index, so deliveries pending at a crash go out after the restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+
+from dicomnode.config import Destination, Settings
+from dicomnode.scu import Peer, send
+from storage.filestore import FileStore
+from storage.index import ExportTask, StudyIndex, utcnow
+from storage.models import ExportState
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0
+
+
+def retry_delay(attempts: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff: initial, 2x initial, 4x ... capped at max."""
+    return min(max_s, initial_s * 2 ** max(0, attempts - 1))
+
+
+class Exporter:
+    """Sends queued deliveries; one background thread, driven by the index."""
+
+    def __init__(self, settings: Settings, index: StudyIndex, filestore: FileStore) -> None:
+        self.settings = settings
+        self.index = index
+        self.filestore = filestore
+        self.destinations = {d.name: d for d in settings.destinations}
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def queue(self, job_id: int, outputs: Mapping[str, Sequence[str]]) -> list[int]:
+        """Owe each destination the outputs it is configured for; returns the export ids."""
+        ids = []
+        for destination in self.settings.destinations:
+            paths = [p for kind in destination.outputs for p in outputs.get(kind, ())]
+            if paths:
+                ids.append(self.index.queue_export(
+                    job_id, destination.name, paths, self.settings.export.give_up_after_seconds
+                ))
+        if ids:
+            self._wake.set()
+        return ids
+
+    def run_once(self, now: datetime | None = None) -> ExportState | None:
+        """Try the oldest due delivery; returns its new state (None when nothing was due)."""
+        task = self.index.claim_due_export(now)
+        if task is None:
+            return None
+        destination = self.destinations.get(task.destination)
+        if destination is None:
+            return self.index.finish_export(
+                task.export_id, f"destination {task.destination!r} is no longer configured"
+            )
+        missing = [p for p in task.paths if not self.filestore.path(p).is_file()]
+        if missing:
+            return self.index.finish_export(
+                task.export_id, f"{len(missing)} output file(s) missing, e.g. {missing[0]}"
+            )
+        try:
+            return self._deliver(task, destination, now)
+        except Exception as exc:  # never leave a delivery stuck in "sending"
+            logger.exception("export %d: unexpected error", task.export_id)
+            retry_at = utcnow() + timedelta(seconds=self.settings.export.retry_initial_seconds)
+            return self.index.finish_export(task.export_id, f"internal error: {exc}", retry_at)
+
+    def _deliver(self, task: ExportTask, destination: Destination, now: datetime | None) -> (
+        ExportState
+    ):
+        peer = Peer(destination.ae_title, destination.host, destination.port)
+        report = send(
+            [self.filestore.path(p) for p in task.paths], peer,
+            calling_aet=self.settings.node.ae_title,
+            timeout_s=self.settings.export.timeout_seconds,
+        )
+        if report.ok:
+            logger.info("export %d: %d file(s) delivered to %s (attempt %d)",
+                        task.export_id, report.sent, destination.name, task.attempts)
+            return self.index.finish_export(task.export_id)
+        _, first_reason = report.failed[0]
+        error = f"{len(report.failed)} of {len(task.paths)} file(s) not delivered: {first_reason}"
+        now = now or utcnow()
+        retry_at = now + timedelta(seconds=retry_delay(
+            task.attempts, self.settings.export.retry_initial_seconds,
+            self.settings.export.retry_max_seconds,
+        ))
+        if report.permanent:
+            logger.error("export %d to %s failed, not retried: %s",
+                         task.export_id, destination.name, error)
+            return self.index.finish_export(task.export_id, error, None, now)
+        if retry_at > task.give_up_at:
+            logger.error("export %d to %s given up after %d attempt(s): %s",
+                         task.export_id, destination.name, task.attempts, error)
+            return self.index.finish_export(
+                task.export_id, f"gave up after {task.attempts} attempt(s): {error}", None, now
+            )
+        logger.warning("export %d to %s failed (attempt %d), retry at %s: %s",
+                       task.export_id, destination.name, task.attempts,
+                       retry_at.isoformat(timespec="seconds"), error)
+        return self.index.finish_export(task.export_id, error, retry_at, now)
+
+    # -- thread ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="exporter", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once() is not None
+            except Exception:  # the exporter must outlive any one bad delivery
+                logger.exception("exporter error")
+                busy = False
+            if not busy:
+                self._wake.wait(POLL_SECONDS)
+                self._wake.clear()
