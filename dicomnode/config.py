@@ -225,7 +225,8 @@ class PipelineConfig:
     """[pipeline]: how complete series are analysed and which results are made."""
 
     workers: int = _doc(
-        "Analysis workers (threads); one is right for a GPU, more only with spare CPU cores.", 1
+        "Analysis workers (threads); one is right for a GPU, more only with spare CPU cores; "
+        "0 receives and queues only.", 1
     )
     failure_notice: bool = _doc(
         "When analysis fails, send the destinations a short SR saying so and why.", False
@@ -240,7 +241,7 @@ class PipelineConfig:
     key_images: int = _doc("Key images: the slices with the largest lesion area.", 3)
 
     def __post_init__(self) -> None:
-        _check_range("pipeline.workers", self.workers, 1, 64)
+        _check_range("pipeline.workers", self.workers, 0, 64)
         _check_range("pipeline.max_lesion_segments", self.max_lesion_segments, 0, 200)
         _check_range("pipeline.key_images", self.key_images, 0, 20)
 

@@ -161,19 +161,19 @@ class StorageSCP:
             logger.error("C-STORE from %s refused: free disk below min_free_disk_mb (%d MB)",
                          calling_aet, self.settings.storage.min_free_disk_mb)
             return STATUS_OUT_OF_RESOURCES
-        stream = event.encoded_dataset(include_meta=False)
+        encoded = event.encoded_dataset()
         try:
             record = instance_record(event.dataset, event.context.transfer_syntax, calling_aet)
             relpath = self.filestore.instance_relpath(
                 record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
             )
         except Exception as exc:
-            return self._reject(event, calling_aet, exc)
-        digest = hashlib.sha256(stream).hexdigest()
+            return self._reject(encoded, calling_aet, exc)
+        digest = hashlib.sha256(encoded).hexdigest()
         lock = self._uid_locks[hash(record.sop_instance_uid) % len(self._uid_locks)]
         try:
             with lock:
-                status = self._store(event, record, relpath, digest)
+                status = self._store(encoded, record, relpath, digest)
         except Exception:
             logger.exception("C-STORE of %s failed to persist", record.sop_instance_uid)
             return STATUS_OUT_OF_RESOURCES
@@ -181,26 +181,24 @@ class StorageSCP:
             self._assoc_series[id(event.assoc)].add(record.series_instance_uid)
         return status
 
-    def _store(self, event: evt.Event, record: InstanceRecord, relpath: str, digest: str) -> int:
+    def _store(self, encoded: bytes, record: InstanceRecord, relpath: str, digest: str) -> int:
         known = self.index.find_instance(record.sop_instance_uid)
         if known is not None:
             if known.sha256 == digest:
                 logger.debug("duplicate of %s ignored (identical)", record.sop_instance_uid)
                 return STATUS_SUCCESS
-            aside = self.filestore.write_aside(
-                "conflicts", record.sop_instance_uid, event.encoded_dataset()
-            )
+            aside = self.filestore.write_aside("conflicts", record.sop_instance_uid, encoded)
             logger.warning("conflict: %s re-sent by %s with different content; kept the first, "
                            "stored the second as %s", record.sop_instance_uid,
                            record.calling_aet, aside)
             return STATUS_SUCCESS
-        size = self.filestore.write(relpath, event.encoded_dataset())
+        size = self.filestore.write(relpath, encoded)
         self.index.add_instance(record, relpath, size, digest)
         return STATUS_SUCCESS
 
-    def _reject(self, event: evt.Event, calling_aet: str, exc: Exception) -> int:
+    def _reject(self, encoded: bytes, calling_aet: str, exc: Exception) -> int:
         try:
-            aside = self.filestore.write_aside("rejected", "unparsed", event.encoded_dataset())
+            aside = self.filestore.write_aside("rejected", "unparsed", encoded)
         except Exception as write_exc:  # keep serving even if the evidence cannot be kept
             aside = f"not kept ({write_exc})"
         logger.error("C-STORE from %s rejected with 0xC000: %s (dataset kept as %s)",

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, Association
+from pynetdicom import AE, Association, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def _send_batch(
     batch: list[tuple[Path, str, str]], peer: Peer, calling_aet: str, timeout_s: float,
     report: SendReport,
 ) -> None:
+    _config.STORE_SEND_CHUNKED_DATASET = True  # stream files from disk as they are
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     for sop_class, syntax in _contexts_for({(c, ts) for _, c, ts in batch}):

@@ -1,4 +1,5 @@
-"""`dicomnode serve`: wires the store, the index, the SCP and the assembler together.
+"""`dicomnode serve`: wires the store, the index, the SCP, the assembler, the AI workers
+and the exporter together.
 
 Start-up is where crash recovery happens: half-written temp files are removed, jobs
 that were running are queued again, and collecting series keep the timestamps the
@@ -14,6 +15,7 @@ from types import FrameType
 
 from dicomnode.assembler import SeriesAssembler
 from dicomnode.config import Settings
+from dicomnode.export import Exporter
 from dicomnode.scp import StorageSCP
 from storage.filestore import FileStore
 from storage.index import StudyIndex, counts_line
@@ -24,13 +26,20 @@ logger = logging.getLogger(__name__)
 class Node:
     """One running node; `start` is non-blocking, `serve_forever` blocks until a signal."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, analyse: bool = True) -> None:
+        """`analyse=False` runs receive and assembly only (jobs stay queued)."""
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.filestore = FileStore(settings.data_dir)
         self.index = StudyIndex(settings.database_url)
         self.scp = StorageSCP(settings, self.index, self.filestore)
         self.assembler = SeriesAssembler(self.index, settings.series)
+        self.exporter = Exporter(settings, self.index, self.filestore)
+        self.pipeline = None
+        if analyse and settings.pipeline.workers > 0:
+            from dicomnode.pipeline import Pipeline  # imports torch: only when analysing
+
+            self.pipeline = Pipeline(settings, self.index, self.filestore, self.exporter)
 
     def start(self) -> None:
         self.filestore.clean_temp()
@@ -43,10 +52,16 @@ class Node:
         self.scp.start()
         self.assembler.check()
         self.assembler.start()
+        self.exporter.start()
+        if self.pipeline is not None:
+            self.pipeline.start()
 
     def stop(self) -> None:
         self.scp.stop()
         self.assembler.stop()
+        if self.pipeline is not None:
+            self.pipeline.stop()
+        self.exporter.stop()
         self.index.close()
 
     def serve_forever(self) -> None:

@@ -75,11 +75,11 @@ def node_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
 
 @pytest.fixture
 def start_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
-    """Start in-process nodes (stopped at the end of the test)."""
+    """Start in-process nodes (stopped at the end of the test); AI workers only on request."""
     nodes: list[Node] = []
 
-    def start(**sections: dict[str, Any]) -> Node:
-        node = Node(node_settings(tmp_path, **sections))
+    def start(analyse: bool = False, **sections: dict[str, Any]) -> Node:
+        node = Node(node_settings(tmp_path, **sections), analyse=analyse)
         node.start()
         nodes.append(node)
         return node

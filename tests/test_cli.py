@@ -1,0 +1,79 @@
+"""The command line: help, init-config, status, echo, send and clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dicomnode.cli import build_parser, main
+from dicomnode.config import render_config_toml
+from dicomnode.service import Node
+from tests.conftest import free_port
+
+COMMANDS = ["serve", "status", "echo", "send", "init-config"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: dicomnode " + command in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    result = subprocess.run([sys.executable, "-m", "dicomnode", "--help"],
+                            capture_output=True, text=True, check=True)
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert set(COMMANDS) <= set(build_parser()._subparsers._group_actions[0].choices)
+
+
+def test_init_config_writes_the_documented_defaults(tmp_path: Path) -> None:
+    target = tmp_path / "config.toml"
+    assert main(["init-config", str(target)]) == 0
+    assert target.read_text() == render_config_toml()
+    assert main(["init-config", str(target)]) == 1  # no silent overwrite
+    assert main(["init-config", str(target), "--force"]) == 0
+
+
+def test_config_error_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[series]\nmin_slices = \"forty\"\n")
+    assert main(["status", "--config", str(config)]) == 2
+    assert "series.min_slices = 'forty': expected integer" in capsys.readouterr().err
+
+
+def test_status_echo_and_send_against_a_node(
+    start_node: Callable[..., Node], ct_series_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    node = start_node()
+    peer = f"DICOMNODE@127.0.0.1:{node.scp.port}"
+    assert main(["echo", peer]) == 0
+    assert main(["send", str(ct_series_dir), peer]) == 0
+    assert "sent 8 instance(s)" in capsys.readouterr().out
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{node.settings.data_dir}"\n')
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"]["instances"] == 8
+    (series,) = report["series"]
+    assert (series["state"], series["instances"], series["modality"]) == ("collecting", 8, "CT")
+    assert main(["status", "--config", str(config)]) == 0
+    table = capsys.readouterr().out
+    assert "collecting" in table and series["series_instance_uid"] in table
+
+
+def test_unreachable_peer_and_bad_peer_syntax(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["echo", f"NOBODY@127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
+    assert "rejected or could not be made" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["echo", "127.0.0.1:104"])
+    assert exit_info.value.code == 2
+    assert "expected AET@HOST:PORT" in capsys.readouterr().err

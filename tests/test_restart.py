@@ -1,0 +1,118 @@
+"""kill -9 of `dicomnode serve` mid-series: nothing acknowledged is lost, work resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from dicomnode.scu import Peer, echo, send
+from storage.index import StudyIndex
+from tests.conftest import free_port, write_ct_series
+
+
+def start_serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+    return proc
+
+
+def wait_ready(peer: Peer, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"serve exited early:\n{log.read_text()}"
+        try:
+            if echo(peer, timeout_s=2) == 0:
+                return
+        except ConnectionError:
+            time.sleep(0.2)
+    raise AssertionError(f"serve did not answer C-ECHO:\n{log.read_text()}")
+
+
+def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)
+
+
+def latest_state(index: StudyIndex, series_uid: str) -> str:
+    rows = [r for r in index.series_status() if r["series_instance_uid"] == series_uid]
+    return rows[0]["state"] if rows else ""
+
+
+def test_kill_9_mid_series_then_restart(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[node]\nport = {port}\nhost = "127.0.0.1"\n'
+        f'[storage]\ndata_dir = "{data}"\nmin_free_disk_mb = 0\n'
+        "[series]\nquiet_seconds = 3\nrelease_grace_seconds = 0.5\nmin_slices = 4\n"
+        "[pipeline]\nworkers = 0\n"  # receive only: queued jobs must stay queued
+    )
+    peer = Peer("DICOMNODE", "127.0.0.1", port)
+    log = tmp_path / "serve.log"
+    complete = write_ct_series(tmp_path / "a", slices=4, size=32, seed=1)
+    interrupted = write_ct_series(tmp_path / "b", slices=40, size=64, seed=2)
+    series_a = pydicom.dcmread(complete[0]).SeriesInstanceUID
+    series_b = pydicom.dcmread(interrupted[0]).SeriesInstanceUID
+
+    proc = start_serve(config, log)
+    wait_ready(peer, proc, log)
+    assert send(complete, peer).sent == 4
+    index = StudyIndex(f"sqlite:///{data / 'index.sqlite'}")
+    wait_for(lambda: latest_state(index, series_a) == "queued")
+
+    acknowledged: list[str] = []
+
+    def sender() -> None:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        for path in interrupted:
+            status = assoc.send_c_store(path)
+            if not status or status.Status != 0:
+                return
+            acknowledged.append(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    wait_for(lambda: len(acknowledged) >= 15)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    thread.join(timeout=30)
+    assert 15 <= len(acknowledged) < len(interrupted)
+    (data / "tmp" / "crash.part").write_bytes(b"half written")  # as a crash mid-write leaves
+
+    for uid in acknowledged:  # every acknowledged instance is on disk and indexed
+        stored = index.find_instance(uid)
+        assert stored is not None, f"acknowledged {uid} lost"
+        assert pydicom.dcmread(data / stored.path).SOPInstanceUID == uid
+    assert latest_state(index, series_a) == "queued"
+
+    proc = start_serve(config, log)
+    try:
+        wait_ready(peer, proc, log)
+        assert not list((data / "tmp").iterdir())  # half-written files cleaned up
+        assert latest_state(index, series_a) == "queued"  # still queued
+        wait_for(lambda: latest_state(index, series_b) == "queued")  # the timer resumed
+        (row,) = [r for r in index.series_status() if r["series_instance_uid"] == series_b]
+        assert row["completion_rule"] == "quiet_period"
+        stored_count = index.counts()["instances"] - len(complete)
+        assert row["instances"] == stored_count
+        assert len(acknowledged) <= stored_count <= len(acknowledged) + 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.read_text()
+        index.close()

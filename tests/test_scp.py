@@ -1,0 +1,345 @@
+"""The Storage SCP over real sockets, with dcmtk and pynetdicom as peers."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import JPEG2000Lossless, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from dicomnode.scp import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
+from dicomnode.scu import Peer, echo, send
+from dicomnode.service import Node
+from storage.index import utcnow
+from storage.models import CompletionRule, JobState
+from tests.conftest import dcmtk_tool, node_settings, write_ct_series
+
+# name -> (how to encode from Explicit VR Little Endian, transfer syntax UID, lossless)
+ENCODINGS: dict[str, tuple[list[str] | None, str, bool]] = {
+    "explicit_le": ([], "1.2.840.10008.1.2.1", True),
+    "implicit_le": (["dcmconv", "+ti"], "1.2.840.10008.1.2", True),
+    "deflated": (["dcmconv", "+td"], "1.2.840.10008.1.2.1.99", True),
+    "jpeg_baseline": (["dcmcjpeg", "+eb"], "1.2.840.10008.1.2.4.50", False),
+    "jpeg_extended": (["dcmcjpeg", "+ee"], "1.2.840.10008.1.2.4.51", False),
+    "jpeg_lossless_sv1": (["dcmcjpeg", "+e1"], "1.2.840.10008.1.2.4.70", True),
+    "jpeg_ls_lossless": (["dcmcjpls", "+el"], "1.2.840.10008.1.2.4.80", True),
+    "jpeg_ls_near": (["dcmcjpls", "+en"], "1.2.840.10008.1.2.4.81", False),
+    "rle": (["dcmcrle"], "1.2.840.10008.1.2.5", True),
+    "jpeg2000_lossless": (None, JPEG2000Lossless, True),
+}
+
+STORESCU_PROPOSE = {
+    "deflated": ["-xd"], "jpeg_baseline": ["-xy"], "jpeg_extended": ["-xx"],
+    "jpeg_lossless_sv1": ["-xs"], "jpeg_ls_lossless": ["-xt"], "jpeg_ls_near": ["-xu"],
+    "rle": ["-xr"], "jpeg2000_lossless": ["-xv"],
+}
+
+
+def encode(src: Path, dst: Path, how: list[str] | None) -> None:
+    if how is None:  # no free dcmtk encoder for JPEG 2000: pydicom + openjpeg
+        ds = pydicom.dcmread(src)
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(dst, enforce_file_format=True)
+    elif not how:
+        shutil.copy(src, dst)
+    else:
+        subprocess.run([dcmtk_tool(how[0]), *how[1:], str(src), str(dst)], check=True)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One node for the transfer syntax matrix."""
+    node = Node(node_settings(tmp_path_factory.mktemp("node")), analyse=False)
+    node.start()
+    yield node
+    node.stop()
+
+
+def peer_of(node: Node) -> Peer:
+    return Peer(node.settings.node.ae_title, "127.0.0.1", node.scp.port)
+
+
+def storescu(node: Node, files: list[Path], calling: str = "STORESCU",
+             called: str = "DICOMNODE", *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [dcmtk_tool("storescu"), "-R", *options, "-aet", calling, "-aec", called, "127.0.0.1",
+         str(node.scp.port), *map(str, files)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def stored_dataset(node: Node, sop_instance_uid: str) -> pydicom.Dataset:
+    stored = node.index.find_instance(sop_instance_uid)
+    assert stored is not None, f"{sop_instance_uid} not indexed"
+    return pydicom.dcmread(node.filestore.path(stored.path))
+
+
+@pytest.mark.parametrize("sender", ["storescu", "pynetdicom"])
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_every_transfer_syntax_is_stored_as_received(
+    node: Node, ct_series_dir: Path, tmp_path: Path, encoding: str, sender: str
+) -> None:
+    how, syntax, lossless = ENCODINGS[encoding]
+    sources = sorted(ct_series_dir.glob("*.dcm"))[:2]
+    files = []
+    for n, src in enumerate(sources):
+        ds = pydicom.dcmread(src)  # fresh UIDs: each case stores new instances
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[ds.SeriesInstanceUID, encoding,
+                                                          sender])
+        plain = tmp_path / f"plain{n}.dcm"
+        ds.save_as(plain, enforce_file_format=True)
+        files.append(tmp_path / f"{encoding}{n}.dcm")
+        encode(plain, files[-1], how)
+    if sender == "storescu":
+        # storescu proposes uncompressed syntaxes unless told which compressed one to offer.
+        options = STORESCU_PROPOSE.get(encoding, [])
+        result = storescu(node, files, "STORESCU", "DICOMNODE", *options)
+        assert result.returncode == 0, result.stderr
+    else:
+        assert send(files, peer_of(node), calling_aet="PYNETDICOM").sent == len(files)
+    for path in files:
+        sent = pydicom.dcmread(path)
+        assert sent.file_meta.TransferSyntaxUID == syntax
+        stored = stored_dataset(node, sent.SOPInstanceUID)
+        assert stored.file_meta.TransferSyntaxUID == syntax
+        assert stored.pixel_array.shape == (sent.Rows, sent.Columns)  # decodable
+        if lossless:
+            original = pydicom.dcmread(tmp_path / f"plain{files.index(path)}.dcm")
+            np.testing.assert_array_equal(stored.pixel_array, original.pixel_array)
+
+
+def test_echo_from_dcmtk_and_pynetdicom(node: Node) -> None:
+    result = subprocess.run(
+        [dcmtk_tool("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(node.scp.port)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert echo(peer_of(node)) == 0
+
+
+def test_calling_ae_allow_list_and_called_ae_check(
+    start_node: Callable[..., Node], ct_series_dir: Path
+) -> None:
+    node = start_node(node={"allowed_calling_aets": ["CT_SCANNER"]})
+    files = sorted(ct_series_dir.glob("*.dcm"))[:1]
+    rejected = storescu(node, files, calling="INTRUDER")
+    assert rejected.returncode != 0
+    assert "reject" in (rejected.stdout + rejected.stderr).lower()
+    assert node.index.counts()["instances"] == 0
+    wrong_called = storescu(node, files, calling="CT_SCANNER", called="SOMEONE_ELSE")
+    assert wrong_called.returncode != 0
+    accepted = storescu(node, files, calling="CT_SCANNER")
+    assert accepted.returncode == 0, accepted.stderr
+    assert node.index.counts()["instances"] == 1
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "node.crt", tmp_path / "node.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_association(start_node: Callable[..., Node], ct_series_dir: Path,
+                         tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    node = start_node(node={"tls_cert": str(cert), "tls_key": str(key)})
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    ae = AE(ae_title="TLSSCU")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage, pydicom.dcmread(
+        next(ct_series_dir.glob("*.dcm"))).file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="DICOMNODE",
+                         tls_args=(client, "localhost"))
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    path = next(ct_series_dir.glob("*.dcm"))
+    assert assoc.send_c_store(path).Status == 0
+    assoc.release()
+    assert node.index.counts()["instances"] == 1
+    ae.acse_timeout = ae.network_timeout = 3
+    plain = ae.associate("127.0.0.1", node.scp.port, ae_title="DICOMNODE")
+    assert not plain.is_established  # a plain TCP peer cannot talk to the TLS port
+
+
+def test_duplicate_is_idempotent_and_conflict_is_kept_aside(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = start_node()
+    files = write_ct_series(tmp_path / "ct", slices=2, size=32)
+    peer = peer_of(node)
+    assert send(files, peer).sent == 2
+    first_bytes = node.filestore.path(node.index.find_instance(
+        pydicom.dcmread(files[0]).SOPInstanceUID).path).read_bytes()
+    assert send(files, peer).sent == 2  # identical re-send: success, nothing new
+    assert node.index.counts()["instances"] == 2
+    changed = pydicom.dcmread(files[0])
+    changed.PatientComments = "edited after sending"
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    assert send([tmp_path / "changed.dcm"], peer).sent == 1
+    assert node.index.counts()["instances"] == 2
+    stored = node.index.find_instance(changed.SOPInstanceUID)
+    assert node.filestore.path(stored.path).read_bytes() == first_bytes  # the first is kept
+    (aside,) = (node.settings.data_dir / "conflicts").iterdir()
+    assert pydicom.dcmread(aside).PatientComments == "edited after sending"
+
+
+def _raw_store(node: Node, path: Path) -> int:
+    """C-STORE a file's bytes without parsing them first (chunked sending)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="RAWSCU")
+    ae.add_requested_context(CTImageStorage, read_file_meta_info(path).TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+
+
+def _file_with_dataset_bytes(template: Path, dataset: bytes, out: Path) -> Path:
+    """A Part 10 file whose file meta is valid and whose dataset is the given bytes."""
+    meta = DicomBytesIO()
+    write_file_meta_info(meta, pydicom.dcmread(template).file_meta)
+    out.write_bytes(b"\x00" * 128 + b"DICM" + meta.getvalue() + dataset)
+    return out
+
+
+def test_unparseable_dataset_is_refused_and_the_node_keeps_serving(
+    start_node: Callable[..., Node], ct_series_dir: Path, tmp_path: Path
+) -> None:
+    node = start_node()
+    good = next(ct_series_dir.glob("*.dcm"))
+    # a sequence of undefined length whose items are garbage: pydicom cannot parse it
+    garbage = b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff" + b"\x01\x02" * 5
+    corrupt = _file_with_dataset_bytes(good, garbage, tmp_path / "corrupt.dcm")
+    assert _raw_store(node, corrupt) == STATUS_CANNOT_UNDERSTAND
+    no_series = pydicom.dcmread(good)
+    del no_series.SeriesInstanceUID
+    no_series.SOPInstanceUID = no_series.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    no_series.save_as(tmp_path / "no_series.dcm", enforce_file_format=True)
+    assert _raw_store(node, tmp_path / "no_series.dcm") == STATUS_CANNOT_UNDERSTAND
+    assert len(list((node.settings.data_dir / "rejected").iterdir())) == 2  # kept as evidence
+    assert _raw_store(node, good) == 0  # still serving
+    assert node.index.counts()["instances"] == 1
+
+
+def test_disk_watermark_answers_out_of_resources(
+    start_node: Callable[..., Node], ct_series_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = start_node(storage={"min_free_disk_mb": 100})
+    path = next(ct_series_dir.glob("*.dcm"))
+    monkeypatch.setattr(node.filestore, "free_bytes", lambda: 99 * 1024 * 1024)
+    assert _raw_store(node, path) == STATUS_OUT_OF_RESOURCES
+    assert node.index.counts()["instances"] == 0
+    assert not list((node.settings.data_dir / "instances").rglob("*.dcm"))
+    monkeypatch.setattr(node.filestore, "free_bytes", lambda: 101 * 1024 * 1024)
+    assert _raw_store(node, path) == 0
+
+
+def _open_association(node: Node) -> object:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    return assoc
+
+
+def _job(node: Node) -> dict:
+    (row,) = node.index.series_status()
+    return row
+
+
+def test_completion_by_quiet_period_while_associated(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = start_node(series={"quiet_seconds": 30, "min_slices": 4})
+    files = write_ct_series(tmp_path / "ct", slices=4, size=32)
+    assoc = _open_association(node)
+    for path in files:
+        assert assoc.send_c_store(path).Status == 0
+    assert node.assembler.check(now=utcnow() + timedelta(seconds=29)) == 0
+    assert _job(node)["state"] == JobState.COLLECTING
+    assert node.assembler.check(now=utcnow() + timedelta(seconds=31)) == 1
+    row = _job(node)
+    assert (row["state"], row["completion_rule"]) == (JobState.QUEUED, CompletionRule.QUIET)
+    assoc.release()
+
+
+def test_completion_by_release_and_late_instance_reopens(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = start_node(series={"release_grace_seconds": 2, "min_slices": 4})
+    files = write_ct_series(tmp_path / "ct", slices=5, size=32)
+    assoc = _open_association(node)
+    for path in files[:4]:
+        assert assoc.send_c_store(path).Status == 0
+    assert node.assembler.check(now=utcnow() + timedelta(seconds=5)) == 0  # still associated
+    assoc.release()
+    assert node.assembler.check(now=utcnow() + timedelta(seconds=1)) == 0  # within the grace
+    assert _completes_after_release(node, grace_s=2)
+    row = _job(node)
+    assert (row["state"], row["completion_rule"]) == (JobState.QUEUED, CompletionRule.RELEASE)
+    assert send(files[4:], peer_of(node)).sent == 1  # a late instance
+    row = _job(node)
+    assert (row["state"], row["reopen_count"], row["instances"]) == (JobState.COLLECTING, 1, 5)
+    assert _completes_after_release(node, grace_s=2)
+    assert _job(node)["state"] == JobState.QUEUED
+
+
+def _completes_after_release(node: Node, grace_s: float) -> bool:
+    """The SCP records a release in its own thread, just after the SCU sees it: poll."""
+    for _ in range(50):
+        if node.assembler.check(now=utcnow() + timedelta(seconds=grace_s + 1)) == 1:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_stored_file_is_byte_identical_to_what_was_sent(
+    start_node: Callable[..., Node], ct_series_dir: Path
+) -> None:
+    node = start_node()
+    path = next(ct_series_dir.glob("*.dcm"))
+    assert send([path], peer_of(node)).sent == 1
+    sent = pydicom.dcmread(path)
+    stored = node.index.find_instance(sent.SOPInstanceUID)
+    dataset_bytes = node.filestore.path(stored.path).read_bytes()
+    assert hashlib.sha256(dataset_bytes[-len(sent.PixelData):]).digest() == hashlib.sha256(
+        sent.PixelData).digest()
+    assert not list((node.settings.data_dir / "tmp").iterdir())
