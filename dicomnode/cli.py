@@ -1,13 +1,16 @@
-"""The `dicomnode` command line: serve, status, echo, send, init-config."""
+"""The `dicomnode` command line: serve, status, echo, send, infer, resend, phantom, train,
+evaluate, init-config."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from dicomnode import __version__
 from dicomnode.config import ConfigError, Settings, load_settings, render_config_toml
@@ -31,7 +34,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    for chatty in ("pynetdicom", "highdicom"):  # per-element chatter at INFO
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -70,15 +74,57 @@ def cmd_status(args: argparse.Namespace) -> int:
     index = StudyIndex(url)
     try:
         counts, rows = index.counts(), index.series_status(limit=args.limit)
+        exports = index.export_status(limit=args.limit)
     finally:
         index.close()
     if args.json:
-        print(json.dumps({"counts": counts, "series": rows}, indent=2))
+        print(json.dumps({"counts": counts, "series": rows, "exports": exports}, indent=2))
     else:
         print(counts_line(counts))
         if rows:
             print(_status_table(rows))
+        if exports:
+            print()
+            print(_exports_table(exports))
     return 0
+
+
+def _exports_table(rows: list[dict[str, object]]) -> str:
+    lines = ["DELIVERIES"]
+    for r in rows:
+        when = r["sent_at"] or f"next try {str(r['next_attempt_at'])[:19]}"
+        if r["state"] == "failed":
+            when = "given up"
+        lines.append(f"  {r['state']:<8} {r['destination']:<12} attempts {r['attempts']:<3} "
+                     f"{r['files']} file(s)  study {r['study_instance_uid']}  {when}  "
+                     f"{r['last_error']}".rstrip())
+    return "\n".join(lines)
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from storage.index import StudyIndex
+
+    settings = _settings(args)
+    index = StudyIndex(settings.database_url)
+    try:
+        n = index.requeue_study_exports(args.study_uid, settings.export.give_up_after_seconds)
+    finally:
+        index.close()
+    if not n:
+        print(f"no deliveries recorded for study {args.study_uid}", file=sys.stderr)
+        return 1
+    print(f"{n} deliver(y/ies) of study {args.study_uid} queued again; "
+          "a running node sends them within seconds")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from dicomnode.offline import run_offline
+
+    settings = _settings(args)
+    _setup_logging("WARNING" if not args.verbose else "INFO")
+    return run_offline(args.paths, args.out, settings, checkpoint=args.checkpoint,
+                       device=args.device, as_json=args.json)
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -111,6 +157,28 @@ def cmd_init_config(args: argparse.Namespace) -> int:
     return 0
 
 
+LAZY_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "phantom": ("training.phantoms", "add_phantom_arguments", "run_phantom_command",
+                "write a synthetic chest CT with ground truth (DICOM and/or NIfTI)"),
+    "train": ("training.trainer", "add_train_arguments", "run_train_command",
+              "train the DeepSC model (two stages) on phantoms, NIfTI or DICOM data"),
+    "evaluate": ("training.trainer", "add_evaluate_arguments", "run_evaluate_command",
+                 "evaluate a checkpoint: Table II metrics, JSON and ROC/overlay PNG"),
+}
+"""Commands whose modules import torch: loaded only when that command runs, so
+`dicomnode status` and friends stay fast."""
+
+
+def _add_lazy_command(sub: Any, name: str, load: bool) -> None:
+    module_name, add_name, run_name, helptext = LAZY_COMMANDS[name]
+    p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+    if load:
+        module = importlib.import_module(module_name)
+        getattr(module, add_name)(p)
+        run: Callable[[argparse.Namespace], int] = getattr(module, run_name)
+        p.set_defaults(func=run)
+
+
 def _peer(text: str) -> Peer:
     try:
         return Peer.parse(text)
@@ -118,7 +186,8 @@ def _peer(text: str) -> Peer:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; `command` names the one about to run (its heavy parts are loaded)."""
     parser = argparse.ArgumentParser(
         prog="dicomnode",
         description="A DICOM AI node: receives chest CT, runs DeepSC-COVID, returns SEG and SR.",
@@ -152,6 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=30.0, help="network timeout, seconds")
         p.set_defaults(func=cmd_echo if name == "echo" else cmd_send)
 
+    p = sub.add_parser("resend", help="send a study's results to the destinations again",
+                       description="Queue every delivery of a study again (a running node "
+                                   "sends them).")
+    with_config(p)
+    p.add_argument("study_uid", metavar="STUDY_UID", help="StudyInstanceUID")
+    p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser("infer", help="analyse DICOM files offline and write the results",
+                       description="Run the node's pipeline on a folder of DICOM files without "
+                                   "a network: every CT series found is analysed, the SEG, SR, "
+                                   "key images and PDF are written, and a summary printed.")
+    with_config(p)
+    p.add_argument("paths", type=Path, nargs="+", metavar="DIR_OR_FILES")
+    p.add_argument("--out", type=Path, default=Path("dicomnode-results"),
+                   help="output folder (default ./dicomnode-results)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="model checkpoint (default: [ai] checkpoint, else the shipped weights)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: [ai])")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    p.set_defaults(func=cmd_infer)
+
+    for name in LAZY_COMMANDS:
+        _add_lazy_command(sub, name, load=name == command)
+
     p = sub.add_parser("init-config", help="write a commented config.toml with every default",
                        description="Write the documented default configuration.")
     p.add_argument("output", type=Path, nargs="?", default=DEFAULT_CONFIG,
@@ -162,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return int(args.func(args))
     except ConfigError as exc:

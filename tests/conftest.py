@@ -59,7 +59,7 @@ def ct_series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def node_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
+def node_settings(tmp_path: Path, **sections: Any) -> Settings:
     """Settings for a test node: a free port, a temp data dir, no disk watermark."""
     data: dict[str, Any] = {
         "node": {"port": 0, "ae_title": "DICOMNODE"},
@@ -69,7 +69,10 @@ def node_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
                    "max_wait_seconds": 3600},
     }
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, list):  # [[destinations]]
+            data[name] = values
+        else:
+            data.setdefault(name, {}).update(values)
     return settings_from_mapping(data, base_dir=tmp_path)
 
 

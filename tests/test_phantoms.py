@@ -50,7 +50,7 @@ def lesion_count(lesion: np.ndarray) -> int:
 
 def lungs_touched(phantom: Phantom) -> int:
     """How many of the (two) lung components hold lesion voxels."""
-    labels, _ = ndi.label(phantom.lung_mask)
+    labels, _ = ndi.label(phantom.lung_mask, structure=np.ones((3, 3, 3), dtype=bool))
     return len(set(np.unique(labels[phantom.lesion_mask]).tolist()) - {0})
 
 

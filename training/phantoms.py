@@ -112,7 +112,8 @@ class Phantom:
     """Lateral body width."""
     kvp: int
     lesions_planned: int
-    """Lesions drawn; touching ones may merge into fewer connected components."""
+    """Lesions placed; each is its own connected component, but one whose centre earlier
+    lesions already cover comes out empty, so the component count can be lower."""
 
     @property
     def kind(self) -> str:
@@ -166,7 +167,9 @@ class _Field:
         lz, ly, lx = self.lattice.shape
         wy = _bspline_matrix(yq, ly)
         wx = _bspline_matrix(xq, lx)
-        return np.matmul(wy, self.lattice @ wx.T)
+        along_x = (self.lattice @ wx.T).transpose(1, 0, 2).reshape(ly, -1)  # (ly, lz * nx)
+        planes = (wy @ along_x).reshape(len(yq), lz, len(xq))
+        return np.ascontiguousarray(planes.transpose(1, 0, 2))
 
     def sample(self, zq: np.ndarray, planes: np.ndarray) -> np.ndarray:
         """The field at slices `zq` (normalised) over `planes` from `planes()`."""
@@ -231,10 +234,8 @@ def _smoothstep(e0: float, e1: float, t: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Grid:
-    """Where a render call evaluates: row and column indices and their 2D maps."""
+    """Where a render call evaluates: row and column positions (mm) and their 2D maps."""
 
-    yi: np.ndarray
-    xi: np.ndarray
     y: np.ndarray
     x: np.ndarray
     apex: np.ndarray
@@ -242,6 +243,7 @@ class _Grid:
     rib_phase: np.ndarray
     anterior: np.ndarray
     wall_planes: np.ndarray
+    midline_planes: np.ndarray
     texture_planes: np.ndarray
 
 
@@ -260,7 +262,6 @@ class _Chest:
         self.y_mm = ((np.arange(ny) - (ny - 1) / 2) * dy).astype(np.float32)
         self.x_mm = ((np.arange(nx) - (nx - 1) / 2) * dx).astype(np.float32)
         self.length_mm = nz * dz
-        self.rng = rng
         self._body(rng)
         self._mediastinum(rng)
         self.wall_field = _Field(rng, (self.length_mm / 45 + 4, 9, 9))
@@ -356,10 +357,11 @@ class _Chest:
         anterior = (1 - (y2 - self.yc) / radius) / 2
         rib_phase = self.rib_drop * anterior / self.rib_pitch - self.rib_offset
         return _Grid(
-            yi=yi, xi=xi, y=y, x=x,
+            y=y, x=x,
             apex=apex.astype(np.float32), dome=dome.astype(np.float32),
             rib_phase=rib_phase.astype(np.float32), anterior=anterior.astype(np.float32),
             wall_planes=self.wall_field.planes(yq, xq),
+            midline_planes=self.wall_field.planes(yq, np.array([0.5])),
             texture_planes=self.texture_field.planes(yq, xq),
         )
 
@@ -381,10 +383,15 @@ class _Chest:
         sb = self.body_scale[zi]
         hu = np.full((len(zi), len(y), len(x)), AIR_HU, dtype=np.float32)
         self._table(hu, y, x)
-        half_y = np.where(y[None, :] < self.yc, (sb * self.ha)[:, None], (sb * self.hp)[:, None])
+        wall = self.wall_field.sample(zeta, g.wall_planes)
+        wall *= 0.05
+        back = y[None, :] >= self.yc
+        half_y = np.where(back, (sb * self.hp)[:, None], (sb * self.ha)[:, None])
+        # the back lies flat on the table: a squarer curve behind the centre
+        depth = np.abs((y[None, :] - self.yc) / half_y) ** np.where(back, 2.8, 2.0)
         rb = ((x[None, None, :] / (sb * self.w)[:, None, None]) ** 2).astype(np.float32) + (
-            ((y[None, :] - self.yc) / half_y) ** 2
-        ).astype(np.float32)[:, :, None]
+            depth.astype(np.float32)[:, :, None])
+        rb += wall
         np.copyto(hu, FAT_HU, where=rb < 1)
         muscle_r2 = ((1 - self.fat / (sb * self.w)) ** 2).astype(np.float32)
         np.copyto(hu, MUSCLE_HU, where=rb < muscle_r2[:, None, None])
@@ -394,7 +401,7 @@ class _Chest:
         rc = ((x[None, None, :] / self.wc[zi][:, None, None]) ** 2).astype(np.float32) + (
             ((y[None, :] - self.yc) / half_c) ** 2
         ).astype(np.float32)[:, :, None]
-        rc += 0.05 * self.wall_field.sample(zeta, g.wall_planes)
+        rc += wall
         self._ribs(hu, rc, zi, g)
         cavity = rc < 1
         del rc
@@ -403,7 +410,7 @@ class _Chest:
         below = cavity & (z3 >= g.dome)
         organ = np.where(x < self.mid_x + 0.1 * self.wc0, LIVER_HU, SPLEEN_HU).astype(np.float32)
         np.copyto(hu, organ[None, None, :], where=below)
-        medi = self._mediastinum_band(zi, y, x)
+        medi = self._mediastinum_band(zi, g)
         self._structures(hu, medi, below, zi, zeta, zmm, y, x)
 
         lung = cavity
@@ -435,14 +442,17 @@ class _Chest:
         value = np.where(g.anterior[y_i, x_i] > 0.9, CARTILAGE_HU, RIB_HU)
         hu[s_i[on], y_i[on], x_i[on]] = value[on]
 
-    def _mediastinum_band(self, zi: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    def _mediastinum_band(self, zi: np.ndarray, g: _Grid) -> np.ndarray:
+        """The central column between the lungs: wider at the hila, narrow behind the
+        sternum where the lungs almost meet, its edges wavy."""
         zeta = self.zeta[zi]
         hilum = self.carina + 0.08
         width = self.wc0 * (0.13 + 0.07 * np.exp(-(((zeta - hilum) / 0.08) ** 2)))
         front = self.yc - self.hca0
-        taper = np.clip(0.45 + 0.55 * (y - front) / (0.6 * self.hca0), 0.45, 1.0)
-        limit = (width[:, None] * taper[None, :]).astype(np.float32)
-        return np.abs(x - self.mid_x)[None, None, :] < limit[:, :, None]
+        taper = np.clip(0.45 + 0.55 * (g.y - front) / (0.6 * self.hca0), 0.45, 1.0)
+        limit = (width[:, None, None] * taper[None, :, None]).astype(np.float32)
+        limit *= 1 + 0.2 * self.wall_field.sample(zeta, g.midline_planes)
+        return np.abs(g.x - self.mid_x)[None, None, :] < limit
 
     def _structures(
         self, hu: np.ndarray, medi: np.ndarray, below: np.ndarray, zi: np.ndarray,
@@ -497,7 +507,7 @@ class _Chest:
         s, n, r = self.s, len(zmm), self.r_vb
         every = np.ones(n, dtype=bool)
         zero = np.zeros(n)
-        draw.disc(y_vb, zero, r + 4 * s, MUSCLE_HU, 0.0, every)
+        draw.disc(y_vb, zero, r + 4 * s, MUSCLE_HU, 3 * s, every)
         draw.rect(y_vb, y_vb + 4 * r, -(r + 3 * s), r + 3 * s, MUSCLE_HU, every)
         level = zmm / (26.0 * s) + self.disc_offset
         disc = (level - np.floor(level)) < 0.2
@@ -675,10 +685,9 @@ def _plan(chest: _Chest) -> _Planning:
     zi = np.arange(0, nz, stride[0])
     grid = chest.grid(np.arange(0, ny, stride[1]), np.arange(0, nx, stride[2]))
     _, lung = chest.render(zi, grid)
-    # A huge z sampling keeps the nearest background in-plane: per-slice 2D distances.
-    pleura = ndi.distance_transform_edt(
-        lung, sampling=(1e6, dy * stride[1], dx * stride[2])
-    ).astype(np.float32)
+    pleura = np.zeros(lung.shape, dtype=np.float32)
+    for k in np.flatnonzero(lung.any(axis=(1, 2))):  # in-plane, as the PLR band is
+        pleura[k] = ndi.distance_transform_edt(lung[k], sampling=(dy * stride[1], dx * stride[2]))
     coarse = np.argwhere(lung)
     index = coarse * np.array(stride)
     points = np.stack(
@@ -793,7 +802,7 @@ class _LesionPlan:
     periphery: float
     """Preference for voxels near the pleura (COVID > 0, CAP < 0)."""
     consolidation: float
-    """Fraction of the lesion, from its core, that is consolidated."""
+    """Fraction of the lesion's voxels, from its core outward, that are consolidated."""
     paving: bool
     ggo_hu: float
     core_hu: float
@@ -814,7 +823,7 @@ def _plan_lesions(label: Diagnosis, plan: _Planning, chest: _Chest, lung_voxels:
     if count == 0 or len(plan.points_mm) == 0:
         return []
     covid = label == Diagnosis.COVID19
-    lvr = rng.lognormal(math.log(0.125 if covid else 0.04), 0.5)
+    lvr = rng.lognormal(math.log(0.135 if covid else 0.04), 0.5)
     lvr = float(np.clip(lvr, 0.03, 0.30) if covid else np.clip(lvr, 0.01, 0.10))
     shares = rng.dirichlet(np.full(count, 1.5))
     sizes = np.maximum(1, np.round(shares * lvr * lung_voxels)).astype(int)
@@ -910,67 +919,96 @@ def _draw_lesion(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray, chest: _C
     envelope plus smooth noise plus a pull toward (or away from) the pleura. It keeps one
     voxel clear of earlier lesions so that each stays its own connected component."""
     r_eq = (3 * les.voxels * voxel_mm3 / (4 * math.pi)) ** (1 / 3)
-    axes = np.maximum(r_eq * 1.5 * np.exp(rng.normal(0, 0.25, 3)), spacing)
+    axes = np.maximum(r_eq * np.exp(rng.normal(0, 0.25, 3)), spacing)
+    angle = rng.uniform(0, math.pi)
     centre_mm = np.array([chest.z_mm[les.centre[0]], chest.y_mm[les.centre[1]],
                           chest.x_mm[les.centre[2]]])
-    for _ in range(3):  # widen the envelope while the lung in it is too small for the lesion
-        box = _index_box(chest, centre_mm - 1.5 * axes, centre_mm + 1.5 * axes)
-        assert box is not None  # the centre voxel is inside
-        zs, ys, xs = box
-        taken = ndi.binary_dilation(lesion[zs, ys, xs], structure=np.ones((3, 3, 3), bool))
-        where = np.nonzero(lung[zs, ys, xs] & ~taken)
-        if where[0].size >= 2 * les.voxels:
-            break
-        axes = axes * 1.4
-    if where[0].size == 0:
-        return
-    shape = (zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start)
+    axes = _fit_envelope(chest, plan, lesion, centre_mm, axes, angle, les.voxels * voxel_mm3)
+    box = _index_box(chest, centre_mm - 1.5 * axes, centre_mm + 1.5 * axes)
+    assert box is not None  # the centre voxel is inside
+    shape = (box[0].stop - box[0].start, box[1].stop - box[1].start, box[2].stop - box[2].start)
     shape_mm = np.array(shape) * spacing
-    z = chest.z_mm[zs][where[0]] - centre_mm[0]
-    y = chest.y_mm[ys][where[1]] - centre_mm[1]
-    x = chest.x_mm[xs][where[2]] - centre_mm[2]
-    angle = rng.uniform(0, math.pi)
-    u = math.cos(angle) * y + math.sin(angle) * x
-    v = -math.sin(angle) * y + math.cos(angle) * x
-    score = 1 - ((z / axes[0]) ** 2 + (u / axes[1]) ** 2 + (v / axes[2]) ** 2)
-    score += 0.4 * _box_field(rng, shape_mm, 0.5 * r_eq, shape)[where]
+    free = lung[box].copy()
+    if lesion[box].any():
+        free &= ~ndi.binary_dilation(lesion[box], structure=np.ones((3, 3, 3), dtype=bool))
+    flat = np.flatnonzero(free)
+    if flat.size == 0:
+        return
+    rel = [(coord[sl] - c).astype(np.float32) for coord, sl, c in zip(
+        (chest.z_mm, chest.y_mm, chest.x_mm), box, centre_mm, strict=True)]
+    cos, sin = math.cos(angle), math.sin(angle)
+    u = cos * rel[1][:, None] + sin * rel[2][None, :]
+    v = -sin * rel[1][:, None] + cos * rel[2][None, :]
+    envelope = _box_field(rng, shape_mm, 0.5 * r_eq, shape)
+    envelope *= 0.4
+    envelope -= ((u / axes[1]) ** 2 + (v / axes[2]) ** 2)[None]
+    envelope -= ((rel[0] / axes[0]) ** 2 - 1)[:, None, None]
+    score = envelope.ravel()[flat]
     if les.periphery:
-        score += les.periphery * _pleura_proximity(chest, plan, zs, ys, xs)[where]
-    pick, threshold = _connected_top(score, where, shape, les.voxels)
-    depth = (score[pick] - threshold) / max(float(score.max() - threshold), 1e-6)
-    at = tuple(w[pick] + sl.start for w, sl in zip(where, box, strict=True))
-    texture = _box_field(rng, shape_mm, 6.0, shape)[tuple(w[pick] for w in where)]
+        score += les.periphery * _pleura_proximity(chest, plan, box).ravel()[flat]
+    pick, threshold = _connected_top(score, flat, shape, les.voxels)
+    flat, score = flat[pick], score[pick]
+    depth = (score - threshold) / max(float(score.max() - threshold), 1e-6)
+    texture = _box_field(rng, shape_mm, 6.0, shape).ravel()[flat]
     target = les.ggo_hu + 90 * (depth - 0.3) + 30 * texture
     if les.paving:
-        fine = _box_field(rng, shape_mm, 3.0, shape)[tuple(w[pick] for w in where)]
-        target += np.where(np.abs(fine) < 0.15, 160.0, 0.0)
-    before = hu[at].astype(np.float64)
+        fine = _box_field(rng, shape_mm, 4.0, shape).ravel()[flat]
+        target += np.where(np.abs(fine) < 0.15, 160.0, 0.0).astype(np.float32)
+    sub = hu[box]
+    before = sub.ravel()[flat].astype(np.float32)
+    # ground glass keeps the vessels visible: it only raises what lies below it
     alpha = np.clip(0.35 + 3 * depth, 0, 1)
     after = np.maximum(before, before + alpha * (target - before))
     if les.consolidation > 0:
-        core = depth >= 1 - les.consolidation
+        # a compact consolidated core (the smooth envelope's centre), hiding the vessels
+        iz, iy, ix = np.unravel_index(flat, shape)
+        core_rank = 0.15 * texture - (rel[0][iz] / axes[0]) ** 2 - (
+            (u[iy, ix] / axes[1]) ** 2 + (v[iy, ix] / axes[2]) ** 2)
+        core = core_rank >= np.quantile(core_rank, 1 - les.consolidation)
         after = np.where(core, les.core_hu + 25 * texture, after)
-    hu[at] = np.rint(after).astype(np.int16)
-    lesion[at] = True
+    values = sub.ravel()
+    values[flat] = np.rint(after).astype(np.int16)
+    hu[box] = values.reshape(shape)
+    mask = lesion[box].ravel()
+    mask[flat] = True
+    lesion[box] = mask.reshape(shape)
 
 
-def _connected_top(score: np.ndarray, where: tuple[np.ndarray, ...], shape: tuple[int, int, int],
+def _fit_envelope(chest: _Chest, plan: _Planning, lesion: np.ndarray, centre_mm: np.ndarray,
+                  axes: np.ndarray, angle: float, volume_mm3: float) -> np.ndarray:
+    """Widen the envelope until it holds 1.2 times the lesion's volume of free lung (a
+    lesion against the pleura has half its envelope outside), counted on the planning grid."""
+    free = ~lesion[tuple(plan.index.T)]
+    z, y, x = (plan.points_mm[free, i] - centre_mm[i] for i in range(3))
+    u = math.cos(angle) * y + math.sin(angle) * x
+    v = -math.sin(angle) * y + math.cos(angle) * x
+    cell_mm3 = float(np.prod(np.array(plan.stride) * np.array(chest.scan.spacing_mm)))
+    for _ in range(8):
+        inside = (z / axes[0]) ** 2 + (u / axes[1]) ** 2 + (v / axes[2]) ** 2 < 1
+        if np.count_nonzero(inside) * cell_mm3 >= 1.2 * volume_mm3:
+            break
+        axes = axes * 1.2
+    return axes
+
+
+def _connected_top(score: np.ndarray, flat: np.ndarray, shape: tuple[int, int, int],
                    voxels: int) -> tuple[np.ndarray, float]:
-    """The `voxels` best-scoring voxels that stay connected to the best one: noise would
-    otherwise leave satellite specks that count as extra lesions. Voxels lost as specks are
-    offered again once, so the size stays close to the target."""
+    """The `voxels` best-scoring voxels (flat indices into a box of `shape`) that stay
+    connected to the best one: noise would otherwise leave satellite specks that count as
+    extra lesions. Voxels lost as specks are offered again once, so the size stays close."""
     wanted = voxels
+    best = int(np.argmax(score))
     for _ in range(2):
         k = min(wanted, score.size)
         threshold = float(np.partition(score, score.size - k)[score.size - k])
         pick = score >= threshold
         grid = np.zeros(shape, dtype=bool)
-        grid[tuple(w[pick] for w in where)] = True
+        grid.ravel()[flat[pick]] = True
         labels, _ = ndi.label(grid, structure=np.ones((3, 3, 3), dtype=bool))
-        best = int(np.argmax(score))
-        pick &= labels[tuple(w for w in where)] == labels[tuple(w[best] for w in where)]
+        labels = labels.ravel()
+        pick &= labels[flat] == labels[flat[best]]
         lost = k - int(np.count_nonzero(pick))
-        if lost == 0 or wanted >= score.size:
+        if lost <= 0.02 * k or wanted >= score.size:
             break
         wanted += lost
     return pick, threshold
@@ -979,30 +1017,27 @@ def _connected_top(score: np.ndarray, where: tuple[np.ndarray, ...], shape: tupl
 def _box_field(rng: np.random.Generator, shape_mm: np.ndarray, scale_mm: float,
                shape: tuple[int, int, int]) -> np.ndarray:
     """Smooth noise over a box with features of about `scale_mm`."""
-    lattice = tuple(int(n) for n in np.ceil(shape_mm / max(scale_mm, 1e-3)) + 3)
+    cells = np.minimum(np.ceil(shape_mm / max(scale_mm, 1e-3)), shape)  # no finer than voxels
+    lattice = tuple(int(n) + 3 for n in cells)
     field = _Field(rng, (lattice[0], lattice[1], lattice[2]))
     zq, yq, xq = (np.linspace(0.0, 1.0, n) for n in shape)
     return field.sample(zq, field.planes(yq, xq))
 
 
-def _pleura_proximity(chest: _Chest, plan: _Planning, zs: slice, ys: slice,
-                      xs: slice) -> np.ndarray:
-    """1 at the pleura falling to 0 at 15 mm inside, interpolated from the planning grid."""
-    weights = []
-    for sl, stride, n in zip((zs, ys, xs), plan.stride, plan.lung.shape, strict=True):
+def _pleura_proximity(chest: _Chest, plan: _Planning,
+                      box: tuple[slice, slice, slice]) -> np.ndarray:
+    """1 at the pleura falling to 0 at 15 mm inside, over `box`, linearly interpolated from
+    the planning grid's in-plane distances one axis at a time."""
+    dist = plan.pleura_mm
+    for axis, (sl, stride) in enumerate(zip(box, plan.stride, strict=True)):
+        n = dist.shape[axis]
         pos = np.clip(np.arange(sl.start, sl.stop) / stride, 0, n - 1)
         lo = np.minimum(np.floor(pos).astype(np.int64), max(n - 2, 0))
-        frac = (pos - lo).astype(np.float32)
-        w = np.zeros((pos.size, n), dtype=np.float32)
-        w[np.arange(pos.size), lo] = 1 - frac
-        w[np.arange(pos.size), np.minimum(lo + 1, n - 1)] += frac
-        weights.append(w)
-    wz, wy, wx = weights
-    used = [np.flatnonzero(w.any(axis=0)) for w in weights]
-    block = plan.pleura_mm[np.ix_(*used)]
-    dist = np.matmul(wy[:, used[1]], block @ wx[:, used[2]].T)
-    dist = (wz[:, used[0]] @ dist.reshape(len(used[0]), -1)).reshape(
-        wz.shape[0], wy.shape[0], wx.shape[0])
+        hi = np.minimum(lo + 1, n - 1)
+        shape = [1, 1, 1]
+        shape[axis] = pos.size
+        w = (pos - lo).astype(np.float32).reshape(shape)
+        dist = np.take(dist, lo, axis=axis) * (1 - w) + np.take(dist, hi, axis=axis) * w
     return np.clip(1 - dist / np.float32(15.0 * chest.s), 0, 1)
 
 

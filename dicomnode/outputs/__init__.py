@@ -1,0 +1,41 @@
+"""The node's results as DICOM objects: SEG, TID 1500 SR, key images, PDF.
+
+Each builder takes the source CT headers (sorted as in the volume) and the analysis,
+and returns a pydicom Dataset ready to store and send. What every object shares (who
+made it, with which model) lives in `Provenance`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dicomnode import __version__
+
+MANUFACTURER = "dicomnode"
+MODEL_NAME = "DeepSC-COVID node"
+RESEARCH_NOTICE = (
+    "Research use: AI result not reviewed by a radiologist; not for diagnosis without review."
+)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who made an output: the node (device) and the model that produced the numbers."""
+
+    device_uid: str
+    """A UID for this node installation (SR observer device)."""
+    model_name: str
+    """E.g. "DeepSC-COVID lite"."""
+    model_version: str
+    """Identifies the weights: the first 12 hex digits of the checkpoint's sha256."""
+    device_serial_number: str = "1"
+    station_name: str = "DICOMNODE"
+
+    @property
+    def software_versions(self) -> list[str]:
+        # A list, not a tuple: pydicom warns on tuples for multi-valued LO.
+        return [f"dicomnode {__version__}", f"{self.model_name} {self.model_version}"]
+
+    @property
+    def algorithm_name(self) -> str:
+        return self.model_name

@@ -1,0 +1,393 @@
+"""Quantitative lesion analysis: LVR, PLR (paper eq. 1), lesion components and their stats.
+
+Definitions (units in names):
+- Lesions are `lesion_mask & lung_mask`; voxels outside the lungs are not lesion.
+- Lesion components use 3D 26-connectivity by default (face, edge or corner neighbours), so
+  a lesion that shifts diagonally between thick slices stays one lesion.
+- LVR = lesion voxels / lung voxels.
+- PLR = lesion voxels in the peripheral band / lesion voxels, where the band of slice s is
+  U_s minus its 2D erosion by a disk of radius sigma mm (an ellipse in pixels when the pixel
+  spacing is anisotropic); outside the image counts as outside the lung.
+- Spread = sqrt(mean_i |c_i - mean(c)|^2) over lesion centres c_i in mm, each lesion counted
+  once (not volume-weighted), so it measures scattered vs concentrated disease (Finding 4)
+  rather than lesion size.
+- Positions are in the volume's own frame: voxel (z, y, x) indices and mm = index * spacing
+  from the centre of voxel (0, 0, 0); the caller maps them to patient coordinates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ai.lungs import LungSide
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PERIPHERAL_MM = 10.0
+DEFAULT_CONSOLIDATION_HU = -300.0
+DEFAULT_CONNECTIVITY = 26
+_CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+
+
+@dataclass(frozen=True)
+class LesionStats:
+    """One 3D lesion component. Sizes in mm / mL, positions in the volume frame."""
+
+    index: int
+    """1-based, lesions ordered by volume, largest first."""
+    voxels: int
+    volume_ml: float
+    bbox_voxels: tuple[int, int, int, int, int, int]
+    """Half-open (z0, z1, y0, y1, x0, x1)."""
+    width_mm: float
+    """Extent along columns (x)."""
+    length_mm: float
+    """Extent along rows (y)."""
+    height_mm: float
+    """Extent along slices (z)."""
+    centre_voxel: tuple[float, float, float]
+    centre_mm: tuple[float, float, float]
+    mean_hu: float
+    p10_hu: float
+    p50_hu: float
+    p90_hu: float
+    ggo_fraction: float
+    consolidation_fraction: float
+    density: str
+    """"consolidation" when at least half the voxels are >= the threshold, else "ground-glass"."""
+    peripheral_fraction: float
+    side: str | None
+    """"right" / "left" lung holding most of the lesion, None without side labels."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class ScanAnalysis:
+    """Per-scan summary (paper Findings 1-4) and the lesion list."""
+
+    lung_volume_ml: float
+    lesion_volume_ml: float
+    lvr: float
+    """Lesion / lung volume, in [0, 1]."""
+    plr: float | None
+    """Peripheral lesion ratio, in [0, 1]; None without lesions (0/0)."""
+    lesion_count: int
+    spread_mm: float | None
+    """Std of lesion centres (unweighted, 3D radial); None without lesions."""
+    ggo_fraction: float | None
+    consolidation_fraction: float | None
+    peripheral_thickness_mm: float
+    consolidation_hu: float
+    connectivity: int
+    lesions: tuple[LesionStats, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+
+# --------------------------------------------------------------------------- components
+
+
+def _structure(connectivity: int) -> np.ndarray:
+    if connectivity not in _CONNECTIVITY_RANK:
+        raise ValueError(f"connectivity {connectivity} must be 6, 18 or 26")
+    return ndi.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Tight slices around the True voxels, None if there are none (cheap: 1D reductions)."""
+    slices = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        if hit.size == 0:
+            return None
+        slices.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(slices)  # type: ignore[return-value]
+
+
+def label_components(
+    mask: np.ndarray, connectivity: int = DEFAULT_CONNECTIVITY
+) -> tuple[np.ndarray, int]:
+    """3D connected components (labels 1..n, 0 background), int32."""
+    labels, n = ndi.label(np.asarray(mask, dtype=bool), structure=_structure(connectivity))
+    return labels.astype(np.int32, copy=False), int(n)
+
+
+def remove_small_components(
+    mask: np.ndarray,
+    spacing_mm: Sequence[float],
+    min_volume_mm3: float,
+    connectivity: int = DEFAULT_CONNECTIVITY,
+) -> np.ndarray:
+    """The mask without 3D components smaller than `min_volume_mm3` (speckle from the model)."""
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros_like(mask)
+    box = _bbox(mask)
+    if box is None or min_volume_mm3 <= 0:
+        return mask.copy()
+    labels, n = label_components(mask[box], connectivity)
+    voxel_mm3 = math.prod(float(s) for s in spacing_mm)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1) * voxel_mm3
+    keep = sizes >= min_volume_mm3
+    keep[0] = False
+    out[box] = keep[labels]
+    removed = int(n - np.count_nonzero(keep))
+    if removed:
+        log.debug("removed %d of %d components below %.1f mm^3", removed, n, min_volume_mm3)
+    return out
+
+
+# --------------------------------------------------------------------------- periphery
+
+
+def peripheral_band(
+    lung_mask: np.ndarray,
+    spacing_mm: Sequence[float],
+    thickness_mm: float = DEFAULT_PERIPHERAL_MM,
+    slices: Sequence[int] | None = None,
+) -> np.ndarray:
+    """The band of paper eq. 1: per axial slice, U_s minus its erosion by a disk of radius
+    `thickness_mm` (pixel spacing dy, dx). A lung pixel is in the band when some non-lung pixel
+    (or the image outside) lies within `thickness_mm` of it in its slice. `slices` limits the
+    work to those slice indices (others are left False)."""
+    lung = np.asarray(lung_mask, dtype=bool)
+    band = np.zeros_like(lung)
+    if thickness_mm <= 0:
+        return band
+    _, dy, dx = (float(s) for s in spacing_mm)
+    zs = range(lung.shape[0]) if slices is None else slices
+    for z in zs:
+        band[z] = _band_2d(lung[z], dy, dx, thickness_mm)
+    return band
+
+
+def _band_2d(lung2d: np.ndarray, dy: float, dx: float, thickness_mm: float) -> np.ndarray:
+    box = _bbox2d(lung2d)
+    if box is None:
+        return np.zeros_like(lung2d)
+    # Crop to the lung, keeping a one-pixel frame of the non-lung (or of the outside of the
+    # image) so the distance transform always sees what lies beyond the lung.
+    (y0, y1), (x0, x1) = box
+    crop = np.zeros((y1 - y0 + 2, x1 - x0 + 2), dtype=bool)
+    crop[1:-1, 1:-1] = lung2d[y0:y1, x0:x1]
+    dist = ndi.distance_transform_edt(crop, sampling=(dy, dx))
+    out = np.zeros_like(lung2d)
+    out[y0:y1, x0:x1] = (dist <= thickness_mm)[1:-1, 1:-1] & lung2d[y0:y1, x0:x1]
+    return out
+
+
+def _bbox2d(mask2d: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    rows = np.flatnonzero(mask2d.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask2d.any(axis=0))
+    return (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse_lesions(
+    volume_hu: np.ndarray,
+    lesion_mask: np.ndarray,
+    lung_mask: np.ndarray,
+    spacing_mm: Sequence[float],
+    *,
+    lung_sides: np.ndarray | None = None,
+    peripheral_mm: float = DEFAULT_PERIPHERAL_MM,
+    consolidation_hu: float = DEFAULT_CONSOLIDATION_HU,
+    connectivity: int = DEFAULT_CONNECTIVITY,
+) -> ScanAnalysis:
+    """LVR, PLR, lesion components with per-lesion stats, and the per-scan summary.
+
+    lung_sides: optional labels (0 background, `LungSide.RIGHT`, `LungSide.LEFT`) as from
+    `ai.lungs.label_lungs(...).sides`; gives each lesion its side.
+    """
+    shape = tuple(volume_hu.shape)
+    for name, arr in (("lesion_mask", lesion_mask), ("lung_mask", lung_mask)):
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"{name} shape {tuple(arr.shape)} != volume shape {shape}")
+    if lung_sides is not None and tuple(lung_sides.shape) != shape:
+        raise ValueError(f"lung_sides shape {tuple(lung_sides.shape)} != volume shape {shape}")
+    spacing = tuple(float(s) for s in spacing_mm)
+    voxel_ml = math.prod(spacing) / 1000.0
+    lung = np.asarray(lung_mask, dtype=bool)
+    lesion_in = np.asarray(lesion_mask, dtype=bool)
+    lesion = lesion_in & lung
+    outside = int(np.count_nonzero(lesion_in)) - int(np.count_nonzero(lesion))
+    if outside:
+        log.debug("ignored %d lesion voxels outside the lung mask", outside)
+
+    lung_voxels = int(np.count_nonzero(lung))
+    lesion_voxels = int(np.count_nonzero(lesion))
+    lvr = lesion_voxels / lung_voxels if lung_voxels else 0.0
+    base = dict(
+        lung_volume_ml=lung_voxels * voxel_ml,
+        lesion_volume_ml=lesion_voxels * voxel_ml,
+        lvr=lvr,
+        peripheral_thickness_mm=float(peripheral_mm),
+        consolidation_hu=float(consolidation_hu),
+        connectivity=connectivity,
+    )
+    box = _bbox(lesion)
+    if box is None:
+        return ScanAnalysis(
+            plr=None, lesion_count=0, spread_mm=None, ggo_fraction=None,
+            consolidation_fraction=None, lesions=(), **base,
+        )  # fmt: skip
+
+    # Work inside the lesions' bounding box, widened in-plane by the band radius so the band
+    # of every lesion voxel is computed from the full neighbourhood it depends on.
+    zb, yb, xb = box
+    ry = int(math.ceil(peripheral_mm / spacing[1])) + 1
+    rx = int(math.ceil(peripheral_mm / spacing[2])) + 1
+    crop = (
+        zb,
+        slice(max(yb.start - ry, 0), min(yb.stop + ry, shape[1])),
+        slice(max(xb.start - rx, 0), min(xb.stop + rx, shape[2])),
+    )
+    band = _crop_band(lung, crop, spacing, peripheral_mm)
+    les = lesion[crop]
+    labels, n = label_components(les, connectivity)
+    offset = np.array([s.start for s in crop], dtype=float)
+
+    lab = labels[les]  # lesion voxels in C order, their component
+    hu = np.asarray(volume_hu[crop][les], dtype=np.float64)
+    counts = np.bincount(lab, minlength=n + 1)[1:]
+    periph = np.bincount(lab, weights=band[les], minlength=n + 1)[1:]
+    consol = np.bincount(lab, weights=hu >= consolidation_hu, minlength=n + 1)[1:]
+    centres = (
+        np.stack(
+            [np.bincount(lab, weights=c, minlength=n + 1)[1:] for c in np.nonzero(les)], axis=1
+        )
+        / counts[:, None]
+        + offset
+    )
+    sides = _side_counts(lung_sides, crop, les, lab, n)
+    hu_sorted, starts = _group_sorted(hu, lab, counts)
+
+    lesions = []
+    order = np.lexsort((np.arange(n), -counts))  # by volume, ties by label (deterministic)
+    objects = ndi.find_objects(labels)
+    for rank, i in enumerate(order, start=1):
+        values = hu_sorted[starts[i] : starts[i] + counts[i]]
+        sl = objects[i]
+        bb = tuple(
+            int(v) for s, o in zip(sl, offset, strict=True) for v in (s.start + o, s.stop + o)
+        )
+        cons = float(consol[i] / counts[i])
+        p10, p50, p90 = np.percentile(values, (10, 50, 90))
+        lesions.append(
+            LesionStats(
+                index=rank,
+                voxels=int(counts[i]),
+                volume_ml=float(counts[i] * voxel_ml),
+                bbox_voxels=bb,  # type: ignore[arg-type]
+                width_mm=(bb[5] - bb[4]) * spacing[2],
+                length_mm=(bb[3] - bb[2]) * spacing[1],
+                height_mm=(bb[1] - bb[0]) * spacing[0],
+                centre_voxel=tuple(float(c) for c in centres[i]),  # type: ignore[arg-type]
+                centre_mm=tuple(float(c * s) for c, s in zip(centres[i], spacing, strict=True)),  # type: ignore[arg-type]
+                mean_hu=float(values.mean()),
+                p10_hu=float(p10),
+                p50_hu=float(p50),
+                p90_hu=float(p90),
+                ggo_fraction=1.0 - cons,
+                consolidation_fraction=cons,
+                density="consolidation" if cons >= 0.5 else "ground-glass",
+                peripheral_fraction=float(periph[i] / counts[i]),
+                side=_side_name(sides, i),
+            )
+        )
+    centres_mm = centres * np.asarray(spacing)
+    spread = float(np.sqrt(((centres_mm - centres_mm.mean(axis=0)) ** 2).sum(axis=1).mean()))
+    cons_total = float(consol.sum() / lesion_voxels)
+    return ScanAnalysis(
+        plr=float(periph.sum() / lesion_voxels),
+        lesion_count=n,
+        spread_mm=spread,
+        ggo_fraction=1.0 - cons_total,
+        consolidation_fraction=cons_total,
+        lesions=tuple(lesions),
+        **base,
+    )
+
+
+def _crop_band(
+    lung: np.ndarray,
+    crop: tuple[slice, slice, slice],
+    spacing: tuple[float, float, float],
+    thickness_mm: float,
+) -> np.ndarray:
+    """The peripheral band inside `crop`, computed as on the whole slice: the crop edges that
+    are image edges count as outside, the others are far enough away not to matter."""
+    zc, yc, xc = crop
+    h, w = lung.shape[1:]
+    # Extend by one pixel where the crop is inside the image so that pixels beyond are seen
+    # as "unknown lung" (True), not as outside; at image edges pad with outside (False).
+    ys = slice(max(yc.start - 1, 0), min(yc.stop + 1, h))
+    xs = slice(max(xc.start - 1, 0), min(xc.stop + 1, w))
+    sub = lung[zc, ys, xs].copy()
+    if ys.start > 0:
+        sub[:, 0, :] = True
+    if ys.stop < h:
+        sub[:, -1, :] = True
+    if xs.start > 0:
+        sub[:, :, 0] = True
+    if xs.stop < w:
+        sub[:, :, -1] = True
+    band = peripheral_band(sub, spacing, thickness_mm) & lung[zc, ys, xs]
+    y0, x0 = yc.start - ys.start, xc.start - xs.start
+    return band[:, y0 : y0 + (yc.stop - yc.start), x0 : x0 + (xc.stop - xc.start)]
+
+
+def _group_sorted(
+    values: np.ndarray, groups: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Values sorted by (group, value), and the start of each group 1..n (index 0-based)."""
+    order = np.lexsort((values, groups))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return values[order], starts
+
+
+def _side_counts(
+    lung_sides: np.ndarray | None,
+    crop: tuple[slice, slice, slice],
+    les: np.ndarray,
+    lab: np.ndarray,
+    n: int,
+) -> np.ndarray | None:
+    if lung_sides is None:
+        return None
+    side = np.asarray(lung_sides[crop][les])
+    return np.stack(
+        [np.bincount(lab, weights=side == s, minlength=n + 1)[1:] for s in LungSide], axis=1
+    )
+
+
+def _side_name(sides: np.ndarray | None, i: int) -> str | None:
+    if sides is None or sides[i].sum() == 0:
+        return None
+    return list(LungSide)[int(np.argmax(sides[i]))].name.lower()
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples to lists, numpy scalars to Python numbers (json.dumps-safe)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

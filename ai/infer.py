@@ -1,0 +1,427 @@
+"""Whole-scan inference: CT volume in HU -> lesion mask, class probabilities, evidence map.
+
+`analyse` is the AI contract of docs/architecture.md. Stages (each timed):
+
+1. lungs: `ai.lungs.label_lungs` (or a caller-supplied mask);
+2. preprocess: HU window, lung masking, the 48-slice classification sample (eq. 12) and
+   the segmentation grid, built slab by slab so a 600-slice scan needs no full-volume
+   float temporaries;
+3. segmentation: sliding windows in batches through `DeepSC.scan_context` (the same code
+   that builds the classifier's inputs in training), blended on the segmentation grid,
+   resized to the native grid slab by slab, thresholded inside the lungs, small
+   components removed;
+4. classification: once per scan on the sampled slices plus the whole-volume lesion map;
+   the multi-layer CAM evidence map (eq. 5) placed exactly on the native grid;
+5. analysis: LVR, PLR and lesion statistics (`ai.analysis`).
+
+No weights means `WeightsMissing`, never a made-up result. Deterministic on CPU (same
+input, same thread count: same output), in float32 with channels-last 3D weights; on
+CUDA under autocast (bf16, else fp16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ai.analysis import (
+    DEFAULT_CONSOLIDATION_HU,
+    DEFAULT_PERIPHERAL_MM,
+    LesionStats,
+    ScanAnalysis,
+    analyse_lesions,
+    remove_small_components,
+)
+from ai.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from ai.errors import NoLungsFound, NotAVolume
+from ai.labels import CLASS_NAMES, Diagnosis
+from ai.lungs import label_lungs
+from ai.model import UNIT_STRIDES, SegOutput, evidence_class
+from ai.preprocess import (
+    PatchBox,
+    PreprocessConfig,
+    SlidingWindow,
+    check_volume,
+    cls_slice_indices,
+    normalise_hu,
+    resize_inplane,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_MIN_LESION_MM3 = 10.0
+"""Components below this are speckle (a 2.7 mm sphere); configurable per call."""
+SLAB = 32
+"""Slices per slab when preprocessing and resizing maps (bounds the temporaries)."""
+
+CheckpointLike = Checkpoint | str | os.PathLike[str] | None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Raw network output for one scan on the native grid (before analysis).
+
+    `lesion_probability` is None for a classification-only model; `probabilities`,
+    `evidence_map` and `evidence_class` are None for a segmentation-only model.
+    """
+
+    lesion_probability: np.ndarray | None
+    probabilities: np.ndarray | None
+    evidence_map: np.ndarray | None
+    evidence_class: Diagnosis | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything the node reports for one scan. Masks and maps are (z, y, x) like the input.
+
+    lvr, plr: fractions in [0, 1]; plr is None without lesions (0 / 0). `stats` holds the
+    full per-scan summary (volumes, spread, density fractions) of `ai.analysis`.
+    """
+
+    lesion_mask: np.ndarray
+    lung_mask: np.ndarray
+    probabilities: dict[str, float]
+    diagnosis: Diagnosis
+    evidence_map: np.ndarray
+    evidence_class: Diagnosis
+    lvr: float
+    plr: float | None
+    lesions: tuple[LesionStats, ...]
+    stats: ScanAnalysis
+    timings: dict[str, float]
+    model: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_model(
+    checkpoint: CheckpointLike = None, device: str | torch.device = "auto"
+) -> Checkpoint:
+    """A loaded checkpoint passes through (on its own device); a path or None is loaded.
+
+    Keep the result to analyse many scans without reloading.
+    """
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    return load_checkpoint(checkpoint, device)
+
+
+def analyse(
+    volume_hu: np.ndarray,
+    spacing_mm: Sequence[float],
+    *,
+    checkpoint: CheckpointLike = None,
+    device: str | torch.device = "auto",
+    lung_mask: np.ndarray | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
+    peripheral_mm: float = DEFAULT_PERIPHERAL_MM,
+    consolidation_hu: float = DEFAULT_CONSOLIDATION_HU,
+    batch_size: int | None = None,
+) -> Analysis:
+    """Analyse one CT volume (z, y, x) in HU with spacing (dz, dy, dx) mm.
+
+    `checkpoint`: a `Checkpoint` from `load_model`, a path, or None for the shipped
+    default (raises `WeightsMissing` when absent). `lung_mask` skips lung segmentation.
+    Bad input raises an `ai.errors.InputVolumeError` subclass that says why.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold {threshold} must be in (0, 1)")
+    if not min_lesion_mm3 >= 0.0:
+        raise ValueError(f"min_lesion_mm3 {min_lesion_mm3} must be >= 0")
+    _check_batch(batch_size)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ckpt = load_model(checkpoint, device)
+    if not isinstance(checkpoint, Checkpoint):
+        timings["load"] = time.perf_counter() - t0
+    if ckpt.model_config.task != "joint":
+        raise CheckpointError(
+            f"{ckpt.path}: a single-task ({ckpt.model_config.task!r}) ablation model cannot "
+            "analyse a scan; use a joint checkpoint"
+        )
+    volume_hu = np.asarray(volume_hu)
+    spacing = check_volume(volume_hu, spacing_mm, ckpt.preprocess)
+
+    t = time.perf_counter()
+    sides = None
+    if lung_mask is None:
+        sides = label_lungs(volume_hu, spacing).sides
+        lung = sides > 0
+    else:
+        lung = _check_lung_mask(lung_mask, volume_hu.shape)
+    timings["lungs"] = time.perf_counter() - t
+
+    pred = _predict(ckpt, volume_hu, lung, batch_size)
+    assert pred.lesion_probability is not None and pred.probabilities is not None
+    assert pred.evidence_map is not None and pred.evidence_class is not None
+    timings |= pred.timings
+
+    t = time.perf_counter()
+    lesion = remove_small_components(
+        (pred.lesion_probability > threshold) & lung, spacing, min_lesion_mm3
+    )
+    timings["segmentation"] += time.perf_counter() - t
+    t = time.perf_counter()
+    stats = analyse_lesions(
+        volume_hu,
+        lesion,
+        lung,
+        spacing,
+        lung_sides=sides,
+        peripheral_mm=peripheral_mm,
+        consolidation_hu=consolidation_hu,
+    )
+    timings["analysis"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    probs = {name: float(p) for name, p in zip(CLASS_NAMES, pred.probabilities, strict=True)}
+    diagnosis = Diagnosis(int(np.argmax(pred.probabilities)))
+    log.info(
+        "analysed %s volume: %s (p=%.3f), %d lesions, LVR %.4f, %.1f s",
+        "x".join(map(str, volume_hu.shape)), CLASS_NAMES[diagnosis], probs[CLASS_NAMES[diagnosis]],
+        stats.lesion_count, stats.lvr, timings["total"],
+    )  # fmt: skip
+    return Analysis(
+        lesion_mask=lesion,
+        lung_mask=lung,
+        probabilities=probs,
+        diagnosis=diagnosis,
+        evidence_map=pred.evidence_map,
+        evidence_class=pred.evidence_class,
+        lvr=stats.lvr,
+        plr=stats.plr,
+        lesions=stats.lesions,
+        stats=stats,
+        timings=timings,
+        model=ckpt.info | {"device": str(ckpt.device)},
+    )
+
+
+def predict(
+    ckpt: Checkpoint,
+    volume_hu: np.ndarray,
+    lung_mask: np.ndarray,
+    spacing_mm: Sequence[float],
+    *,
+    batch_size: int | None = None,
+) -> Prediction:
+    """Run the network of any task (joint, seg, cls) on one scan; also for evaluation.
+
+    Returns the lesion probability on the native grid (zero outside the lungs) and the
+    class probabilities with the evidence map, whichever the model has.
+    """
+    _check_batch(batch_size)
+    volume_hu = np.asarray(volume_hu)
+    check_volume(volume_hu, spacing_mm, ckpt.preprocess)
+    return _predict(ckpt, volume_hu, _check_lung_mask(lung_mask, volume_hu.shape), batch_size)
+
+
+def _predict(
+    ckpt: Checkpoint, volume_hu: np.ndarray, lung: np.ndarray, batch_size: int | None
+) -> Prediction:
+    model, cfg, dev = ckpt.model, ckpt.preprocess, ckpt.device
+    timings: dict[str, float] = {}
+    cuda = dev.type == "cuda"
+
+    t = time.perf_counter()
+    window = SlidingWindow(volume_hu.shape, cfg)
+    grid = _seg_grid(volume_hu, lung, window, cfg).to(dev)
+    weight = next(p for p in model.parameters() if p.dim() == 5)
+    x_cls = None
+    if model.stem_c is not None:
+        x_cls = _like(_cls_input(volume_hu, lung, cfg)[None, None], weight)
+    timings["preprocess"] = _elapsed(t, cuda)
+
+    t = time.perf_counter()
+    acc = window.accumulator(device=dev) if model.stem_l is not None else None
+    batch = batch_size or (8 if cuda else 2)
+    with torch.inference_mode(), _autocast(dev):
+
+        def sink(seg: SegOutput, box: Tensor) -> None:
+            assert acc is not None
+            for row, prob in zip(box.tolist(), seg.prob.float(), strict=True):
+                acc.add(_patch_box(row, window.grid_shape), prob[0])
+
+        context = model.scan_context(x_cls, _windows(window, grid, batch, weight), sink)
+        del grid
+        lesion_prob = None
+        if acc is not None:
+            lesion_prob = _to_native(acc.result(), window, lung)
+        timings["segmentation"] = _elapsed(t, cuda)
+
+        t = time.perf_counter()
+        probs = evidence = cls_idx = None
+        if model.classifier is not None:
+            out = model.classify_scan(context)
+            logits = out.logits.float()
+            probs = torch.softmax(logits, 1)[0].cpu().numpy().astype(np.float64)
+            j = evidence_class(logits)
+            maps = model.evidence([u.float() for u in out.units], j)
+            evidence = _evidence_to_native(maps, volume_hu.shape, cfg, lung)
+            cls_idx = Diagnosis(int(j[0]))
+        timings["classification"] = _elapsed(t, cuda)
+    return Prediction(lesion_prob, probs, evidence, cls_idx, timings)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _check_batch(batch_size: int | None) -> None:
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size {batch_size} must be >= 1")
+
+
+def _check_lung_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape):
+        raise NotAVolume(f"lung mask shape {mask.shape} != volume shape {tuple(shape)}")
+    mask = mask.astype(bool, copy=False)
+    if not mask.any():
+        raise NoLungsFound("the lung mask is empty")
+    return mask
+
+
+def _masked_slices(volume_hu: np.ndarray, lung: np.ndarray, idx: Any, cfg: PreprocessConfig):
+    """HU window and lung masking of some slices (float32 CPU tensor)."""
+    x = normalise_hu(volume_hu[idx], cfg)
+    return x.mul_(torch.from_numpy(np.ascontiguousarray(lung[idx])))
+
+
+def _seg_grid(
+    volume_hu: np.ndarray, lung: np.ndarray, window: SlidingWindow, cfg: PreprocessConfig
+) -> Tensor:
+    """The lung-masked, windowed volume on the segmentation grid; `window.to_grid` by slabs."""
+    grid = torch.empty(window.grid_shape, dtype=torch.float32)
+    for z0 in range(0, volume_hu.shape[0], SLAB):
+        sl = slice(z0, z0 + SLAB)
+        grid[sl] = resize_inplane(_masked_slices(volume_hu, lung, sl, cfg), window.grid_shape[1:])
+    return grid
+
+
+def _cls_input(volume_hu: np.ndarray, lung: np.ndarray, cfg: PreprocessConfig) -> Tensor:
+    """`preprocess.sample_cls_slices` of the masked volume, reading only the sampled slices."""
+    idx = cls_slice_indices(volume_hu.shape[0], cfg.n_cls_slices)
+    return resize_inplane(_masked_slices(volume_hu, lung, idx, cfg), cfg.cls_size)
+
+
+def _windows(
+    window: SlidingWindow, grid: Tensor, batch: int, like: Tensor
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Window batches (n, 1, d, h, w) laid out like the model's conv weights, and their
+    boxes (n, 6) as volume fractions."""
+    for boxes in window.batches(batch):
+        x = window.extract_batch(grid, boxes)
+        yield _like(x, like), torch.tensor([b.fractions() for b in boxes], dtype=torch.float64)
+
+
+def _like(x: Tensor, weight: Tensor) -> Tensor:
+    """x on the weight's device, in its dtype and memory format (channels-last or not)."""
+    x = x.to(weight.device, weight.dtype, non_blocking=True)
+    if weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous():
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x.contiguous()
+
+
+def _patch_box(row: Sequence[float], grid_shape: tuple[int, int, int]) -> PatchBox:
+    """Inverse of `PatchBox.fractions` (exact: the fractions are integer / size)."""
+    s, h, w = grid_shape
+    z0, z1, y0, y1, x0, x1 = (round(f * n) for f, n in zip(row, (s, s, h, h, w, w), strict=True))
+    return PatchBox(z0, z1, y0, y1, x0, x1, grid_shape)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _to_native(prob_grid: Tensor, window: SlidingWindow, lung: np.ndarray) -> np.ndarray:
+    """Blended probability on the native grid (float32), zero outside the lungs; by slabs."""
+    out = np.empty(window.native_shape, dtype=np.float32)
+    for z0 in range(0, out.shape[0], SLAB):
+        sl = slice(z0, z0 + SLAB)
+        part = resize_inplane(prob_grid[sl], window.native_shape[1:]).clamp_(0.0, 1.0)
+        out[sl] = part.cpu().numpy()
+    out *= lung
+    return out
+
+
+def _evidence_to_native(
+    maps: Sequence[Tensor], shape: tuple[int, ...], cfg: PreprocessConfig, lung: np.ndarray
+) -> np.ndarray:
+    """Mean of the per-unit evidence masks on the native grid, in the lungs, scaled to [0, 1].
+
+    Each unit map is interpolated linearly at the true position of every native voxel: the
+    classification input's slices are the eq.-12 sample and its rows / columns a resize,
+    and feature cell j of a map 2^L times coarser than that input is centred on input
+    index stride * j (every stride-2 layer is centred), not at a cell-centre convention.
+    """
+    s, h, w = (int(n) for n in shape)
+    n_cls, h_in, w_in = cfg.n_cls_slices, *cfg.cls_size
+    u_z = _slice_positions(s, n_cls)
+    u_y = (np.arange(h) + 0.5) * h_in / h - 0.5
+    u_x = (np.arange(w) + 0.5) * w_in / w - 0.5
+    dev = maps[0].device
+    total = torch.zeros((s, h * w), dtype=torch.float32, device=dev)
+    with torch.autocast(dev.type, enabled=False):  # float32 maps, whatever the caller runs
+        for m, stride in zip(maps, UNIT_STRIDES, strict=True):
+            v = m[0, 0].float()  # (d, hh, ww)
+            wz, wy, wx = (
+                _interp_matrix(u / stride, n, dev)
+                for u, n in zip((u_z, u_y, u_x), v.shape, strict=True)
+            )
+            v = wy @ (v @ wx.T)  # (d, h, w)
+            total.addmm_(wz, v.reshape(v.shape[0], -1))
+    ev = total.reshape(s, h, w).cpu().numpy()
+    ev *= lung
+    peak = float(ev.max())
+    return ev / peak if peak > 0 else ev
+
+
+def _slice_positions(n_slices: int, n_sampled: int) -> np.ndarray:
+    """Continuous classification-input slice index of every native slice (eq. 12 inverted)."""
+    idx = cls_slice_indices(n_slices, n_sampled)
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    k_mean = np.bincount(inverse, weights=np.arange(n_sampled)) / np.bincount(inverse)
+    return np.interp(np.arange(n_slices), uniq, k_mean)
+
+
+def _interp_matrix(t: np.ndarray, n: int, dev: torch.device) -> Tensor:
+    """(len(t), n) linear interpolation at positions t, clamped to the edge cells."""
+    t = np.clip(t, 0.0, n - 1)
+    j0 = np.floor(t).astype(np.int64)
+    j1 = np.minimum(j0 + 1, n - 1)
+    frac = t - j0
+    m = np.zeros((t.size, n), dtype=np.float64)
+    rows = np.arange(t.size)
+    np.add.at(m, (rows, j0), 1.0 - frac)
+    np.add.at(m, (rows, j1), frac)
+    return torch.from_numpy(m.astype(np.float32)).to(dev)
+
+
+# --------------------------------------------------------------------------- device
+
+
+def _autocast(dev: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 (else fp16) autocast on CUDA; full precision on CPU (deterministic, no gain)."""
+    if dev.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _elapsed(t0: float, cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0

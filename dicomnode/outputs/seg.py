@@ -1,0 +1,152 @@
+"""DICOM Segmentation (PS3.3 A.51) of the lungs and the pneumonia lesions.
+
+Segment 1 is the lungs, segment 2 all lesions; segments 3.. are individual lesions
+(largest first, capped) so the SR can measure each one against its own segment.
+BINARY, uncompressed, frames parallel to the CT (OHIF overlays it on the series).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+from scipy import ndimage as ndi
+
+from ai.analysis import LesionStats, label_components
+from dicomnode.outputs import MANUFACTURER, MODEL_NAME, Provenance
+
+LUNG_SEGMENT = 1
+LESIONS_SEGMENT = 2
+FIRST_LESION_SEGMENT = 3
+LUNG_COLOUR = hd.color.CIELabColor(60.0, -40.0, 30.0)  # green
+LESION_COLOUR = hd.color.CIELabColor(55.0, 75.0, 60.0)  # red
+SINGLE_LESION_COLOUR = hd.color.CIELabColor(80.0, 5.0, 80.0)  # yellow
+
+
+@dataclass(frozen=True)
+class SegmentationOutput:
+    """The SEG dataset and which segment number holds which lesion (by LesionStats.index)."""
+
+    dataset: Dataset
+    lesion_segments: dict[int, int]
+
+
+def algorithm_identification(provenance: Provenance) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(
+        name=provenance.algorithm_name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=provenance.model_version,
+    )
+
+
+def lesion_label_map(
+    lesion_mask: np.ndarray, lesions: Sequence[LesionStats], connectivity: int
+) -> np.ndarray:
+    """Voxel labels equal to each lesion's `index` (0 elsewhere).
+
+    Components are recomputed rather than stored, and matched to the analysis by voxel
+    count and bounding box, which together identify a component.
+    """
+    out = np.zeros(lesion_mask.shape, np.int32)
+    if not lesions:
+        return out
+    labels, n = label_components(lesion_mask, connectivity)
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    wanted = {(s.voxels, tuple(s.bbox_voxels)): s.index for s in lesions}
+    for label, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None:
+            continue
+        bbox = tuple(v for sl in box for v in (int(sl.start), int(sl.stop)))
+        index = wanted.get((int(counts[label]), bbox))
+        if index is not None:
+            region = out[box]
+            region[labels[box] == label] = index
+    return out
+
+
+def _segment(
+    number: int, label: str, category: object, kind: object, provenance: Provenance,
+    colour: hd.color.CIELabColor, tracking_id: str,
+) -> hd.seg.SegmentDescription:
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label,
+        segmented_property_category=category,  # type: ignore[arg-type]
+        segmented_property_type=kind,  # type: ignore[arg-type]
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm_identification(provenance),
+        tracking_uid=generate_uid(),
+        tracking_id=tracking_id,
+        anatomic_regions=[codes.SCT.Lung] if number != LUNG_SEGMENT else None,
+        display_color=colour,
+    )
+
+
+def build_segmentation(
+    source_images: Sequence[Dataset],
+    lung_mask: np.ndarray,
+    lesion_mask: np.ndarray,
+    lesions: Sequence[LesionStats],
+    provenance: Provenance,
+    *,
+    connectivity: int = 26,
+    max_lesion_segments: int = 10,
+    omit_empty_frames: bool = False,
+    series_number: int = 9001,
+) -> SegmentationOutput:
+    """The SEG for one analysed series; masks are [z, y, x] aligned with `source_images`.
+
+    `omit_empty_frames` is off by default because some OHIF builds misplace SEGs whose
+    empty frames were left out; an empty lesion segment still gives a valid object.
+    """
+    shape = (len(source_images), int(source_images[0].Rows), int(source_images[0].Columns))
+    for name, mask in (("lung_mask", lung_mask), ("lesion_mask", lesion_mask)):
+        if mask.shape != shape:
+            raise ValueError(f"{name} shape {mask.shape} does not match the CT {shape}")
+    lesion = lesion_mask.astype(bool) & lung_mask.astype(bool)
+    shown = list(lesions)[:max_lesion_segments]
+    descriptions = [
+        _segment(LUNG_SEGMENT, "Lungs", codes.SCT.AnatomicalStructure, codes.SCT.Lung,
+                 provenance, LUNG_COLOUR, "Lungs"),
+        _segment(LESIONS_SEGMENT, "Pneumonia lesions",
+                 codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion,
+                 provenance, LESION_COLOUR, "Pneumonia lesions"),
+    ]
+    lesion_segments: dict[int, int] = {}
+    planes = [lung_mask.astype(bool), lesion]
+    if shown:
+        labels = lesion_label_map(lesion, shown, connectivity)
+        for offset, stats in enumerate(shown):
+            number = FIRST_LESION_SEGMENT + offset
+            lesion_segments[stats.index] = number
+            descriptions.append(_segment(
+                number, f"Lesion {stats.index}", codes.SCT.MorphologicallyAbnormalStructure,
+                codes.SCT.Lesion, provenance, SINGLE_LESION_COLOUR, f"Lesion {stats.index}"))
+            planes.append(labels == stats.index)
+    pixel_array = np.stack(planes, axis=-1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=list(source_images),
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=provenance.software_versions,
+        device_serial_number=provenance.device_serial_number,
+        content_label="AI_LESIONS",
+        content_description="Lungs and pneumonia lesions (DeepSC-COVID), research use",
+        content_creator_name="dicomnode^AI",
+        omit_empty_frames=omit_empty_frames,
+        series_description="AI lesions (DeepSC)",
+        content_qualification="RESEARCH",
+    )
+    return SegmentationOutput(dataset=seg, lesion_segments=lesion_segments)

@@ -1,0 +1,267 @@
+"""The job runner: a queued series -> volume -> AI analysis -> DICOM outputs -> exports.
+
+Workers are threads that claim jobs from the index. A job that cannot be analysed ends
+`failed` with the reason (the series' data are untouched) and the worker goes on. The
+outputs are stored like received instances, flagged as the node's own, so they can be
+re-sent and are never analysed themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from ai.errors import InputVolumeError
+from ai.infer import Analysis, analyse, load_model
+from ai.labels import CLASS_NAMES
+from dicomnode.config import Settings
+from dicomnode.export import Exporter
+from dicomnode.outputs import Provenance
+from dicomnode.outputs.key_images import build_key_images
+from dicomnode.outputs.pdf import build_pdf_report
+from dicomnode.outputs.seg import build_segmentation
+from dicomnode.outputs.sr import build_failure_notice, build_report
+from dicomnode.scp import instance_record
+from dicomnode.volume import CTVolume, SeriesRejected, read_series
+from storage.filestore import FileStore
+from storage.index import ClaimedJob, ResultRecord, StudyIndex
+from storage.models import JobState
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+
+
+@dataclass
+class Outcome:
+    """What one job produced: the analysis and the output datasets by kind."""
+
+    analysis: Analysis
+    outputs: dict[str, list[Dataset]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def node_provenance(settings: Settings, model: dict[str, object]) -> Provenance:
+    """The node as a device: a UID stable per installation (derived from its data dir)."""
+    seed = f"{settings.node.ae_title}:{settings.data_dir.resolve()}".encode()
+    device_uid = pydicom.uid.generate_uid(entropy_srcs=[seed.decode()])
+    return Provenance(
+        device_uid=device_uid,
+        model_name=str(model.get("name", "DeepSC-COVID")),
+        model_version=model_version(model),
+        station_name=settings.node.ae_title,
+    )
+
+
+def model_version(model: dict[str, object]) -> str:
+    """The weights' identity: a short prefix of the checkpoint's sha256."""
+    return str(model.get("checkpoint_sha256", ""))[:12] or "unknown"
+
+
+def analyse_volume(volume: CTVolume, settings: Settings, checkpoint: object) -> Analysis:
+    ai = settings.ai
+    return analyse(
+        volume.hu, volume.spacing_mm, checkpoint=checkpoint,  # type: ignore[arg-type]
+        device=ai.device,
+        min_lesion_mm3=ai.min_lesion_volume_mm3, peripheral_mm=ai.peripheral_thickness_mm,
+        consolidation_hu=ai.consolidation_hu,
+    )
+
+
+def build_outputs(
+    volume: CTVolume, analysis: Analysis, settings: Settings, kinds: set[str]
+) -> tuple[dict[str, list[Dataset]], dict[str, float]]:
+    """The requested output objects for one analysed volume, with encoding times."""
+    provenance = node_provenance(settings, analysis.model)
+    options = settings.pipeline
+    timings: dict[str, float] = {}
+    out: dict[str, list[Dataset]] = {}
+    probabilities = [analysis.probabilities[name] for name in CLASS_NAMES]
+
+    t = time.perf_counter()
+    seg = build_segmentation(
+        volume.datasets, analysis.lung_mask, analysis.lesion_mask, analysis.lesions,
+        provenance, connectivity=analysis.stats.connectivity,
+        max_lesion_segments=options.max_lesion_segments,
+        omit_empty_frames=options.seg_omit_empty_frames,
+    )
+    out["seg"] = [seg.dataset]
+    timings["encode_seg"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    lesion_hu = volume.hu[analysis.lesion_mask]
+    out["sr"] = [build_report(
+        volume.datasets, seg.dataset, seg.lesion_segments, analysis.stats, probabilities,
+        analysis.diagnosis, provenance,
+        lesion_mean_hu=float(lesion_hu.mean()) if lesion_hu.size else None,
+        lung_mean_hu=float(volume.hu[analysis.lung_mask].mean()),
+    )]
+    timings["encode_sr"] = time.perf_counter() - t
+    if "key_images" in kinds and options.key_images:
+        t = time.perf_counter()
+        out["key_images"] = build_key_images(volume, analysis, provenance, options.key_images)
+        timings["encode_key_images"] = time.perf_counter() - t
+    if "pdf" in kinds:
+        t = time.perf_counter()
+        out["pdf"] = [build_pdf_report(volume, analysis, provenance)]
+        timings["encode_pdf"] = time.perf_counter() - t
+    return out, timings
+
+
+def encode(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Pipeline:
+    """Claims queued jobs and runs them; `workers` threads share one loaded model."""
+
+    def __init__(
+        self, settings: Settings, index: StudyIndex, filestore: FileStore, exporter: Exporter,
+        checkpoint_loader: Callable[[], object] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.index = index
+        self.filestore = filestore
+        self.exporter = exporter
+        self._load = checkpoint_loader or self._load_checkpoint
+        self._checkpoint: object | None = None
+        self._checkpoint_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.kinds = {"seg", "sr"} | {k for d in settings.destinations for k in d.outputs}
+
+    def _load_checkpoint(self) -> object:
+        path = self.settings.ai.checkpoint
+        resolved = str(self.settings.base_dir / path) if path else None
+        return load_model(resolved, self.settings.ai.device)
+
+    def checkpoint(self) -> object:
+        """The model, loaded once on first use (a missing file fails jobs, not the node)."""
+        with self._checkpoint_lock:
+            if self._checkpoint is None:
+                self._checkpoint = self._load()
+            return self._checkpoint
+
+    def run_job(self, job: ClaimedJob) -> JobState:
+        """Analyse one claimed job and record how it ended; never raises."""
+        try:
+            self._run(job)
+        except (SeriesRejected, InputVolumeError) as exc:
+            return self._fail(job, str(exc))
+        except Exception as exc:  # a bug or a broken file must not stop the worker
+            logger.exception("job %d (series %s) failed", job.job_id, job.series_instance_uid)
+            return self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
+        self.index.finish_job(job.job_id, JobState.DONE)
+        return JobState.DONE
+
+    def _run(self, job: ClaimedJob) -> None:
+        t0 = time.perf_counter()
+        paths = self.index.series_instance_paths(job.series_instance_uid)
+        volume = read_series([self.filestore.path(p) for p in paths],
+                             min_slices=self.settings.series.min_slices)
+        timings = {"volume": time.perf_counter() - t0}
+        analysis = analyse_volume(volume, self.settings, self.checkpoint())
+        timings |= {f"ai_{k}": v for k, v in analysis.timings.items()}
+        outputs, encode_times = build_outputs(volume, analysis, self.settings, self.kinds)
+        timings |= encode_times
+        t = time.perf_counter()
+        stored = {kind: [self.store_output(ds) for ds in datasets]
+                  for kind, datasets in outputs.items()}
+        timings["store"] = time.perf_counter() - t
+        self.index.record_result(job.job_id, result_record(analysis, stored, timings))
+        self.exporter.queue(job.job_id, stored)
+        logger.info("job %d: series %s -> %s (LVR %.1f %%), %d lesion(s), %.1f s", job.job_id,
+                    job.series_instance_uid, analysis.diagnosis.name, 100 * analysis.lvr,
+                    len(analysis.lesions), time.perf_counter() - t0)
+
+    def _fail(self, job: ClaimedJob, reason: str) -> JobState:
+        logger.warning("job %d (series %s) failed: %s", job.job_id, job.series_instance_uid,
+                       reason)
+        self.index.finish_job(job.job_id, JobState.FAILED, reason)
+        if self.settings.pipeline.failure_notice and self.settings.destinations:
+            try:
+                self._send_failure_notice(job, reason)
+            except Exception:
+                logger.exception("job %d: the failure notice could not be built", job.job_id)
+        return JobState.FAILED
+
+    def _send_failure_notice(self, job: ClaimedJob, reason: str) -> None:
+        paths = self.index.series_instance_paths(job.series_instance_uid)
+        if not paths:
+            return
+        header = pydicom.dcmread(self.filestore.path(paths[0]), stop_before_pixels=True)
+        provenance = node_provenance(self.settings, {})
+        notice = self.store_output(build_failure_notice(header, reason, provenance))
+        for destination in self.settings.destinations:
+            self.index.queue_export(job.job_id, destination.name, [notice],
+                                    self.settings.export.give_up_after_seconds)
+
+    def store_output(self, ds: Dataset) -> str:
+        """Store an output like a received instance; returns its path in the file store."""
+        data = encode(ds)
+        record = instance_record(ds, str(ds.file_meta.TransferSyntaxUID),
+                                 self.settings.node.ae_title)
+        relpath = self.filestore.instance_relpath(
+            record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
+        )
+        size = self.filestore.write(relpath, data)
+        self.index.add_instance(record, relpath, size, hashlib.sha256(data).hexdigest(),
+                                node_output=True)
+        return relpath
+
+    # -- threads -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        for i in range(self.settings.pipeline.workers):
+            thread = threading.Thread(target=self._loop, args=(f"worker-{i}",),
+                                      name=f"ai-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self._threads.clear()
+
+    def _loop(self, name: str) -> None:
+        while not self._stop.is_set():
+            job = self.index.claim_next_job(name)
+            if job is None:
+                self._stop.wait(POLL_SECONDS)
+                continue
+            self.run_job(job)
+
+
+def result_record(
+    analysis: Analysis, outputs: dict[str, list[str]], timings: dict[str, float]
+) -> ResultRecord:
+    stats = analysis.stats
+    model = analysis.model
+    return ResultRecord(
+        diagnosis=analysis.diagnosis.name,
+        probabilities=dict(analysis.probabilities),
+        lvr=analysis.lvr,
+        plr=analysis.plr,
+        lesion_count=stats.lesion_count,
+        lesion_volume_ml=stats.lesion_volume_ml,
+        lung_volume_ml=stats.lung_volume_ml,
+        analysis=stats.to_dict(),
+        model_name=str(model.get("name", "")),
+        model_version=model_version(model),
+        checkpoint_sha256=str(model.get("checkpoint_sha256", "")),
+        timings={k: round(v, 4) for k, v in timings.items()},
+        outputs=outputs,
+    )
+

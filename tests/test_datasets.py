@@ -1,0 +1,408 @@
+"""Data sources for training: spec parsing, NIfTI, DICOM + SEG, the node's index, samples."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ai.labels import Diagnosis
+from ai.preprocess import SlidingWindow
+from storage.index import InstanceRecord, StudyIndex
+from training import datasets
+from training.datasets import (
+    Augmentation,
+    Case,
+    DatasetError,
+    LungMaskCache,
+    NiftiSource,
+    PhantomSource,
+    TrainingSamples,
+    kfold_indices,
+    parse_data_spec,
+    scan_dicom_folder,
+    split_indices,
+)
+
+torch.set_num_threads(1)
+
+SPACING = (2.5, 0.8, 0.7)
+
+
+def _volume(slices: int = 6, rows: int = 40, cols: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """An asymmetric HU volume (orientation errors show) and a lesion mask on it."""
+    rng = np.random.default_rng(5)
+    volume = rng.integers(-1000, 200, size=(slices, rows, cols)).astype(np.int16)
+    lesion = np.zeros(volume.shape, dtype=bool)
+    lesion[1:3, 5:12, 30:40] = True
+    lesion[4, 20:22, 3:6] = True
+    return volume, lesion
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+def test_phantom_spec_assigns_seeds_and_labels() -> None:
+    source = parse_data_spec("phantoms:normal=1,covid=2,cap=1,seed=100,size=64,slices=16")
+    assert isinstance(source, PhantomSource)
+    assert source.items == [("covid", 100), ("covid", 101), ("cap", 102), ("normal", 103)]
+    assert (source.size, source.slices) == (64, 16)
+    assert source.labels() == [Diagnosis.COVID19, Diagnosis.COVID19, Diagnosis.CAP,
+                               Diagnosis.NON_PNEUMONIA]  # fmt: skip
+    assert source.case_ids()[2] == "phantom-cap-102"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("phantoms:covid=2,flu=3", "unknown option"),
+        ("phantoms:seed=3", "give a count"),
+        ("phantoms:covid=x", "phantoms"),
+        ("nowhere:/x", "unknown scheme"),
+        ("no-scheme", "expected SCHEME"),
+        ("dicom:/does/not/exist", "not a folder"),
+        ("nifti:/does/not/exist.csv", "cannot read"),
+        ("index:/does/not/exist", "no index.sqlite"),
+    ],
+)
+def test_bad_specs_say_why(spec: str, message: str) -> None:
+    with pytest.raises(DatasetError, match=message):
+        parse_data_spec(spec)
+
+
+def test_splits_are_stratified_disjoint_and_seeded() -> None:
+    labels = [Diagnosis(i % 3) for i in range(30)] + [None] * 3
+    train, val = split_indices(labels, 0.2, seed=1)
+    assert sorted(train + val) == list(range(33)) and not set(train) & set(val)
+    assert [sum(labels[i] == c for i in val) for c in Diagnosis] == [2, 2, 2]
+    assert split_indices(labels, 0.2, seed=1) == (train, val)
+    folds = [kfold_indices(labels, 3, f, seed=2)[1] for f in range(3)]
+    assert sorted(i for fold in folds for i in fold) == list(range(33))
+    for fold in folds:  # 10 per class in 3 folds: 3 or 4 of each class per fold
+        assert all(3 <= sum(labels[i] == c for i in fold) <= 4 for c in Diagnosis)
+        assert len(fold) == 11
+    with pytest.raises(DatasetError):
+        kfold_indices(labels, 3, 3, seed=0)
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+
+def _write_nifti(path: Path, zyx: np.ndarray, spacing: tuple[float, float, float]) -> None:
+    """(z, y, x) in the DICOM patient frame -> NIfTI with an LPS-like (flipped RAS) affine."""
+    dz, dy, dx = spacing
+    affine = np.diag([-dx, -dy, dz, 1.0])
+    nib.save(nib.Nifti1Image(np.transpose(zyx, (2, 1, 0)), affine), str(path))
+
+
+def test_nifti_source_reads_pairs_in_the_dicom_frame(tmp_path: Path) -> None:
+    volume, lesion = _volume()
+    _write_nifti(tmp_path / "a.nii.gz", volume, SPACING)
+    _write_nifti(tmp_path / "a_mask.nii.gz", lesion.astype(np.uint8), SPACING)
+    # The same scan stored RAS+: the reader must undo the flips.
+    dz, dy, dx = SPACING
+    ras = np.transpose(volume, (2, 1, 0))[::-1, ::-1, :]
+    nib.save(nib.Nifti1Image(ras, np.diag([dx, dy, dz, 1.0])), str(tmp_path / "b.nii"))
+    mask_ras = np.transpose(lesion.astype(np.uint8), (2, 1, 0))[::-1, ::-1, :]
+    nib.save(nib.Nifti1Image(mask_ras, np.diag([dx, dy, dz, 1.0])), str(tmp_path / "b_m.nii"))
+    (tmp_path / "labels.csv").write_text(
+        "case_id,label,image,lesion_mask\n"
+        "a,COVID-19,a.nii.gz,a_mask.nii.gz\n"
+        f"b,,{tmp_path / 'b.nii'},b_m.nii\n"
+    )
+    source = parse_data_spec(f"nifti:{tmp_path / 'labels.csv'}")
+    assert isinstance(source, NiftiSource)
+    assert source.labels() == [Diagnosis.COVID19, None]
+    for i in range(2):
+        case = source[i]
+        np.testing.assert_array_equal(case.volume_hu, volume)
+        np.testing.assert_array_equal(case.lesion_mask, lesion)
+        assert case.spacing_mm == pytest.approx(SPACING)
+        assert case.lung_mask is None and case.volume_hu.dtype == np.int16
+
+
+def test_nifti_csv_errors(tmp_path: Path) -> None:
+    (tmp_path / "l.csv").write_text("case_id,label,image\nx,covid,x.nii\n")
+    with pytest.raises(DatasetError, match="missing"):
+        NiftiSource.from_csv(tmp_path / "l.csv")
+    (tmp_path / "l.csv").write_text("case_id,label,image,lesion_mask\nx,flu,x.nii,m.nii\n")
+    with pytest.raises(DatasetError, match="unknown label"):
+        NiftiSource.from_csv(tmp_path / "l.csv")
+
+
+# ------------------------------------------------------------------------ DICOM + SEG
+
+
+def _write_ct(folder: Path, volume: np.ndarray, study: str, reverse: bool = False) -> list[Path]:
+    """A CT series (one file per slice, written in reverse order when asked)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series, frame = generate_uid(), generate_uid()
+    dz, dy, dx = SPACING
+    paths = []
+    order = range(volume.shape[0])
+    for z in reversed(order) if reverse else order:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"{z}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.PatientID, ds.PatientName = "CT", "P1", "Test^Patient"
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "19700101", "O", "", ""
+        ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "", "", "1"
+        ds.SeriesNumber, ds.InstanceNumber = 1, z + 1
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-100.0, -80.0, 30.0 + z * dz]
+        ds.PixelSpacing, ds.SliceThickness = [dy, dx], dz
+        ds.Rows, ds.Columns = volume.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = (volume[z].astype(np.int32) + 1024).astype(np.uint16).tobytes()
+        ds.save_as(folder / f"{z}.dcm", enforce_file_format=True)
+        paths.append(folder / f"{z}.dcm")
+    return paths
+
+
+def _write_seg(
+    path: Path, ct_paths: list[Path], lesion: np.ndarray, lung: np.ndarray | None, algorithm: str
+) -> hd.seg.Segmentation:
+    sources = hd.spatial.sort_datasets([pydicom.dcmread(p) for p in ct_paths])
+    # Frames parallel to the sorted sources: frame i is our slice z of sources[i].
+    frames = [round((float(d.ImagePositionPatient[2]) - 30.0) / SPACING[0]) for d in sources]
+    masks, descriptions = [], []
+    algo = None
+    if algorithm != "MANUAL":
+        algo = hd.AlgorithmIdentificationSequence(
+            "net", codes.cid7162.ArtificialIntelligence, "1"
+        )
+    segments = [("Lesions", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion,
+                 lesion)]  # fmt: skip
+    if lung is not None:
+        segments.append(("Lungs", codes.SCT.AnatomicalStructure, codes.SCT.Lung, lung))
+    for number, (label, category, kind, mask) in enumerate(segments, start=1):
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                number, label, category, kind, algorithm, algorithm_identification=algo
+            )
+        )
+        masks.append(mask[frames])
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=np.stack(masks, axis=-1).astype(np.uint8),
+        segmentation_type="BINARY",
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(),
+        series_number=2,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="test",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
+    )
+    seg.save_as(path)
+    return seg
+
+
+def test_dicom_folder_with_seg_and_labels(tmp_path: Path) -> None:
+    volume, lesion = _volume()
+    lung = np.zeros_like(lesion)
+    lung[:, 2:30, 2:45] = True
+    study = generate_uid()
+    ct = _write_ct(tmp_path / "pat1" / "ct", volume, study, reverse=True)
+    _write_seg(tmp_path / "pat1" / "seg.dcm", ct, lesion, lung, "MANUAL")
+    ct2 = _write_ct(tmp_path / "pat2" / "ct", volume, generate_uid())
+    _write_seg(tmp_path / "pat2" / "seg.dcm", ct2, lesion, None, "SEMIAUTOMATIC")
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    (tmp_path / "labels.csv").write_text(f"key,label\npat1/ct,cap\n{study},cap\n")
+    source = scan_dicom_folder(tmp_path)
+    assert sorted(source.case_ids()) == ["pat1/ct", "pat2/ct"]
+    by_id = {source.case_ids()[i]: i for i in range(len(source))}
+    assert source.labels()[by_id["pat1/ct"]] == Diagnosis.CAP
+    assert source.labels()[by_id["pat2/ct"]] is None
+    case = source[by_id["pat1/ct"]]
+    np.testing.assert_array_equal(case.volume_hu, volume)
+    np.testing.assert_array_equal(case.lesion_mask, lesion)
+    assert case.lung_mask is not None
+    np.testing.assert_array_equal(case.lung_mask, lung)
+    assert case.spacing_mm == pytest.approx(SPACING)
+    assert source[by_id["pat2/ct"]].lung_mask is None
+
+
+def test_node_index_takes_reviewed_segs_only(tmp_path: Path) -> None:
+    volume, lesion = _volume()
+    study = generate_uid()
+    data = tmp_path / "data"
+    ct = _write_ct(data / "ct", volume, study)
+    _write_seg(data / "auto.dcm", ct, lesion, None, "AUTOMATIC")
+    corrected = lesion.copy()
+    corrected[5, 30:35, 30:35] = True
+    index = StudyIndex(f"sqlite:///{data / 'index.sqlite'}")
+    for path in [*ct, data / "auto.dcm"]:
+        _add_to_index(index, data, path)
+    index.close()
+    with pytest.raises(DatasetError, match="no CT series with a reviewed"):
+        parse_data_spec(f"index:{data}")  # the node's own (automatic) output only
+    _write_seg(data / "fixed.dcm", ct, corrected, None, "MANUAL")
+    index = StudyIndex(f"sqlite:///{data / 'index.sqlite'}")
+    _add_to_index(index, data, data / "fixed.dcm")
+    index.close()
+    (tmp_path / "labels.csv").write_text(f"study,label\n{study},covid\n")
+    source = parse_data_spec(f"index:{data},labels={tmp_path / 'labels.csv'}")
+    assert len(source) == 1 and source.labels() == [Diagnosis.COVID19]
+    case = source[0]
+    np.testing.assert_array_equal(case.lesion_mask, corrected)
+    np.testing.assert_array_equal(case.volume_hu, volume)
+
+
+def _add_to_index(index: StudyIndex, data: Path, path: Path) -> None:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    record = InstanceRecord(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        patient_id="P1",
+        modality=str(ds.Modality),
+        instance_number=int(ds.get("InstanceNumber", 1)),
+    )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    index.add_instance(record, str(path.relative_to(data)), path.stat().st_size, digest)
+
+
+# ------------------------------------------------------------------ lung masks, samples
+
+
+def test_lung_mask_cache_computes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    volume, lesion = _volume()
+    calls = []
+
+    def fake_segment(v: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+        calls.append(1)
+        return v < -500
+
+    monkeypatch.setattr(LungMaskCache, "_segment", staticmethod(fake_segment))
+    cache = LungMaskCache(tmp_path)
+    first = cache(volume, SPACING)
+    again = cache(volume, SPACING)
+    np.testing.assert_array_equal(first, volume < -500)
+    np.testing.assert_array_equal(again, first)
+    assert len(calls) == 1 and len(list((tmp_path / "lungs").glob("*.npz"))) == 1
+    cache(volume, (2.0, 0.8, 0.7))  # other spacing, other key
+    assert len(calls) == 2
+
+
+def _toy_case(label: Diagnosis | None = Diagnosis.COVID19) -> Case:
+    """32 x 32 in-plane: the tiny model's segmentation grid, so nothing is resampled."""
+    volume = np.full((20, 32, 32), -1000, dtype=np.int16)
+    lung = np.zeros(volume.shape, dtype=bool)
+    lung[:, 6:26, 5:27] = True
+    volume[lung] = -850
+    lesion = np.zeros(volume.shape, dtype=bool)
+    lesion[6:10, 8:12, 7:11] = True
+    volume[lesion] = -400
+    return Case("toy", volume, (2.0, 1.0, 1.0), lesion, lung, label)
+
+
+class _OneCase:
+    def __init__(self, case: Case) -> None:
+        self.case = case
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> Case:
+        return self.case
+
+    def labels(self) -> list[Diagnosis | None]:
+        return [self.case.label]
+
+    def case_ids(self) -> list[str]:
+        return ["toy"]
+
+
+def test_training_samples_are_keyed_and_consistent() -> None:
+    from ai.checkpoint import preprocess_config_for
+    from ai.model import ModelConfig
+
+    cfg = ModelConfig.named("tiny")
+    pre = preprocess_config_for(cfg)
+    samples = TrainingSamples(
+        _OneCase(_toy_case()), pre, cfg.cls_input, seed=3, lesion_bias=1.0, with_grid=True
+    )
+    a, b, c = samples[(0, 0)], samples[(0, 0)], samples[(1, 0)]
+    for key in ("x_cls", "x_seg", "seg_target", "box", "grid"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert not torch.equal(a["grid"], c["grid"])  # another epoch, other augmentation
+    assert a["x_cls"].shape == (1, *cfg.cls_input)
+    assert a["x_seg"].shape == a["seg_target"].shape == (1, *cfg.seg_patch)
+    assert a["lesion_map"].shape == (1, 4, 8, 8)
+    assert a["label"].item() == 0
+    assert a["seg_target"].sum() > 0  # lesion-biased: the patch holds lesion
+    assert float(a["x_seg"].max()) <= 1.0 and float(a["x_seg"].min()) >= 0.0
+    plain = TrainingSamples(
+        _OneCase(_toy_case(None)), pre, cfg.cls_input, seed=3,
+        augmentation=Augmentation.off(),
+    )[(0, 0)]  # fmt: skip
+    assert plain["label"].item() == -1 and "grid" not in plain
+    # Without augmentation the lesion map on the C grid is the lesion's volume fraction.
+    frac = _toy_case().lesion_mask.mean()
+    assert float(plain["lesion_map"].mean()) == pytest.approx(frac, rel=1e-5)
+
+
+def test_samples_match_inference_preprocessing() -> None:
+    """Training sees what `ai.infer` feeds the network (no augmentation, native = grid)."""
+    from ai import infer
+    from ai.checkpoint import preprocess_config_for
+    from ai.model import ModelConfig
+
+    cfg = ModelConfig.named("tiny")
+    pre = preprocess_config_for(cfg)
+    case = _toy_case()
+    assert case.lung_mask is not None
+    sample = TrainingSamples(
+        _OneCase(case), pre, cfg.cls_input, seed=0, augmentation=Augmentation.off(),
+        with_grid=True,
+    )[(0, 0)]  # fmt: skip
+    window = SlidingWindow(case.volume_hu.shape, pre)
+    grid = infer._seg_grid(case.volume_hu, case.lung_mask, window, pre)
+    torch.testing.assert_close(sample["grid"], grid, rtol=0, atol=0)
+    x_cls = infer._cls_input(case.volume_hu, case.lung_mask, pre)
+    torch.testing.assert_close(sample["x_cls"][0], x_cls, rtol=0, atol=0)
+
+
+def test_unknown_lungs_fail_loudly() -> None:
+    case = _toy_case()
+    case.lung_mask = None
+    from ai.checkpoint import preprocess_config_for
+    from ai.model import ModelConfig
+
+    cfg = ModelConfig.named("tiny")
+    samples = TrainingSamples(_OneCase(case), preprocess_config_for(cfg), cfg.cls_input, seed=0)
+    with pytest.raises(DatasetError, match="no lung mask"):
+        samples[(0, 0)]
+
+
+def test_open_data_fills_lung_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    volume, lesion = _volume()
+    _write_nifti(tmp_path / "a.nii.gz", volume, SPACING)
+    _write_nifti(tmp_path / "m.nii.gz", lesion.astype(np.uint8), SPACING)
+    (tmp_path / "l.csv").write_text("case_id,label,image,lesion_mask\na,normal,a.nii.gz,m.nii.gz\n")
+    monkeypatch.setattr(
+        LungMaskCache, "_segment", staticmethod(lambda v, s: np.ones(v.shape, dtype=bool))
+    )
+    source = datasets.open_data([f"nifti:{tmp_path / 'l.csv'}"] * 2, tmp_path / "cache")
+    assert len(source) == 2 and source.labels() == [Diagnosis.NON_PNEUMONIA] * 2
+    assert source[1].lung_mask is not None and source[1].lung_mask.all()

@@ -1,0 +1,229 @@
+"""Whole-scan inference with a tiny random model (a test fixture, not a result)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ai import infer
+from ai.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    Provenance,
+    WeightsMissing,
+    load_checkpoint,
+    preprocess_config_for,
+    save_checkpoint,
+)
+from ai.errors import NoLungsFound, NonFiniteVoxels, NotAVolume, TooFewSlices
+from ai.labels import CLASS_NAMES, Diagnosis
+from ai.model import ModelConfig, build_model
+from ai.preprocess import SlidingWindow, apply_lung_mask, normalise_hu, sample_cls_slices
+
+torch.set_num_threads(1)
+
+SPACING = (2.5, 0.8, 0.8)
+
+
+def save_tiny(path: Path, task: str = "joint") -> Path:
+    """A random tiny model whose lesion output starts near 0.5, so masks are not empty."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ModelConfig.named("tiny", task), seg_prior=0.5)
+    model = build_model(cfg)
+    save_checkpoint(path, model, preprocess_config_for(cfg), Provenance.now("random", 0))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    return load_checkpoint(save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.pt"), "cpu")
+
+
+def chest(slices: int = 24, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic chest in HU: body, two lungs with texture, a ground-glass lesion."""
+    z, y, x = np.meshgrid(
+        np.linspace(-1, 1, slices), np.linspace(-1, 1, size), np.linspace(-1, 1, size),
+        indexing="ij",
+    )  # fmt: skip
+    vol = np.full(z.shape, -1000.0, dtype=np.float32)
+    vol[(y / 0.8) ** 2 + (x / 0.95) ** 2 < 1] = 40.0
+    lungs = np.zeros(z.shape, dtype=bool)
+    for cx in (-0.45, 0.45):
+        lungs |= ((x - cx) / 0.35) ** 2 + (y / 0.6) ** 2 + (z / 0.9) ** 2 < 1
+    rng = np.random.default_rng(0)
+    vol[lungs] = -850.0 + rng.normal(0, 40, int(lungs.sum()))
+    lesion = lungs & (((x - 0.45) / 0.15) ** 2 + ((y - 0.1) / 0.2) ** 2 + (z / 0.3) ** 2 < 1)
+    vol[lesion] = -550.0
+    return vol, lungs
+
+
+def test_outputs_have_the_contract_shapes_and_types(ckpt: Checkpoint) -> None:
+    vol, lungs = chest()
+    a = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs)
+    assert a.lesion_mask.shape == vol.shape and a.lesion_mask.dtype == bool
+    assert a.lung_mask.shape == vol.shape and a.lung_mask.dtype == bool
+    assert np.array_equal(a.lung_mask, lungs)
+    assert a.evidence_map.shape == vol.shape and a.evidence_map.dtype == np.float32
+    assert a.evidence_map.min() >= 0.0 and a.evidence_map.max() == pytest.approx(1.0)
+    assert list(a.probabilities) == list(CLASS_NAMES)
+    assert sum(a.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    assert isinstance(a.diagnosis, Diagnosis)
+    assert CLASS_NAMES[a.diagnosis] == max(a.probabilities, key=a.probabilities.__getitem__)
+    assert a.evidence_class in (Diagnosis.COVID19, Diagnosis.CAP)
+    assert 0.0 < a.lvr <= 1.0 and a.plr is not None and 0.0 <= a.plr <= 1.0
+    assert len(a.lesions) == a.stats.lesion_count > 0
+    assert a.lvr == pytest.approx(a.lesion_mask.sum() / lungs.sum())
+    assert {"preprocess", "lungs", "segmentation", "classification", "analysis"} <= set(a.timings)
+    assert a.model["checkpoint_sha256"] == ckpt.sha256 and a.model["device"] == "cpu"
+
+
+def test_masks_and_evidence_stay_inside_the_lungs(ckpt: Checkpoint) -> None:
+    vol, lungs = chest()
+    a = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs)
+    assert a.lesion_mask.any() and not (a.lesion_mask & ~lungs).any()
+    assert np.all(a.evidence_map[~lungs] == 0)
+
+
+def test_small_components_are_removed(ckpt: Checkpoint) -> None:
+    vol, lungs = chest()
+    every = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, min_lesion_mm3=0)
+    big = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, min_lesion_mm3=200)
+    assert not (big.lesion_mask & ~every.lesion_mask).any()
+    voxel = float(np.prod(SPACING))
+    assert all(lesion.voxels * voxel >= 200 for lesion in big.lesions)
+    assert big.stats.lesion_count < every.stats.lesion_count
+
+
+def test_cpu_runs_are_deterministic(ckpt: Checkpoint) -> None:
+    vol, lungs = chest()
+    a = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs)
+    b = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs)
+    assert np.array_equal(a.lesion_mask, b.lesion_mask)
+    assert np.array_equal(a.evidence_map, b.evidence_map)
+    assert a.probabilities == b.probabilities
+
+
+def test_window_batches_are_bounded_and_do_not_change_the_result(ckpt: Checkpoint) -> None:
+    vol, lungs = chest()
+    sizes: list[int] = []
+    original = ckpt.model.segment_window
+
+    def spy(x: torch.Tensor, *args: Any) -> Any:
+        sizes.append(x.shape[0])
+        return original(x, *args)
+
+    ckpt.model.segment_window = spy  # type: ignore[method-assign]
+    try:
+        one = infer.predict(ckpt, vol, lungs, SPACING, batch_size=1)
+        sizes.clear()
+        three = infer.predict(ckpt, vol, lungs, SPACING, batch_size=3)
+    finally:
+        del ckpt.model.segment_window
+    assert sizes and max(sizes) <= 3
+    assert sum(sizes) <= len(SlidingWindow(vol.shape, ckpt.preprocess))
+    np.testing.assert_allclose(one.lesion_probability, three.lesion_probability, atol=1e-5)
+    np.testing.assert_allclose(one.probabilities, three.probabilities, atol=1e-5)
+
+
+def test_windows_without_lung_are_skipped(ckpt: Checkpoint) -> None:
+    vol, lungs = chest()
+    lungs[:, :, 32:] = False  # the left half only: windows on the right see zeros
+    sizes: list[int] = []
+    original = ckpt.model.segment_window
+
+    def spy(x: torch.Tensor, *args: Any) -> Any:
+        sizes.append(x.shape[0])
+        return original(x, *args)
+
+    ckpt.model.segment_window = spy  # type: ignore[method-assign]
+    try:
+        pred = infer.predict(ckpt, vol, lungs, SPACING)
+    finally:
+        del ckpt.model.segment_window
+    assert sum(sizes) <= len(SlidingWindow(vol.shape, ckpt.preprocess)) // 2
+    assert np.all(pred.lesion_probability[:, :, 32:] == 0)
+
+
+def test_model_inputs_equal_the_preprocess_definitions(ckpt: Checkpoint) -> None:
+    """Slab-wise preprocessing is the same as preprocess.py's whole-volume functions."""
+    vol, lungs = chest(slices=70)
+    cfg = ckpt.preprocess
+    masked = apply_lung_mask(normalise_hu(vol, cfg), lungs)
+    window = SlidingWindow(vol.shape, cfg)
+    assert torch.equal(infer._seg_grid(vol, lungs, window, cfg), window.to_grid(masked))
+    assert torch.equal(infer._cls_input(vol, lungs, cfg), sample_cls_slices(masked, cfg))
+    for box in window:
+        assert infer._patch_box(box.fractions(), window.grid_shape) == box
+
+
+def test_evidence_is_placed_at_the_true_position(ckpt: Checkpoint) -> None:
+    """A CAM peak in feature cell j of a stride-s map lands on input index s * j."""
+    cfg = ckpt.preprocess  # classification input 8 x 16 x 16
+    shape = (16, 32, 32)  # twice the input on every axis
+    maps = [torch.zeros(1, 1, 2, 4, 4), torch.zeros(1, 1, 1, 2, 2), torch.zeros(1, 1, 1, 1, 1)]
+    maps[0][0, 0, 1, 2, 1] = 1.0  # stride 4: input (4, 8, 4) -> native (8.5, 16.5, 8.5)
+    ev = infer._evidence_to_native(maps, shape, cfg, np.ones(shape, dtype=bool))
+    peak = np.argwhere(ev == ev.max())
+    assert peak[:, 1].min() == 16 and peak[:, 1].max() == 17
+    assert peak[:, 2].min() == 8 and peak[:, 2].max() == 9
+    assert ev.max() == pytest.approx(1.0)
+    assert infer._slice_positions(16, 8) == pytest.approx(np.minimum(np.arange(16) / 2, 7))
+
+
+def test_no_weights_is_an_error_that_says_how_to_get_them(tmp_path: Path, monkeypatch: Any) -> None:
+    vol, lungs = chest()
+    with pytest.raises(WeightsMissing, match="dicomnode train"):
+        infer.analyse(vol, SPACING, checkpoint=tmp_path / "missing.pt", lung_mask=lungs)
+    monkeypatch.setattr("ai.checkpoint.default_checkpoint_path", lambda: tmp_path / "d.pt")
+    with pytest.raises(WeightsMissing, match="not installed"):
+        infer.analyse(vol, SPACING, lung_mask=lungs)
+
+
+def test_a_single_task_model_is_refused(tmp_path: Path) -> None:
+    vol, lungs = chest()
+    path = save_tiny(tmp_path / "seg.pt", task="seg")
+    with pytest.raises(CheckpointError, match="single-task"):
+        infer.analyse(vol, SPACING, checkpoint=path, lung_mask=lungs)
+    pred = infer.predict(load_checkpoint(path), vol, lungs, SPACING)
+    assert pred.lesion_probability.shape == vol.shape and pred.probabilities is None
+
+
+def test_bad_input_is_refused(ckpt: Checkpoint) -> None:
+    vol, lungs = chest()
+    bad = vol.copy()
+    bad[3, 4, 5] = np.nan
+    with pytest.raises(NonFiniteVoxels):
+        infer.analyse(bad, SPACING, checkpoint=ckpt, lung_mask=lungs)
+    with pytest.raises(TooFewSlices):
+        infer.analyse(vol[:6], SPACING, checkpoint=ckpt, lung_mask=lungs[:6])
+    with pytest.raises(NotAVolume, match="lung mask shape"):
+        infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs[:, :32])
+    with pytest.raises(NoLungsFound):
+        infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=np.zeros_like(lungs))
+    with pytest.raises(ValueError, match="threshold"):
+        infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=1.0)
+
+
+def test_lungs_are_segmented_when_not_given(ckpt: Checkpoint) -> None:
+    vol, _ = chest(size=96)
+    a = infer.analyse(vol, (8.0, 4.0, 4.0), checkpoint=ckpt)  # a chest-sized volume
+    assert a.lung_mask.dtype == bool and a.lung_mask.any()
+    assert not (a.lesion_mask & ~a.lung_mask).any()
+    assert np.all(a.evidence_map[~a.lung_mask] == 0)
+
+
+def test_a_phantom_ct_end_to_end(ckpt: Checkpoint) -> None:
+    """int16 HU from training/phantoms.py, lungs segmented by ai.lungs."""
+    phantoms = pytest.importorskip("training.phantoms")
+    p = phantoms.generate_phantom("covid", 3, slices=32, size=96)
+    a = infer.analyse(p.volume_hu, p.spacing_mm, checkpoint=ckpt)
+    overlap = np.count_nonzero(a.lung_mask & p.lung_mask)
+    assert 2 * overlap / (a.lung_mask.sum() + p.lung_mask.sum()) > 0.9
+    assert a.lesion_mask.shape == p.volume_hu.shape
+    assert not (a.lesion_mask & ~a.lung_mask).any()
+    assert sum(a.probabilities.values()) == pytest.approx(1.0, abs=1e-6)

@@ -1,0 +1,329 @@
+"""Classical lung segmentation (ai/lungs.py): accuracy on phantoms and hand-built chests,
+robustness (thick slices, small fields of view, merged lungs, either slice order) and the
+clear refusals of bad input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from ai.errors import (
+    ImplausibleSpacing,
+    InputVolumeError,
+    InvalidVolume,
+    LungsCutOff,
+    NoLungsFound,
+    NonFiniteVoxels,
+    NotAVolume,
+    TooFewSlices,
+)
+from ai.lungs import LungConfig, LungSide, label_lungs, segment_lungs
+from training.phantoms import Phantom, generate_phantom
+
+AIR, LUNG, TISSUE, DENSE = -1000.0, -850.0, 40.0, 30.0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+# --------------------------------------------------------------------------- hand-built chest
+
+
+@dataclass(frozen=True)
+class Chest:
+    volume_hu: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    sides: np.ndarray
+    """Ground truth: 1 right (low columns), 2 left; the airways' intrapulmonary parts in."""
+    trachea: np.ndarray
+    lesion: np.ndarray
+
+
+def _ellipsoid(z, y, x, centre, axes) -> np.ndarray:
+    return sum(((c - m) / a) ** 2 for c, m, a in zip((z, y, x), centre, axes, strict=True)) <= 1
+
+
+def _tube(z, y, x, p0, p1, radius) -> np.ndarray:
+    p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
+    d = p1 - p0
+    rel = (z - p0[0], y - p0[1], x - p0[2])
+    t = np.clip(sum(r * c for r, c in zip(rel, d, strict=True)) / float(d @ d), 0.0, 1.0)
+    return sum((r - t * c) ** 2 for r, c in zip(rel, d, strict=True)) <= radius**2
+
+
+def build_chest(
+    slices: int = 60, size: int = 128, *, lung_gap_mm: float = 40.0, consolidation_mm: float = 0
+) -> Chest:
+    """A 300 mm chest in a 380 mm field of view: body, two ellipsoid lungs `lung_gap_mm`
+    apart (< 0: merged), heart, trachea from the top slice to a carina and two main bronchi
+    into the lungs, a table, noise; optionally a dense lesion of that radius against the
+    right lung's lateral pleura. Slice 0 is the feet end (as dicomnode/volume.py orders)."""
+    dz, d = 300.0 / slices, 380.0 / size
+    rng = np.random.default_rng(0)
+    vol = np.empty((slices, size, size), dtype=np.float32)
+    sides = np.zeros((slices, size, size), dtype=np.uint8)
+    trachea = np.zeros((slices, size, size), dtype=bool)
+    lesion = np.zeros((slices, size, size), dtype=bool)
+    y = (np.arange(size) * d - 190.0)[:, None]
+    x = (np.arange(size) * d - 190.0)[None, :]
+    half = lung_gap_mm / 2
+    lungs = {
+        LungSide.RIGHT: ((150.0, 0.0, -(half + 55.0)), (110.0, 80.0, 55.0)),
+        LungSide.LEFT: ((150.0, 0.0, half + 55.0), (105.0, 78.0, 55.0)),
+    }
+    carina = (200.0, -20.0, -3.0)
+    for k in range(slices):
+        z = (k + 0.5) * dz
+        sl = np.full((size, size), AIR, dtype=np.float32)
+        sl[(x / 165.0) ** 2 + ((y - 5.0) / 120.0) ** 2 <= 1] = TISSUE
+        sl[(y > 128.0) & (y < 136.0) & (np.abs(x) < 170.0)] = 150.0  # table
+        for side, (centre, axes) in lungs.items():
+            inside = _ellipsoid(z, y, x, centre, axes) & (sides[k] == 0)
+            sides[k][inside] = side
+            sl[inside] = LUNG
+        sl[_ellipsoid(z, y, x, (100.0, 10.0, 0.0), (45.0, 60.0, 45.0)) & (sides[k] == 0)] = TISSUE
+        if consolidation_mm:
+            edge = -(half + 110.0) + 0.4 * consolidation_mm
+            m = _ellipsoid(z, y, x, (130.0, 0.0, edge), (consolidation_mm,) * 3) & (sides[k] > 0)
+            sl[m] = DENSE
+            lesion[k] = m
+        airway = _tube(z, y, x, carina, (310.0, -20.0, -3.0), 9.0)
+        for sign in (-1, 1):
+            airway |= _tube(z, y, x, carina, (165.0, 0.0, sign * 75.0), 6.0)
+        sl[airway] = AIR
+        trachea[k] = airway & (sides[k] == 0)
+        vol[k] = sl + rng.normal(0.0, 25.0, sl.shape).astype(np.float32)
+    return Chest(vol, (dz, d, d), sides, trachea, lesion)
+
+
+@pytest.fixture(scope="module")
+def chest() -> Chest:
+    return build_chest()
+
+
+# --------------------------------------------------------------------------- phantoms
+
+
+@pytest.fixture(scope="module")
+def phantoms() -> dict[str, Phantom]:
+    return {
+        "covid": generate_phantom("covid", 0, slices=48, size=128),
+        "cap": generate_phantom("cap", 1, slices=48, size=128),
+        "normal": generate_phantom("normal", 2, slices=48, size=128),
+    }
+
+
+@pytest.mark.parametrize("kind", ["covid", "cap", "normal"])
+def test_phantom_lungs_match_ground_truth(phantoms: dict[str, Phantom], kind: str) -> None:
+    p = phantoms[kind]
+    result = label_lungs(p.volume_hu, p.spacing_mm)
+    assert result.sides.shape == p.volume_hu.shape
+    assert result.sides.dtype == np.uint8
+    assert dice(result.mask, p.lung_mask) >= 0.95
+    # Phantom columns run from the patient's right to left, as DICOM axial images do.
+    cols = np.arange(p.volume_hu.shape[2])
+    right_x = cols[np.nonzero(result.sides == LungSide.RIGHT)[2]].mean()
+    left_x = cols[np.nonzero(result.sides == LungSide.LEFT)[2]].mean()
+    assert right_x < left_x
+    if kind != "normal":
+        covered = np.count_nonzero(result.mask & p.lesion_mask) / np.count_nonzero(p.lesion_mask)
+        assert covered >= 0.9, "lesions (ground glass and consolidation) stay in the lungs"
+
+
+def test_segment_lungs_is_the_boolean_mask(phantoms: dict[str, Phantom]) -> None:
+    p = phantoms["normal"]
+    mask = segment_lungs(p.volume_hu, p.spacing_mm)
+    assert mask.dtype == bool
+    np.testing.assert_array_equal(mask, label_lungs(p.volume_hu, p.spacing_mm).mask)
+
+
+def test_phantom_with_5mm_slices() -> None:
+    p = generate_phantom("cap", 4, size=128, slice_thickness_mm=5.0)
+    assert p.spacing_mm[0] == 5.0
+    assert dice(segment_lungs(p.volume_hu, p.spacing_mm), p.lung_mask) >= 0.95
+
+
+def test_phantom_with_thin_slices_and_fine_pixels() -> None:
+    """1 mm slices of 0.9 mm pixels: the working grid is 2x coarser on every axis and the
+    mask is refined back at full resolution."""
+    p = generate_phantom(
+        "covid", 5, slices=150, size=256, slice_thickness_mm=1.0, pixel_spacing_mm=0.9
+    )
+    assert dice(segment_lungs(p.volume_hu, p.spacing_mm), p.lung_mask) >= 0.95
+
+
+def _lung_columns(p: Phantom) -> tuple[int, int]:
+    cols = np.flatnonzero(p.lung_mask.any(axis=(0, 1)))
+    return int(cols[0]), int(cols[-1]) + 1
+
+
+def test_small_field_of_view_touching_the_lungs(phantoms: dict[str, Phantom]) -> None:
+    """The body is cut and the lungs touch the image edge: still segmented."""
+    p = phantoms["covid"]
+    x0, x1 = _lung_columns(p)
+    rows = np.flatnonzero(p.lung_mask.any(axis=(0, 2)))
+    crop = np.s_[:, rows[0] - 2 : rows[-1] + 3, x0:x1]
+    result = label_lungs(p.volume_hu[crop], p.spacing_mm)
+    assert dice(result.mask, p.lung_mask[crop]) >= 0.95
+    assert 0.0 < result.cut_fraction < LungConfig().max_cut_fraction
+
+
+def test_field_of_view_cutting_through_the_lungs(phantoms: dict[str, Phantom]) -> None:
+    p = phantoms["covid"]
+    x0, x1 = _lung_columns(p)
+    cut = (x1 - x0) // 6
+    with pytest.raises(LungsCutOff, match="edge of the field of view"):
+        segment_lungs(p.volume_hu[:, :, x0 + cut : x1 - cut], p.spacing_mm)
+
+
+def test_scan_range_cutting_through_the_lungs(phantoms: dict[str, Phantom]) -> None:
+    p = phantoms["normal"]
+    with pytest.raises(LungsCutOff, match="scan range cuts through the lungs"):
+        segment_lungs(p.volume_hu[20:], p.spacing_mm)
+
+
+def test_slice_order_and_mirroring(phantoms: dict[str, Phantom]) -> None:
+    """Head-first or feet-first gives the same lungs; mirrored columns swap the sides."""
+    p = phantoms["cap"]
+    sides = label_lungs(p.volume_hu, p.spacing_mm).sides
+    flipped = label_lungs(p.volume_hu[::-1], p.spacing_mm).sides[::-1]
+    assert dice(sides > 0, flipped > 0) >= 0.99
+    mirrored = label_lungs(p.volume_hu[:, :, ::-1], p.spacing_mm).sides[:, :, ::-1]
+    assert dice(sides == LungSide.RIGHT, mirrored == LungSide.LEFT) >= 0.99
+
+
+# --------------------------------------------------------------------------- hand-built cases
+
+
+def test_hand_built_chest(chest: Chest) -> None:
+    result = label_lungs(chest.volume_hu, chest.spacing_mm)
+    for side in LungSide:
+        assert dice(result.sides == side, chest.sides == side) >= 0.97
+    assert not result.merged
+    assert result.cut_fraction == 0.0
+    # Trachea and the main bronchi outside the lungs are not lung.
+    assert np.count_nonzero(result.mask & chest.trachea) <= 0.05 * np.count_nonzero(chest.trachea)
+
+
+def test_merged_lungs_are_split() -> None:
+    c = build_chest(lung_gap_mm=-10.0)
+    result = label_lungs(c.volume_hu, c.spacing_mm)
+    assert result.merged
+    for side in LungSide:
+        assert dice(result.sides == side, c.sides == side) >= 0.95
+
+
+def test_dense_consolidation_against_the_ribs_stays_in() -> None:
+    """A 16 mm consolidation (30 HU) at the lateral pleura: no air there, but the closing
+    keeps it inside the lung."""
+    c = build_chest(consolidation_mm=8.0)
+    mask = segment_lungs(c.volume_hu, c.spacing_mm)
+    assert np.count_nonzero(c.lesion) > 20
+    assert np.count_nonzero(mask & c.lesion) >= 0.9 * np.count_nonzero(c.lesion)
+    without = segment_lungs(
+        c.volume_hu, c.spacing_mm, LungConfig(closing_radius_mm=0, costal_closing_radius_mm=0)
+    )
+    assert np.count_nonzero(without & c.lesion) < 0.5 * np.count_nonzero(c.lesion)
+
+
+def test_float64_and_int16_inputs_agree(chest: Chest) -> None:
+    as_int = np.rint(chest.volume_hu).astype(np.int16)
+    a = segment_lungs(as_int, chest.spacing_mm)
+    b = segment_lungs(as_int.astype(np.float64), chest.spacing_mm)
+    np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _abdomen(slices: int = 40, size: int = 128) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Body, soft tissue, three bowel gas pockets (pure air): no lungs."""
+    d = 380.0 / size
+    vol = np.full((slices, size, size), AIR, dtype=np.float32)
+    y = (np.arange(size) * d - 190.0)[:, None]
+    x = (np.arange(size) * d - 190.0)[None, :]
+    for k in range(slices):
+        z = (k + 0.5) * 5.0
+        vol[k][(x / 160.0) ** 2 + (y / 115.0) ** 2 <= 1] = TISSUE
+        for centre in ((60.0, 20.0, -50.0), (110.0, -30.0, 40.0), (150.0, 10.0, 60.0)):
+            vol[k][_ellipsoid(z, y, x, centre, (25.0, 20.0, 30.0))] = AIR
+    vol += np.random.default_rng(1).normal(0.0, 25.0, vol.shape).astype(np.float32)
+    return vol, (5.0, d, d)
+
+
+def test_abdomen_without_lungs_is_refused() -> None:
+    vol, spacing = _abdomen()
+    with pytest.raises(NoLungsFound, match="is this a chest CT"):
+        segment_lungs(vol, spacing)
+
+
+def test_chest_with_airless_lungs_is_refused(phantoms: dict[str, Phantom]) -> None:
+    p = phantoms["normal"]
+    vol = p.volume_hu.copy()
+    vol[p.lung_mask] = 40
+    with pytest.raises(NoLungsFound):
+        segment_lungs(vol, p.spacing_mm)
+
+
+def test_volume_not_in_hu_is_refused(chest: Chest) -> None:
+    """Stored values without the rescale (0..4095, air ~ 24): no air below -400."""
+    with pytest.raises(NoLungsFound, match="in HU"):
+        segment_lungs(chest.volume_hu + 1024.0, chest.spacing_mm)
+
+
+def test_non_finite_voxels_are_refused(chest: Chest) -> None:
+    vol = chest.volume_hu.copy()
+    vol[3, 10, 10] = np.nan
+    vol[4, 10, 10] = np.inf
+    with pytest.raises(NonFiniteVoxels, match="2 NaN/infinite voxels"):
+        segment_lungs(vol, chest.spacing_mm)
+
+
+@pytest.mark.parametrize(
+    "spacing", [(5.0, 0.01, 0.01), (50.0, 1.0, 1.0), (2.0, 0.0, 1.0), (2.0, float("nan"), 1.0)]
+)
+def test_absurd_spacing_is_refused(chest: Chest, spacing: tuple[float, float, float]) -> None:
+    with pytest.raises(ImplausibleSpacing, match="geometry missing or corrupted"):
+        segment_lungs(chest.volume_hu, spacing)
+
+
+def test_malformed_input_is_refused(chest: Chest) -> None:
+    with pytest.raises(NotAVolume):
+        segment_lungs(chest.volume_hu[0], chest.spacing_mm)
+    with pytest.raises(NotAVolume):
+        segment_lungs(chest.volume_hu, (1.0, 1.0))
+    with pytest.raises(TooFewSlices, match="3 slices"):
+        segment_lungs(chest.volume_hu[:3], chest.spacing_mm)
+
+
+def test_error_hierarchy() -> None:
+    for error in (NotAVolume, NonFiniteVoxels, TooFewSlices, ImplausibleSpacing):
+        assert issubclass(error, InvalidVolume)
+    for error in (InvalidVolume, NoLungsFound, LungsCutOff):
+        assert issubclass(error, InputVolumeError)
+        assert issubclass(error, ValueError)
+    codes = {
+        e.code
+        for e in (
+            InvalidVolume,
+            NotAVolume,
+            NonFiniteVoxels,
+            TooFewSlices,
+            ImplausibleSpacing,
+            NoLungsFound,
+            LungsCutOff,
+        )
+    }
+    assert len(codes) == 7
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_cut_fraction"):
+        LungConfig(max_cut_fraction=1.5)
+    with pytest.raises(ValueError, match="working_spacing_mm"):
+        LungConfig(working_spacing_mm=0)
+    with pytest.raises(ValueError, match="closing_radius_mm"):
+        LungConfig(closing_radius_mm=-1)

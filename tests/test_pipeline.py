@@ -1,0 +1,166 @@
+"""The whole loop in one process: series in -> analysis -> SEG/SR/key images/PDF out to a
+destination; bad series fail with their reason and lose nothing; outputs are never
+re-analysed. A tiny random model stands in for the weights (a fixture, not a result)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from ai.checkpoint import Provenance, preprocess_config_for, save_checkpoint
+from ai.model import ModelConfig, build_model
+from dicomnode.offline import run_offline
+from dicomnode.scu import Peer, send
+from dicomnode.service import Node
+from storage.index import OWN_OUTPUT
+from tests.conftest import free_port, write_ct_series
+
+torch.set_num_threads(1)
+
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ModelConfig.named("tiny", "joint"), seg_prior=0.5)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    save_checkpoint(path, build_model(cfg), preprocess_config_for(cfg),
+                    Provenance.now("random (test fixture)", 0))
+    return path
+
+
+class Collector:
+    """A PACS stand-in: a Storage SCP that keeps every dataset it is sent."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[pydicom.Dataset] = []
+        self._lock = threading.Lock()
+        ae = AE(ae_title="PACS")
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax)
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+
+    def _on_store(self, event: evt.Event) -> int:
+        with self._lock:
+            self.received.append(event.dataset)
+        return 0x0000
+
+    def of_class(self, sop_class: str) -> list[pydicom.Dataset]:
+        with self._lock:
+            return [ds for ds in self.received if ds.SOPClassUID == sop_class]
+
+
+@pytest.fixture
+def pacs() -> Iterator[Collector]:
+    collector = Collector()
+    yield collector
+    collector.server.shutdown()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)
+
+
+def analysing_node(start_node: Callable[..., Node], checkpoint: Path, pacs: Collector,
+                   **extra: dict) -> Node:
+    return start_node(
+        analyse=True,
+        series={"quiet_seconds": 0.5, "release_grace_seconds": 0.2, "min_slices": 8},
+        ai={"checkpoint": str(checkpoint), "device": "cpu", "min_lesion_volume_mm3": 0},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                       "port": pacs.port, "outputs": ["seg", "sr", "key_images", "pdf"]}],
+        **extra,
+    )
+
+
+def _job_rows(node: Node, series_uid: str) -> dict:
+    [row] = [r for r in node.index.series_status() if r["series_instance_uid"] == series_uid]
+    return row
+
+
+def test_series_in_results_out(
+    start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path
+) -> None:
+    node = analysing_node(start_node, tiny_checkpoint, pacs)
+    files = write_ct_series(tmp_path / "ct", slices=24, size=64, seed=4)
+    ct = pydicom.dcmread(files[0])
+    assert send(files, Peer("DICOMNODE", "127.0.0.1", node.scp.port)).sent == len(files)
+    wait_for(lambda: pacs.of_class(COMPREHENSIVE_SR) and pacs.of_class(ENCAPSULATED_PDF))
+    [seg] = pacs.of_class(SEG)
+    [sr] = pacs.of_class(COMPREHENSIVE_SR)
+    assert pacs.of_class(SECONDARY_CAPTURE)
+    for ds in (seg, sr, *pacs.of_class(SECONDARY_CAPTURE), *pacs.of_class(ENCAPSULATED_PDF)):
+        assert ds.StudyInstanceUID == ct.StudyInstanceUID
+        assert ds.SeriesInstanceUID != ct.SeriesInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+            for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence} >= {
+        seg.SOPInstanceUID}
+
+    assert _job_rows(node, ct.SeriesInstanceUID)["state"] == "done"
+    job_id = _job_rows(node, ct.SeriesInstanceUID)["job_id"]
+    result = node.index.result_for_job(job_id)
+    assert result is not None and result.model_name == "DeepSC-COVID tiny"
+    assert set(result.outputs) == {"seg", "sr", "key_images", "pdf"}
+    for uid in (seg.SeriesInstanceUID, sr.SeriesInstanceUID):  # outputs: stored, not analysed
+        row = _job_rows(node, uid)
+        assert (row["state"], row["reason"]) == ("skipped", OWN_OUTPUT)
+    wait_for(lambda: node.index.export_status()[0]["state"] == "done", timeout=10)
+    assert len(pacs.received) == sum(len(v) for v in result.outputs.values())  # once each
+
+
+def test_bad_series_fails_with_its_reason_and_keeps_the_data(
+    start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path
+) -> None:
+    node = analysing_node(start_node, tiny_checkpoint, pacs,
+                          pipeline={"failure_notice": True})
+    files = sorted(write_ct_series(tmp_path / "ct", slices=24, size=64, seed=5),
+                   key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    del files[7]  # a slice lost on the way: the volume has a gap
+    series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    assert send(files, Peer("DICOMNODE", "127.0.0.1", node.scp.port)).sent == len(files)
+    wait_for(lambda: _job_rows(node, series_uid)["state"] == "failed")
+    row = _job_rows(node, series_uid)
+    assert "slices are missing" in row["reason"]
+    assert row["instances"] == len(files)  # nothing received is lost
+    wait_for(lambda: bool(pacs.of_class(COMPREHENSIVE_SR)))  # the failure notice
+    [notice] = pacs.of_class(COMPREHENSIVE_SR)
+    assert "slices are missing" in notice.ContentSequence[0].TextValue
+    assert not pacs.of_class(SEG)
+    # and the node still analyses the next series
+    good = write_ct_series(tmp_path / "good", slices=24, size=64, seed=6)
+    assert send(good, Peer("DICOMNODE", "127.0.0.1", node.scp.port)).sent == len(good)
+    wait_for(lambda: bool(pacs.of_class(SEG)))
+
+
+def test_offline_infer_writes_every_output(tiny_checkpoint: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from dicomnode.config import Settings
+
+    write_ct_series(tmp_path / "in", slices=24, size=64, seed=7)
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM")
+    code = run_offline([tmp_path / "in"], tmp_path / "out", Settings(base_dir=tmp_path),
+                       checkpoint=tiny_checkpoint, device="cpu")
+    assert code == 0
+    [folder] = list((tmp_path / "out").iterdir())
+    names = sorted(p.name for p in folder.iterdir())
+    assert "seg.dcm" in names and "sr.dcm" in names and "pdf.dcm" in names
+    assert any(n.startswith("key_images") for n in names)
+    assert "LVR" in capsys.readouterr().out

@@ -1,0 +1,257 @@
+"""Preprocessing (ai/preprocess.py): HU window, lung masking, eq.-12 slice sampling, and the
+sliding-window patch grid with its exact inverse mapping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ai.errors import ImplausibleSpacing, NonFiniteVoxels, NotAVolume, TooFewSlices
+from ai.preprocess import (
+    PatchBox,
+    PreprocessConfig,
+    SlidingWindow,
+    apply_lung_mask,
+    blend_weights,
+    check_volume,
+    cls_slice_indices,
+    normalise_hu,
+    resize_inplane,
+    sample_cls_slices,
+    window_starts,
+)
+
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- intensities
+
+
+def test_hu_window_maps_to_unit_range() -> None:
+    hu = np.array([-3000.0, -1400.0, -600.0, 0.0, 200.0, 1500.0])
+    expected = np.clip((hu + 1400.0) / 1600.0, 0.0, 1.0)
+    for x in (hu, torch.from_numpy(hu), hu.astype(np.int16)):
+        out = normalise_hu(x)
+        assert out.dtype == torch.float32
+        np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-7)
+    assert normalise_hu(hu)[2].item() == pytest.approx(0.5)
+
+
+def test_lung_masking() -> None:
+    x = torch.rand(4, 8, 8)
+    mask = np.zeros((4, 8, 8), dtype=bool)
+    mask[1:3, 2:6, 2:6] = True
+    out = apply_lung_mask(x, mask)
+    assert torch.equal(out[torch.from_numpy(mask)], x[torch.from_numpy(mask)])
+    assert not out[torch.from_numpy(~mask)].any()
+    with pytest.raises(ValueError, match="lung mask shape"):
+        apply_lung_mask(x, mask[:2])
+
+
+# --------------------------------------------------------------------------- classification
+
+
+@pytest.mark.parametrize("s", [1, 20, 48, 49, 97, 300, 601])
+def test_cls_slice_indices_follow_eq_12(s: int) -> None:
+    idx = cls_slice_indices(s, 48)
+    assert idx.tolist() == [int(np.floor(k * s / 48)) for k in range(48)]
+    assert idx.min() >= 0 and idx.max() < s
+    assert np.all(np.diff(idx) >= 0)
+
+
+def test_cls_slice_indices_errors() -> None:
+    with pytest.raises(ValueError):
+        cls_slice_indices(0, 48)
+    with pytest.raises(ValueError):
+        cls_slice_indices(10, 0)
+
+
+def test_sample_cls_slices_picks_and_resizes() -> None:
+    s = 100
+    vol = np.broadcast_to(np.arange(s, dtype=np.float32)[:, None, None], (s, 64, 80)).copy()
+    out = sample_cls_slices(vol, PreprocessConfig(cls_size=(32, 48)))
+    assert out.shape == (48, 32, 48) and out.dtype == torch.float32
+    # A constant slice stays constant under resizing: each output slice is its source index.
+    np.testing.assert_allclose(out[:, 5, 7].numpy(), cls_slice_indices(s, 48), atol=1e-5)
+
+
+def test_resize_inplane_modes() -> None:
+    x = torch.zeros(2, 8, 8)
+    x[:, :4] = 1.0
+    assert resize_inplane(x, (8, 8)) is x
+    down = resize_inplane(x, (4, 4))  # antialiased: a smooth edge, the mean kept
+    assert down.shape == (2, 4, 4)
+    assert down[:, 0].eq(1).all() and down[:, -1].eq(0).all()
+    assert down.mean().item() == pytest.approx(0.5)
+    labels = resize_inplane(x, (16, 16), mode="nearest")
+    assert set(labels.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="mode"):
+        resize_inplane(x, (4, 4), mode="cubic")
+
+
+# --------------------------------------------------------------------------- patch grid
+
+
+@pytest.mark.parametrize("length", [7, 24, 25, 47, 48, 100, 300])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
+def test_window_starts_cover_with_fewest_windows(length: int, overlap: float) -> None:
+    patch = 24
+    starts = window_starts(length, patch, overlap)
+    covered = np.zeros(length, dtype=int)
+    for s in starts:
+        covered[max(s, 0) : min(s + patch, length)] += 1
+    assert covered.min() >= 1
+    if length < patch:
+        assert starts == [-((patch - length) // 2)]
+        return
+    assert starts[0] == 0 and starts[-1] == length - patch
+    stride = int(np.floor(patch * (1 - overlap)))
+    assert np.all(np.diff(starts) <= stride)
+    # one window fewer could not cover with that stride
+    assert len(starts) == int(np.ceil((length - patch) / stride)) + 1
+
+
+def _round_trip(shape, config: PreprocessConfig) -> tuple[SlidingWindow, torch.Tensor]:
+    window = SlidingWindow(shape, config)
+    grid = torch.rand(window.grid_shape, generator=torch.Generator().manual_seed(0))
+    acc = window.accumulator()
+    for boxes in window.batches(3):
+        acc.add_batch(boxes, window.extract_batch(grid, boxes, pad_value=-5.0))
+    return window, grid, acc
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "linear", "constant"])
+@pytest.mark.parametrize("overlap", [0.0, 0.5])
+@pytest.mark.parametrize("shape", [(37, 70, 90), (12, 40, 40), (24, 32, 64)])
+def test_patches_blend_back_to_the_grid_exactly(shape, overlap: float, blend: str) -> None:
+    """An identity model reproduces its input: every voxel is covered, the padded parts are
+    dropped, and blending weights normalise."""
+    cfg = PreprocessConfig(seg_patch=(16, 32, 32), seg_overlap=overlap, blend=blend, min_slices=8)
+    window, grid, acc = _round_trip(shape, cfg)
+    torch.testing.assert_close(acc.result(), grid, rtol=0, atol=1e-5)
+
+
+def test_boxes_stay_on_the_grid_unless_it_is_smaller() -> None:
+    cfg = PreprocessConfig(seg_patch=(24, 64, 64), min_slices=12)
+    window = SlidingWindow((14, 100, 64), cfg)
+    assert len(window) == 1 * 2 * 1
+    for box in window:
+        assert box.shape == (24, 64, 64)
+        assert box.z0 == -5 and box.z1 == 19  # 14 slices, centred, padded 5 + 5
+        assert box.y0 >= 0 and box.y1 <= 100 and (box.x0, box.x1) == (0, 64)
+        grid_sl, patch_sl = box.inside()
+        assert grid_sl[0] == slice(0, 14) and patch_sl[0] == slice(5, 19)
+
+
+def test_padding_value_and_box_fractions() -> None:
+    cfg = PreprocessConfig(seg_patch=(16, 32, 32), min_slices=8)
+    window = SlidingWindow((10, 32, 32), cfg)
+    (box,) = window.boxes
+    patch = window.extract(torch.ones(window.grid_shape), box, pad_value=-1.0)
+    assert patch.shape == (16, 32, 32)
+    assert (patch[:3] == -1).all() and (patch[3:13] == 1).all() and (patch[13:] == -1).all()
+    assert box.fractions() == pytest.approx((-0.3, 1.3, 0.0, 1.0, 0.0, 1.0))
+    assert box.to_dict()["grid_shape"] == [10, 32, 32]
+
+
+def test_default_paper_geometry_on_a_512_scan() -> None:
+    window = SlidingWindow((300, 512, 512))
+    assert window.grid_shape == (300, 512, 512)
+    assert {b.shape for b in window} == {(24, 256, 256)}
+    assert len(window) == 13 * 2 * 2  # 2 x 2 tiles in-plane (paper), 13 windows along z
+
+
+def test_downscaled_segmentation_grid_and_inverse_mapping() -> None:
+    cfg = PreprocessConfig(seg_patch=(24, 64, 64), seg_inplane_size=(64, 64), min_slices=12)
+    window = SlidingWindow((30, 128, 96), cfg)
+    assert window.grid_shape == (30, 64, 64)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 128), torch.linspace(0, 1, 96), indexing="ij")
+    smooth = (yy + 2 * xx).expand(30, 128, 96)
+    grid = window.to_grid(smooth)
+    assert grid.shape == (30, 64, 64)
+    acc = window.accumulator(channels=2)
+    for box in window:
+        patch = window.extract(grid, box)
+        acc.add(box, torch.stack([patch, 1 - patch]))
+    native = acc.result_native()
+    assert native.shape == (2, 30, 128, 96)
+    assert (native[0] - smooth).abs().max() < 0.05
+    labels = window.to_native((grid > 1.5).float(), mode="nearest")
+    assert labels.shape == (30, 128, 96)
+    with pytest.raises(ValueError, match="segmentation grid"):
+        window.to_native(smooth)
+
+
+def test_box_around_contains_the_voxel() -> None:
+    cfg = PreprocessConfig(seg_patch=(24, 64, 64), min_slices=12)
+    window = SlidingWindow((40, 100, 120), cfg)
+    for z, y, x in [(0, 0, 0), (39, 99, 119), (20, 50, 60), (5, 95, 3)]:
+        box = window.box_around(z, y, x)
+        assert box.z0 <= z < box.z1 and box.y0 <= y < box.y1 and box.x0 <= x < box.x1
+        assert box.z0 >= 0 and box.z1 <= 40 and box.x0 >= 0 and box.x1 <= 120
+
+
+def test_accumulator_checks_shapes() -> None:
+    window = SlidingWindow((24, 64, 64), PreprocessConfig(seg_patch=(24, 64, 64)))
+    acc = window.accumulator()
+    with pytest.raises(ValueError, match="patch output shape"):
+        acc.add(window.boxes[0], torch.zeros(24, 32, 32))
+
+
+def test_blend_weights() -> None:
+    for mode in ("gaussian", "linear", "constant"):
+        w = blend_weights((8, 16, 16), mode)
+        assert w.shape == (8, 16, 16)
+        assert w.max() == pytest.approx(1.0) and w.min() > 0
+        assert torch.equal(w, w.flip(0)) and torch.equal(w, w.flip(2))
+    with pytest.raises(ValueError):
+        blend_weights((4, 4, 4), "cosine")
+
+
+def test_patch_box_is_plain_data() -> None:
+    box = PatchBox(0, 24, -8, 248, 0, 256, (30, 240, 256))
+    assert box.shape == (24, 256, 256)
+    grid_sl, patch_sl = box.inside()
+    assert grid_sl[1] == slice(0, 240) and patch_sl[1] == slice(8, 248)
+
+
+# --------------------------------------------------------------------------- config and input
+
+
+def test_config_round_trip_and_validation() -> None:
+    cfg = PreprocessConfig(seg_inplane_size=(256, 256), seg_patch=(24, 128, 128), blend="linear")
+    assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["seg_patch"] == [24, 128, 128]
+    with pytest.raises(ValueError, match="unknown preprocessing config keys: colour"):
+        PreprocessConfig.from_dict({"colour": 1})
+    for bad in (
+        {"hu_window": (200.0, -1400.0)},
+        {"seg_overlap": 1.0},
+        {"blend": "max"},
+        {"seg_patch": (24, 0, 256)},
+        {"n_cls_slices": 0},
+        {"min_slices": 0},
+    ):
+        with pytest.raises(ValueError):
+            PreprocessConfig(**bad)
+
+
+def test_check_volume() -> None:
+    vol = np.zeros((20, 64, 64), dtype=np.float32)
+    assert check_volume(vol, (2, 0.7, 0.7)) == (2.0, 0.7, 0.7)
+    assert check_volume(vol.astype(np.int16), [2, 0.7, 0.7]) == (2.0, 0.7, 0.7)
+    with pytest.raises(NotAVolume, match="3D"):
+        check_volume(vol[0], (2, 0.7, 0.7))
+    with pytest.raises(NotAVolume, match="in-plane size"):
+        check_volume(vol[:, :16], (2, 0.7, 0.7))
+    with pytest.raises(NotAVolume, match="three numbers"):
+        check_volume(vol, "2 mm")
+    with pytest.raises(ImplausibleSpacing, match="row \\(dy\\) spacing 0 mm"):
+        check_volume(vol, (2, 0, 0.7))
+    with pytest.raises(TooFewSlices, match="volume has 5 slices; at least 12"):
+        check_volume(vol[:5], (2, 0.7, 0.7))
+    bad = torch.from_numpy(vol.copy())
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(NonFiniteVoxels, match="1 NaN/infinite voxels"):
+        check_volume(bad, (2, 0.7, 0.7))

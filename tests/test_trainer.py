@@ -1,0 +1,171 @@
+"""Two-stage training and evaluation on tiny phantoms with the tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ai.checkpoint import load_checkpoint, preprocess_config_for
+from ai.model import ModelConfig, build_model
+from training.datasets import Augmentation, TrainingSamples, open_data
+from training.losses import LossConfig
+from training.trainer import (
+    Batch,
+    TrainConfig,
+    Trainer,
+    TrainStep,
+    _collate,
+    add_evaluate_arguments,
+    add_train_arguments,
+    run_evaluate_command,
+    run_train_command,
+    scan_contexts,
+)
+
+torch.set_num_threads(1)
+
+TRAIN = "phantoms:covid=2,cap=1,normal=1,seed=500,size=64,slices=24"
+HELD_OUT = "phantoms:covid=1,cap=1,normal=1,seed=9000,size=64,slices=24"
+TIMING = ("seconds", "data_seconds", "scans_per_second")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Phantoms generated once for the whole module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _config(out: Path, cache: Path, **overrides: object) -> TrainConfig:
+    settings: dict[str, object] = dict(
+        data=[TRAIN], out=out, size="tiny", epochs1=2, epochs2=2, workers=0,
+        val_fraction=0.0, patience=0, cache_dir=cache, device="cpu",
+    )  # fmt: skip
+    settings.update(overrides)
+    return TrainConfig(**settings)  # type: ignore[arg-type]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(handle)]
+
+
+def _batch(cache: Path, stage: int, index: int = 0) -> tuple[Batch, ModelConfig]:
+    cfg = ModelConfig.named("tiny")
+    samples = TrainingSamples(
+        open_data([TRAIN], cache), preprocess_config_for(cfg), cfg.cls_input, seed=1,
+        augmentation=Augmentation.off(), with_grid=stage == 2,
+    )  # fmt: skip
+    return Batch.from_samples(_collate([samples[(0, index)]]), torch.device("cpu")), cfg
+
+
+def test_loss_decreases_when_fitting_a_scan(cache: Path) -> None:
+    batch, cfg = _batch(cache, stage=1)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    step = TrainStep(model, 1, LossConfig(), torch.ones(3))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        terms = step(batch)
+        optimiser.zero_grad()
+        terms.total.backward()
+        optimiser.step()
+        losses.append(float(terms.total.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_stage_two_gradients_reach_every_subnet_and_the_cross_stitch(cache: Path) -> None:
+    batch, cfg = _batch(cache, stage=2)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    context = scan_contexts(model, batch, preprocess_config_for(cfg), window_batch=4)
+    terms = TrainStep(model, 2, LossConfig(), torch.ones(3))(batch, context)
+    assert terms.ta is not None and float(terms.ta.detach()) > 0
+    terms.total.backward()
+    for name in ("stem_l", "stem_c", "lesion", "classifier"):
+        grads = [p.grad for p in getattr(model, name).parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, name
+    assert model.cross_stitch is not None
+    stitch = model.cross_stitch.weight.grad
+    assert stitch is not None and bool((stitch != 0).all())  # all four of a11..a22
+
+
+def test_resume_continues_exactly(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = dict(val_data=[HELD_OUT], epochs1=2, epochs2=2)
+    whole = Trainer(_config(tmp_path / "whole", cache, **settings), *_sources(cache)).run()
+
+    original = Trainer._end_epoch
+    calls = {"n": 0}
+
+    def interrupted(self: Trainer, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        calls["n"] += 1
+        if calls["n"] in (1, 3):  # mid stage 1, then mid stage 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_end_epoch", interrupted)
+    out = tmp_path / "parts"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_config(out, cache, **settings), *_sources(cache)).run()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_config(out, cache, resume=True, **settings), *_sources(cache)).run()
+    parts = Trainer(_config(out, cache, resume=True, **settings), *_sources(cache)).run()
+
+    assert _rows(out / "metrics.csv") == _rows(tmp_path / "whole" / "metrics.csv")
+    assert len(_rows(out / "metrics.csv")) == 4
+    a, b = load_checkpoint(whole).model.state_dict(), load_checkpoint(parts).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _sources(cache: Path) -> tuple[object, object]:
+    return open_data([TRAIN], cache), open_data([HELD_OUT], cache)
+
+
+def test_train_and_evaluate_commands_end_to_end(tmp_path: Path, cache: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    out = tmp_path / "run"
+    args = parser.parse_args(
+        ["--data", TRAIN, "--val-data", HELD_OUT, "--out", str(out), "--size", "tiny",
+         "--epochs", "1", "--workers", "1", "--device", "cpu", "--cache-dir", str(cache)]
+    )  # fmt: skip
+    assert run_train_command(args) == 0
+    for name in ("model.pt", "stage1.pt", "stage2.pt", "last.pt", "metrics.csv"):
+        assert (out / name).is_file(), name
+    rows = _rows(out / "metrics.csv")
+    assert [r["stage"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["train_ta"]) > 0 and rows[0]["train_ta"] == "nan"
+    ckpt = load_checkpoint(out / "model.pt")
+    assert ckpt.provenance.data == TRAIN and ckpt.metrics["stage"] == 2
+    assert json.loads((out / "train_config.json").read_text())["size"] == "tiny"
+
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    report = tmp_path / "eval"
+    args = parser.parse_args(
+        ["--checkpoint", str(out / "model.pt"), "--data", HELD_OUT, "--out", str(report),
+         "--device", "cpu", "--workers", "0", "--cache-dir", str(cache)]
+    )  # fmt: skip
+    assert run_evaluate_command(args) == 0
+    result = json.loads((report / "evaluation.json").read_text())
+    summary = result["summary"]
+    assert summary["n_scans"] == 3
+    assert summary["classification"]["n"] == 3
+    assert summary["lvr_abs_error_points"]["n"] == 3
+    assert (report / "evaluation.png").stat().st_size > 10_000
+    assert "DSC" in (report / "evaluation.txt").read_text()
+
+
+def test_bad_data_is_a_clean_error(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--data", "phantoms:flu=3", "--out", str(tmp_path)])
+    assert run_train_command(args) == 2

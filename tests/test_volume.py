@@ -1,0 +1,129 @@
+"""volume.py: a CT series becomes an exact HU volume, or is rejected with a named reason."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import RLELossless, generate_uid
+
+from dicomnode.volume import SeriesRejected, read_series
+from training.phantoms import Phantom, generate_phantom, write_dicom_series
+
+
+@pytest.fixture(scope="module")
+def phantom() -> Phantom:
+    return generate_phantom("cap", 5, slices=10, size=64)
+
+
+@pytest.fixture
+def series(tmp_path: Path, phantom: Phantom) -> list[Path]:
+    return sorted(write_dicom_series(phantom, tmp_path / "ct"))
+
+
+def _edit(path: Path, change: Callable[[pydicom.Dataset], None], out: Path | None = None) -> Path:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    target = out or path
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_volume_is_exact_and_ordered_along_the_normal(series: list[Path], phantom: Phantom) -> None:
+    shuffled = list(series)
+    random.Random(0).shuffle(shuffled)
+    volume = read_series(shuffled)
+    positions = [float(ds.ImagePositionPatient[2]) for ds in volume.datasets]
+    assert positions == sorted(positions)
+    # The writer may stack head-first or feet-first; either way z ascends along the normal.
+    assert (np.array_equal(volume.hu, phantom.volume_hu.astype(np.float32))
+            or np.array_equal(volume.hu, phantom.volume_hu[::-1].astype(np.float32)))
+    assert volume.spacing_mm == pytest.approx(phantom.spacing_mm)
+    assert all("PixelData" not in ds for ds in volume.datasets)
+
+
+def test_compressed_series_decodes_to_the_same_volume(series: list[Path]) -> None:
+    reference = read_series(series)
+    for path in series:
+        _edit(path, lambda ds: ds.compress(RLELossless))
+    assert np.array_equal(read_series(series).hu, reference.hu)
+
+
+def test_pixel_padding_becomes_air(series: list[Path]) -> None:
+    def pad_corner(ds: pydicom.Dataset) -> None:
+        pixels = ds.pixel_array.copy()
+        pixels[0, 0] = 0
+        ds.add_new(0x00280120, "SS" if ds.PixelRepresentation else "US", 0)  # PixelPaddingValue
+        ds.PixelData = pixels.tobytes()
+
+    _edit(series[0], pad_corner)
+    volume = read_series(series)
+    z = [ds.SOPInstanceUID for ds in volume.datasets].index(
+        pydicom.dcmread(series[0]).SOPInstanceUID)
+    assert volume.hu[z, 0, 0] == -1024.0
+
+
+def _shift(dx: float = 0.0, dz: float = 0.0) -> Callable[[pydicom.Dataset], None]:
+    def change(ds: pydicom.Dataset) -> None:
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x + dx, y, z + dz]
+    return change
+
+
+def test_missing_slice_is_a_gap(series: list[Path]) -> None:
+    by_z = sorted(series, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    by_z[4].unlink()
+    with pytest.raises(SeriesRejected, match="gap of .* slices are missing"):
+        read_series(by_z[:4] + by_z[5:])
+
+
+def test_duplicate_position_is_rejected(series: list[Path], tmp_path: Path) -> None:
+    extra = _edit(series[3], lambda ds: setattr(ds, "SOPInstanceUID", generate_uid()),
+                  out=tmp_path / "dup.dcm")
+    with pytest.raises(SeriesRejected, match="duplicate slice position"):
+        read_series([*series, extra])
+
+
+def test_varying_spacing_is_rejected(series: list[Path], phantom: Phantom) -> None:
+    by_z = sorted(series, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    _edit(by_z[5], _shift(dz=0.3 * phantom.spacing_mm[0]))
+    with pytest.raises(SeriesRejected, match="slice spacing varies"):
+        read_series(series)
+
+
+def test_gantry_tilt_is_rejected(series: list[Path], phantom: Phantom) -> None:
+    by_z = sorted(series, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    for i, path in enumerate(by_z):
+        _edit(path, _shift(dx=0.2 * i * phantom.spacing_mm[0]))
+    with pytest.raises(SeriesRejected, match="gantry tilt of"):
+        read_series(series)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 0.8, -0.6]),
+         "mixed slice orientations"),
+        (lambda ds: delattr(ds, "PixelData"), "has no pixel data"),
+        (lambda ds: setattr(ds, "Columns", 32), "Columns differs"),
+        (lambda ds: setattr(ds, "NumberOfFrames", 2), "multi-frame"),
+        (lambda ds: setattr(ds, "PixelSpacing", [0.5, 0.5]), "PixelSpacing differs"),
+        (lambda ds: delattr(ds, "ImagePositionPatient"), "lacks ImagePositionPatient"),
+    ],
+    ids=["orientation", "no-pixels", "columns", "multiframe", "pixel-spacing", "no-position"],
+)
+def test_inconsistent_slice_is_rejected_by_name(
+    series: list[Path], change: Callable[[pydicom.Dataset], None], reason: str
+) -> None:
+    _edit(series[2], change)
+    with pytest.raises(SeriesRejected, match=reason):
+        read_series(series)
+
+
+def test_too_few_slices(series: list[Path]) -> None:
+    with pytest.raises(SeriesRejected, match="at least 40 are needed"):
+        read_series(series, min_slices=40)

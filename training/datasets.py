@@ -1,0 +1,1003 @@
+"""Training and evaluation cases from the places a radiology team keeps them.
+
+Four sources, all yielding :class:`Case` (HU volume, spacing, lesion mask, lung mask or
+None, label or None):
+
+- ``phantoms:covid=40,cap=40,normal=40,seed=1000,size=128,slices=64``: synthetic chest CT
+  (training/phantoms.py) generated on demand, case i with seed ``seed + i``;
+- ``nifti:/path/labels.csv``: NIfTI image and lesion mask pairs listed in a CSV (the
+  layout of public COVID CT sets once converted);
+- ``dicom:/path``: CT series with a DICOM SEG ground truth that references them;
+- ``index:/data_dir``: the node's own store, where a SEG sent back by a radiologist
+  (a manual or semi-automatic segmentation referencing a CT series) makes a case.
+
+Sources load lazily (``source[i]``) and are picklable, so DataLoader workers do the
+loading. Missing lung masks are computed with ``ai.lungs`` and cached by content hash
+(:class:`LungMaskCache`), because the classical segmenter costs seconds per scan and
+every epoch needs the mask again; generated phantoms are cached the same way.
+
+:class:`TrainingSamples` turns a case into one training step's inputs: augmented, then
+preprocessed as ``ai.infer`` does (bit for bit when the scan's in-plane size is the
+model's segmentation grid and augmentation is off), with a lesion-biased patch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ai.labels import Diagnosis
+from ai.model import paste_from_box
+from ai.preprocess import (
+    PatchBox,
+    PreprocessConfig,
+    SlidingWindow,
+    apply_lung_mask,
+    normalise_hu,
+    resize_inplane,
+    sample_cls_slices,
+)
+from training.losses import UNKNOWN_LABEL
+
+logger = logging.getLogger(__name__)
+
+Spacing = tuple[float, float, float]
+
+LABEL_NAMES: dict[str, Diagnosis] = {
+    "0": Diagnosis.COVID19,
+    "covid": Diagnosis.COVID19,
+    "covid19": Diagnosis.COVID19,
+    "covid-19": Diagnosis.COVID19,
+    "1": Diagnosis.CAP,
+    "cap": Diagnosis.CAP,
+    "pneumonia": Diagnosis.CAP,
+    "2": Diagnosis.NON_PNEUMONIA,
+    "normal": Diagnosis.NON_PNEUMONIA,
+    "non-pneumonia": Diagnosis.NON_PNEUMONIA,
+    "nonpneumonia": Diagnosis.NON_PNEUMONIA,
+    "none": Diagnosis.NON_PNEUMONIA,
+}
+"""Spellings accepted in label CSVs (case-insensitive); an empty cell is 'unknown'."""
+
+PHANTOM_KINDS: dict[str, Diagnosis] = {
+    "covid": Diagnosis.COVID19,
+    "cap": Diagnosis.CAP,
+    "normal": Diagnosis.NON_PNEUMONIA,
+}
+"""Phantom kinds of training/phantoms.py and the label each one carries."""
+
+LUNG_CODES = frozenset({"39607008", "3341006", "44029006"})
+"""SNOMED CT Lung, Right lung, Left lung: SEG segments that are lung, not lesion."""
+ANATOMY_CATEGORIES = frozenset({"91723000", "123037004"})
+"""SNOMED CT 'Anatomical Structure' (current and retired code)."""
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+class DatasetError(ValueError):
+    """A data specification or a case on disk that cannot be used, with the reason."""
+
+
+@dataclass
+class Case:
+    """One scan with its ground truth; arrays are (z, y, x), spacing (dz, dy, dx) in mm."""
+
+    case_id: str
+    volume_hu: np.ndarray
+    spacing_mm: Spacing
+    lesion_mask: np.ndarray
+    lung_mask: np.ndarray | None = None
+    label: Diagnosis | None = None
+
+    def __post_init__(self) -> None:
+        shape = self.volume_hu.shape
+        if self.volume_hu.ndim != 3:
+            raise DatasetError(f"{self.case_id}: volume must be 3D (z, y, x), got {shape}")
+        for name in ("lesion_mask", "lung_mask"):
+            mask = getattr(self, name)
+            if mask is not None and mask.shape != shape:
+                raise DatasetError(f"{self.case_id}: {name} {mask.shape} != volume {shape}")
+        self.spacing_mm = tuple(float(s) for s in self.spacing_mm)  # type: ignore[assignment]
+        self.lesion_mask = np.asarray(self.lesion_mask, dtype=bool)
+        if self.lung_mask is not None:
+            self.lung_mask = np.asarray(self.lung_mask, dtype=bool)
+
+
+class CaseSource(Protocol):
+    """A lazily loaded, picklable sequence of cases whose labels are known up front."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Case: ...
+
+    def labels(self) -> list[Diagnosis | None]:
+        """Labels without loading volumes (class weights, stratified splits)."""
+        ...
+
+    def case_ids(self) -> list[str]: ...
+
+
+def parse_label(text: str, where: str) -> Diagnosis | None:
+    """A label cell: a name of :data:`LABEL_NAMES` or empty (unknown)."""
+    key = text.strip().lower().replace("_", "-").replace(" ", "-")
+    if not key:
+        return None
+    if key not in LABEL_NAMES:
+        raise DatasetError(f"{where}: unknown label {text!r}; use one of {sorted(LABEL_NAMES)}")
+    return LABEL_NAMES[key]
+
+
+# --------------------------------------------------------------------- lung masks
+
+
+def _module_hash(module: Any) -> str:
+    """Short hash of a module's source: cache entries die when the algorithm changes."""
+    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:12]
+
+
+def _pack(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(mask.reshape(-1))
+
+
+def _unpack(packed: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    return np.unpackbits(packed, count=math.prod(shape)).astype(bool).reshape(tuple(shape))
+
+
+class LungMaskCache:
+    """``ai.lungs.segment_lungs`` memoised on disk, keyed by the volume's content hash."""
+
+    def __init__(self, cache_dir: str | Path | None) -> None:
+        self.cache_dir = None if cache_dir is None else Path(cache_dir) / "lungs"
+
+    def __call__(self, volume_hu: np.ndarray, spacing_mm: Spacing) -> np.ndarray:
+        import ai.lungs
+
+        if self.cache_dir is None:
+            return self._segment(volume_hu, spacing_mm)
+        digest = hashlib.sha256()
+        digest.update(np.ascontiguousarray(volume_hu).tobytes())
+        digest.update(repr((volume_hu.shape, str(volume_hu.dtype), tuple(spacing_mm))).encode())
+        digest.update(_module_hash(ai.lungs).encode())
+        path = self.cache_dir / f"{digest.hexdigest()[:32]}.npz"
+        if path.exists():
+            with np.load(path) as data:
+                return _unpack(data["lung"], volume_hu.shape)
+        mask = self._segment(volume_hu, spacing_mm)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, lung=_pack(mask))
+        os.replace(tmp, path)  # atomic: concurrent workers never read half a file
+        return mask
+
+    @staticmethod
+    def _segment(volume_hu: np.ndarray, spacing_mm: Spacing) -> np.ndarray:
+        from ai.lungs import segment_lungs
+
+        return np.asarray(segment_lungs(volume_hu, spacing_mm), dtype=bool)
+
+
+@dataclass
+class WithLungMasks:
+    """A source whose cases always carry a lung mask (computed and cached when missing)."""
+
+    source: CaseSource
+    cache: LungMaskCache
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Case:
+        case = self.source[index]
+        if case.lung_mask is None:
+            case.lung_mask = self.cache(case.volume_hu, case.spacing_mm)
+        return case
+
+    def labels(self) -> list[Diagnosis | None]:
+        return self.source.labels()
+
+    def case_ids(self) -> list[str]:
+        return self.source.case_ids()
+
+
+# ----------------------------------------------------------------- combinators
+
+
+@dataclass
+class Subset:
+    """The cases of ``source`` at ``indices`` (train/validation splits, folds)."""
+
+    source: CaseSource
+    indices: list[int]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Case:
+        return self.source[self.indices[index]]
+
+    def labels(self) -> list[Diagnosis | None]:
+        labels = self.source.labels()
+        return [labels[i] for i in self.indices]
+
+    def case_ids(self) -> list[str]:
+        ids = self.source.case_ids()
+        return [ids[i] for i in self.indices]
+
+
+@dataclass
+class Concat:
+    """Several sources as one (``--data`` given more than once)."""
+
+    sources: list[CaseSource]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def __getitem__(self, index: int) -> Case:
+        if index < 0:
+            index += len(self)
+        for source in self.sources:
+            if index < len(source):
+                return source[index]
+            index -= len(source)
+        raise IndexError(index)
+
+    def labels(self) -> list[Diagnosis | None]:
+        return [label for s in self.sources for label in s.labels()]
+
+    def case_ids(self) -> list[str]:
+        return [i for s in self.sources for i in s.case_ids()]
+
+
+def _strata(labels: Sequence[Diagnosis | None]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(-1 if label is None else int(label), []).append(i)
+    return groups
+
+
+def kfold_indices(
+    labels: Sequence[Diagnosis | None], folds: int, fold: int, seed: int
+) -> tuple[list[int], list[int]]:
+    """(train, validation) indices of fold ``fold`` of ``folds``, stratified by label.
+
+    Each class is shuffled with ``seed`` and dealt round-robin to the folds, so every
+    fold keeps the class mix and the split is the same on every run and rank.
+    """
+    if folds < 2 or not 0 <= fold < folds:
+        raise DatasetError(f"fold {fold} of {folds}: need folds >= 2 and 0 <= fold < folds")
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for _, members in sorted(_strata(labels).items()):
+        order = rng.permutation(members)
+        assignment[order] = (np.arange(len(order)) + offset) % folds
+        offset += len(order)
+    val = [i for i in range(len(labels)) if assignment[i] == fold]
+    train = [i for i in range(len(labels)) if assignment[i] != fold]
+    return train, val
+
+
+def split_indices(
+    labels: Sequence[Diagnosis | None], val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """(train, validation) indices with about ``val_fraction`` of each class held out."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"validation fraction {val_fraction} must be in (0, 1)")
+    rng = np.random.default_rng(seed)
+    val: list[int] = []
+    for _, members in sorted(_strata(labels).items()):
+        n_val = round(len(members) * val_fraction)
+        val.extend(int(i) for i in rng.permutation(members)[:n_val])
+    held = set(val)
+    return [i for i in range(len(labels)) if i not in held], sorted(val)
+
+
+# -------------------------------------------------------------------- phantoms
+
+
+@dataclass
+class PhantomSource:
+    """Phantoms generated on demand: ``items`` are (kind, seed) pairs.
+
+    Generation is deterministic per seed. With a ``cache_dir`` each case is stored
+    after its first generation (uncompressed volume, bit-packed masks; keyed by the
+    settings and the generator's source), so later epochs read it back in milliseconds
+    instead of generating it again.
+    """
+
+    items: list[tuple[str, int]]
+    size: int = 512
+    slices: int | None = None
+    slice_thickness_mm: float | None = None
+    pixel_spacing_mm: float | None = None
+    cache_dir: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Case:
+        kind, seed = self.items[index]
+        path = self._cache_path(kind, seed)
+        if path is not None and path.exists():
+            with np.load(path) as data:
+                shape = tuple(int(n) for n in data["volume_hu"].shape)
+                return Case(
+                    case_id=self.case_ids()[index],
+                    volume_hu=data["volume_hu"],
+                    spacing_mm=tuple(float(v) for v in data["spacing_mm"]),  # type: ignore[arg-type]
+                    lesion_mask=_unpack(data["lesion"], shape),
+                    lung_mask=_unpack(data["lung"], shape),
+                    label=PHANTOM_KINDS[kind],
+                )
+        case = self._generate(index)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+            assert case.lung_mask is not None
+            np.savez(
+                tmp,
+                volume_hu=case.volume_hu,
+                spacing_mm=np.asarray(case.spacing_mm),
+                lesion=_pack(case.lesion_mask),
+                lung=_pack(case.lung_mask),
+            )
+            os.replace(tmp, path)
+        return case
+
+    def _cache_path(self, kind: str, seed: int) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        import training.phantoms
+
+        settings = (kind, seed, self.size, self.slices, self.slice_thickness_mm,
+                    self.pixel_spacing_mm, _module_hash(training.phantoms))  # fmt: skip
+        key = hashlib.sha256(repr(settings).encode()).hexdigest()[:24]
+        return Path(self.cache_dir) / "phantoms" / f"{kind}-{seed}-{key}.npz"
+
+    def _generate(self, index: int) -> Case:
+        from training.phantoms import affine_ras, generate_phantom
+
+        kind, seed = self.items[index]
+        phantom = generate_phantom(
+            kind,
+            seed,
+            slices=self.slices,
+            size=self.size,
+            slice_thickness_mm=self.slice_thickness_mm,
+            pixel_spacing_mm=self.pixel_spacing_mm,
+        )
+        # The node sees volumes with z ascending along the slice normal (inferior to
+        # superior for axial scans, as dicomnode/volume.py and the NIfTI reader deliver):
+        # train on phantoms in that order, whatever order the generator draws them in.
+        z = slice(None, None, -1) if affine_ras(phantom)[2, 2] < 0 else slice(None)
+        return Case(
+            case_id=self.case_ids()[index],
+            volume_hu=np.ascontiguousarray(phantom.volume_hu[z]),
+            spacing_mm=tuple(phantom.spacing_mm),  # type: ignore[arg-type]
+            lesion_mask=np.ascontiguousarray(phantom.lesion_mask[z]),
+            lung_mask=np.ascontiguousarray(phantom.lung_mask[z]),
+            label=Diagnosis(phantom.label),
+        )
+
+    def labels(self) -> list[Diagnosis | None]:
+        return [PHANTOM_KINDS[kind] for kind, _ in self.items]
+
+    def case_ids(self) -> list[str]:
+        return [f"phantom-{kind}-{seed}" for kind, seed in self.items]
+
+
+def _phantom_source(options: Mapping[str, str], cache_dir: Path | None) -> PhantomSource:
+    known = set(PHANTOM_KINDS) | {"seed", "size", "slices", "thickness", "spacing", "cache"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise DatasetError(f"phantoms: unknown option(s) {unknown}; known: {sorted(known)}")
+    try:
+        counts = {k: int(options[k]) for k in PHANTOM_KINDS if k in options}
+        seed = int(options.get("seed", "0"))
+        size = int(options.get("size", "512"))
+        slices = int(options["slices"]) if "slices" in options else None
+        thickness = float(options["thickness"]) if "thickness" in options else None
+        spacing = float(options["spacing"]) if "spacing" in options else None
+    except ValueError as exc:
+        raise DatasetError(f"phantoms: {exc}") from exc
+    if not counts or sum(counts.values()) < 1 or min(counts.values()) < 0:
+        raise DatasetError(f"phantoms: give a count for at least one of {sorted(PHANTOM_KINDS)}")
+    items: list[tuple[str, int]] = []
+    for kind in PHANTOM_KINDS:  # fixed kind order: seeds do not depend on option order
+        for _ in range(counts.get(kind, 0)):
+            items.append((kind, seed + len(items)))
+    if options.get("cache", "yes").lower() in ("no", "0", "false", "off"):
+        cache_dir = None
+    return PhantomSource(items, size, slices, thickness, spacing, cache_dir)
+
+
+# ----------------------------------------------------------------------- NIfTI
+
+
+def _nifti_zyx(path: Path) -> tuple[np.ndarray, Spacing]:
+    """A NIfTI image as a (z, y, x) array in the DICOM patient frame, and its spacing.
+
+    Reoriented to RAS+ first, then axes reversed and x, y flipped: columns run to the
+    patient's left, rows to posterior, slices to superior, as the DICOM loader sorts them.
+    """
+    import nibabel as nib
+
+    image = nib.as_closest_canonical(nib.load(str(path)))
+    data = np.asarray(image.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DatasetError(f"{path}: expected a 3D image, got shape {data.shape}")
+    zooms = image.header.get_zooms()[:3]
+    volume = np.transpose(data, (2, 1, 0))[:, ::-1, ::-1]
+    return np.ascontiguousarray(volume), (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+
+
+def _to_int16(volume: np.ndarray) -> np.ndarray:
+    if volume.dtype == np.int16:
+        return volume
+    return np.clip(np.rint(volume), -32768, 32767).astype(np.int16)
+
+
+@dataclass
+class NiftiSource:
+    """Cases listed in a CSV: ``case_id,label,image,lesion_mask[,lung_mask]``.
+
+    Paths are relative to the CSV's folder unless absolute; ``label`` may be empty
+    (segmentation-only case), ``lung_mask`` empty or absent (computed).
+    """
+
+    rows: list[dict[str, str]]
+    root: Path
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> NiftiSource:
+        path = Path(path)
+        try:
+            with path.open(newline="") as handle:
+                rows = [
+                    {k.strip(): (v or "").strip() for k, v in row.items() if k}
+                    for row in csv.DictReader(handle)
+                ]
+        except OSError as exc:
+            raise DatasetError(f"nifti: cannot read {path}: {exc}") from exc
+        required = ("case_id", "label", "image", "lesion_mask")
+        for number, row in enumerate(rows, start=2):
+            missing = [k for k in required if k not in row or (k != "label" and not row[k])]
+            if missing:
+                raise DatasetError(f"{path}:{number}: missing {missing}")
+            parse_label(row["label"], f"{path}:{number}")
+        if not rows:
+            raise DatasetError(f"{path}: no cases")
+        return cls(rows, path.parent)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _path(self, text: str) -> Path:
+        path = Path(text)
+        return path if path.is_absolute() else self.root / path
+
+    def __getitem__(self, index: int) -> Case:
+        row = self.rows[index]
+        volume, spacing = _nifti_zyx(self._path(row["image"]))
+        lesion, _ = _nifti_zyx(self._path(row["lesion_mask"]))
+        lung = None
+        if row.get("lung_mask"):
+            lung = _nifti_zyx(self._path(row["lung_mask"]))[0] > 0
+        label = parse_label(row["label"], row["case_id"])
+        return Case(row["case_id"], _to_int16(volume), spacing, lesion > 0, lung, label)
+
+    def labels(self) -> list[Diagnosis | None]:
+        return [parse_label(r["label"], r["case_id"]) for r in self.rows]
+
+    def case_ids(self) -> list[str]:
+        return [r["case_id"] for r in self.rows]
+
+
+# ----------------------------------------------------------------------- DICOM
+
+
+def load_ct_series(paths: Iterable[str | Path]) -> tuple[np.ndarray, Spacing, list[str]]:
+    """CT files -> (HU volume int16 (z, y, x), spacing, SOPInstanceUIDs in slice order).
+
+    Slices are sorted along the slice normal; spacing between slices comes from the
+    positions (not SliceThickness) and must be uniform within 1 % (or 0.05 mm).
+    """
+    import pydicom
+
+    datasets = [pydicom.dcmread(str(p)) for p in paths]
+    if not datasets:
+        raise DatasetError("CT series without instances")
+    first = datasets[0]
+    orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = [float(np.dot(normal, np.asarray(d.ImagePositionPatient, float))) for d in datasets]
+    order = np.argsort(positions, kind="stable")
+    steps = np.diff(np.asarray(positions)[order])
+    series = first.get("SeriesInstanceUID", "?")
+    if len(datasets) > 1:
+        dz = float(np.median(steps))
+        if dz <= 0 or np.max(np.abs(steps - dz)) > max(0.01 * dz, 0.05):
+            raise DatasetError(
+                f"series {series}: slice spacing varies {steps.min():.3g}-{steps.max():.3g} mm"
+            )
+    else:
+        dz = float(first.get("SliceThickness", 1.0))
+    slices = []
+    for i in order:
+        d = datasets[i]
+        slope, intercept = float(d.get("RescaleSlope", 1)), float(d.get("RescaleIntercept", 0))
+        slices.append(d.pixel_array.astype(np.float32) * slope + intercept)
+    dy, dx = (float(v) for v in first.PixelSpacing)
+    uids = [str(datasets[i].SOPInstanceUID) for i in order]
+    return _to_int16(np.stack(slices)), (dz, dy, dx), uids
+
+
+def _segment_kinds(seg: Any) -> tuple[list[int], list[int]]:
+    """(lesion segment numbers, lung segment numbers) of a SEG.
+
+    Lung: property type Lung / Right lung / Left lung. Lesion: every segment that is not
+    an anatomical structure (lesions, infiltrates, ground glass, consolidation ...).
+    """
+    lesion, lung = [], []
+    for number in seg.segment_numbers:
+        description = seg.get_segment_description(number)
+        if str(description.segmented_property_type.value) in LUNG_CODES:
+            lung.append(number)
+        elif str(description.segmented_property_category.value) not in ANATOMY_CATEGORIES:
+            lesion.append(number)
+    return lesion, lung
+
+
+def _union(seg: Any, uids: Sequence[str], numbers: Sequence[int]) -> np.ndarray:
+    """OR of the given segments on the CT's slices, one segment at a time (bounded memory)."""
+    out: np.ndarray | None = None
+    for number in numbers:
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(uids),
+            segment_numbers=[number],
+            assert_missing_frames_are_empty=True,
+            dtype=np.uint8,
+        )[..., 0]
+        out = pixels > 0 if out is None else out | (pixels > 0)
+    assert out is not None
+    return out
+
+
+def case_from_dicom(
+    case_id: str, ct_paths: Sequence[str | Path], seg_path: str | Path, label: Diagnosis | None
+) -> Case:
+    """A case from a CT series and a SEG that references it (lesion and optional lung)."""
+    import highdicom as hd
+
+    volume, spacing, uids = load_ct_series(ct_paths)
+    seg = hd.seg.segread(str(seg_path))
+    lesion_numbers, lung_numbers = _segment_kinds(seg)
+    if not lesion_numbers:
+        raise DatasetError(f"{seg_path}: SEG has no lesion segment")
+    lesion = _union(seg, uids, lesion_numbers)
+    lung = _union(seg, uids, lung_numbers) if lung_numbers else None
+    return Case(case_id, volume, spacing, lesion, lung, label)
+
+
+def _referenced_series(seg: Any) -> str | None:
+    refs = seg.get("ReferencedSeriesSequence") or []
+    return str(refs[0].SeriesInstanceUID) if refs else None
+
+
+def _is_reviewed(seg: Any) -> bool:
+    """True when some segment was drawn or edited by a person (MANUAL / SEMIAUTOMATIC)."""
+    return any(
+        str(item.get("SegmentAlgorithmType", "")) != "AUTOMATIC"
+        for item in seg.get("SegmentSequence", [])
+    )
+
+
+def read_labels_csv(path: str | Path) -> dict[str, Diagnosis | None]:
+    """``key,label`` rows (header required; the key column may be named anything)."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            rows = [r for r in reader if r]
+    except OSError as exc:
+        raise DatasetError(f"cannot read labels {path}: {exc}") from exc
+    if header is None or len(header) < 2:
+        raise DatasetError(f"{path}: expected a header 'case_id,label'")
+    return {r[0].strip(): parse_label(r[1], f"{path}:{r[0]}") for r in rows}
+
+
+@dataclass
+class DicomCaseRef:
+    """Where one DICOM case lives on disk (resolved up front; loaded in workers)."""
+
+    case_id: str
+    ct_paths: list[str]
+    seg_path: str
+    label: Diagnosis | None
+    keys: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class DicomSource:
+    """CT series + SEG pairs; see :func:`scan_dicom_folder` and :func:`index_source`."""
+
+    refs: list[DicomCaseRef]
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> Case:
+        ref = self.refs[index]
+        return case_from_dicom(ref.case_id, ref.ct_paths, ref.seg_path, ref.label)
+
+    def labels(self) -> list[Diagnosis | None]:
+        return [r.label for r in self.refs]
+
+    def case_ids(self) -> list[str]:
+        return [r.case_id for r in self.refs]
+
+
+def _apply_labels(refs: list[DicomCaseRef], labels: Mapping[str, Diagnosis | None]) -> None:
+    for ref in refs:
+        ref.label = next((labels[k] for k in (ref.case_id, *ref.keys) if k in labels), None)
+
+
+def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) -> DicomSource:
+    """Every SEG under ``root`` paired with the CT series it references.
+
+    Case id = the CT series' folder relative to ``root`` (its SeriesInstanceUID when
+    the series is spread over several folders). Labels come from ``labels_csv`` (default
+    ``root/labels.csv`` when present), keyed by case id, SeriesInstanceUID or
+    StudyInstanceUID; cases without a label train the segmentation only.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dicom: {root} is not a folder")
+    series: dict[str, list[Path]] = {}
+    studies: dict[str, str] = {}
+    segs: list[tuple[Path, str]] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            continue
+        if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
+            referenced = _referenced_series(ds)
+            if referenced is None:
+                logger.warning("%s: SEG references no series; ignored", path)
+            else:
+                segs.append((path, referenced))
+        elif str(ds.get("Modality", "")) == "CT":
+            uid = str(ds.SeriesInstanceUID)
+            series.setdefault(uid, []).append(path)
+            studies[uid] = str(ds.get("StudyInstanceUID", ""))
+    refs = []
+    for seg_path, uid in segs:
+        if uid not in series:
+            logger.warning("%s: referenced CT series %s not found under %s", seg_path, uid, root)
+            continue
+        folders = {p.parent for p in series[uid]}
+        case_id = str(folders.pop().relative_to(root)) if len(folders) == 1 else uid
+        files = [str(p) for p in series[uid]]
+        refs.append(DicomCaseRef(case_id, files, str(seg_path), None, (uid, studies[uid])))
+    if not refs:
+        raise DatasetError(f"dicom: no CT series with a SEG under {root}")
+    default_csv = root / "labels.csv"
+    csv_path = labels_csv or (default_csv if default_csv.exists() else None)
+    if csv_path is not None:
+        _apply_labels(refs, read_labels_csv(csv_path))
+    return DicomSource(refs)
+
+
+# ------------------------------------------------------------------- node index
+
+
+class SeriesIndex(Protocol):
+    """What :func:`index_source` needs of ``storage.index.StudyIndex``."""
+
+    def counts(self) -> dict[str, int]: ...
+
+    def series_status(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    def series_instance_paths(self, series_instance_uid: str) -> list[str]: ...
+
+
+def index_source(
+    index: SeriesIndex,
+    data_dir: str | Path,
+    labels: Mapping[str, Diagnosis | None] | None = None,
+) -> DicomSource:
+    """Cases from the node's store: CT series with a reviewed SEG sent back to the node.
+
+    A SEG counts when one of its segments is MANUAL or SEMIAUTOMATIC (a person drew or
+    corrected it); the node's own AUTOMATIC output is never training truth. The newest
+    reviewed SEG of a series wins. ``labels`` maps StudyInstanceUID or
+    SeriesInstanceUID (of the CT) to a diagnosis; without one a case trains the
+    segmentation only.
+    """
+    import pydicom
+
+    data_dir = Path(data_dir)
+    rows = index.series_status(limit=max(1, index.counts().get("series", 0)))
+    refs: list[DicomCaseRef] = []
+    seen: set[str] = set()
+    for row in rows:  # newest first
+        if row["modality"] != "SEG":
+            continue
+        for relative in index.series_instance_paths(row["series_instance_uid"]):
+            seg_path = data_dir / relative
+            ds = pydicom.dcmread(str(seg_path), stop_before_pixels=True)
+            source = _referenced_series(ds)
+            if source is None or source in seen or not _is_reviewed(ds):
+                continue
+            ct = [str(data_dir / p) for p in index.series_instance_paths(source)]
+            if not ct:
+                logger.info("SEG %s: its CT series is not in the store", seg_path.name)
+                continue
+            seen.add(source)
+            study = row["study_instance_uid"]
+            refs.append(DicomCaseRef(source, ct, str(seg_path), None, (study,)))
+    if not refs:
+        raise DatasetError(f"no CT series with a reviewed (manual) SEG in {data_dir}")
+    _apply_labels(refs, labels or {})
+    logger.info("node index: %d case(s) with a reviewed SEG", len(refs))
+    return DicomSource(refs)
+
+
+# ---------------------------------------------------------------------- specs
+
+
+def _split_options(text: str) -> tuple[str, dict[str, str]]:
+    """``head,key=value,...`` -> (head, options); head may be empty."""
+    parts = [p.strip() for p in text.split(",")]
+    head = "" if "=" in parts[0] else parts.pop(0)
+    options: dict[str, str] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise DatasetError(f"expected key=value, got {part!r}")
+        options[key.strip().lower()] = value.strip()
+    return head, options
+
+
+def _open_index(data_dir: Path, url: str | None) -> Any:
+    from storage.index import StudyIndex
+
+    database = data_dir / "index.sqlite"
+    if url is None and not database.exists():
+        raise DatasetError(f"index: no index.sqlite in {data_dir}")
+    return StudyIndex(url or f"sqlite:///{database}")
+
+
+def parse_data_spec(spec: str, cache_dir: str | Path | None = None) -> CaseSource:
+    """One ``--data`` value -> a source (lung masks not yet filled; see :func:`open_data`).
+
+    ``phantoms:covid=N,cap=N,normal=N[,seed=S][,size=P][,slices=Z][,thickness=MM]
+    [,spacing=MM][,cache=no]``, ``nifti:/path/labels.csv``, ``dicom:/folder[,labels=CSV]``,
+    ``index:/data_dir[,labels=CSV][,url=DATABASE_URL]``. ``cache_dir`` keeps generated
+    phantoms (unless ``cache=no``).
+    """
+    scheme, sep, rest = spec.partition(":")
+    scheme = scheme.strip().lower()
+    if not sep:
+        raise DatasetError(f"data spec {spec!r}: expected SCHEME:..., e.g. nifti:/data/labels.csv")
+    try:
+        if scheme == "phantoms":
+            head, options = _split_options(rest)
+            if head:
+                raise DatasetError(f"unexpected {head!r}")
+            return _phantom_source(options, None if cache_dir is None else Path(cache_dir))
+        if scheme == "nifti":
+            return NiftiSource.from_csv(rest.strip())
+        if scheme == "dicom":
+            head, options = _split_options(rest)
+            _only(options, {"labels"})
+            return scan_dicom_folder(head, options.get("labels"))
+        if scheme == "index":
+            head, options = _split_options(rest)
+            _only(options, {"labels", "url"})
+            labels = read_labels_csv(options["labels"]) if "labels" in options else None
+            index = _open_index(Path(head), options.get("url"))
+            try:
+                return index_source(index, head, labels)
+            finally:
+                index.close()
+    except DatasetError as exc:
+        raise DatasetError(f"data spec {spec!r}: {exc}") from exc
+    raise DatasetError(
+        f"data spec {spec!r}: unknown scheme {scheme!r}; use phantoms, nifti, dicom or index"
+    )
+
+
+def _only(options: Mapping[str, str], allowed: set[str]) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise DatasetError(f"unknown option(s) {unknown}; known: {sorted(allowed)}")
+
+
+def open_data(specs: str | Sequence[str], cache_dir: str | Path | None) -> CaseSource:
+    """``--data`` values -> one source whose cases all carry a lung mask."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise DatasetError("no data given")
+    sources = [parse_data_spec(s, cache_dir) for s in specs]
+    source: CaseSource = sources[0] if len(sources) == 1 else Concat(sources)
+    return WithLungMasks(source, LungMaskCache(cache_dir))
+
+
+# --------------------------------------------------------------- model inputs
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random changes per training sample (ours; deepsc.md "Training").
+
+    Left-right flip with probability ``flip``; in-plane rotation up to ``rotate_deg``;
+    in-plane scaling by up to ``scale`` (fraction); slice spacing changed by up to
+    ``z_scale`` (fraction; thicker slices are averaged, as a scanner would); Gaussian
+    noise with a standard deviation drawn up to ``noise_hu`` inside the lungs.
+    """
+
+    flip: float = 0.5
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    z_scale: float = 0.25
+    noise_hu: float = 20.0
+
+    @classmethod
+    def off(cls) -> Augmentation:
+        return cls(flip=0.0, rotate_deg=0.0, scale=0.0, z_scale=0.0, noise_hu=0.0)
+
+
+def c_grid_shape(cls_input: Sequence[int]) -> tuple[int, int, int]:
+    """The C stem's output grid for a classification input (the stem halves, ceil)."""
+    return tuple(-(-int(n) // 2) for n in cls_input)  # type: ignore[return-value]
+
+
+class TrainingSamples:
+    """Model inputs for one training step per (epoch, case index) key.
+
+    Everything random is drawn from ``numpy.random.default_rng((seed, epoch, index))``,
+    so a sample depends on nothing but its key: any worker count, DDP rank or resumed
+    run builds the same sample. The key comes from the sampler, not from dataset state,
+    because persistent DataLoader workers hold their own copy of the dataset.
+
+    A sample (dict of CPU tensors): ``x_cls`` (1, N, h, w), ``x_seg`` (1, *patch),
+    ``seg_target`` and ``seg_lung`` (1, *patch), ``box`` (6,) in volume fractions,
+    ``lesion_map`` (1, *C grid) the true lesion fraction on the C grid (stage 1 input of
+    the classifier), ``label`` (``UNKNOWN_LABEL`` when unknown), ``case_id``, and with
+    ``with_grid`` the whole preprocessed segmentation grid ``grid`` (S, gh, gw) for the
+    whole-scan context.
+    """
+
+    def __init__(
+        self,
+        source: CaseSource,
+        preprocess: PreprocessConfig,
+        cls_input: Sequence[int],
+        *,
+        seed: int,
+        augmentation: Augmentation | None = None,
+        lesion_bias: float = 0.6,
+        with_grid: bool = False,
+    ) -> None:
+        self.source = source
+        self.preprocess = preprocess
+        self.c_grid = c_grid_shape(cls_input)
+        self.seed = seed
+        self.augmentation = augmentation or Augmentation()
+        self.lesion_bias = lesion_bias
+        self.with_grid = with_grid
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        rng = np.random.default_rng((self.seed, epoch, index))
+        case = self.source[index]
+        if case.lung_mask is None:
+            raise DatasetError(f"{case.case_id}: no lung mask (open the data with open_data)")
+        cfg = self.preprocess
+        image = apply_lung_mask(normalise_hu(case.volume_hu, cfg), case.lung_mask)
+        gh, gw = cfg.seg_inplane_size or image.shape[1:]
+        stack = torch.stack(
+            [
+                image,
+                torch.from_numpy(case.lesion_mask).float(),
+                torch.from_numpy(case.lung_mask).float(),
+            ]
+        )
+        stack = _augment(resize_inplane(stack, (gh, gw)), self.augmentation, rng)
+        grid_img, lung = stack[0], stack[2] > 0.5
+        lesion, lung = (stack[1] > 0.5) & lung, lung.float()
+        sigma = rng.uniform(0.0, self.augmentation.noise_hu) / (cfg.hu_window[1] - cfg.hu_window[0])
+        if sigma > 0:
+            noise = torch.from_numpy(rng.standard_normal(grid_img.shape, dtype=np.float32))
+            grid_img = (grid_img + sigma * noise * lung).clamp_(0.0, 1.0)
+        x_cls = sample_cls_slices(grid_img, cfg)
+        window = SlidingWindow(
+            grid_img.shape, PreprocessConfig(seg_patch=cfg.seg_patch, seg_inplane_size=None)
+        )
+        box = self._sample_box(window, lesion, lung, rng)
+        whole = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0, 1.0]])
+        lesion_map = paste_from_box(lesion[None, None].float(), whole, self.c_grid)[0]
+        sample = {
+            "x_cls": x_cls[None],
+            "x_seg": window.extract(grid_img, box)[None],
+            "seg_target": window.extract(lesion.float(), box)[None],
+            "seg_lung": window.extract(lung, box)[None],
+            "box": torch.tensor(box.fractions(), dtype=torch.float32),
+            "lesion_map": lesion_map,
+            "label": torch.tensor(UNKNOWN_LABEL if case.label is None else int(case.label)),
+            "case_id": case.case_id,
+        }
+        if self.with_grid:
+            sample["grid"] = grid_img
+        return sample
+
+    def _sample_box(
+        self,
+        window: SlidingWindow,
+        lesion: torch.Tensor,
+        lung: torch.Tensor,
+        rng: np.random.Generator,
+    ) -> PatchBox:
+        """Lesion-biased patch: around a lesion voxel with probability ``lesion_bias``,
+        else around a lung voxel (a patch of air outside the lungs teaches nothing)."""
+        for mask, wanted in ((lesion, rng.random() < self.lesion_bias), (lung, True)):
+            if not wanted:
+                continue
+            voxels = mask.nonzero()
+            if len(voxels):
+                centre = voxels[int(rng.integers(len(voxels)))].numpy()
+                jitter = rng.uniform(-0.25, 0.25, size=3) * np.asarray(window.config.seg_patch)
+                z, y, x = np.clip(np.rint(centre + jitter), 0, np.asarray(window.grid_shape) - 1)
+                return window.box_around(int(z), int(y), int(x))
+        starts = [
+            int(rng.integers(0, max(n - p, 0) + 1)) if n >= p else -((p - n) // 2)
+            for n, p in zip(window.grid_shape, window.config.seg_patch, strict=True)
+        ]
+        return window.box_at(*starts)
+
+
+def _augment(stack: torch.Tensor, aug: Augmentation, rng: np.random.Generator) -> torch.Tensor:
+    """Slice spacing, flip, rotation and scale of (channels, S, h, w) maps on one grid."""
+    # Draw every number whatever the settings, so switching one off keeps the others.
+    z_factor = 1.0 + rng.uniform(-aug.z_scale, aug.z_scale)
+    flip = rng.random() < aug.flip
+    angle = math.radians(rng.uniform(-aug.rotate_deg, aug.rotate_deg))
+    zoom = 1.0 + rng.uniform(-aug.scale, aug.scale)
+    channels, slices, h, w = stack.shape
+    new_slices = max(1, round(slices * z_factor))
+    if new_slices != slices:
+        mode = "area" if new_slices < slices else "trilinear"
+        stack = F.interpolate(stack[None], size=(new_slices, h, w), mode=mode)[0]
+    if flip:
+        stack = stack.flip(-1)
+    if angle or zoom != 1.0:
+        cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
+        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=stack.dtype)
+        planes = stack.permute(1, 0, 2, 3)  # (S, channels, h, w): one 2D warp per slice
+        grid = F.affine_grid(theta.expand(planes.shape[0], 2, 3), list(planes.shape), False)
+        planes = F.grid_sample(planes, grid, mode="bilinear", align_corners=False)
+        stack = planes.permute(1, 0, 2, 3)
+    return stack.contiguous()

@@ -1,0 +1,1185 @@
+"""Two-stage training of DeepSC-COVID (paper V-A; deepsc.md "Training").
+
+Stage 1 pre-trains the two streams separately: the L stem + lesion subnet on L_seg and
+the C stem + classification subnet on L_cls (the classifier sees the true lesion map,
+so it learns to use one before the lesion subnet can supply it). Their parameters are
+disjoint, so one backward of L_seg + L_cls with Adam is exactly two separate trainings
+on the same scans. Stage 2 trains everything jointly through the cross-stitch unit with
+L = L_seg + L_cls + 10 L_ta; the classifier's whole-scan inputs come from the current
+lesion subnet without gradient (``DeepSC.scan_context``, the code inference uses) with
+the sampled patch recomputed with gradient and pasted in place.
+
+One scan per step by default (``--batch-size`` for throughput on large GPUs), Adam with
+linear decay, lesion-biased patches, augmentation, bf16 autocast on CUDA, gradient
+accumulation, a checkpoint every epoch with exact ``--resume``, early stopping on the
+validation score, k-fold splits, DDP under ``torchrun`` (only when WORLD_SIZE > 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from ai.analysis import analyse_lesions, remove_small_components
+from ai.checkpoint import (
+    FORMAT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    Provenance,
+    load_checkpoint,
+    preprocess_config_for,
+    resolve_device,
+    save_checkpoint,
+)
+from ai.infer import DEFAULT_MIN_LESION_MM3, DEFAULT_THRESHOLD, analyse, predict
+from ai.labels import CLASS_NAMES, Diagnosis
+from ai.lungs import segment_lungs
+from ai.model import (
+    SIZES,
+    TASKS,
+    DeepSC,
+    ModelConfig,
+    ScanContext,
+    build_model,
+    evidence_class,
+)
+from ai.preprocess import PreprocessConfig, SlidingWindow
+from training.datasets import (
+    Augmentation,
+    Case,
+    CaseSource,
+    DatasetError,
+    Subset,
+    TrainingSamples,
+    kfold_indices,
+    open_data,
+    split_indices,
+)
+from training.losses import LossConfig, LossTerms, inverse_frequency_weights, total_loss
+from training.metrics import (
+    EvaluationSummary,
+    ScanResult,
+    classification_scores,
+    dice_coefficient,
+    format_table,
+    plot_report,
+    segmentation_scores,
+    summarise,
+)
+
+logger = logging.getLogger(__name__)
+
+LOSS_TERMS = ("total", "seg", "dice", "focal", "cls", "ta")
+CSV_FIELDS = (
+    "stage", "epoch", "lr", *(f"train_{t}" for t in LOSS_TERMS), "val_dsc", "val_accuracy",
+    "val_score", "best_score", "a11", "a12", "a21", "a22", "seconds", "data_seconds",
+    "scans_per_second",
+)  # fmt: skip
+STAGE_FILES = {1: "stage1.pt", 2: "stage2.pt"}
+FINAL_FILE = "model.pt"
+LAST_FILE = "last.pt"
+STATE_FILE = "train_state.pt"
+
+
+def default_cache_dir() -> Path:
+    """Lung masks and other derived data: ``$XDG_CACHE_HOME/dicomnode`` (~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dicomnode"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved next to the checkpoints as train_config.json."""
+
+    data: list[str]
+    out: Path
+    val_data: list[str] = field(default_factory=list)
+    val_fraction: float = 0.2
+    folds: int = 0
+    fold: int = 0
+    stage: str = "both"
+    size: str = "lite"
+    task: str = "joint"
+    init: Path | None = None
+    epochs1: int = 20
+    epochs2: int = 10
+    lr1: float = 1e-3
+    lr2: float = 1e-4
+    batch_size: int = 1
+    accumulate: int = 1
+    lesion_bias: float = 0.6
+    augment: bool = True
+    amp: bool = True
+    device: str = "auto"
+    workers: int = 2
+    window_batch: int = 8
+    val_every: int = 1
+    seed: int = 0
+    patience: int = 5
+    resume: bool = False
+    cache_dir: Path | None = None
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.stage not in ("1", "2", "both"):
+            problems.append(f"stage {self.stage!r} must be 1, 2 or both")
+        if self.size not in SIZES:
+            problems.append(f"size {self.size!r} must be one of {SIZES}")
+        if self.task not in TASKS:
+            problems.append(f"task {self.task!r} must be one of {TASKS}")
+        for name in ("epochs1", "epochs2", "batch_size", "accumulate", "window_batch", "val_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"val_fraction {self.val_fraction} must be in [0, 1)")
+        if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
+            problems.append(f"fold {self.fold} of {self.folds}: need folds >= 2, 0 <= fold < folds")
+        if not 0.0 <= self.lesion_bias <= 1.0:
+            problems.append(f"lesion_bias {self.lesion_bias} must be in [0, 1]")
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return (1, 2) if self.stage == "both" else (int(self.stage),)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("out", "init", "cache_dir"):
+            out[key] = None if out[key] is None else str(out[key])
+        out["loss"]["ta_etas"] = list(self.loss.ta_etas)
+        return out
+
+
+# ---------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _setup_distributed(info: Dist, device: str) -> torch.device:
+    """Init the process group only under torchrun; each rank takes its local GPU."""
+    if info.world == 1:
+        return resolve_device(device)
+    if torch.cuda.is_available() and device != "cpu":
+        torch.cuda.set_device(info.local_rank)
+        dev = torch.device("cuda", info.local_rank)
+        dist.init_process_group("nccl", device_id=dev)
+        return dev
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def _broadcast_flag(flag: bool, info: Dist, device: torch.device) -> bool:
+    if info.world == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(value, 0)
+    return bool(value.item())
+
+
+# ------------------------------------------------------------------------- loading
+
+
+class EpochKeys(Sampler[tuple[int, int]]):
+    """(epoch, case index) keys in a seeded per-epoch order, this rank's share.
+
+    Every rank gets the same number of keys (the order wraps around), so DDP ranks
+    never wait on each other at the end of an epoch.
+    """
+
+    def __init__(self, n: int, seed: int, info: Dist, shuffle: bool = True) -> None:
+        self.n, self.seed, self.info, self.shuffle = n, seed, info, shuffle
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.info.world)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = np.arange(self.n)
+        if self.shuffle:
+            order = np.random.default_rng((self.seed, self.epoch, 1)).permutation(self.n)
+        total = len(self) * self.info.world
+        order = np.resize(order, total)
+        for i in order[self.info.rank :: self.info.world]:
+            yield self.epoch, int(i)
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack same-shape tensors; keep per-scan grids and ids as lists."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if key not in ("case_id", "grid") else values
+    return out
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers are many; each one thread, no oversubscription
+
+
+def _loader_options(workers: int, device: torch.device) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers:
+        options |= {"persistent_workers": True, "prefetch_factor": 4}
+        options["worker_init_fn"] = _worker_init
+    return options
+
+
+class _Cases:
+    """Cases by index for a DataLoader (phantoms are generated in the workers)."""
+
+    def __init__(self, source: CaseSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Case:
+        return self.source[index]
+
+
+def iterate_cases(
+    source: CaseSource, workers: int, device: torch.device
+) -> Iterator[Case]:
+    """The cases of a source in order, loaded (or generated) by a worker pool."""
+    if workers == 0:
+        yield from (source[i] for i in range(len(source)))
+        return
+    loader = DataLoader(
+        _Cases(source),
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=_worker_init,
+        prefetch_factor=2,
+    )
+    yield from loader
+
+
+# ------------------------------------------------------------------------ the steps
+
+
+@dataclass
+class Batch:
+    """A training batch on the device."""
+
+    x_cls: Tensor
+    x_seg: Tensor
+    seg_target: Tensor
+    seg_lung: Tensor
+    box: Tensor
+    lesion_map: Tensor
+    label: Tensor
+    grids: list[Tensor] | None
+
+    @classmethod
+    def from_samples(cls, samples: dict[str, Any], device: torch.device) -> Batch:
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=True)
+
+        def volume(t: Tensor) -> Tensor:
+            return move(t).contiguous(memory_format=torch.channels_last_3d)
+
+        grids = samples.get("grid")
+        return cls(
+            x_cls=volume(samples["x_cls"]),
+            x_seg=volume(samples["x_seg"]),
+            seg_target=move(samples["seg_target"]),
+            seg_lung=move(samples["seg_lung"]),
+            box=samples["box"].double(),  # stays on the CPU: the model reads it as numbers
+            lesion_map=volume(samples["lesion_map"]),
+            label=move(samples["label"]),
+            grids=None if grids is None else [move(g) for g in grids],
+        )
+
+
+class TrainStep(nn.Module):
+    """One step's forward and loss, as a module so that DDP can wrap it.
+
+    Every term a stage uses is always in the graph (an unknown label weighs 0, not
+    absent), so DDP needs no unused-parameter search.
+    """
+
+    def __init__(
+        self, model: DeepSC, stage: int, loss: LossConfig, class_weights: Tensor | None
+    ) -> None:
+        super().__init__()
+        self.model, self.stage, self.loss = model, stage, loss
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def forward(self, batch: Batch, context: ScanContext | None = None) -> LossTerms:
+        model, task = self.model, self.model.config.task
+        if self.stage == 1 or task != "joint":
+            seg_logits = cls_logits = None
+            if model.stem_l is not None:
+                seg_logits = model.segment(model.stem_l(batch.x_seg)).logit
+            if model.stem_c is not None:
+                lesion_map = batch.lesion_map if task == "joint" else None
+                cls_logits = model.classify(model.stem_c(batch.x_cls), lesion_map).logits
+            return self._loss(batch, seg_logits, cls_logits, None)
+        out = model(batch.x_seg, batch.x_cls, batch.box, context)
+        assert out.seg is not None and out.cls is not None
+        disease = (batch.label >= 0) & (batch.label != Diagnosis.NON_PNEUMONIA)
+        target_class = torch.where(disease, batch.label, evidence_class(out.cls.logits.detach()))
+        evidence = model.evidence_for_heads(out.cls.units, target_class, batch.box, out.seg)
+        pairs = list(zip(out.seg.head_logits[:3], evidence, strict=True))
+        return self._loss(batch, out.seg.logit, out.cls.logits, pairs)
+
+    def _loss(
+        self,
+        batch: Batch,
+        seg_logits: Tensor | None,
+        cls_logits: Tensor | None,
+        ta_pairs: list[tuple[Tensor, Tensor]] | None,
+    ) -> LossTerms:
+        return total_loss(
+            seg_logits=seg_logits,
+            seg_target=batch.seg_target if seg_logits is not None else None,
+            lung_mask=batch.seg_lung,
+            cls_logits=cls_logits,
+            cls_target=batch.label,
+            class_weights=self.class_weights,
+            ta_pairs=ta_pairs,
+            ta_from_logits=True,
+            config=self.loss,
+        )
+
+
+def scan_contexts(
+    model: DeepSC, batch: Batch, preprocess: PreprocessConfig, window_batch: int
+) -> ScanContext:
+    """Whole-scan classifier inputs of each scan in the batch, without gradient."""
+    contexts = []
+    for i, grid in enumerate(batch.grids or []):
+        window = SlidingWindow(
+            grid.shape,
+            PreprocessConfig(
+                seg_patch=preprocess.seg_patch,
+                seg_inplane_size=None,
+                seg_overlap=preprocess.seg_overlap,
+            ),
+        )
+
+        def windows(w: SlidingWindow = window, g: Tensor = grid) -> Iterator[tuple[Tensor, Tensor]]:
+            for boxes in w.batches(window_batch):
+                x = w.extract_batch(g, boxes).contiguous(memory_format=torch.channels_last_3d)
+                yield x, torch.tensor([b.fractions() for b in boxes], dtype=torch.float64)
+
+        contexts.append(model.scan_context(batch.x_cls[i : i + 1], windows()))
+    return ScanContext.cat(contexts)
+
+
+# ------------------------------------------------------------------------ the trainer
+
+
+@dataclass
+class EpochResult:
+    """Mean loss terms of an epoch and its timing."""
+
+    terms: dict[str, float]
+    lr: float
+    """Learning rate at the start of the epoch (it decays linearly within it)."""
+    seconds: float
+    data_seconds: float
+    scans: int
+
+
+@dataclass
+class StageState:
+    """Where a stage stands; saved after every epoch for ``--resume``."""
+
+    stage: int
+    epochs_done: int = 0
+    best_score: float = -math.inf
+    bad_epochs: int = 0
+    finished: bool = False
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (no loss scaling needed); full precision on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Runs the stages of one training job into ``config.out``."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train: CaseSource,
+        val: CaseSource | None,
+        info: Dist | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        self.config = config
+        self.train_source, self.val_source = train, val
+        self.info = info or Dist()
+        self.device = device or resolve_device(config.device)
+        self.out = Path(config.out)
+        torch.manual_seed(config.seed)
+        self.model_config = ModelConfig.named(config.size, config.task)
+        self.model = build_model(self.model_config).to(
+            self.device, memory_format=torch.channels_last_3d
+        )
+        self.preprocess = preprocess_config_for(self.model_config)
+        labels = [int(label) for label in train.labels() if label is not None]
+        self.class_weights = None
+        if self.model.classifier is not None:
+            if not labels:
+                raise DatasetError("a model that classifies needs labelled training cases")
+            self.class_weights = inverse_frequency_weights(labels, len(CLASS_NAMES))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Train every requested stage (resuming where asked); returns the final model."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.info.main:
+            (self.out / "train_config.json").write_text(
+                json.dumps(self.config.to_dict(), indent=2) + "\n"
+            )
+        resume = self._load_resume() if self.config.resume else None
+        for stage in self.config.stages:
+            if resume is not None and resume[0].stage > stage:
+                continue
+            state, saved = (resume if resume and resume[0].stage == stage else (None, None))
+            if state is None:
+                self._init_stage(stage)
+            if state is None or not state.finished:
+                self._run_stage(stage, state, saved)
+        final = self.out / STAGE_FILES[self.config.stages[-1]]
+        if self.info.main:
+            shutil.copyfile(final, self.out / FINAL_FILE)
+            logger.info("final model: %s", self.out / FINAL_FILE)
+        return self.out / FINAL_FILE
+
+    def _init_stage(self, stage: int) -> None:
+        """The first stage of the run starts from ``--init`` when given; stage 2 after
+        stage 1 starts from the best stage-1 weights, and alone from this folder's."""
+        source = self.config.init
+        if stage == 2 and (1 in self.config.stages or source is None):
+            source = self.out / STAGE_FILES[1]
+        if source is None:
+            return
+        if not Path(source).is_file():
+            raise DatasetError(
+                f"stage {stage} starts from {source}, which does not exist "
+                "(run --stage 1 first or give --init CHECKPOINT)"
+            )
+        loaded = load_checkpoint(source, "cpu")
+        same_task = loaded.model_config.task == self.model_config.task
+        result = self.model.load_state_dict(loaded.model.state_dict(), strict=same_task)
+        logger.info(
+            "stage %d starts from %s (%s/%s)%s", stage, source, loaded.model_config.name,
+            loaded.model_config.task,
+            f"; not in it: {', '.join(sorted({k.split('.')[0] for k in result.missing_keys}))}"
+            if result.missing_keys else "",
+        )  # fmt: skip
+
+    # -- one stage ----------------------------------------------------------------------
+
+    def _epochs(self, stage: int) -> int:
+        return self.config.epochs1 if stage == 1 else self.config.epochs2
+
+    def _loader(self, stage: int) -> tuple[DataLoader, EpochKeys]:
+        joint_context = stage == 2 and self.model_config.task == "joint"
+        samples = TrainingSamples(
+            self.train_source,
+            self.preprocess,
+            self.model_config.cls_input,
+            seed=self.config.seed,
+            augmentation=Augmentation() if self.config.augment else Augmentation.off(),
+            lesion_bias=self.config.lesion_bias,
+            with_grid=joint_context,
+        )
+        sampler = EpochKeys(len(samples), self.config.seed, self.info)
+        loader = DataLoader(
+            samples,  # type: ignore[arg-type]
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            collate_fn=_collate,
+            **_loader_options(self.config.workers, self.device),
+        )
+        return loader, sampler
+
+    def _optimiser(self, stage: int, steps: int) -> tuple[torch.optim.Adam, Any]:
+        """Adam (0.9, 0.999) with linear decay to zero over the stage; in stage 1 the
+        cross-stitch unit is frozen (the streams train separately)."""
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(stage == 2 or not name.startswith("cross_stitch."))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = self.config.lr1 if stage == 1 else self.config.lr2
+        optimiser = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda step: max(0.0, 1.0 - step / steps)
+        )
+        return optimiser, schedule
+
+    def _run_stage(
+        self, stage: int, state: StageState | None, saved: dict[str, Any] | None
+    ) -> None:
+        epochs = self._epochs(stage)
+        loader, sampler = self._loader(stage)
+        steps = epochs * math.ceil(len(loader) / self.config.accumulate)
+        optimiser, schedule = self._optimiser(stage, steps)
+        if saved is not None:
+            optimiser.load_state_dict(saved["optimiser"])
+            schedule.load_state_dict(saved["schedule"])
+        state = state or StageState(stage)
+        step = TrainStep(self.model, stage, self.config.loss, self.class_weights)
+        runner: nn.Module = step
+        if self.info.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            runner = nn.parallel.DistributedDataParallel(step, device_ids=ids)
+        logger.info(
+            "stage %d: %d epochs of %d steps (%d scans, batch %d x %d rank(s), accumulate %d), "
+            "lr %g, %s/%s model on %s",
+            stage, epochs, len(loader), len(self.train_source), self.config.batch_size,
+            self.info.world, self.config.accumulate, optimiser.param_groups[0]["initial_lr"],
+            self.model_config.name, self.model_config.task, self.device,
+        )  # fmt: skip
+        for epoch in range(state.epochs_done, epochs):
+            sampler.epoch = stage * 100_000 + epoch  # distinct samples in each stage
+            result = self._train_epoch(runner, loader, optimiser, schedule, stage, epoch)
+            due = (epoch + 1) % self.config.val_every == 0 or epoch + 1 == epochs
+            val = self._validate() if self.info.main and self.val_source and due else {}
+            self._end_epoch(stage, epoch, state, result, val, optimiser, schedule)
+            if _broadcast_flag(state.finished, self.info, self.device):
+                break
+        if not state.finished:
+            state.finished = True
+            if self.info.main:
+                self._save_state(state, optimiser, schedule)
+
+    def _train_epoch(
+        self,
+        runner: nn.Module,
+        loader: DataLoader,
+        optimiser: torch.optim.Adam,
+        schedule: Any,
+        stage: int,
+        epoch: int,
+    ) -> EpochResult:
+        self.model.train()
+        lr = float(optimiser.param_groups[0]["lr"])
+        acc, n_steps = self.config.accumulate, len(loader)
+        sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.device)
+        data_seconds, scans = 0.0, 0
+        started = tick = time.perf_counter()
+        bar = tqdm(
+            loader,
+            desc=f"stage {stage} epoch {epoch + 1}/{self._epochs(stage)}",
+            unit="step",
+            disable=not self.info.main,
+            dynamic_ncols=True,
+            leave=False,
+        )
+        for i, samples in enumerate(bar):
+            data_seconds += time.perf_counter() - tick
+            batch = Batch.from_samples(samples, self.device)
+            group_start = i - i % acc
+            group = min(acc, n_steps - group_start)
+            last_in_group = i - group_start == group - 1
+            sync = contextlib.nullcontext()
+            if self.info.world > 1 and not last_in_group:
+                sync = runner.no_sync()  # type: ignore[operator]
+            with sync:
+                with _autocast(self.device, self.config.amp):
+                    context = None
+                    if stage == 2 and self.model_config.task == "joint":
+                        context = scan_contexts(
+                            self.model, batch, self.preprocess, self.config.window_batch
+                        )
+                    terms = runner(batch, context)
+                (terms.total / group).backward()
+            if last_in_group:
+                optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
+                schedule.step()
+            sums += torch.stack(
+                [
+                    (getattr(terms, t).detach().double() if getattr(terms, t) is not None
+                     else torch.tensor(math.nan, dtype=torch.float64, device=self.device))
+                    for t in LOSS_TERMS
+                ]
+            )  # fmt: skip
+            scans += batch.label.shape[0]
+            if self.info.main and (i % 10 == 9 or i == n_steps - 1):
+                means = (sums / (i + 1)).tolist()
+                bar.set_postfix(
+                    {t: f"{v:.4f}" for t, v in zip(LOSS_TERMS, means, strict=True) if v == v}
+                )
+            tick = time.perf_counter()
+        bar.close()
+        terms_mean = dict(zip(LOSS_TERMS, (sums / max(n_steps, 1)).tolist(), strict=True))
+        if self.info.world > 1:
+            reduced = torch.tensor(list(terms_mean.values()), device=self.device)
+            dist.all_reduce(reduced)
+            terms_mean = dict(zip(LOSS_TERMS, (reduced / self.info.world).tolist(), strict=True))
+        return EpochResult(terms_mean, lr, time.perf_counter() - started, data_seconds, scans)
+
+    # -- validation ---------------------------------------------------------------------
+
+    def as_checkpoint(self) -> Checkpoint:
+        """The model being trained, in the shape `ai.infer.predict` takes."""
+        return Checkpoint(
+            model=self.model,
+            model_config=self.model_config,
+            preprocess=self.preprocess,
+            class_names=CLASS_NAMES,
+            provenance=self._provenance(),
+            metrics={},
+            format_version=FORMAT_VERSION,
+            sha256="",
+            path=None,
+            device=self.device,
+        )
+
+    def _validate(self) -> dict[str, float]:
+        """Whole-scan inference on the validation cases, exactly as the node runs it.
+
+        Score = mean of the available DSC (scans with lesions) and accuracy.
+        """
+        assert self.val_source is not None
+        self.model.eval()
+        ckpt = self.as_checkpoint()
+        dscs: list[float] = []
+        labels: list[int] = []
+        probabilities: list[np.ndarray] = []
+        started = time.perf_counter()
+        for case in iterate_cases(self.val_source, self.config.workers, self.device):
+            assert case.lung_mask is not None
+            pred = predict(
+                ckpt,
+                case.volume_hu,
+                case.lung_mask,
+                case.spacing_mm,
+                batch_size=self.config.window_batch,
+            )
+            if pred.lesion_probability is not None and case.lesion_mask.any():
+                mask = remove_small_components(
+                    (pred.lesion_probability > DEFAULT_THRESHOLD) & case.lung_mask,
+                    case.spacing_mm,
+                    DEFAULT_MIN_LESION_MM3,
+                )
+                dscs.append(dice_coefficient(mask, case.lesion_mask))
+            if pred.probabilities is not None and case.label is not None:
+                labels.append(int(case.label))
+                probabilities.append(pred.probabilities)
+        self.model.train()
+        out: dict[str, float] = {}
+        if dscs:
+            out["val_dsc"] = float(np.mean(dscs))
+        if labels:
+            out["val_accuracy"] = classification_scores(labels, probabilities).accuracy
+        parts = [out[k] for k in ("val_dsc", "val_accuracy") if k in out]
+        out["val_score"] = float(np.mean(parts)) if parts else math.nan
+        logger.info(
+            "validation on %d scans in %.1f s: %s",
+            len(self.val_source), time.perf_counter() - started,
+            ", ".join(f"{k} {v:.4f}" for k, v in out.items()),
+        )  # fmt: skip
+        return out
+
+    # -- bookkeeping --------------------------------------------------------------------
+
+    def _provenance(self, extra: dict[str, Any] | None = None) -> Provenance:
+        data = "; ".join(self.config.data)
+        return Provenance.now(
+            data=data, seed=self.config.seed, extra={"train_config": self.config.to_dict()} | (
+                extra or {})
+        )
+
+    def _end_epoch(
+        self,
+        stage: int,
+        epoch: int,
+        state: StageState,
+        result: EpochResult,
+        val: dict[str, float],
+        optimiser: torch.optim.Adam,
+        schedule: Any,
+    ) -> None:
+        state.epochs_done = epoch + 1
+        score = val.get("val_score", math.nan)
+        if math.isfinite(score):
+            improved = score > state.best_score
+            state.best_score = max(score, state.best_score)
+            state.bad_epochs = 0 if improved else state.bad_epochs + 1
+        else:
+            # No validation at all, or a score-less one (no lesion, no label): the latest
+            # epoch is the best. Between --val-every validations nothing changes.
+            improved = self.val_source is None or bool(val)
+        patience = self.config.patience
+        state.finished = state.epochs_done >= self._epochs(stage) or (
+            patience > 0 and state.bad_epochs >= patience
+        )
+        if not self.info.main:
+            return
+        metrics = {"stage": stage, "epoch": epoch + 1, "train": result.terms, "validation": val}
+        if improved:
+            save_checkpoint(
+                self.out / STAGE_FILES[stage],
+                self.model,
+                self.preprocess,
+                self._provenance({"stage": stage, "epoch": epoch + 1}),
+                metrics,
+            )
+        save_checkpoint(
+            self.out / LAST_FILE,
+            self.model,
+            self.preprocess,
+            self._provenance({"stage": stage, "epoch": epoch + 1}),
+            metrics,
+        )
+        self._save_state(state, optimiser, schedule)
+        self._log_epoch(stage, epoch, state, result, val)
+        if state.finished and state.epochs_done < self._epochs(stage):
+            logger.info("stage %d: early stop after %d epochs without improvement", stage,
+                        state.bad_epochs)  # fmt: skip
+
+    def _save_state(self, state: StageState, optimiser: torch.optim.Adam, schedule: Any) -> None:
+        payload = {
+            "state": asdict(state),
+            "optimiser": optimiser.state_dict(),
+            "schedule": schedule.state_dict(),
+        }
+        tmp = self.out / f".{STATE_FILE}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, self.out / STATE_FILE)
+
+    def _load_resume(self) -> tuple[StageState, dict[str, Any]] | None:
+        path = self.out / STATE_FILE
+        if not path.is_file():
+            logger.warning("--resume: no %s in %s; starting afresh", STATE_FILE, self.out)
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state = StageState(**saved["state"])
+        weights = load_checkpoint(self.out / LAST_FILE, "cpu").model.state_dict()
+        self.model.load_state_dict(weights)
+        logger.info(
+            "resuming stage %d after epoch %d%s", state.stage, state.epochs_done,
+            " (stage finished)" if state.finished else "",
+        )  # fmt: skip
+        return state, saved
+
+    def _log_epoch(
+        self,
+        stage: int,
+        epoch: int,
+        state: StageState,
+        result: EpochResult,
+        val: dict[str, float],
+    ) -> None:
+        stitch = [math.nan] * 4
+        if self.model.cross_stitch is not None:
+            stitch = self.model.cross_stitch.weight.detach().flatten().tolist()
+        row: dict[str, Any] = {
+            "stage": stage,
+            "epoch": epoch + 1,
+            "lr": result.lr,
+            **{f"train_{k}": v for k, v in result.terms.items()},
+            "val_dsc": val.get("val_dsc", math.nan),
+            "val_accuracy": val.get("val_accuracy", math.nan),
+            "val_score": val.get("val_score", math.nan),
+            "best_score": state.best_score,
+            **dict(zip(("a11", "a12", "a21", "a22"), stitch, strict=True)),
+            "seconds": result.seconds,
+            "data_seconds": result.data_seconds,
+            "scans_per_second": result.scans * self.info.world / max(result.seconds, 1e-9),
+        }
+        path = self.out / "metrics.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.terms.items() if v == v)
+        logger.info(
+            "stage %d epoch %d/%d: %s; %.1f s (waiting for data %.1f s), %.2f scans/s%s",
+            stage, epoch + 1, self._epochs(stage), shown, result.seconds, result.data_seconds,
+            row["scans_per_second"],
+            "".join(f", {k} {v:.4f}" for k, v in val.items()),
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def prepare_data(config: TrainConfig) -> tuple[CaseSource, CaseSource | None]:
+    """(train, validation) sources: a k-fold split, ``--val-data``, or a held-out fraction."""
+    cache = config.cache_dir or default_cache_dir()
+    source = open_data(config.data, cache)
+    labels = source.labels()
+    if config.folds:
+        train_idx, val_idx = kfold_indices(labels, config.folds, config.fold, config.seed)
+    elif config.val_data:
+        return source, open_data(config.val_data, cache)
+    elif config.val_fraction > 0:
+        train_idx, val_idx = split_indices(labels, config.val_fraction, config.seed)
+    else:
+        return source, None
+    if not train_idx:
+        raise DatasetError(f"no training cases left after holding out {len(val_idx)}")
+    return Subset(source, train_idx), (Subset(source, val_idx) if val_idx else None)
+
+
+def train(config: TrainConfig) -> Path:
+    """Run one training job (a torchrun rank, or the only process); returns the model path."""
+    info = Dist.from_env()
+    device = _setup_distributed(info, config.device)
+    try:
+        train_source, val_source = prepare_data(config)
+        logger.info(
+            "training on %d scans, validating on %d",
+            len(train_source), 0 if val_source is None else len(val_source),
+        )  # fmt: skip
+        return Trainer(config, train_source, val_source, info, device).run()
+    finally:
+        if info.world > 1:
+            dist.destroy_process_group()
+
+
+def _fold_summary(out: Path, folds: int) -> dict[str, Any]:
+    """Best validation metrics of each fold's final model, and their mean and std."""
+    per_fold = []
+    for fold in range(folds):
+        metrics = load_checkpoint(out / f"fold-{fold}" / FINAL_FILE, "cpu").metrics
+        per_fold.append(metrics.get("validation", {}))
+    keys = sorted({k for m in per_fold for k in m})
+    summary = {
+        k: {
+            "mean": float(np.mean([m[k] for m in per_fold if k in m])),
+            "std": float(np.std([m[k] for m in per_fold if k in m])),
+        }
+        for k in keys
+    }
+    return {"folds": per_fold, "summary": summary}
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+def model_label(ckpt: Checkpoint) -> str:
+    """The row label of a checkpoint in the Table II layout."""
+    return f"DeepSC-COVID {ckpt.model_config.name}/{ckpt.model_config.task}"
+
+
+@dataclass
+class _Overlay:
+    case_id: str
+    image: np.ndarray
+    truth: np.ndarray
+    pred: np.ndarray
+
+
+def _case_result(
+    case: Case, ckpt: Checkpoint, truth_lungs: bool, threshold: float
+) -> tuple[ScanResult, np.ndarray, float]:
+    """Score one case: (result, predicted lesion mask, seconds of inference)."""
+    assert case.lung_mask is not None
+    started = time.perf_counter()
+    lung_in = case.lung_mask if truth_lungs else None
+    probabilities = None
+    if ckpt.model_config.task == "joint":
+        analysis = analyse(
+            case.volume_hu, case.spacing_mm, checkpoint=ckpt, lung_mask=lung_in,
+            threshold=threshold,
+        )  # fmt: skip
+        pred_mask, stats = analysis.lesion_mask, analysis.stats
+        probabilities = tuple(analysis.probabilities[name] for name in CLASS_NAMES)
+    else:  # single-task ablations: the network part they have, the same post-processing
+        lung = case.lung_mask if truth_lungs else segment_lungs(case.volume_hu, case.spacing_mm)
+        pred = predict(ckpt, case.volume_hu, lung, case.spacing_mm)
+        pred_mask, stats = np.zeros(case.volume_hu.shape, dtype=bool), None
+        if pred.lesion_probability is not None:
+            pred_mask = remove_small_components(
+                (pred.lesion_probability > threshold) & lung, case.spacing_mm,
+                DEFAULT_MIN_LESION_MM3,
+            )  # fmt: skip
+            stats = analyse_lesions(case.volume_hu, pred_mask, lung, case.spacing_mm)
+        if pred.probabilities is not None:
+            probabilities = tuple(float(p) for p in pred.probabilities)
+    seconds = time.perf_counter() - started
+    truth = analyse_lesions(case.volume_hu, case.lesion_mask, case.lung_mask, case.spacing_mm)
+    segmentation = None
+    lvr_pred = plr_pred = None
+    if stats is not None:
+        segmentation = segmentation_scores(
+            pred_mask, case.lesion_mask, case.spacing_mm, lung_mask=case.lung_mask
+        )
+        lvr_pred = stats.lvr
+        # A missed scan (no predicted lesion, true lesions) has an undefined PLR error.
+        plr_pred = stats.plr if stats.plr is not None else (
+            math.nan if truth.plr is not None else None)  # fmt: skip
+    result = ScanResult(
+        case_id=case.case_id,
+        label=None if case.label is None else int(case.label),
+        probabilities=probabilities,
+        segmentation=segmentation,
+        lvr_pred=lvr_pred,
+        lvr_true=truth.lvr if stats is not None else None,
+        plr_pred=plr_pred,
+        plr_true=truth.plr if stats is not None else None,
+    )
+    return result, pred_mask, seconds
+
+
+def _overlay(case: Case, pred_mask: np.ndarray) -> _Overlay:
+    """The axial slice with the most true lesion (or predicted, or the middle)."""
+    area = case.lesion_mask.sum(axis=(1, 2))
+    if not area.any():
+        area = pred_mask.sum(axis=(1, 2))
+    z = int(np.argmax(area)) if area.any() else case.volume_hu.shape[0] // 2
+    return _Overlay(case.case_id, case.volume_hu[z], case.lesion_mask[z], pred_mask[z])
+
+
+def evaluate(
+    checkpoint: str | Path | None,
+    data: Sequence[str],
+    out: Path | None = None,
+    *,
+    device: str = "auto",
+    workers: int = 2,
+    cache_dir: Path | None = None,
+    truth_lungs: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    overlays: int = 4,
+) -> tuple[EvaluationSummary, str]:
+    """Evaluate a checkpoint on every case of ``data``: (summary, Table II-style text).
+
+    The node's own pipeline (``ai.infer.analyse``) runs on each scan, lung segmentation
+    included unless ``truth_lungs``; the truth LVR and PLR come from ``ai.analysis`` on
+    the true masks. With ``out``: evaluation.json and evaluation.png are written there.
+    """
+    ckpt = load_checkpoint(checkpoint, device)
+    source = open_data(list(data), cache_dir or default_cache_dir())
+    results: list[ScanResult] = []
+    examples: list[_Overlay] = []
+    seconds: list[float] = []
+    cases = iterate_cases(source, workers, ckpt.device)
+    for case in tqdm(cases, total=len(source), desc="evaluate", unit="scan", leave=False):
+        result, pred_mask, elapsed = _case_result(case, ckpt, truth_lungs, threshold)
+        results.append(result)
+        seconds.append(elapsed)
+        if len(examples) < overlays and (case.lesion_mask.any() or len(source) <= overlays):
+            examples.append(_overlay(case, pred_mask))
+    summary = summarise(results)
+    label = model_label(ckpt)
+    table = format_table(summary, label=label)
+    logger.info("evaluated %s on %d scans, %.2f s per scan", label, len(results),
+                float(np.mean(seconds)) if seconds else math.nan)  # fmt: skip
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        report = {
+            "checkpoint": ckpt.info | {"path": str(ckpt.path)},
+            "data": list(data),
+            "truth_lungs": truth_lungs,
+            "threshold": threshold,
+            "seconds_per_scan": float(np.mean(seconds)) if seconds else None,
+            "device": str(ckpt.device),
+            "summary": summary.to_dict(),
+        }
+        (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "evaluation.txt").write_text(table + "\n")
+        plot_report(
+            summary,
+            out / "evaluation.png",
+            overlays=[(e.image, e.truth, e.pred) for e in examples],
+            overlay_titles=[e.case_id for e in examples],
+            window=(-1400.0, 200.0),
+        )
+    return summary, table
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dicomnode train``."""
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data", action="append", required=True, metavar="SPEC",
+        help="training data, repeatable: phantoms:covid=N,cap=N,normal=N[,seed=S][,size=P]"
+        "[,slices=Z] | nifti:LABELS.csv | dicom:FOLDER[,labels=CSV] | index:DATA_DIR",
+    )  # fmt: skip
+    data.add_argument("--val-data", action="append", default=[], metavar="SPEC",
+                      help="validation data (default: hold out --val-fraction of --data)")
+    data.add_argument("--val-fraction", type=float, default=0.2,
+                      help="fraction of each class held out for validation; 0: none (0.2)")
+    data.add_argument("--folds", type=int, default=0, metavar="K",
+                      help="k-fold cross-validation: K folds of --data (stratified)")
+    data.add_argument("--fold", default="0", metavar="I|all",
+                      help="the validation fold (0..K-1), or 'all' to train every fold")
+    data.add_argument("--cache-dir", type=Path, default=None,
+                      help=f"lung-mask cache (default {default_cache_dir()})")
+    data.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                      help="DataLoader worker processes that load or generate scans")
+    model = parser.add_argument_group("model and schedule")
+    model.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="checkpoints, metrics.csv and train_config.json go here")
+    model.add_argument("--stage", choices=("1", "2", "both"), default="both",
+                       help="1: separate pre-training, 2: joint fine-tuning (default both)")
+    model.add_argument("--size", choices=SIZES, default="lite")
+    model.add_argument("--task", choices=TASKS, default="joint",
+                       help="joint, or a single-task ablation (seg, cls)")
+    model.add_argument("--init", type=Path, default=None, metavar="CHECKPOINT",
+                       help="start from these weights (e.g. fine-tune the shipped model)")
+    model.add_argument("--epochs", type=int, default=10, help="epochs of each stage (10)")
+    model.add_argument("--epochs1", type=int, default=None, help="stage-1 epochs (--epochs)")
+    model.add_argument("--epochs2", type=int, default=None, help="stage-2 epochs (--epochs)")
+    model.add_argument("--lr1", type=float, default=1e-3, help="stage-1 learning rate")
+    model.add_argument("--lr2", type=float, default=1e-4, help="stage-2 learning rate")
+    model.add_argument("--batch-size", type=int, default=1, help="scans per step (1)")
+    model.add_argument("--accumulate", type=int, default=1, help="steps per optimiser update")
+    model.add_argument("--patience", type=int, default=5,
+                       help="early stop after N validations without gain; 0: never")
+    model.add_argument("--val-every", type=int, default=1, metavar="N",
+                       help="validate every N epochs (and after a stage's last epoch)")
+    model.add_argument("--lesion-bias", type=float, default=0.6,
+                       help="probability that a patch is centred near a lesion (0.6)")
+    model.add_argument("--no-augment", dest="augment", action="store_false",
+                       help="no flips, rotations, scaling, slice spacing changes or noise")
+    model.add_argument("--lambda-ta", type=float, default=10.0, help="task-aware loss weight")
+    model.add_argument("--seed", type=int, default=0)
+    run = parser.add_argument_group("run")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    run.add_argument("--no-amp", dest="amp", action="store_false",
+                     help="full precision on CUDA (default: bf16 autocast)")
+    run.add_argument("--window-batch", type=int, default=8,
+                     help="sliding windows per batch for whole-scan passes")
+
+
+def config_from_args(
+    args: argparse.Namespace, fold: int = 0, out: Path | None = None
+) -> TrainConfig:
+    """A TrainConfig from parsed ``add_train_arguments`` arguments."""
+    return TrainConfig(
+        data=list(args.data),
+        out=out or args.out,
+        val_data=list(args.val_data),
+        val_fraction=args.val_fraction,
+        folds=args.folds,
+        fold=fold,
+        stage=args.stage,
+        size=args.size,
+        task=args.task,
+        init=args.init,
+        epochs1=args.epochs1 or args.epochs,
+        epochs2=args.epochs2 or args.epochs,
+        lr1=args.lr1,
+        lr2=args.lr2,
+        batch_size=args.batch_size,
+        accumulate=args.accumulate,
+        lesion_bias=args.lesion_bias,
+        augment=args.augment,
+        amp=args.amp,
+        device=args.device,
+        workers=args.workers,
+        window_batch=args.window_batch,
+        val_every=args.val_every,
+        seed=args.seed,
+        patience=args.patience,
+        resume=args.resume,
+        cache_dir=args.cache_dir,
+        loss=LossConfig(lambda_ta=args.lambda_ta),
+    )
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    """``dicomnode train``: 0 on success, 2 on unusable data or settings."""
+    try:
+        if args.fold == "all":
+            if args.folds < 2:
+                raise ValueError("--fold all needs --folds K (K >= 2)")
+            for fold in range(args.folds):
+                train(config_from_args(args, fold, args.out / f"fold-{fold}"))
+            if Dist.from_env().main:
+                report = _fold_summary(args.out, args.folds)
+                (args.out / "folds.json").write_text(json.dumps(report, indent=2) + "\n")
+                logger.info("cross-validation: %s", json.dumps(report["summary"]))
+            return 0
+        train(config_from_args(args, int(args.fold)))
+    except (DatasetError, ValueError, CheckpointError) as exc:
+        logger.error("train: %s", exc)
+        return 2
+    return 0
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``dicomnode evaluate``."""
+    parser.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
+                        help="weights to evaluate (default: the shipped model)")
+    parser.add_argument("--data", action="append", required=True, metavar="SPEC",
+                        help="evaluation data, repeatable (same forms as for train)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="write evaluation.json, evaluation.txt and evaluation.png here")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="worker processes that load or generate scans")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="lung-mask cache")
+    parser.add_argument("--truth-lungs", action="store_true",
+                        help="use the data's lung masks instead of the node's lung segmentation")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help="lesion probability threshold (0.5)")
+    parser.add_argument("--overlays", type=int, default=4, help="example slices in the PNG")
+
+
+def run_evaluate_command(args: argparse.Namespace) -> int:
+    """``dicomnode evaluate``: prints the table; 0 on success, 2 on unusable input."""
+    try:
+        _, table = evaluate(
+            args.checkpoint, args.data, args.out, device=args.device, workers=args.workers,
+            cache_dir=args.cache_dir, truth_lungs=args.truth_lungs, threshold=args.threshold,
+            overlays=args.overlays,
+        )  # fmt: skip
+    except (DatasetError, ValueError, CheckpointError) as exc:
+        logger.error("evaluate: %s", exc)
+        return 2
+    print(table)
+    return 0
