@@ -543,11 +543,18 @@ class ClsOutput(NamedTuple):
     units: list[Tensor]
 
 
+LESION_MAP_GAIN = 20.0
+"""Input scale of the lesion map in the classification subnet (see ClassificationSubnet)."""
+
+
 class ClassificationSubnet(nn.Module):
     """Classification subnet (paper IV-D, eq. 4) on F_cls and the C-grid lesion map.
 
     The lesion branch has a bias and no GroupNorm: normalising would blow an almost
-    empty probability map (a non-pneumonia scan) up to unit variance.
+    empty probability map (a non-pneumonia scan) up to unit variance. Instead the map is
+    scaled by `LESION_MAP_GAIN`: on the C grid it is a lesion fraction per cell, mostly
+    0-0.5, and unscaled the classifier learnt nothing from it (training accuracy stayed at
+    chance on phantoms; x20 reached 0.96 in three epochs).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -570,7 +577,7 @@ class ClassificationSubnet(nn.Module):
             raise ValueError(
                 f"lesion map {tuple(lesion_map.shape)} must be (n, 1, *{tuple(f_cls.shape[2:])})"
             )
-        x = torch.cat([self.feat_in(f_cls), self.lesion_in(lesion_map)], 1)
+        x = torch.cat([self.feat_in(f_cls), self.lesion_in(lesion_map * LESION_MAP_GAIN)], 1)
         units = []
         for unit in self.units:
             x = unit(x)

@@ -130,6 +130,39 @@ def test_nifti_source_reads_pairs_in_the_dicom_frame(tmp_path: Path) -> None:
         assert case.lung_mask is None and case.volume_hu.dtype == np.int16
 
 
+def test_phantoms_and_their_nifti_share_the_node_frame(tmp_path: Path) -> None:
+    """A phantom read back from write_nifti equals the phantom source's case."""
+    from training.phantoms import generate_phantom, write_nifti
+
+    source = parse_data_spec("phantoms:cap=1,seed=42,size=64,slices=24")
+    case = source[0]
+    paths = write_nifti(generate_phantom("cap", 42, slices=24, size=64), tmp_path)
+    (tmp_path / "l.csv").write_text(
+        f"case_id,label,image,lesion_mask,lung_mask\nc,cap,{paths['image']},"
+        f"{paths['lesion']},{paths['lung']}\n"
+    )
+    read = NiftiSource.from_csv(tmp_path / "l.csv")[0]
+    np.testing.assert_array_equal(read.volume_hu, case.volume_hu)
+    np.testing.assert_array_equal(read.lesion_mask, case.lesion_mask)
+    assert read.lung_mask is not None and case.lung_mask is not None
+    np.testing.assert_array_equal(read.lung_mask, case.lung_mask)
+    assert read.spacing_mm == pytest.approx(case.spacing_mm, abs=1e-4)
+    assert read.label == case.label == Diagnosis.CAP
+
+
+def test_phantom_cache_round_trip(tmp_path: Path) -> None:
+    fresh = parse_data_spec("phantoms:normal=1,seed=7,size=64,slices=24")[0]
+    cached_source = parse_data_spec("phantoms:normal=1,seed=7,size=64,slices=24", tmp_path)
+    first, again = cached_source[0], cached_source[0]
+    assert len(list((tmp_path / "phantoms").glob("*.npz"))) == 1
+    for case in (first, again):
+        np.testing.assert_array_equal(case.volume_hu, fresh.volume_hu)
+        np.testing.assert_array_equal(case.lesion_mask, fresh.lesion_mask)
+        assert case.lung_mask is not None and fresh.lung_mask is not None
+        np.testing.assert_array_equal(case.lung_mask, fresh.lung_mask)
+        assert case.spacing_mm == fresh.spacing_mm and case.label == fresh.label
+
+
 def test_nifti_csv_errors(tmp_path: Path) -> None:
     (tmp_path / "l.csv").write_text("case_id,label,image\nx,covid,x.nii\n")
     with pytest.raises(DatasetError, match="missing"):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from training.losses import (
     TASK_AWARE_ETAS,
+    UNKNOWN_LABEL,
     LossConfig,
     focal_loss,
     inverse_frequency_weights,
@@ -19,6 +20,8 @@ from training.losses import (
     total_loss,
     weighted_cross_entropy,
 )
+
+torch.set_num_threads(1)
 
 
 def _vol(values: list[float]) -> torch.Tensor:
@@ -229,6 +232,18 @@ def test_weighted_cross_entropy_keeps_weight_at_batch_size_one() -> None:
         3.0 * plain.item(), rel=1e-6
     )
     assert weighted_cross_entropy(logits, target).item() == pytest.approx(plain.item())
+
+
+def test_weighted_cross_entropy_unknown_labels_weigh_zero() -> None:
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], requires_grad=True)
+    weights = torch.tensor([0.5, 2.0, 1.5])
+    mixed = weighted_cross_entropy(logits, torch.tensor([0, UNKNOWN_LABEL]), weights)
+    alone = weighted_cross_entropy(logits[:1], torch.tensor([0]), weights)
+    assert mixed.item() == pytest.approx(alone.item() / 2, rel=1e-6)  # counted in B
+    none = weighted_cross_entropy(logits, torch.tensor([UNKNOWN_LABEL] * 2), weights)
+    assert none.item() == 0.0
+    none.backward()  # still in the graph, with zero gradient
+    assert logits.grad is not None and not logits.grad.any()
 
 
 # ---------------------------------------------------------------------- task-aware

@@ -31,6 +31,7 @@ torch.set_num_threads(1)
 
 TRAIN = "phantoms:covid=2,cap=1,normal=1,seed=500,size=64,slices=24"
 HELD_OUT = "phantoms:covid=1,cap=1,normal=1,seed=9000,size=64,slices=24"
+TOO_THIN = "phantoms:normal=1,seed=77,size=64,slices=8"  # fewer slices than the node takes
 TIMING = ("seconds", "data_seconds", "scans_per_second")
 
 
@@ -152,16 +153,54 @@ def test_train_and_evaluate_commands_end_to_end(tmp_path: Path, cache: Path) -> 
     report = tmp_path / "eval"
     args = parser.parse_args(
         ["--checkpoint", str(out / "model.pt"), "--data", HELD_OUT, "--out", str(report),
-         "--device", "cpu", "--workers", "0", "--cache-dir", str(cache)]
+         "--data", TOO_THIN, "--device", "cpu", "--workers", "0", "--cache-dir", str(cache)]
     )  # fmt: skip
     assert run_evaluate_command(args) == 0
     result = json.loads((report / "evaluation.json").read_text())
+    assert list(result["skipped"]) == ["phantom-normal-77"]
     summary = result["summary"]
     assert summary["n_scans"] == 3
     assert summary["classification"]["n"] == 3
     assert summary["lvr_abs_error_points"]["n"] == 3
     assert (report / "evaluation.png").stat().st_size > 10_000
     assert "DSC" in (report / "evaluation.txt").read_text()
+
+
+@pytest.mark.parametrize("task", ["seg", "cls"])
+def test_single_task_ablations_train_and_evaluate(tmp_path: Path, cache: Path, task: str) -> None:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(
+        ["--data", TRAIN, "--out", str(tmp_path / "run"), "--size", "tiny", "--task", task,
+         "--epochs", "1", "--val-fraction", "0", "--workers", "0", "--device", "cpu",
+         "--cache-dir", str(cache)]
+    )  # fmt: skip
+    assert run_train_command(args) == 0
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    args = parser.parse_args(
+        ["--checkpoint", str(tmp_path / "run" / "model.pt"), "--data", HELD_OUT,
+         "--out", str(tmp_path / "eval"), "--device", "cpu", "--workers", "0",
+         "--truth-lungs", "--cache-dir", str(cache)]
+    )  # fmt: skip
+    assert run_evaluate_command(args) == 0
+    summary = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["summary"]
+    assert (summary["classification"] is None) == (task == "seg")
+    assert (summary["lvr_abs_error_points"] is None) == (task == "cls")
+
+
+def test_kfold_trains_every_fold(tmp_path: Path, cache: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(
+        ["--data", TRAIN, "--out", str(tmp_path), "--size", "tiny", "--stage", "1",
+         "--epochs", "1", "--folds", "2", "--fold", "all", "--workers", "0",
+         "--device", "cpu", "--cache-dir", str(cache)]
+    )  # fmt: skip
+    assert run_train_command(args) == 0
+    report = json.loads((tmp_path / "folds.json").read_text())
+    assert len(report["folds"]) == 2 and "val_score" in report["summary"]
+    assert (tmp_path / "fold-1" / "model.pt").is_file()
 
 
 def test_bad_data_is_a_clean_error(tmp_path: Path) -> None:

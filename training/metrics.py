@@ -1,4 +1,4 @@
-"""Evaluation metrics of DeepSC-COVID (paper Table II; docs/metrics.md).
+"""Evaluation metrics of DeepSC-COVID (paper Table II; docs/training.md, "Metrics").
 
 Segmentation, per scan, spacing-aware: DSC, sensitivity, specificity, NSD (normalised
 surface Dice at a tolerance, default 1 mm) and RMSD (root-mean-square symmetric surface
@@ -9,7 +9,7 @@ per-scan :class:`ScanResult` records into an :class:`EvaluationSummary`;
 :func:`format_table` prints it in the layout of Table II and :func:`plot_report` draws
 ROC curves and example overlays to a PNG.
 
-Conventions (see docs/metrics.md): arrays are (z, y, x) and spacing is (dz, dy, dx) in
+Conventions (docs/training.md): arrays are (z, y, x) and spacing is (dz, dy, dx) in
 mm. Empty masks: both empty -> DSC 1, NSD 1, RMSD 0; exactly one empty -> DSC 0, NSD 0,
 RMSD NaN (undefined: no surface to measure from), which aggregation leaves out of the
 mean and counts as ``n_undefined``. Undefined ratios (0/0) are NaN. JSON output writes

@@ -112,8 +112,8 @@ class Phantom:
     """Lateral body width."""
     kvp: int
     lesions_planned: int
-    """Lesions placed; each is its own connected component, but one whose centre earlier
-    lesions already cover comes out empty, so the component count can be lower."""
+    """Lesions placed, each drawn as its own connected component (one left without free
+    lung near its centre would come out empty)."""
 
     @property
     def kind(self) -> str:
@@ -755,7 +755,8 @@ def _draw_vessels(hu: np.ndarray, lung: np.ndarray, chest: _Chest,
     thickness = chest.scan.thickness_mm
     dx = chest.scan.spacing_mm[2]
     for a, b, r in segments:
-        box = _index_box(chest, np.minimum(a, b) - r - dx, np.maximum(a, b) + r + dx)
+        reach = np.array([r + thickness / 2, r + dx, r + dx])
+        box = _index_box(chest, np.minimum(a, b) - reach, np.maximum(a, b) + reach)
         if box is None:
             continue
         zs, ys, xs = box
@@ -773,10 +774,9 @@ def _draw_vessels(hu: np.ndarray, lung: np.ndarray, chest: _Chest,
         frac += 0.5
         np.clip(frac, 0, 1, out=frac)
         value = frac * np.float32(contrast * (BLOOD_HU - LUNG_HU)) + np.float32(LUNG_HU)
-        sub = hu[zs, ys, xs]
+        sub = hu[zs, ys, xs]  # a view: written in place
         np.maximum(sub, value, out=value)
         np.copyto(sub, value.astype(np.int16), where=lung_box & (frac > 0))
-        hu[zs, ys, xs] = sub
 
 
 def _index_box(chest: _Chest, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice] | None:
@@ -891,7 +891,7 @@ def _cap_centres(count: int, plan: _Planning, chest: _Chest,
     side = right if rng.random() < 0.55 else ~right
     if not side.any():
         side = ~side
-    depth = np.clip((pleura - 5.0 * chest.s) / (15.0 * chest.s), 0, 1) ** 2
+    depth = np.clip((pleura - 6.0 * chest.s) / (16.0 * chest.s), 0, 1) ** 2
     focus = _pick(depth * side, rng)
     if focus is None:
         focus = _pick(side.astype(float) + 1e-9, rng)
@@ -928,9 +928,7 @@ def _draw_lesion(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray, chest: _C
     assert box is not None  # the centre voxel is inside
     shape = (box[0].stop - box[0].start, box[1].stop - box[1].start, box[2].stop - box[2].start)
     shape_mm = np.array(shape) * spacing
-    free = lung[box].copy()
-    if lesion[box].any():
-        free &= ~ndi.binary_dilation(lesion[box], structure=np.ones((3, 3, 3), dtype=bool))
+    free = lung[box] & ~_near(lesion, box)
     flat = np.flatnonzero(free)
     if flat.size == 0:
         return
@@ -972,6 +970,19 @@ def _draw_lesion(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray, chest: _C
     mask = lesion[box].ravel()
     mask[flat] = True
     lesion[box] = mask.reshape(shape)
+
+
+def _near(mask: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
+    """Voxels of `box` that are in `mask` or touch it (26-neighbours), looking one voxel
+    beyond the box so that nothing just outside it is missed."""
+    wide = tuple(slice(max(0, sl.start - 1), min(n, sl.stop + 1))
+                 for sl, n in zip(box, mask.shape, strict=True))
+    near = mask[wide]
+    if near.any():
+        near = ndi.binary_dilation(near, structure=np.ones((3, 3, 3), dtype=bool))
+    inner = tuple(slice(sl.start - w.start, sl.stop - w.start)
+                  for sl, w in zip(box, wide, strict=True))
+    return near[inner]
 
 
 def _fit_envelope(chest: _Chest, plan: _Planning, lesion: np.ndarray, centre_mm: np.ndarray,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import datetime
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from ai.checkpoint import (
     resolve_device,
     save_checkpoint,
 )
+from ai.errors import InputVolumeError
 from ai.infer import DEFAULT_MIN_LESION_MM3, DEFAULT_THRESHOLD, analyse, predict
 from ai.labels import CLASS_NAMES, Diagnosis
 from ai.lungs import segment_lungs
@@ -97,6 +99,8 @@ STAGE_FILES = {1: "stage1.pt", 2: "stage2.pt"}
 FINAL_FILE = "model.pt"
 LAST_FILE = "last.pt"
 STATE_FILE = "train_state.pt"
+DIST_TIMEOUT = datetime.timedelta(hours=2)
+"""Other ranks wait this long for rank 0's validation before DDP gives up."""
 
 
 def default_cache_dir() -> Path:
@@ -203,9 +207,9 @@ def _setup_distributed(info: Dist, device: str) -> torch.device:
     if torch.cuda.is_available() and device != "cpu":
         torch.cuda.set_device(info.local_rank)
         dev = torch.device("cuda", info.local_rank)
-        dist.init_process_group("nccl", device_id=dev)
+        dist.init_process_group("nccl", device_id=dev, timeout=DIST_TIMEOUT)
         return dev
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
     return torch.device("cpu")
 
 
@@ -265,29 +269,19 @@ def _loader_options(workers: int, device: torch.device) -> dict[str, Any]:
     return options
 
 
-class _Cases:
-    """Cases by index for a DataLoader (phantoms are generated in the workers)."""
-
-    def __init__(self, source: CaseSource) -> None:
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> Case:
-        return self.source[index]
+def _identity(case: Case) -> Case:
+    return case
 
 
-def iterate_cases(
-    source: CaseSource, workers: int, device: torch.device
-) -> Iterator[Case]:
+def iterate_cases(source: CaseSource, workers: int) -> Iterator[Case]:
     """The cases of a source in order, loaded (or generated) by a worker pool."""
     if workers == 0:
         yield from (source[i] for i in range(len(source)))
         return
     loader = DataLoader(
-        _Cases(source),
+        source,  # type: ignore[arg-type]
         batch_size=None,
+        collate_fn=_identity,
         num_workers=workers,
         worker_init_fn=_worker_init,
         prefetch_factor=2,
@@ -468,7 +462,8 @@ class Trainer:
         if self.model.classifier is not None:
             if not labels:
                 raise DatasetError("a model that classifies needs labelled training cases")
-            self.class_weights = inverse_frequency_weights(labels, len(CLASS_NAMES))
+            weights = inverse_frequency_weights(labels, len(CLASS_NAMES))
+            self.class_weights = weights.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -572,8 +567,9 @@ class Trainer:
         step = TrainStep(self.model, stage, self.config.loss, self.class_weights)
         runner: nn.Module = step
         if self.info.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            runner = nn.parallel.DistributedDataParallel(step, device_ids=ids)
+            # Inputs are already on this rank's device; device_ids=None keeps DDP from
+            # moving the patch boxes, which the model reads on the CPU, to the GPU.
+            runner = nn.parallel.DistributedDataParallel(step, device_ids=None)
         logger.info(
             "stage %d: %d epochs of %d steps (%d scans, batch %d x %d rank(s), accumulate %d), "
             "lr %g, %s/%s model on %s",
@@ -690,15 +686,19 @@ class Trainer:
         labels: list[int] = []
         probabilities: list[np.ndarray] = []
         started = time.perf_counter()
-        for case in iterate_cases(self.val_source, self.config.workers, self.device):
+        for case in iterate_cases(self.val_source, self.config.workers):
             assert case.lung_mask is not None
-            pred = predict(
-                ckpt,
-                case.volume_hu,
-                case.lung_mask,
-                case.spacing_mm,
-                batch_size=self.config.window_batch,
-            )
+            try:
+                pred = predict(
+                    ckpt,
+                    case.volume_hu,
+                    case.lung_mask,
+                    case.spacing_mm,
+                    batch_size=self.config.window_batch,
+                )
+            except InputVolumeError as exc:
+                logger.warning("validation: %s skipped: %s", case.case_id, exc)
+                continue
             if pred.lesion_probability is not None and case.lesion_mask.any():
                 mask = remove_small_components(
                     (pred.lesion_probability > DEFAULT_THRESHOLD) & case.lung_mask,
@@ -1001,9 +1001,15 @@ def evaluate(
     results: list[ScanResult] = []
     examples: list[_Overlay] = []
     seconds: list[float] = []
-    cases = iterate_cases(source, workers, ckpt.device)
+    cases = iterate_cases(source, workers)
+    skipped: dict[str, str] = {}
     for case in tqdm(cases, total=len(source), desc="evaluate", unit="scan", leave=False):
-        result, pred_mask, elapsed = _case_result(case, ckpt, truth_lungs, threshold)
+        try:
+            result, pred_mask, elapsed = _case_result(case, ckpt, truth_lungs, threshold)
+        except InputVolumeError as exc:  # the node would refuse this scan: say so, go on
+            logger.warning("evaluate: %s skipped: %s", case.case_id, exc)
+            skipped[case.case_id] = str(exc)
+            continue
         results.append(result)
         seconds.append(elapsed)
         if len(examples) < overlays and (case.lesion_mask.any() or len(source) <= overlays):
@@ -1011,6 +1017,8 @@ def evaluate(
     summary = summarise(results)
     label = model_label(ckpt)
     table = format_table(summary, label=label)
+    if skipped:
+        table += f"\nSkipped (the node refuses them): {', '.join(sorted(skipped))}"
     logger.info("evaluated %s on %d scans, %.2f s per scan", label, len(results),
                 float(np.mean(seconds)) if seconds else math.nan)  # fmt: skip
     if out is not None:
@@ -1021,6 +1029,7 @@ def evaluate(
             "truth_lungs": truth_lungs,
             "threshold": threshold,
             "seconds_per_scan": float(np.mean(seconds)) if seconds else None,
+            "skipped": skipped,
             "device": str(ckpt.device),
             "summary": summary.to_dict(),
         }
@@ -1056,7 +1065,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--fold", default="0", metavar="I|all",
                       help="the validation fold (0..K-1), or 'all' to train every fold")
     data.add_argument("--cache-dir", type=Path, default=None,
-                      help=f"lung-mask cache (default {default_cache_dir()})")
+                      help=f"lung masks and generated phantoms (default {default_cache_dir()})")
     data.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                       help="DataLoader worker processes that load or generate scans")
     model = parser.add_argument_group("model and schedule")
@@ -1084,8 +1093,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="probability that a patch is centred near a lesion (0.6)")
     model.add_argument("--no-augment", dest="augment", action="store_false",
                        help="no flips, rotations, scaling, slice spacing changes or noise")
-    model.add_argument("--lambda-ta", type=float, default=10.0, help="task-aware loss weight")
-    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--lambda-ta", type=float, default=10.0,
+                       help="task-aware loss weight (10; 0: the ablation without it)")
+    model.add_argument("--seed", type=int, default=0,
+                       help="model initialisation, splits and every random choice of a sample")
     run = parser.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -1162,7 +1173,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="worker processes that load or generate scans")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="lung-mask cache")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"lung masks and generated phantoms (default {default_cache_dir()})")
     parser.add_argument("--truth-lungs", action="store_true",
                         help="use the data's lung masks instead of the node's lung segmentation")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
