@@ -11,6 +11,7 @@ understand (the dataset does not parse or lacks the UIDs that place it).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import ssl
 import threading
@@ -18,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -163,7 +165,8 @@ class StorageSCP:
             return STATUS_OUT_OF_RESOURCES
         encoded = event.encoded_dataset()
         try:
-            record = instance_record(event.dataset, event.context.transfer_syntax, calling_aet)
+            header = dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+            record = instance_record(header, event.context.transfer_syntax, calling_aet)
             relpath = self.filestore.instance_relpath(
                 record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
             )
@@ -192,7 +195,7 @@ class StorageSCP:
                            "stored the second as %s", record.sop_instance_uid,
                            record.calling_aet, aside)
             return STATUS_SUCCESS
-        size = self.filestore.write(relpath, encoded)
+        size = self.filestore.create(relpath, encoded)
         self.index.add_instance(record, relpath, size, digest)
         return STATUS_SUCCESS
 
@@ -217,3 +220,37 @@ class StorageSCP:
         """Aborted or dropped: the sender may not be done, so no release signal."""
         with self._assoc_lock:
             self._assoc_series.pop(id(event.assoc), None)
+
+
+def reconcile_store(filestore: FileStore, index: StudyIndex) -> tuple[int, int]:
+    """After an unclean shutdown: index instance files the index lost, set broken ones aside.
+
+    A file in the instance tree without an index row was either acknowledged and then
+    lost from the index by a power loss (it is complete: index it), or cut short by the
+    crash before its acknowledgement (it does not parse: move it to rejected/).
+    Returns (re-indexed, set aside).
+    """
+    indexed = index.indexed_paths()
+    recovered = broken = 0
+    for relpath in filestore.instance_files():
+        if relpath in indexed:
+            continue
+        data = filestore.read(relpath)
+        try:
+            ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+            record = instance_record(ds, str(ds.file_meta.TransferSyntaxUID), "")
+            if record.sop_instance_uid != Path(relpath).stem:
+                raise ValueError("file name and SOP Instance UID differ")
+        except Exception as exc:  # any parse failure means a partial write
+            aside = filestore.set_aside(relpath)
+            logger.warning("unindexed partial file %s set aside as %s (%s)", relpath, aside, exc)
+            broken += 1
+            continue
+        own = str(ds.get("Manufacturer", "")) == "dicomnode" and ds.get("Modality") != "CT"
+        index.add_instance(record, relpath, len(data), hashlib.sha256(data).hexdigest(),
+                           node_output=own)
+        recovered += 1
+    if recovered or broken:
+        logger.warning("reconciled the store after an unclean shutdown: %d instance(s) "
+                       "re-indexed, %d partial file(s) set aside", recovered, broken)
+    return recovered, broken

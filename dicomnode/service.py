@@ -16,7 +16,7 @@ from types import FrameType
 from dicomnode.assembler import SeriesAssembler
 from dicomnode.config import Settings
 from dicomnode.export import Exporter
-from dicomnode.scp import StorageSCP
+from dicomnode.scp import StorageSCP, reconcile_store
 from storage.filestore import FileStore
 from storage.index import StudyIndex, counts_line
 
@@ -43,6 +43,8 @@ class Node:
 
     def start(self) -> None:
         self.filestore.clean_temp()
+        if not self.index.mark_running():
+            reconcile_store(self.filestore, self.index)
         requeued = self.index.recover_after_restart()
         if requeued:
             logger.warning("%d job(s) interrupted by the last shutdown were queued again",
@@ -62,6 +64,7 @@ class Node:
         if self.pipeline is not None:
             self.pipeline.stop()
         self.exporter.stop()
+        self.index.mark_clean_shutdown()
         self.index.close()
 
     def serve_forever(self) -> None:

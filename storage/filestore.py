@@ -90,6 +90,40 @@ class FileStore:
         _fsync_dir(final.parent)
         return len(data)
 
+    def create(self, relpath: str, data: bytes) -> int:
+        """Durably write a file that is not indexed yet, in place, with one fsync.
+
+        The C-STORE fast path: no temp file, rename or directory fsync. ext4 and XFS commit
+        a new file's directory entry with the fsync of the file itself. A crash mid-write
+        leaves a partial file that no index row points to; `StudyIndex` reconciliation
+        after an unclean shutdown re-indexes complete ones and sets broken ones aside.
+        """
+        final = self.root / relpath
+        self._ensure_dir(final.parent)
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return len(data)
+
+    def instance_files(self) -> list[str]:
+        """Relative paths of every file under instances/ (for reconciliation)."""
+        base = self.root / "instances"
+        return sorted(str(p.relative_to(self.root)) for p in base.glob("*/*/*.dcm"))
+
+    def set_aside(self, relpath: str, kind: str = "rejected") -> str:
+        """Move a file out of the instance tree (kept for inspection, never deleted)."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")
+        target = f"{kind}/{Path(relpath).stem}.{stamp}.{next(self._counter)}.dcm"
+        os.replace(self.root / relpath, self.root / target)
+        _fsync_dir((self.root / target).parent)
+        return target
+
     def write_aside(self, kind: str, stem: str, data: bytes) -> str:
         """Keep data that must not replace an instance (a conflict, an unparseable dataset)."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")
