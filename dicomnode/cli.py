@@ -28,7 +28,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(path)
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.service import Node
 
     settings = _settings(args)
-    _setup_logging(settings.node.log_level)
+    setup_logging(settings.node.log_level)
     Node(settings).serve_forever()
     return 0
 
@@ -122,7 +122,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from dicomnode.offline import run_offline
 
     settings = _settings(args)
-    _setup_logging("WARNING" if not args.verbose else "INFO")
+    setup_logging("WARNING" if not args.verbose else "INFO")
     return run_offline(args.paths, args.out, settings, checkpoint=args.checkpoint,
                        device=args.device, as_json=args.json)
 

@@ -225,7 +225,7 @@ class PipelineConfig:
     """[pipeline]: how complete series are analysed and which results are made."""
 
     workers: int = _doc(
-        "Analysis workers (threads); one is right for a GPU, more only with spare CPU cores; "
+        "AI worker processes; one is right for a GPU, more only with spare CPU cores; "
         "0 receives and queues only.", 1
     )
     failure_notice: bool = _doc(

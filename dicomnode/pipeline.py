@@ -1,6 +1,6 @@
 """The job runner: a queued series -> volume -> AI analysis -> DICOM outputs -> exports.
 
-Workers are threads that claim jobs from the index. A job that cannot be analysed ends
+Workers are processes that claim jobs from the index. A job that cannot be analysed ends
 `failed` with the reason (the series' data are untouched) and the worker goes on. The
 outputs are stored like received instances, flagged as the node's own, so they can be
 re-sent and are never analysed themselves.
@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as EventType
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -123,7 +125,7 @@ def encode(ds: Dataset) -> bytes:
 
 
 class Pipeline:
-    """Claims queued jobs and runs them; `workers` threads share one loaded model."""
+    """Runs claimed jobs: loads the model once, then volume -> analysis -> outputs."""
 
     def __init__(
         self, settings: Settings, index: StudyIndex, filestore: FileStore, exporter: Exporter,
@@ -136,8 +138,6 @@ class Pipeline:
         self._load = checkpoint_loader or self._load_checkpoint
         self._checkpoint: object | None = None
         self._checkpoint_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self.kinds = {"seg", "sr"} | {k for d in settings.destinations for k in d.outputs}
 
     def _load_checkpoint(self) -> object:
@@ -219,29 +219,34 @@ class Pipeline:
                                 node_output=True)
         return relpath
 
-    # -- threads -----------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._stop.clear()
-        for i in range(self.settings.pipeline.workers):
-            thread = threading.Thread(target=self._loop, args=(f"worker-{i}",),
-                                      name=f"ai-worker-{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-        self._threads.clear()
-
-    def _loop(self, name: str) -> None:
-        while not self._stop.is_set():
+    def run_until(self, stop: Callable[[], bool], name: str) -> None:
+        """Claim and run jobs until `stop()` says so."""
+        while not stop():
             job = self.index.claim_next_job(name)
             if job is None:
-                self._stop.wait(POLL_SECONDS)
+                time.sleep(POLL_SECONDS)
                 continue
             self.run_job(job)
+
+
+def worker_main(settings: Settings, name: str, stop: EventType) -> None:
+    """Entry point of one AI worker process.
+
+    Workers are processes, not threads of the receiving node: torch and the model (one to
+    several GB) stay out of the Storage SCP's memory, and a crash in native code takes
+    down one worker, not the node. A worker whose node died (kill -9) exits by itself.
+    """
+    from dicomnode.cli import setup_logging
+
+    setup_logging(settings.node.log_level)
+    parent = os.getppid()
+    filestore = FileStore(settings.data_dir)
+    index = StudyIndex(settings.database_url)
+    pipeline = Pipeline(settings, index, filestore, Exporter(settings, index, filestore))
+    try:
+        pipeline.run_until(lambda: stop.is_set() or os.getppid() != parent, name)
+    finally:
+        index.close()
 
 
 def result_record(

@@ -17,6 +17,7 @@ from dicomnode.assembler import SeriesAssembler
 from dicomnode.config import Settings
 from dicomnode.export import Exporter
 from dicomnode.scp import StorageSCP, reconcile_store
+from dicomnode.workers import WorkerPool
 from storage.filestore import FileStore
 from storage.index import StudyIndex, counts_line
 
@@ -35,11 +36,9 @@ class Node:
         self.scp = StorageSCP(settings, self.index, self.filestore)
         self.assembler = SeriesAssembler(self.index, settings.series)
         self.exporter = Exporter(settings, self.index, self.filestore)
-        self.pipeline = None
+        self.workers = None
         if analyse and settings.pipeline.workers > 0:
-            from dicomnode.pipeline import Pipeline  # imports torch: only when analysing
-
-            self.pipeline = Pipeline(settings, self.index, self.filestore, self.exporter)
+            self.workers = WorkerPool(settings)
 
     def start(self) -> None:
         self.filestore.clean_temp()
@@ -55,14 +54,14 @@ class Node:
         self.assembler.check()
         self.assembler.start()
         self.exporter.start()
-        if self.pipeline is not None:
-            self.pipeline.start()
+        if self.workers is not None:
+            self.workers.start()
 
     def stop(self) -> None:
         self.scp.stop()
         self.assembler.stop()
-        if self.pipeline is not None:
-            self.pipeline.stop()
+        if self.workers is not None:
+            self.workers.stop()
         self.exporter.stop()
         self.index.mark_clean_shutdown()
         self.index.close()
