@@ -144,3 +144,19 @@ def test_sr_is_valid_and_carries_the_result(
                        lesion_volumes[f"Lesion {lesion.index}"].get_measurements()
                        if m.name == codes.SCT.Volume]
         assert volume_ml == pytest.approx(lesion.volume_ml, rel=1e-3)
+
+
+def test_failure_notice_is_a_valid_sr_that_says_why(
+    case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
+) -> None:
+    from dicomnode.outputs.sr import NOT_ANALYSED, build_failure_notice
+
+    _, volume, _ = case
+    notice = build_failure_notice(volume.datasets[0], "no lungs found", PROVENANCE)
+    path = tmp_path / "notice.dcm"
+    notice.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    read = hd.sr.srread(path)
+    assert read.StudyInstanceUID == volume.datasets[0].StudyInstanceUID
+    assert read.ConceptNameCodeSequence[0].CodeValue == NOT_ANALYSED.value
+    assert "not analysed: no lungs found" in read.ContentSequence[0].TextValue
