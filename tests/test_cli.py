@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from dicomnode.cli import build_parser, main
-from dicomnode.config import render_config_toml
+from dicomnode.config import render_config_toml, settings_from_mapping
 from dicomnode.service import Node
 from tests.conftest import free_port
 
-COMMANDS = ["serve", "status", "echo", "send", "init-config"]
+COMMANDS = ["serve", "status", "echo", "send", "resend", "infer", "phantom", "train", "evaluate",
+            "init-config"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -77,3 +78,20 @@ def test_unreachable_peer_and_bad_peer_syntax(capsys: pytest.CaptureFixture[str]
         main(["echo", "127.0.0.1:104"])
     assert exit_info.value.code == 2
     assert "expected AET@HOST:PORT" in capsys.readouterr().err
+
+
+def test_heavy_commands_load_only_when_run() -> None:
+    """`dicomnode status` must not pay for importing torch."""
+    code = ("import sys; from dicomnode.cli import build_parser; build_parser('status'); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_resend_of_an_unknown_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
+    Node(settings_from_mapping({"storage": {"data_dir": str(tmp_path / "data")}},
+                               base_dir=tmp_path), analyse=False).index.close()
+    assert main(["resend", "--config", str(config), "1.2.3"]) == 1
+    assert "no deliveries recorded for study 1.2.3" in capsys.readouterr().err
