@@ -30,6 +30,10 @@ sys.path.insert(0, str(ROOT))
 from bench.common import free_port, peak_rss_mb, wait_listening  # noqa: E402
 from training.phantoms import generate_phantom, write_dicom_series  # noqa: E402
 
+SETTLE_S = 5.0
+"""Pause after a receiver listens, so start-up work (the node's AI worker process importing
+torch) does not compete with the measurement: steady state is what is compared."""
+
 BARE_SCP = """
 import os, sys
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -78,6 +82,7 @@ def start_receiver(kind: str, work: Path, port: int) -> subprocess.Popen[bytes]:
         env = dict(os.environ, TCP_NODELAY="1")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     wait_listening(port)
+    time.sleep(SETTLE_S)
     return proc
 
 

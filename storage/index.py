@@ -230,8 +230,8 @@ class StudyIndex:
     # -- instances ---------------------------------------------------------------------
 
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
-        with self._sessions() as session:
-            row = session.execute(
+        with self.engine.connect() as conn:  # Core, not ORM: this runs for every C-STORE
+            row = conn.execute(
                 select(Instance.path, Instance.sha256).where(
                     Instance.sop_instance_uid == sop_instance_uid
                 )
@@ -254,6 +254,10 @@ class StudyIndex:
         when the SOP Instance UID is already indexed.
         """
         now = now or utcnow()
+        if not node_output:
+            added = self._add_to_collecting_series(record, path, size_bytes, sha256, now)
+            if added is not None:
+                return added
         with self._write_lock, self._sessions.begin() as session:
             exists = session.scalar(
                 select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
@@ -282,6 +286,42 @@ class StudyIndex:
                 self._mark_own_output(session, series, now)
             else:
                 self._collect(session, series, now)
+        return True
+
+    def _add_to_collecting_series(
+        self, record: InstanceRecord, path: str, size_bytes: int, sha256: str, now: datetime
+    ) -> bool | None:
+        """The common case in a few Core statements: another instance of a known series
+        whose job is collecting. None when the full ORM path is needed (new series, or a
+        job to re-open)."""
+        with self._write_lock, self.engine.begin() as conn:
+            row = conn.execute(
+                select(Series.id, Job.state)
+                .join(Job, Job.series_pk == Series.id)
+                .where(Series.series_instance_uid == record.series_instance_uid)
+                .order_by(Job.id.desc())
+                .limit(1)
+            ).first()
+            if row is None or row.state != JobState.COLLECTING:
+                return None
+            exists = conn.execute(
+                select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
+            ).first()
+            if exists is not None:
+                return False
+            conn.execute(Instance.__table__.insert().values(
+                sop_instance_uid=record.sop_instance_uid, sop_class_uid=record.sop_class_uid,
+                series_pk=row.id, instance_number=record.instance_number,
+                transfer_syntax_uid=record.transfer_syntax_uid, path=path,
+                size_bytes=size_bytes, sha256=sha256, calling_aet=record.calling_aet,
+                received_at=now,
+            ))
+            conn.execute(
+                update(Series).where(Series.id == row.id).values(
+                    instance_count=Series.instance_count + 1, last_received_at=now,
+                    released_at=None,
+                )
+            )
         return True
 
     def _mark_own_output(self, session: Session, series: Series, now: datetime) -> None:
