@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -42,6 +44,8 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--quiet", type=float, default=10.0, help="[series] quiet_seconds")
+    parser.add_argument("--release-grace", type=float, default=2.0,
+                        help="[series] release_grace_seconds")
     parser.add_argument("--checkpoint", default="", help="default: the shipped weights")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
@@ -60,6 +64,7 @@ def main() -> int:
             f'[node]\nhost = "127.0.0.1"\nport = {port}\n'
             f'[storage]\ndata_dir = "{work / "data"}"\nmin_free_disk_mb = 0\n'
             f"[series]\nquiet_seconds = {args.quiet}\n"
+            f"release_grace_seconds = {args.release_grace}\n"
             f'[ai]\ncheckpoint = "{args.checkpoint}"\ndevice = "{args.device}"\n'
             f'[[destinations]]\nname = "orthanc"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
             f'port = {dicom}\noutputs = ["seg", "sr", "key_images", "pdf"]\n')
@@ -83,6 +88,8 @@ def main() -> int:
                 time.sleep(0.1)
             sr_stored = time.perf_counter()
             rss = peak_rss_mb(node.pid)
+            worker_rss = max((peak_rss_mb(c.pid) for c in psutil.Process(node.pid).children()),
+                             default=float("nan"))
         finally:
             node.terminate()
             node.wait(timeout=60)
@@ -96,6 +103,8 @@ def main() -> int:
         index.close()
     assert result is not None
     after_ack = sr_stored - acked
+    # storescu releases its association: the release rule usually fires, not the quiet one.
+    wait = args.quiet if job["completion_rule"] == "quiet_period" else args.release_grace
     report = {
         "benchmark": "e2e",
         "series": {"slices": args.slices, "size": args.size},
@@ -104,12 +113,14 @@ def main() -> int:
         "model": {"name": result.model_name, "version": result.model_version},
         "send_s": round(acked - t0, 2),
         "ack_to_sr_in_orthanc_s": round(after_ack, 2),
-        "quiet_period_s": args.quiet,
-        "after_quiet_period_s": round(after_ack - args.quiet, 2),
+        "completion_rule": job["completion_rule"],
+        "completion_wait_s": wait,
+        "after_completion_s": round(after_ack - wait, 2),
         "node_stages_s": result.timings,
         "exports": [{k: e[k] for k in ("destination", "state", "files", "attempts")}
                     for e in exports],
         "node_peak_rss_mb": round(rss, 1),
+        "ai_worker_peak_rss_mb": round(worker_rss, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
