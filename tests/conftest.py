@@ -40,6 +40,18 @@ def dcmtk_tool(name: str) -> str:
     pytest.skip(message)
 
 
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Error lines of dicom3tools' validator (it writes its findings to stderr)."""
+    try:
+        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        if REQUIRE_TOOLS:
+            pytest.fail("dciodvfy is not installed (apt-get install dicom3tools)")
+        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
+    return [line for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error")]
+
+
 def write_ct_series(
     out_dir: Path, slices: int = 8, size: int = 64, seed: int = 3, kind: str = "covid",
     **kwargs: Any,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from dicomnode.outputs import Provenance
 from dicomnode.outputs.key_images import SERIES_DESCRIPTION, build_key_images, pick_key_slices
 from dicomnode.outputs.pdf import build_pdf_report
 from dicomnode.volume import CTVolume, read_series
-from tests.conftest import REQUIRE_TOOLS
+from tests.conftest import dciodvfy_errors
 from training.phantoms import generate_phantom, write_dicom_series
 
 PROVENANCE = Provenance(device_uid="1.2.826.0.1.3680043.10.1011.1", model_name="lite",
@@ -28,18 +27,6 @@ SLICE_MM = 2.5
 LESION_PIXELS = {4: 60, 8: 100, 10: 90, 14: 80, 18: 70}
 """Lesion area per slice (volume order). With 10 mm between picks (4 slices): 8, 14, 18, 4;
 10 is too close to 8, and 4 is exactly 10 mm from 8 (allowed)."""
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """Error lines of dicom3tools' validator (it writes its findings to stderr)."""
-    try:
-        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-    except FileNotFoundError:
-        if REQUIRE_TOOLS:
-            pytest.fail("dciodvfy is not installed (apt-get install dicom3tools)")
-        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
-    return [line for line in (result.stdout + result.stderr).splitlines()
-            if line.startswith("Error")]
 
 
 def _volume_and_lungs(kind: str, tmp: Path) -> tuple[CTVolume, np.ndarray]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -21,23 +20,11 @@ from dicomnode.outputs.seg import (
 )
 from dicomnode.outputs.sr import COVID19, DIAGNOSIS, LVR, PLR, PNEUMONIA, build_report
 from dicomnode.volume import CTVolume, read_series
-from tests.conftest import REQUIRE_TOOLS
+from tests.conftest import dciodvfy_errors
 from training.phantoms import Phantom, generate_phantom, write_dicom_series
 
 PROVENANCE = Provenance(device_uid="1.2.826.0.1.3680043.10.1011.1", model_name="DeepSC-COVID lite",
                         model_version="test")
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """Error lines of dicom3tools' validator (it writes its findings to stderr)."""
-    try:
-        result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-    except FileNotFoundError:
-        if REQUIRE_TOOLS:
-            pytest.fail("dciodvfy is not installed (apt-get install dicom3tools)")
-        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
-    return [line for line in (result.stdout + result.stderr).splitlines()
-            if line.startswith("Error")]
 
 
 @pytest.fixture(scope="module", params=["covid", "normal"])

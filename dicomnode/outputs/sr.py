@@ -201,9 +201,18 @@ def build_report(
         imaging_measurements=groups,  # type: ignore[arg-type]
         title=codes.DCM.ImagingMeasurementReport,
     )
+    return _comprehensive_sr([*source_images, segmentation], report, "AI report (DeepSC)",
+                             provenance, series_number)
+
+
+def _comprehensive_sr(
+    evidence: Sequence[Dataset], content: Dataset, description: str, provenance: Provenance,
+    series_number: int,
+) -> Dataset:
+    """A new one-instance SR series: complete, preliminary (not final), unverified."""
     return hd.sr.ComprehensiveSR(
-        evidence=[*source_images, segmentation],
-        content=report,
+        evidence=list(evidence),
+        content=content,
         series_instance_uid=generate_uid(),
         series_number=series_number,
         sop_instance_uid=generate_uid(),
@@ -212,7 +221,7 @@ def build_report(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description="AI report (DeepSC)",
+        series_description=description,
         coding_schemes=[CODING_SCHEME],
         manufacturer_model_name=MODEL_NAME,
         software_versions=provenance.software_versions,
@@ -239,18 +248,5 @@ def build_failure_notice(
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
     ]
-    return hd.sr.ComprehensiveSR(
-        evidence=[source_header],
-        content=root,
-        series_instance_uid=generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        series_description="AI not analysed (DeepSC)",
-        coding_schemes=[CODING_SCHEME],
-        manufacturer_model_name=MODEL_NAME,
-        software_versions=provenance.software_versions,
-        device_serial_number=provenance.device_serial_number,
-    )
+    return _comprehensive_sr([source_header], root, "AI not analysed (DeepSC)", provenance,
+                             series_number)
