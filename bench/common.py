@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -29,3 +33,15 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """The benchmark's JSON, to `out` and to stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,7 +26,13 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, peak_rss_mb, wait_listening  # noqa: E402
+from bench.common import (  # noqa: E402
+    free_port,
+    machine,
+    peak_rss_mb,
+    wait_listening,
+    write_report,
+)
 from storage.index import StudyIndex  # noqa: E402
 from training.phantoms import generate_phantom, write_dicom_series  # noqa: E402
 
@@ -108,8 +112,7 @@ def main() -> int:
     report = {
         "benchmark": "e2e",
         "series": {"slices": args.slices, "size": args.size},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": machine(),
         "model": {"name": result.model_name, "version": result.model_version},
         "send_s": round(acked - t0, 2),
         "ack_to_sr_in_orthanc_s": round(after_ack, 2),
@@ -122,9 +125,7 @@ def main() -> int:
         "node_peak_rss_mb": round(rss, 1),
         "ai_worker_peak_rss_mb": round(worker_rss, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import machine, write_report  # noqa: E402
 
 
 def run_case(size: str, slices: int, device: str, threads: int) -> dict[str, object]:
@@ -99,11 +100,7 @@ def main() -> int:
             else:
                 cases.append(json.loads(child.stdout.strip().splitlines()[-1]))
             print(json.dumps(cases[-1]), flush=True)
-    report = {"benchmark": "infer", "machine": {"cpus": os.cpu_count(),
-              "python": platform.python_version(), "platform": platform.platform()},
-              "cases": cases}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report({"benchmark": "infer", "machine": machine(), "cases": cases}, args.out)
     return 0
 
 

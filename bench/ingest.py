@@ -13,9 +13,7 @@ once, each with its own series. Each receiver runs as its own process so its pea
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,7 +25,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, peak_rss_mb, wait_listening  # noqa: E402
+from bench.common import (  # noqa: E402
+    free_port,
+    machine,
+    peak_rss_mb,
+    wait_listening,
+    write_report,
+)
 from training.phantoms import generate_phantom, write_dicom_series  # noqa: E402
 
 SETTLE_S = 5.0
@@ -146,8 +150,7 @@ def main() -> int:
     report = {
         "benchmark": "ingest",
         "series": {"slices": args.slices, "size": args.size, "megabytes": round(megabytes, 1)},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": machine(),
         "receivers": results,
         "ratios": {
             "dicomnode_vs_pynetdicom_fsync": round(node["one_sender_s"] / bare["one_sender_s"], 2),
@@ -158,9 +161,7 @@ def main() -> int:
                 round(node["concurrent_s"] / dcm["concurrent_s"], 2),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(report, args.out)
     return 0
 
 

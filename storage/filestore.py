@@ -47,6 +47,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all_and_fsync(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    os.fsync(fd)
+
+
 class FileStore:
     """The node's files under one data directory."""
 
@@ -76,11 +84,7 @@ class FileStore:
         tmp = self.tmp_dir / f"{os.getpid()}.{threading.get_ident()}.{next(self._counter)}.part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            _write_all_and_fsync(fd, data)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -102,11 +106,7 @@ class FileStore:
         self._ensure_dir(final.parent)
         fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            _write_all_and_fsync(fd, data)
         finally:
             os.close(fd)
         return len(data)
