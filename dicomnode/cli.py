@@ -49,10 +49,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _status_table(rows: list[dict[str, object]]) -> str:
     header = ("LAST ACTIVITY (UTC)", "STATE", "N", "MOD", "STUDY DATE", "ACCESSION",
-              "SERIES", "SERIES UID", "WHY")
+              "SERIES", "SERIES UID", "RESULT OR WHY")
     lines = [header]
     for r in rows:
         why = str(r["reason"] or r["completion_rule"])
+        result = r["result"]
+        if isinstance(result, dict):  # what the AI found, for a done job
+            plr = "n/a" if result["plr"] is None else f"{100 * result['plr']:.0f}%"
+            why = (f"{result['diagnosis']}, LVR {100 * result['lvr']:.1f}%, PLR {plr}, "
+                   f"{result['lesion_count']} lesion(s)")
         lines.append((str(r["last_received_at"])[:19], str(r["state"]), str(r["instances"]),
                       str(r["modality"]), str(r["study_date"]), str(r["accession_number"]),
                       str(r["series_description"])[:24], str(r["series_instance_uid"]), why))

@@ -727,19 +727,27 @@ class StudyIndex:
         )
         with self._sessions() as session:
             rows = session.execute(
-                select(Series, Study, Patient, Job)
+                select(Series, Study, Patient, Job, Result)
                 .join(Study, Series.study_pk == Study.id)
                 .join(Patient, Study.patient_pk == Patient.id)
                 .outerjoin(latest_job, latest_job.c.series_pk == Series.id)
                 .outerjoin(Job, Job.id == latest_job.c.job_id)
+                .outerjoin(Result, Result.job_pk == Job.id)
                 .order_by(Series.last_received_at.desc())
                 .limit(limit)
             ).all()
-        return [_series_row(series, study, patient, job) for series, study, patient, job in rows]
+        return [_series_row(*row) for row in rows]
 
 
-def _series_row(series: Series, study: Study, patient: Patient, job: Job | None) -> dict[str, Any]:
+def _series_row(
+    series: Series, study: Study, patient: Patient, job: Job | None, result: Result | None
+) -> dict[str, Any]:
     return {
+        "result": None if result is None else {
+            "diagnosis": result.diagnosis, "probabilities": result.probabilities,
+            "lvr": result.lvr, "plr": result.plr, "lesion_count": result.lesion_count,
+            "model": f"{result.model_name} {result.model_version}",
+        },
         "patient_id": patient.patient_id,
         "study_instance_uid": study.study_instance_uid,
         "study_date": study.study_date,

@@ -119,6 +119,8 @@ def test_series_in_results_out(
     result = node.index.result_for_job(job_id)
     assert result is not None and result.model_name == "DeepSC-COVID tiny"
     assert set(result.outputs) == {"seg", "sr", "key_images", "pdf"}
+    shown = _job_rows(node, ct.SeriesInstanceUID)["result"]  # what `dicomnode status` shows
+    assert shown["diagnosis"] == result.diagnosis and shown["lvr"] == result.lvr
     for uid in (seg.SeriesInstanceUID, sr.SeriesInstanceUID):  # outputs: stored, not analysed
         row = _job_rows(node, uid)
         assert (row["state"], row["reason"]) == ("skipped", OWN_OUTPUT)
