@@ -69,10 +69,14 @@ def test_kill_9_mid_series_then_restart(tmp_path: Path) -> None:
     series_b = pydicom.dcmread(interrupted[0]).SeriesInstanceUID
 
     proc = start_serve(config, log)
-    wait_ready(peer, proc, log)
-    assert send(complete, peer).sent == 4
-    index = StudyIndex(f"sqlite:///{data / 'index.sqlite'}")
-    wait_for(lambda: latest_state(index, series_a) == "queued")
+    try:
+        wait_ready(peer, proc, log)
+        assert send(complete, peer).sent == 4
+        index = StudyIndex(f"sqlite:///{data / 'index.sqlite'}")
+        wait_for(lambda: latest_state(index, series_a) == "queued")
+    except BaseException:  # a failed assertion must not leave the node running
+        proc.kill()
+        raise
 
     acknowledged: list[str] = []
 
@@ -88,8 +92,10 @@ def test_kill_9_mid_series_then_restart(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=sender)
     thread.start()
-    wait_for(lambda: len(acknowledged) >= 15)
-    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        wait_for(lambda: len(acknowledged) >= 15)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     thread.join(timeout=30)
     assert 15 <= len(acknowledged) < len(interrupted)
