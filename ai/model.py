@@ -438,8 +438,24 @@ class CrossStitch(nn.Module):
 
     def __init__(self, init: tuple[float, float] = (0.8, 0.2)) -> None:
         super().__init__()
+        self.weight = nn.Parameter(torch.empty(2, 2, dtype=torch.float32))
+        self.stitch(init)
+
+    @torch.no_grad()
+    def separate(self) -> None:
+        """Identity weights: each stream sees only its own stem (training stage 1, where
+        the subnets are pre-trained apart; a stage-1 model must infer the same way)."""
+        self.weight.copy_(torch.eye(2))
+
+    @torch.no_grad()
+    def stitch(self, init: tuple[float, float]) -> None:
+        """The explicit (diagonal, off-diagonal) start of joint fine-tuning (stage 2)."""
         d, o = init
-        self.weight = nn.Parameter(torch.tensor([[d, o], [o, d]], dtype=torch.float32))
+        self.weight.copy_(torch.tensor([[d, o], [o, d]]))
+
+    @property
+    def is_separate(self) -> bool:
+        return bool(torch.equal(self.weight.detach().cpu(), torch.eye(2)))
 
     def to_seg(self, i_seg: Tensor, i_cls: Tensor, box: Tensor) -> Tensor:
         """F_seg for patches i_seg (n, C, d, h, w) at box (n, 6); i_cls (1 or n, C, ...)."""

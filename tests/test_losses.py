@@ -14,6 +14,7 @@ from training.losses import (
     LossConfig,
     focal_loss,
     inverse_frequency_weights,
+    lesion_dice_loss,
     segmentation_loss,
     soft_dice_loss,
     task_aware_loss,
@@ -81,7 +82,7 @@ def test_focal_equals_its_formula_from_logits_and_probabilities() -> None:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 1, 3, 4, 5, generator=generator) * 3
     target = (torch.rand(2, 1, 3, 4, 5, generator=generator) > 0.7).float()
-    expected = _focal_formula(torch.sigmoid(logits), target, 0.75, 2.0).item()
+    expected = _focal_formula(torch.sigmoid(logits), target, 0.5, 2.0).item()
     assert focal_loss(logits, target, from_logits=True).item() == pytest.approx(expected, rel=1e-5)
     probs = torch.sigmoid(logits)
     assert focal_loss(probs, target, from_logits=False).item() == pytest.approx(expected, rel=1e-4)
@@ -90,7 +91,9 @@ def test_focal_equals_its_formula_from_logits_and_probabilities() -> None:
 def test_focal_single_voxel_by_hand() -> None:
     # p = 0.8 on a lesion voxel: -0.75 * 0.2^2 * log 0.8; p = 0.8 on background:
     # -0.25 * 0.8^2 * log 0.2; mean of the two.
-    loss = focal_loss(_vol([_logit(0.8), _logit(0.8)]), _vol([1.0, 0.0]), from_logits=True)
+    loss = focal_loss(
+        _vol([_logit(0.8), _logit(0.8)]), _vol([1.0, 0.0]), from_logits=True, alpha=0.75
+    )
     expected = (-0.75 * 0.04 * math.log(0.8) - 0.25 * 0.64 * math.log(0.2)) / 2.0
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
@@ -104,7 +107,7 @@ def test_extreme_logits_give_finite_loss_and_gradients() -> None:
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     # A confidently wrong voxel costs ~alpha * |logit| (focal) - no clamp at log(eps).
     wrong = focal_loss(_vol([-100.0]), _vol([1.0]), from_logits=True)
-    assert wrong.item() == pytest.approx(0.75 * 100.0, rel=1e-4)
+    assert wrong.item() == pytest.approx(0.5 * 100.0, rel=1e-4)
 
 
 def test_saturated_probabilities_are_clamped() -> None:
@@ -112,6 +115,25 @@ def test_saturated_probabilities_are_clamped() -> None:
     loss = segmentation_loss(prob, _vol([0.0, 1.0]), None, from_logits=False)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(prob.grad).all()
+
+
+def test_lesion_dice_counts_only_samples_with_lesions() -> None:
+    logits = torch.full((2, 1, 1, 1, 4), -2.0)
+    logits[0, ..., :2] = 3.0  # sample 0: lesion partly found; sample 1: no lesion at all
+    logits[1] = 5.0  # ... and a lot of false positive mass there
+    target = torch.zeros(2, 1, 1, 1, 4)
+    target[0, ..., :2] = 1.0
+    lung = torch.ones(2, 1, 1, 1, 4, dtype=torch.bool)
+    with_lesion = soft_dice_loss(logits[:1], target[:1], lung[:1], from_logits=True)
+    assert lesion_dice_loss(logits, target, lung, from_logits=True).item() == pytest.approx(
+        with_lesion.item()
+    )
+    # A lesion outside the lung mask does not count as a lesion.
+    assert lesion_dice_loss(logits, target, lung & (target == 0), from_logits=True).item() == 0.0
+    empty = logits.clone().requires_grad_(True)
+    loss = lesion_dice_loss(empty, torch.zeros_like(target), lung, from_logits=True)
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad is not None and not empty.grad.any()
 
 
 # ------------------------------------------------------------------ lung mask, empty

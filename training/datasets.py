@@ -969,15 +969,28 @@ def _augment(stack: torch.Tensor, aug: Augmentation, rng: np.random.Generator) -
     channels, slices, h, w = stack.shape
     new_slices = max(1, round(slices * z_factor))
     if new_slices != slices:
-        mode = "area" if new_slices < slices else "trilinear"
-        stack = F.interpolate(stack[None], size=(new_slices, h, w), mode=mode)[0]
+        # Along z only (in-plane untouched), cheaper than the 3D kernels: thicker slices
+        # are the average of the thin ones they cover; thinner ones interpolate linearly.
+        if new_slices < slices:
+            planes = stack.reshape(1, channels, slices, h * w)
+            planes = F.adaptive_avg_pool2d(planes, (new_slices, h * w))
+            stack = planes.reshape(channels, new_slices, h, w)
+        else:
+            centres = (torch.arange(new_slices) + 0.5) * (slices / new_slices) - 0.5
+            centres = centres.clamp_(0, slices - 1)
+            below = centres.floor().long()
+            above = (below + 1).clamp_(max=slices - 1)
+            frac = (centres - below).view(1, -1, 1, 1)
+            stack = torch.lerp(stack[:, below], stack[:, above], frac)
+        slices = new_slices
     if flip:
         stack = stack.flip(-1)
     if angle or zoom != 1.0:
         cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
-        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=stack.dtype)
-        planes = stack.permute(1, 0, 2, 3)  # (S, channels, h, w): one 2D warp per slice
-        grid = F.affine_grid(theta.expand(planes.shape[0], 2, 3), list(planes.shape), False)
+        theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=stack.dtype)
+        # One in-plane warp for every slice and channel: a single sampling grid.
+        grid = F.affine_grid(theta, [1, 1, h, w], align_corners=False)
+        planes = stack.reshape(1, channels * slices, h, w)
         planes = F.grid_sample(planes, grid, mode="bilinear", align_corners=False)
-        stack = planes.permute(1, 0, 2, 3)
+        stack = planes.reshape(channels, slices, h, w)
     return stack.contiguous()

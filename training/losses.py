@@ -1,7 +1,10 @@
 """Training losses of DeepSC-COVID (paper eqs. 6-11; deepsc.md "Losses").
 
 - Segmentation (eqs. 6-8): soft Dice + binary focal loss on the fused lesion output,
-  counted only inside the lung mask.
+  counted only inside the lung mask. The Dice term averages over the samples that have
+  lesion voxels (on a lesion-free patch it carries no usable gradient); the focal term,
+  with alpha 0.5 (positives and negatives weighed alike; the first attempts, with
+  0.75, over-segmented: docs/training.md), over every lung voxel.
 - Classification (eq. 9): cross-entropy weighted by inverse class frequency.
 - Task-aware (eq. 10): mean squared difference between the lesion head probabilities
   S_i and the normalised multi-layer CAM evidence maps V_i.
@@ -113,13 +116,37 @@ def soft_dice_loss(
     return (1.0 - dice).mean()
 
 
+def lesion_dice_loss(
+    prediction: Tensor,
+    target: Tensor,
+    lung_mask: Tensor | None = None,
+    *,
+    from_logits: bool,
+    smooth: float = DICE_SMOOTH,
+) -> Tensor:
+    """:func:`soft_dice_loss` over the samples whose target has lesion voxels (0 if none).
+
+    On a sample without lesion the soft Dice is 1 - smooth / (sum(p) + smooth): about 1
+    for any false-positive mass, with a gradient that vanishes as that mass grows, so it
+    teaches nothing and pins the logged mean near the share of lesion-free patches. The
+    focal term handles those samples. A batch without lesion gives 0, still in the graph.
+    """
+    pred, tgt, mask = _prepare_seg(prediction, target, lung_mask)
+    has_lesion = _per_sample_sum(tgt * mask) > 0
+    if not bool(has_lesion.any()):
+        return pred.sum() * 0.0
+    return soft_dice_loss(
+        pred[has_lesion], tgt[has_lesion], mask[has_lesion], from_logits=from_logits, smooth=smooth
+    )
+
+
 def focal_loss(
     prediction: Tensor,
     target: Tensor,
     lung_mask: Tensor | None = None,
     *,
     from_logits: bool,
-    alpha: float = 0.75,
+    alpha: float = 0.5,
     gamma: float = 2.0,
 ) -> Tensor:
     """Binary focal loss (eq. 7), averaged over the lung voxels of each sample.
@@ -154,7 +181,7 @@ def _segmentation_terms(
     gamma: float,
     smooth: float,
 ) -> tuple[Tensor, Tensor]:
-    dice = soft_dice_loss(prediction, target, lung_mask, from_logits=from_logits, smooth=smooth)
+    dice = lesion_dice_loss(prediction, target, lung_mask, from_logits=from_logits, smooth=smooth)
     focal = focal_loss(
         prediction, target, lung_mask, from_logits=from_logits, alpha=alpha, gamma=gamma
     )
@@ -169,7 +196,7 @@ def segmentation_loss(
     lambda_focal: float = 1.0,
     *,
     from_logits: bool,
-    alpha: float = 0.75,
+    alpha: float = 0.5,
     gamma: float = 2.0,
     smooth: float = DICE_SMOOTH,
 ) -> Tensor:
@@ -317,7 +344,7 @@ class LossConfig:
     lambda_ta: float = 10.0
     lambda_dice: float = 1.0
     lambda_focal: float = 1.0
-    focal_alpha: float = 0.75
+    focal_alpha: float = 0.5
     focal_gamma: float = 2.0
     dice_smooth: float = DICE_SMOOTH
     ta_etas: tuple[float, ...] = TASK_AWARE_ETAS

@@ -480,7 +480,7 @@ class Trainer:
         for stage in self.config.stages:
             if resume is not None and resume[0].stage > stage:
                 continue
-            state, saved = (resume if resume and resume[0].stage == stage else (None, None))
+            state, saved = resume if resume and resume[0].stage == stage else (None, None)
             if state is None:
                 self._init_stage(stage)
             if state is None or not state.finished:
@@ -493,13 +493,27 @@ class Trainer:
 
     def _init_stage(self, stage: int) -> None:
         """The first stage of the run starts from ``--init`` when given; stage 2 after
-        stage 1 starts from the best stage-1 weights, and alone from this folder's."""
+        stage 1 starts from the best stage-1 weights, and alone from this folder's.
+
+        Stage 1 trains the streams apart, so the cross-stitch is the identity there (and
+        a stage-1 model infers the same way); stage 2 starts it at its explicit init.
+        """
         source = self.config.init
         if stage == 2 and (1 in self.config.stages or source is None):
             source = self.out / STAGE_FILES[1]
-        if source is None:
+        if source is not None:
+            self._load_init(stage, Path(source))
+        stitch = self.model.cross_stitch
+        if stitch is None:
             return
-        if not Path(source).is_file():
+        if stage == 1:
+            stitch.separate()
+        elif stitch.is_separate:
+            stitch.stitch(self.model_config.cross_stitch_init)
+            logger.info("stage 2: cross-stitch starts at %s", self.model_config.cross_stitch_init)
+
+    def _load_init(self, stage: int, source: Path) -> None:
+        if not source.is_file():
             raise DatasetError(
                 f"stage {stage} starts from {source}, which does not exist "
                 "(run --stage 1 first or give --init CHECKPOINT)"
@@ -729,8 +743,9 @@ class Trainer:
     def _provenance(self, extra: dict[str, Any] | None = None) -> Provenance:
         data = "; ".join(self.config.data)
         return Provenance.now(
-            data=data, seed=self.config.seed, extra={"train_config": self.config.to_dict()} | (
-                extra or {})
+            data=data,
+            seed=self.config.seed,
+            extra={"train_config": self.config.to_dict()} | (extra or {}),
         )
 
     def _end_epoch(
@@ -1056,28 +1071,69 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="training data, repeatable: phantoms:covid=N,cap=N,normal=N[,seed=S][,size=P]"
         "[,slices=Z] | nifti:LABELS.csv | dicom:FOLDER[,labels=CSV] | index:DATA_DIR",
     )  # fmt: skip
-    data.add_argument("--val-data", action="append", default=[], metavar="SPEC",
-                      help="validation data (default: hold out --val-fraction of --data)")
-    data.add_argument("--val-fraction", type=float, default=0.2,
-                      help="fraction of each class held out for validation; 0: none (0.2)")
-    data.add_argument("--folds", type=int, default=0, metavar="K",
-                      help="k-fold cross-validation: K folds of --data (stratified)")
-    data.add_argument("--fold", default="0", metavar="I|all",
-                      help="the validation fold (0..K-1), or 'all' to train every fold")
-    data.add_argument("--cache-dir", type=Path, default=None,
-                      help=f"lung masks and generated phantoms (default {default_cache_dir()})")
-    data.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                      help="DataLoader worker processes that load or generate scans")
+    data.add_argument(
+        "--val-data",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="validation data (default: hold out --val-fraction of --data)",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of each class held out for validation; 0: none (0.2)",
+    )
+    data.add_argument(
+        "--folds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="k-fold cross-validation: K folds of --data (stratified)",
+    )
+    data.add_argument(
+        "--fold",
+        default="0",
+        metavar="I|all",
+        help="the validation fold (0..K-1), or 'all' to train every fold",
+    )
+    data.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"lung masks and generated phantoms (default {default_cache_dir()})",
+    )
+    data.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="DataLoader worker processes that load or generate scans",
+    )
     model = parser.add_argument_group("model and schedule")
-    model.add_argument("--out", type=Path, required=True, metavar="DIR",
-                       help="checkpoints, metrics.csv and train_config.json go here")
-    model.add_argument("--stage", choices=("1", "2", "both"), default="both",
-                       help="1: separate pre-training, 2: joint fine-tuning (default both)")
+    model.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="checkpoints, metrics.csv and train_config.json go here",
+    )
+    model.add_argument(
+        "--stage",
+        choices=("1", "2", "both"),
+        default="both",
+        help="1: separate pre-training, 2: joint fine-tuning (default both)",
+    )
     model.add_argument("--size", choices=SIZES, default="lite")
-    model.add_argument("--task", choices=TASKS, default="joint",
-                       help="joint, or a single-task ablation (seg, cls)")
-    model.add_argument("--init", type=Path, default=None, metavar="CHECKPOINT",
-                       help="start from these weights (e.g. fine-tune the shipped model)")
+    model.add_argument(
+        "--task", choices=TASKS, default="joint", help="joint, or a single-task ablation (seg, cls)"
+    )
+    model.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="start from these weights (e.g. fine-tune the shipped model)",
+    )
     model.add_argument("--epochs", type=int, default=10, help="epochs of each stage (10)")
     model.add_argument("--epochs1", type=int, default=None, help="stage-1 epochs (--epochs)")
     model.add_argument("--epochs2", type=int, default=None, help="stage-2 epochs (--epochs)")
@@ -1085,25 +1141,58 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lr2", type=float, default=1e-4, help="stage-2 learning rate")
     model.add_argument("--batch-size", type=int, default=1, help="scans per step (1)")
     model.add_argument("--accumulate", type=int, default=1, help="steps per optimiser update")
-    model.add_argument("--patience", type=int, default=5,
-                       help="early stop after N validations without gain; 0: never")
-    model.add_argument("--val-every", type=int, default=1, metavar="N",
-                       help="validate every N epochs (and after a stage's last epoch)")
-    model.add_argument("--lesion-bias", type=float, default=0.6,
-                       help="probability that a patch is centred near a lesion (0.6)")
-    model.add_argument("--no-augment", dest="augment", action="store_false",
-                       help="no flips, rotations, scaling, slice spacing changes or noise")
-    model.add_argument("--lambda-ta", type=float, default=10.0,
-                       help="task-aware loss weight (10; 0: the ablation without it)")
-    model.add_argument("--seed", type=int, default=0,
-                       help="model initialisation, splits and every random choice of a sample")
+    model.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="early stop after N validations without gain; 0: never",
+    )
+    model.add_argument(
+        "--val-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="validate every N epochs (and after a stage's last epoch)",
+    )
+    model.add_argument(
+        "--lesion-bias",
+        type=float,
+        default=0.6,
+        help="probability that a patch is centred near a lesion (0.6)",
+    )
+    model.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="no flips, rotations, scaling, slice spacing changes or noise",
+    )
+    model.add_argument(
+        "--lambda-ta",
+        type=float,
+        default=10.0,
+        help="task-aware loss weight (10; 0: the ablation without it)",
+    )
+    model.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="model initialisation, splits and every random choice of a sample",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    run.add_argument("--no-amp", dest="amp", action="store_false",
-                     help="full precision on CUDA (default: bf16 autocast)")
-    run.add_argument("--window-batch", type=int, default=8,
-                     help="sliding windows per batch for whole-scan passes")
+    run.add_argument(
+        "--no-amp",
+        dest="amp",
+        action="store_false",
+        help="full precision on CUDA (default: bf16 autocast)",
+    )
+    run.add_argument(
+        "--window-batch",
+        type=int,
+        default=8,
+        help="sliding windows per batch for whole-scan passes",
+    )
 
 
 def config_from_args(
@@ -1164,21 +1253,51 @@ def run_train_command(args: argparse.Namespace) -> int:
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``dicomnode evaluate``."""
-    parser.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
-                        help="weights to evaluate (default: the shipped model)")
-    parser.add_argument("--data", action="append", required=True, metavar="SPEC",
-                        help="evaluation data, repeatable (same forms as for train)")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="write evaluation.json, evaluation.txt and evaluation.png here")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="weights to evaluate (default: the shipped model)",
+    )
+    parser.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="evaluation data, repeatable (same forms as for train)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write evaluation.json, evaluation.txt and evaluation.png here",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="worker processes that load or generate scans")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"lung masks and generated phantoms (default {default_cache_dir()})")
-    parser.add_argument("--truth-lungs", action="store_true",
-                        help="use the data's lung masks instead of the node's lung segmentation")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help="lesion probability threshold (0.5)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="worker processes that load or generate scans",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"lung masks and generated phantoms (default {default_cache_dir()})",
+    )
+    parser.add_argument(
+        "--truth-lungs",
+        action="store_true",
+        help="use the data's lung masks instead of the node's lung segmentation",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="lesion probability threshold (0.5)",
+    )
     parser.add_argument("--overlays", type=int, default=4, help="example slices in the PNG")
 
 
