@@ -44,34 +44,35 @@ def algorithm_identification(provenance: Provenance) -> hd.AlgorithmIdentificati
     )
 
 
-def lesion_label_map(
-    lesion_mask: np.ndarray, lesions: Sequence[LesionStats], connectivity: int
-) -> np.ndarray:
-    """Voxel labels equal to each lesion's `index` (0 elsewhere).
+def lesion_voxels(
+    lesion_mask: np.ndarray, lesion: LesionStats, connectivity: int
+) -> tuple[tuple[slice, slice, slice], np.ndarray]:
+    """The voxels of one analysed lesion: its bounding box and its mask inside that box.
 
-    Components are recomputed rather than stored, and matched to the analysis by voxel
-    count and bounding box, which together identify a component.
+    A connected component lies wholly inside its own bounding box, so labelling only the
+    box finds it intact (other lesions may reach into the box, as separate components);
+    it is the component with the lesion's voxel count that spans the whole box.
     """
-    out = np.zeros(lesion_mask.shape, np.int32)
-    if not lesions:
-        return out
-    labels, n = label_components(lesion_mask, connectivity)
+    z0, z1, y0, y1, x0, x1 = lesion.bbox_voxels
+    box = (slice(z0, z1), slice(y0, y1), slice(x0, x1))
+    labels, n = label_components(lesion_mask[box], connectivity)
     counts = np.bincount(labels.ravel(), minlength=n + 1)
-    wanted = {(s.voxels, tuple(s.bbox_voxels)): s.index for s in lesions}
-    for label, box in enumerate(ndi.find_objects(labels), start=1):
-        if box is None:
-            continue
-        bbox = tuple(v for sl in box for v in (int(sl.start), int(sl.stop)))
-        index = wanted.get((int(counts[label]), bbox))
-        if index is not None:
-            region = out[box]
-            region[labels[box] == label] = index
-    return out
+    full = (z1 - z0, y1 - y0, x1 - x0)
+    for label, found in enumerate(ndi.find_objects(labels), start=1):
+        spans = found is not None and tuple(sl.stop - sl.start for sl in found) == full
+        if spans and counts[label] == lesion.voxels:
+            return box, labels == label
+    raise ValueError(f"lesion {lesion.index} is not a component of the lesion mask")
 
 
 def _segment(
-    number: int, label: str, category: object, kind: object, provenance: Provenance,
-    colour: hd.color.CIELabColor, tracking_id: str,
+    number: int,
+    label: str,
+    category: object,
+    kind: object,
+    provenance: Provenance,
+    colour: hd.color.CIELabColor,
+    tracking_id: str,
 ) -> hd.seg.SegmentDescription:
     return hd.seg.SegmentDescription(
         segment_number=number,
@@ -111,24 +112,47 @@ def build_segmentation(
     lesion = lesion_mask.astype(bool) & lung_mask.astype(bool)
     shown = list(lesions)[:max_lesion_segments]
     descriptions = [
-        _segment(LUNG_SEGMENT, "Lungs", codes.SCT.AnatomicalStructure, codes.SCT.Lung,
-                 provenance, LUNG_COLOUR, "Lungs"),
-        _segment(LESIONS_SEGMENT, "Pneumonia lesions",
-                 codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion,
-                 provenance, LESION_COLOUR, "Pneumonia lesions"),
+        _segment(
+            LUNG_SEGMENT,
+            "Lungs",
+            codes.SCT.AnatomicalStructure,
+            codes.SCT.Lung,
+            provenance,
+            LUNG_COLOUR,
+            "Lungs",
+        ),
+        _segment(
+            LESIONS_SEGMENT,
+            "Pneumonia lesions",
+            codes.SCT.MorphologicallyAbnormalStructure,
+            codes.SCT.Lesion,
+            provenance,
+            LESION_COLOUR,
+            "Pneumonia lesions",
+        ),
     ]
     lesion_segments: dict[int, int] = {}
-    planes = [lung_mask.astype(bool), lesion]
-    if shown:
-        labels = lesion_label_map(lesion, shown, connectivity)
-        for offset, stats in enumerate(shown):
-            number = FIRST_LESION_SEGMENT + offset
-            lesion_segments[stats.index] = number
-            descriptions.append(_segment(
-                number, f"Lesion {stats.index}", codes.SCT.MorphologicallyAbnormalStructure,
-                codes.SCT.Lesion, provenance, SINGLE_LESION_COLOUR, f"Lesion {stats.index}"))
-            planes.append(labels == stats.index)
-    pixel_array = np.stack(planes, axis=-1).astype(np.uint8)
+    # (frames, rows, columns, segments), filled in place: individual lesions only inside
+    # their bounding boxes.
+    pixel_array = np.zeros((*shape, 2 + len(shown)), np.uint8)
+    pixel_array[..., LUNG_SEGMENT - 1] = lung_mask != 0
+    pixel_array[..., LESIONS_SEGMENT - 1] = lesion
+    for offset, stats in enumerate(shown):
+        number = FIRST_LESION_SEGMENT + offset
+        lesion_segments[stats.index] = number
+        descriptions.append(
+            _segment(
+                number,
+                f"Lesion {stats.index}",
+                codes.SCT.MorphologicallyAbnormalStructure,
+                codes.SCT.Lesion,
+                provenance,
+                SINGLE_LESION_COLOUR,
+                f"Lesion {stats.index}",
+            )
+        )
+        box, voxels = lesion_voxels(lesion, stats, connectivity)
+        pixel_array[(*box, number - 1)] = voxels
     seg = hd.seg.Segmentation(
         source_images=list(source_images),
         pixel_array=pixel_array,
