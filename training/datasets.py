@@ -915,7 +915,10 @@ class TrainingSamples:
             grid_img = (grid_img + sigma * noise * lung).clamp_(0.0, 1.0)
         x_cls = sample_cls_slices(grid_img, cfg)
         window = SlidingWindow(
-            grid_img.shape, PreprocessConfig(seg_patch=cfg.seg_patch, seg_inplane_size=None)
+            grid_img.shape,
+            PreprocessConfig(
+                seg_patch=cfg.seg_patch, seg_inplane_size=None, seg_overlap=cfg.seg_overlap
+            ),
         )
         box = self._sample_box(window, lesion, lung, rng)
         whole = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0, 1.0]])
@@ -941,22 +944,24 @@ class TrainingSamples:
         lung: torch.Tensor,
         rng: np.random.Generator,
     ) -> PatchBox:
-        """Lesion-biased patch: around a lesion voxel with probability ``lesion_bias``,
-        else around a lung voxel (a patch of air outside the lungs teaches nothing)."""
+        """Lesion-biased choice among the windows inference runs on this grid: one that
+        holds lesion with probability ``lesion_bias``, else one that holds lung (a window
+        of air outside the lungs teaches nothing).
+
+        Inference windows, not patches centred on a voxel: the network normalises over
+        the whole window (GroupNorm), so what a window holds besides the lung voxels
+        (masked-out body, its place in the chest) must look in training as it will when
+        the node runs; patches centred on lung voxels held far more lung than the
+        inference tiles, and the network learnt a background level that did not carry
+        over (docs/training.md).
+        """
         for mask, wanted in ((lesion, rng.random() < self.lesion_bias), (lung, True)):
             if not wanted:
                 continue
-            voxels = mask.nonzero()
-            if len(voxels):
-                centre = voxels[int(rng.integers(len(voxels)))].numpy()
-                jitter = rng.uniform(-0.25, 0.25, size=3) * np.asarray(window.config.seg_patch)
-                z, y, x = np.clip(np.rint(centre + jitter), 0, np.asarray(window.grid_shape) - 1)
-                return window.box_around(int(z), int(y), int(x))
-        starts = [
-            int(rng.integers(0, max(n - p, 0) + 1)) if n >= p else -((p - n) // 2)
-            for n, p in zip(window.grid_shape, window.config.seg_patch, strict=True)
-        ]
-        return window.box_at(*starts)
+            holding = [box for box in window if bool(mask[box.inside()[0]].any())]
+            if holding:
+                return holding[int(rng.integers(len(holding)))]
+        return window.boxes[int(rng.integers(len(window)))]
 
 
 def _augment(stack: torch.Tensor, aug: Augmentation, rng: np.random.Generator) -> torch.Tensor:
