@@ -23,14 +23,15 @@ from dicomnode.volume import CTVolume, read_series
 from tests.conftest import dciodvfy_errors
 from training.phantoms import Phantom, generate_phantom, write_dicom_series
 
-PROVENANCE = Provenance(device_uid="1.2.826.0.1.3680043.10.1011.1", model_name="DeepSC-COVID lite",
-                        model_version="test")
+PROVENANCE = Provenance(
+    device_uid="1.2.826.0.1.3680043.10.1011.1", model_name="DeepSC-COVID lite", model_version="test"
+)
 
 
 @pytest.fixture(scope="module", params=["covid", "normal"])
-def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[
-    Phantom, CTVolume, ScanAnalysis
-]:
+def case(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Phantom, CTVolume, ScanAnalysis]:
     phantom = generate_phantom(request.param, 21, slices=24, size=96)
     files = write_dicom_series(phantom, tmp_path_factory.mktemp("ct"))
     volume = read_series(files)
@@ -43,40 +44,57 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def _flipped(phantom: Phantom) -> Phantom:
     import dataclasses
 
-    return dataclasses.replace(phantom, volume_hu=phantom.volume_hu[::-1],
-                               lung_mask=phantom.lung_mask[::-1],
-                               lesion_mask=phantom.lesion_mask[::-1])
+    return dataclasses.replace(
+        phantom,
+        volume_hu=phantom.volume_hu[::-1],
+        lung_mask=phantom.lung_mask[::-1],
+        lesion_mask=phantom.lesion_mask[::-1],
+    )
 
 
 def test_seg_is_valid_and_reproduces_the_masks(
     case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
 ) -> None:
     phantom, volume, stats = case
-    out = build_segmentation(volume.datasets, phantom.lung_mask, phantom.lesion_mask,
-                             stats.lesions, PROVENANCE, max_lesion_segments=3)
+    out = build_segmentation(
+        volume.datasets,
+        phantom.lung_mask,
+        phantom.lesion_mask,
+        stats.lesions,
+        PROVENANCE,
+        max_lesion_segments=3,
+    )
     path = tmp_path / "seg.dcm"
     out.dataset.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
 
     seg = hd.seg.segread(path)
     assert seg.SeriesDescription == "AI lesions (DeepSC)"
+    has_lesion = bool((phantom.lesion_mask & phantom.lung_mask).any())
+    assert seg.SegmentsOverlap == ("YES" if has_lesion else "NO")  # lesions lie in the lungs
     assert seg.StudyInstanceUID == volume.datasets[0].StudyInstanceUID
     ct_uids = [ds.SOPInstanceUID for ds in volume.datasets]
     masks = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=ct_uids, combine_segments=False,
-        segment_numbers=[LUNG_SEGMENT, LESIONS_SEGMENT], skip_overlap_checks=True,
+        source_sop_instance_uids=ct_uids,
+        combine_segments=False,
+        segment_numbers=[LUNG_SEGMENT, LESIONS_SEGMENT],
+        skip_overlap_checks=True,
     )
     assert np.array_equal(masks[..., 0] > 0, phantom.lung_mask)
     assert np.array_equal(masks[..., 1] > 0, phantom.lesion_mask & phantom.lung_mask)
     assert seg.get_segment_description(LUNG_SEGMENT).segmented_property_type == codes.SCT.Lung
-    assert (seg.get_segment_description(LESIONS_SEGMENT).segmented_property_type
-            == codes.SCT.Lesion)
+    assert seg.get_segment_description(LESIONS_SEGMENT).segmented_property_type == codes.SCT.Lesion
     assert len(out.lesion_segments) == min(3, len(stats.lesions))
     for stats_index, number in out.lesion_segments.items():
-        single = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=ct_uids, segment_numbers=[number],
-            combine_segments=False, skip_overlap_checks=True,
-        )[..., 0] > 0
+        single = (
+            seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=ct_uids,
+                segment_numbers=[number],
+                combine_segments=False,
+                skip_overlap_checks=True,
+            )[..., 0]
+            > 0
+        )
         lesion = next(s for s in stats.lesions if s.index == stats_index)
         assert int(single.sum()) == lesion.voxels
         assert number == FIRST_LESION_SEGMENT + stats_index - 1
@@ -86,12 +104,20 @@ def test_sr_is_valid_and_carries_the_result(
     case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
 ) -> None:
     phantom, volume, stats = case
-    seg = build_segmentation(volume.datasets, phantom.lung_mask, phantom.lesion_mask,
-                             stats.lesions, PROVENANCE)
+    seg = build_segmentation(
+        volume.datasets, phantom.lung_mask, phantom.lesion_mask, stats.lesions, PROVENANCE
+    )
     diagnosis = Diagnosis.COVID19 if stats.lesion_count else Diagnosis.NON_PNEUMONIA
     probabilities = (0.8, 0.15, 0.05) if stats.lesion_count else (0.05, 0.05, 0.9)
-    sr = build_report(volume.datasets, seg.dataset, seg.lesion_segments, stats, probabilities,
-                      diagnosis, PROVENANCE)
+    sr = build_report(
+        volume.datasets,
+        seg.dataset,
+        seg.lesion_segments,
+        stats,
+        probabilities,
+        diagnosis,
+        PROVENANCE,
+    )
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
@@ -113,23 +139,29 @@ def test_sr_is_valid_and_carries_the_result(
     assert (PLR in numbers) == (stats.plr is not None)
     if stats.plr is not None:
         assert numbers[PLR] == pytest.approx(100 * stats.plr, abs=1e-3)
-    evidence = {item.ReferencedSOPInstanceUID
-                for study in sr.CurrentRequestedProcedureEvidenceSequence
-                for series in study.ReferencedSeriesSequence
-                for item in series.ReferencedSOPSequence}
-    assert evidence == {ds.SOPInstanceUID for ds in volume.datasets} | {
-        seg.dataset.SOPInstanceUID}
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {ds.SOPInstanceUID for ds in volume.datasets} | {seg.dataset.SOPInstanceUID}
     # One volumetric group per SEG segment, each pointing at its segment of this SEG.
     volumetric = sr.content.get_volumetric_roi_measurement_groups()
     referenced = [g.referenced_segment for g in volumetric]
     assert {n for r in referenced for n in r.referenced_segment_numbers} == {
-        LUNG_SEGMENT, LESIONS_SEGMENT, *seg.lesion_segments.values()}
+        LUNG_SEGMENT,
+        LESIONS_SEGMENT,
+        *seg.lesion_segments.values(),
+    }
     assert {r.referenced_sop_instance_uid for r in referenced} == {seg.dataset.SOPInstanceUID}
     lesion_volumes = {g.tracking_identifier: g for g in volumetric}
     for lesion in stats.lesions[: len(seg.lesion_segments)]:
-        [volume_ml] = [float(m.value) for m in
-                       lesion_volumes[f"Lesion {lesion.index}"].get_measurements()
-                       if m.name == codes.SCT.Volume]
+        [volume_ml] = [
+            float(m.value)
+            for m in lesion_volumes[f"Lesion {lesion.index}"].get_measurements()
+            if m.name == codes.SCT.Volume
+        ]
         assert volume_ml == pytest.approx(lesion.volume_ml, rel=1e-3)
 
 

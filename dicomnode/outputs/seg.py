@@ -36,6 +36,31 @@ class SegmentationOutput:
     lesion_segments: dict[int, int]
 
 
+class NestedSegmentation(hd.seg.Segmentation):
+    """A BINARY SEG whose segments nest by construction: lesions lie in the lungs and each
+    lesion in all lesions, so segments overlap exactly when segment 2 has a voxel.
+
+    highdicom infers SegmentsOverlap by summing the whole (frames, rows, columns,
+    segments) array over segments in 64-bit, about 2 s for a 300-slice CT; what we know
+    needs no such pass. (A private classmethod of highdicom 0.28, pinned in
+    constraints.txt; tests check the attribute and the decoded masks.)
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(  # type: ignore[override]
+        cls,
+        pixel_array: np.ndarray,
+        segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[np.ndarray, hd.seg.SegmentsOverlapValues]:
+        if pixel_array.ndim != 4 or pixel_array.shape[-1] != len(segment_numbers):
+            raise ValueError(f"pixel array {pixel_array.shape} vs {len(segment_numbers)} segments")
+        nested = pixel_array.shape[-1] > 1 and bool(pixel_array[..., LESIONS_SEGMENT - 1].any())
+        overlap = hd.seg.SegmentsOverlapValues.YES if nested else hd.seg.SegmentsOverlapValues.NO
+        return pixel_array, overlap
+
+
 def algorithm_identification(provenance: Provenance) -> hd.AlgorithmIdentificationSequence:
     return hd.AlgorithmIdentificationSequence(
         name=provenance.algorithm_name,
@@ -132,11 +157,13 @@ def build_segmentation(
         ),
     ]
     lesion_segments: dict[int, int] = {}
-    # (frames, rows, columns, segments), filled in place: individual lesions only inside
-    # their bounding boxes.
-    pixel_array = np.zeros((*shape, 2 + len(shown)), np.uint8)
-    pixel_array[..., LUNG_SEGMENT - 1] = lung_mask != 0
-    pixel_array[..., LESIONS_SEGMENT - 1] = lesion
+    # (frames, rows, columns, segments) as a view of a segment-major array, so that every
+    # frame highdicom encodes is one contiguous plane; individual lesions are filled only
+    # inside their bounding boxes.
+    planes = np.zeros((2 + len(shown), *shape), np.uint8)
+    planes[LUNG_SEGMENT - 1] = lung_mask != 0
+    planes[LESIONS_SEGMENT - 1] = lesion
+    pixel_array = np.moveaxis(planes, 0, -1)
     for offset, stats in enumerate(shown):
         number = FIRST_LESION_SEGMENT + offset
         lesion_segments[stats.index] = number
@@ -152,8 +179,8 @@ def build_segmentation(
             )
         )
         box, voxels = lesion_voxels(lesion, stats, connectivity)
-        pixel_array[(*box, number - 1)] = voxels
-    seg = hd.seg.Segmentation(
+        planes[(number - 1, *box)] = voxels
+    seg = NestedSegmentation(
         source_images=list(source_images),
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
