@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, create_engine, event, func, select, update
+from sqlalchemy import Connection, bindparam, create_engine, event, func, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import (
@@ -36,6 +37,26 @@ from storage.models import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The C-STORE hot path's statements, built once: constructing a Core statement per call
+# (and its cache key) cost more than executing it.
+_FIND_INSTANCE = select(Instance.path, Instance.sha256).where(
+    Instance.sop_instance_uid == bindparam("uid")
+)
+_LATEST_JOB_OF_SERIES = (
+    select(Series.id, Job.state)
+    .join(Job, Job.series_pk == Series.id)
+    .where(Series.series_instance_uid == bindparam("series_uid"))
+    .order_by(Job.id.desc())
+    .limit(1)
+)
+_INSERT_INSTANCE = Instance.__table__.insert()
+_COUNT_INSTANCE = (
+    update(Series)
+    .where(Series.id == bindparam("pk"))
+    .values(instance_count=Series.instance_count + 1, last_received_at=bindparam("now"))
+    .values(released_at=None)
+)
 
 # Migrations from version N to N+1, applied in order on open. New tables need none
 # (create_all adds them); changed or added columns of existing tables do.
@@ -231,11 +252,7 @@ class StudyIndex:
 
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
         with self.engine.connect() as conn:  # Core, not ORM: this runs for every C-STORE
-            row = conn.execute(
-                select(Instance.path, Instance.sha256).where(
-                    Instance.sop_instance_uid == sop_instance_uid
-                )
-            ).first()
+            row = conn.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first()
         return StoredInstance(path=row.path, sha256=row.sha256) if row else None
 
     def add_instance(
@@ -294,34 +311,24 @@ class StudyIndex:
         """The common case in a few Core statements: another instance of a known series
         whose job is collecting. None when the full ORM path is needed (new series, or a
         job to re-open)."""
-        with self._write_lock, self.engine.begin() as conn:
-            row = conn.execute(
-                select(Series.id, Job.state)
-                .join(Job, Job.series_pk == Series.id)
-                .where(Series.series_instance_uid == record.series_instance_uid)
-                .order_by(Job.id.desc())
-                .limit(1)
-            ).first()
-            if row is None or row.state != JobState.COLLECTING:
-                return None
-            exists = conn.execute(
-                select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
-            ).first()
-            if exists is not None:
-                return False
-            conn.execute(Instance.__table__.insert().values(
-                sop_instance_uid=record.sop_instance_uid, sop_class_uid=record.sop_class_uid,
-                series_pk=row.id, instance_number=record.instance_number,
-                transfer_syntax_uid=record.transfer_syntax_uid, path=path,
-                size_bytes=size_bytes, sha256=sha256, calling_aet=record.calling_aet,
-                received_at=now,
-            ))
-            conn.execute(
-                update(Series).where(Series.id == row.id).values(
-                    instance_count=Series.instance_count + 1, last_received_at=now,
-                    released_at=None,
-                )
-            )
+        try:
+            with self._write_lock, self.engine.begin() as conn:
+                row = conn.execute(
+                    _LATEST_JOB_OF_SERIES, {"series_uid": record.series_instance_uid}
+                ).first()
+                if row is None or row.state != JobState.COLLECTING:
+                    return None
+                conn.execute(_INSERT_INSTANCE, {
+                    "sop_instance_uid": record.sop_instance_uid,
+                    "sop_class_uid": record.sop_class_uid, "series_pk": row.id,
+                    "instance_number": record.instance_number,
+                    "transfer_syntax_uid": record.transfer_syntax_uid, "path": path,
+                    "size_bytes": size_bytes, "sha256": sha256,
+                    "calling_aet": record.calling_aet, "received_at": now,
+                })  # fmt: skip
+                conn.execute(_COUNT_INSTANCE, {"pk": row.id, "now": now})
+        except IntegrityError:  # the UID is indexed already (UNIQUE); nothing was written
+            return False
         return True
 
     def _mark_own_output(self, session: Session, series: Series, now: datetime) -> None:
