@@ -94,8 +94,11 @@ class FileStore:
         _fsync_dir(final.parent)
         return len(data)
 
-    def create(self, relpath: str, data: bytes) -> int:
+    def create(self, relpath: str, data: bytes, *, exclusive: bool = False) -> int:
         """Durably write a file that is not indexed yet, in place, with one fsync.
+
+        `exclusive`: raise FileExistsError instead of replacing an existing file (the
+        file system's own existence check, for free with the create).
 
         The C-STORE fast path: no temp file, rename or directory fsync. ext4 and XFS commit
         a new file's directory entry with the fsync of the file itself. A crash mid-write
@@ -104,7 +107,8 @@ class FileStore:
         """
         final = self.root / relpath
         self._ensure_dir(final.parent)
-        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+        fd = os.open(final, flags, 0o644)
         try:
             _write_all_and_fsync(fd, data)
         finally:

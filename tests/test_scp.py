@@ -217,6 +217,20 @@ def test_duplicate_is_idempotent_and_conflict_is_kept_aside(
     assert node.filestore.path(stored.path).read_bytes() == first_bytes  # the first is kept
     (aside,) = (node.settings.data_dir / "conflicts").iterdir()
     assert pydicom.dcmread(aside).PatientComments == "edited after sending"
+    # The same SOP Instance UID under another series: also a conflict, also kept aside,
+    # and nothing is left in the instance tree that no row points to.
+    moved = pydicom.dcmread(files[1])
+    moved.SeriesInstanceUID = pydicom.uid.generate_uid()
+    moved.save_as(tmp_path / "moved.dcm", enforce_file_format=True)
+    assert send([tmp_path / "moved.dcm"], peer).sent == 1
+    assert node.index.counts()["instances"] == 2
+    assert len(list((node.settings.data_dir / "conflicts").iterdir())) == 2
+    indexed = {node.index.find_instance(pydicom.dcmread(f).SOPInstanceUID).path for f in files}
+    on_disk = {
+        str(p.relative_to(node.settings.data_dir))
+        for p in (node.settings.data_dir / "instances").rglob("*.dcm")
+    }
+    assert on_disk == indexed
 
 
 def _raw_store(node: Node, path: Path) -> int:
