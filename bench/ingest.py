@@ -7,7 +7,9 @@ pynetdicom SCP whose handler only writes and fsyncs `event.encoded_dataset()`, a
 once, each with its own series. Each receiver runs as its own process so its peak RSS
 (VmHWM) is its own. Prints and writes JSON; docs/benchmarks.md holds the table.
 
-    python3 bench/ingest.py --out bench/results/ingest.json [--slices 300] [--size 512]
+    python3 bench/ingest.py --out bench/results/ingest.json [--slices 300] [--size 512] [--rounds 3]
+
+Each number is the median over the rounds (receivers interleaved); every round is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,11 +127,25 @@ def run_case(kind: str, work: Path, series: list[Path], megabytes: float) -> dic
     }
 
 
+RECEIVERS = ("dicomnode", "pynetdicom-fsync", "storescp")
+
+
+def median_case(runs: list[dict[str, float]]) -> dict[str, object]:
+    """Median of each number over the rounds (loopback timings on a shared machine vary
+    by tens of percent from run to run), with every round kept."""
+    summary: dict[str, object] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    summary["rounds"] = runs
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--senders", type=int, default=4, help="concurrent senders")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of all receivers; medians are reported"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
     args = parser.parse_args()
 
@@ -142,11 +159,13 @@ def main() -> int:
                                study_uid=f"1.2.826.0.1.3680043.10.1011.8.{i}")
             series.append(d)
         megabytes = sum(p.stat().st_size for p in series[0].iterdir()) / 1e6
-        results = {}
-        for kind in ("dicomnode", "pynetdicom-fsync", "storescp"):
-            results[kind] = run_case(kind, work, series, megabytes)
-            shutil.rmtree(work / f"recv-{kind}")
-    node, bare, dcm = results["dicomnode"], results["pynetdicom-fsync"], results["storescp"]
+        rounds: dict[str, list[dict[str, float]]] = {kind: [] for kind in RECEIVERS}
+        for _ in range(args.rounds):  # interleaved, so drift of the machine hits all alike
+            for kind in RECEIVERS:
+                rounds[kind].append(run_case(kind, work, series, megabytes))
+                shutil.rmtree(work / f"recv-{kind}")
+        results = {kind: median_case(runs) for kind, runs in rounds.items()}
+    node, bare, dcm = (results[kind] for kind in RECEIVERS)
     report = {
         "benchmark": "ingest",
         "series": {"slices": args.slices, "size": args.size, "megabytes": round(megabytes, 1)},
