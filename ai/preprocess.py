@@ -350,14 +350,6 @@ class SlidingWindow:
         pd, ph, pw = self.config.seg_patch
         return PatchBox(z0, z0 + pd, y0, y0 + ph, x0, x0 + pw, self.grid_shape)
 
-    def box_around(self, z: int, y: int, x: int) -> PatchBox:
-        """A patch containing grid voxel (z, y, x), centred on it but kept on the grid where
-        the grid is large enough (e.g. lesion-biased patch sampling in training)."""
-        starts = []
-        for c, p, n in zip((z, y, x), self.config.seg_patch, self.grid_shape, strict=True):
-            starts.append(-((p - n) // 2) if n < p else min(max(c - p // 2, 0), n - p))
-        return self.box_at(*starts)
-
     def to_grid(self, x: ArrayLike, mode: str = "bilinear") -> torch.Tensor:
         """A native (S, H, W) map on the segmentation grid (S, h, w), float32."""
         _check_shape(x, self.native_shape, "native")

@@ -183,15 +183,6 @@ def test_downscaled_segmentation_grid_and_inverse_mapping() -> None:
         window.to_native(smooth)
 
 
-def test_box_around_contains_the_voxel() -> None:
-    cfg = PreprocessConfig(seg_patch=(24, 64, 64), min_slices=12)
-    window = SlidingWindow((40, 100, 120), cfg)
-    for z, y, x in [(0, 0, 0), (39, 99, 119), (20, 50, 60), (5, 95, 3)]:
-        box = window.box_around(z, y, x)
-        assert box.z0 <= z < box.z1 and box.y0 <= y < box.y1 and box.x0 <= x < box.x1
-        assert box.z0 >= 0 and box.z1 <= 40 and box.x0 >= 0 and box.x1 <= 120
-
-
 def test_accumulator_checks_shapes() -> None:
     window = SlidingWindow((24, 64, 64), PreprocessConfig(seg_patch=(24, 64, 64)))
     acc = window.accumulator()

@@ -56,7 +56,7 @@ class NestedSegmentation(hd.seg.Segmentation):
     ) -> tuple[np.ndarray, hd.seg.SegmentsOverlapValues]:
         if pixel_array.ndim != 4 or pixel_array.shape[-1] != len(segment_numbers):
             raise ValueError(f"pixel array {pixel_array.shape} vs {len(segment_numbers)} segments")
-        nested = pixel_array.shape[-1] > 1 and bool(pixel_array[..., LESIONS_SEGMENT - 1].any())
+        nested = bool(pixel_array[..., LESIONS_SEGMENT - 1].any())
         overlap = hd.seg.SegmentsOverlapValues.YES if nested else hd.seg.SegmentsOverlapValues.NO
         return pixel_array, overlap
 
