@@ -176,7 +176,7 @@ def _box_rows(box: Tensor) -> list[list[float]]:
     return rows
 
 
-def _area_weights(
+def area_weights(
     src: tuple[float, float],
     n_src: int,
     dst: tuple[float, float],
@@ -199,7 +199,7 @@ def _area_weights(
     return (hi - lo).clamp(min=0.0) / (de[1:] - de[:-1])[:, None]
 
 
-def _linear_weights(
+def linear_weights(
     src: tuple[float, float],
     n_src: int,
     dst: tuple[float, float],
@@ -284,9 +284,9 @@ def crop_to_box(x: Tensor, box: Tensor, size: Sequence[int], stride: int = 1) ->
             shift = (0.5 - stride / 2) / (n_src * stride)
             src = (shift, 1.0 + shift)
             if (dst[1] - dst[0]) / n_dst < 1.0 / n_src:  # finer: interpolate
-                w = _linear_weights(src, n_src, dst, n_dst, valid=(0.0, 1.0))
+                w = linear_weights(src, n_src, dst, n_dst, valid=(0.0, 1.0))
             else:  # coarser: average
-                w = _area_weights(src, n_src, dst, n_dst, valid=(0.0, 1.0))
+                w = area_weights(src, n_src, dst, n_dst, valid=(0.0, 1.0))
             lo, hi = _support(w, 1)
             mats.append(_host_to(w[:, lo:hi], x))
             cuts.append((lo, hi))
@@ -314,7 +314,7 @@ def paste_from_box(x: Tensor, box: Tensor, size: Sequence[int]) -> Tensor:
     for i, row in enumerate(rows):
         mats, pads = [], []
         for a in range(3):
-            w = _area_weights((row[2 * a], row[2 * a + 1]), x.shape[2 + a], (0.0, 1.0), size[a])
+            w = area_weights((row[2 * a], row[2 * a + 1]), x.shape[2 + a], (0.0, 1.0), size[a])
             lo, hi = _support(w, 0)
             hi = max(hi, lo + 1)  # keep one (zero) row so shapes stay valid
             mats.append(_host_to(w[lo:hi], x))
@@ -332,7 +332,7 @@ def box_coverage(box: Tensor, size: Sequence[int], like: Tensor) -> Tensor:
     outs = []
     for row in rows:
         cov = [
-            _area_weights((row[2 * a], row[2 * a + 1]), 1, (0.0, 1.0), size[a])[:, 0]
+            area_weights((row[2 * a], row[2 * a + 1]), 1, (0.0, 1.0), size[a])[:, 0]
             for a in range(3)
         ]
         outs.append(cov[0][:, None, None] * cov[1][None, :, None] * cov[2][None, None, :])

@@ -416,6 +416,29 @@ def test_samples_match_inference_preprocessing() -> None:
     torch.testing.assert_close(sample["x_cls"][0], x_cls, rtol=0, atol=0)
 
 
+def test_augmentation_thickens_slices_by_averaging_and_flips_exactly() -> None:
+    """Slices doubled in thickness are the mean of the two they cover; a flip alone moves
+    every column to its mirror image, the masks with the image."""
+    slices = torch.arange(8, dtype=torch.float32)[:, None, None].expand(8, 6, 5)
+    stack = torch.stack([slices, slices * 2])
+    thick = Augmentation(flip=0.0, rotate_deg=0.0, scale=0.0, z_scale=0.5, noise_hu=0.0)
+    rng = next(
+        np.random.default_rng(s) for s in range(100)
+        if round(8 * (1 + np.random.default_rng(s).uniform(-0.5, 0.5))) == 4
+    )  # fmt: skip
+    out = datasets._augment(stack, thick, rng)
+    assert out.shape == (2, 4, 6, 5)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.5, 2.5, 4.5, 6.5]))
+    torch.testing.assert_close(out[1], out[0] * 2)
+
+    image = torch.rand(1, 3, 6, 5, generator=torch.Generator().manual_seed(0))
+    flip = Augmentation(flip=1.0, rotate_deg=0.0, scale=0.0, z_scale=0.0, noise_hu=0.0)
+    torch.testing.assert_close(
+        datasets._augment(image, flip, np.random.default_rng(0)), image.flip(-1),
+        rtol=0, atol=1e-5,
+    )  # fmt: skip
+
+
 def test_unknown_lungs_fail_loudly() -> None:
     case = _toy_case()
     case.lung_mask = None

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ai.labels import Diagnosis
-from ai.model import paste_from_box
+from ai.model import area_weights, linear_weights, paste_from_box
 from ai.preprocess import (
     PatchBox,
     PreprocessConfig,
@@ -965,7 +965,11 @@ class TrainingSamples:
 
 
 def _augment(stack: torch.Tensor, aug: Augmentation, rng: np.random.Generator) -> torch.Tensor:
-    """Slice spacing, flip, rotation and scale of (channels, S, h, w) maps on one grid."""
+    """Slice spacing, flip, rotation and scale of (channels, S, h, w) maps on one grid.
+
+    Two passes over the data, both cheap on a worker's single core: one matrix product
+    along z, one in-plane warp whose sampling grid holds the flip, rotation and zoom.
+    """
     # Draw every number whatever the settings, so switching one off keeps the others.
     z_factor = 1.0 + rng.uniform(-aug.z_scale, aug.z_scale)
     flip = rng.random() < aug.flip
@@ -974,25 +978,19 @@ def _augment(stack: torch.Tensor, aug: Augmentation, rng: np.random.Generator) -
     channels, slices, h, w = stack.shape
     new_slices = max(1, round(slices * z_factor))
     if new_slices != slices:
-        # Along z only (in-plane untouched), cheaper than the 3D kernels: thicker slices
-        # are the average of the thin ones they cover; thinner ones interpolate linearly.
-        if new_slices < slices:
-            planes = stack.reshape(1, channels, slices, h * w)
-            planes = F.adaptive_avg_pool2d(planes, (new_slices, h * w))
-            stack = planes.reshape(channels, new_slices, h, w)
-        else:
-            centres = (torch.arange(new_slices) + 0.5) * (slices / new_slices) - 0.5
-            centres = centres.clamp_(0, slices - 1)
-            below = centres.floor().long()
-            above = (below + 1).clamp_(max=slices - 1)
-            frac = (centres - below).view(1, -1, 1, 1)
-            stack = torch.lerp(stack[:, below], stack[:, above], frac)
+        # Thicker slices are the average of the thin ones they cover (a box filter over
+        # the same extent); thinner ones interpolate linearly.
+        weights = area_weights if new_slices < slices else linear_weights
+        wz = weights((0.0, 1.0), slices, (0.0, 1.0), new_slices).to(stack.dtype)
+        stack = torch.matmul(wz, stack.reshape(channels, slices, h * w))
         slices = new_slices
-    if flip:
-        stack = stack.flip(-1)
-    if angle or zoom != 1.0:
+        stack = stack.reshape(channels, slices, h, w)
+    if flip or angle or zoom != 1.0:
         cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
-        theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=stack.dtype)
+        mirror = -1.0 if flip else 1.0  # the flip first: the input's x axis mirrored
+        theta = torch.tensor(
+            [[[mirror * cos, -mirror * sin, 0.0], [sin, cos, 0.0]]], dtype=stack.dtype
+        )
         # One in-plane warp for every slice and channel: a single sampling grid.
         grid = F.affine_grid(theta, [1, 1, h, w], align_corners=False)
         planes = stack.reshape(1, channels * slices, h, w)
