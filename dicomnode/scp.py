@@ -54,14 +54,29 @@ def _number(ds: Dataset, keyword: str, kind: type[int] | type[float]) -> Any:
         return None
 
 
-def instance_record(ds: Dataset, transfer_syntax_uid: str, calling_aet: str) -> InstanceRecord:
-    """The indexed attributes of a dataset; raises ValueError if a placing UID is missing."""
+def placing_uids(ds: Dataset) -> tuple[str, str, str]:
+    """(study, series, SOP instance) UIDs that place an instance in the store; raises
+    ValueError when any of them, or the SOP Class UID, is missing."""
     missing = [k for k in _REQUIRED_UIDS if not _text(ds, k)]
     if missing:
         raise ValueError(f"dataset lacks {', '.join(missing)}")
-    orientation = ds.get("ImageOrientationPatient") or ()
+    return (_text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"),
+            _text(ds, "SOPInstanceUID"))  # fmt: skip
+
+
+def _numbers(ds: Dataset, keyword: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in (ds.get(keyword) or ()))
+    except (TypeError, ValueError):
+        return ()
+
+
+def instance_record(ds: Dataset, transfer_syntax_uid: str, calling_aet: str) -> InstanceRecord:
+    """The indexed attributes of a dataset; raises ValueError if a placing UID is missing.
+    Malformed optional values are indexed as absent (the file keeps them as sent)."""
+    sop_instance_uid = placing_uids(ds)[2]
     return InstanceRecord(
-        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        sop_instance_uid=sop_instance_uid,
         sop_class_uid=_text(ds, "SOPClassUID"),
         study_instance_uid=_text(ds, "StudyInstanceUID"),
         series_instance_uid=_text(ds, "SeriesInstanceUID"),
@@ -79,7 +94,7 @@ def instance_record(ds: Dataset, transfer_syntax_uid: str, calling_aet: str) -> 
         series_description=_text(ds, "SeriesDescription"),
         body_part_examined=_text(ds, "BodyPartExamined"),
         image_type=tuple(str(v) for v in (ds.get("ImageType") or ())),
-        image_orientation=tuple(float(v) for v in orientation),
+        image_orientation=_numbers(ds, "ImageOrientationPatient"),
         slice_thickness_mm=_number(ds, "SliceThickness", float),
         instance_number=_number(ds, "InstanceNumber", int),
         calling_aet=calling_aet,
@@ -173,31 +188,37 @@ class StorageSCP:
         encoded = event.encoded_dataset()
         try:
             header = dcmread(io.BytesIO(encoded), stop_before_pixels=True)
-            record = instance_record(header, event.context.transfer_syntax, calling_aet)
-            relpath = self.filestore.instance_relpath(
-                record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
-            )
+            study_uid, series_uid, sop_uid = placing_uids(header)
+            relpath = self.filestore.instance_relpath(study_uid, series_uid, sop_uid)
         except Exception as exc:
             return self._reject(encoded, calling_aet, exc)
-        lock = self._uid_locks[hash(record.sop_instance_uid) % len(self._uid_locks)]
+        lock = self._uid_locks[hash(sop_uid) % len(self._uid_locks)]
         try:
             with lock:
-                status = self._store(encoded, record, relpath)
+                status = self._store(encoded, header, event.context.transfer_syntax,
+                                     calling_aet, relpath)
         except Exception:
-            logger.exception("C-STORE of %s failed to persist", record.sop_instance_uid)
+            logger.exception("C-STORE of %s failed to persist", sop_uid)
             return STATUS_OUT_OF_RESOURCES
         with self._assoc_lock:
-            self._assoc_series[id(event.assoc)].add(record.series_instance_uid)
+            self._assoc_series[id(event.assoc)].add(series_uid)
         return status
 
-    def _store(self, encoded: bytes, record: InstanceRecord, relpath: str) -> int:
+    def _store(self, encoded: bytes, header: Dataset, transfer_syntax_uid: str,
+               calling_aet: str, relpath: str) -> int:
         """New instance: exclusive create (the file system says whether the path is
-        taken) while hashing, then the row. Anything else takes `_store_again`."""
+        taken) while the index record is extracted and the bytes hashed, then the row.
+        Anything else takes `_store_again`."""
         writing = self._writer.submit(self.filestore.create, relpath, encoded, exclusive=True)
-        digest = hashlib.sha256(encoded).hexdigest()
         try:
-            size = writing.result()
-        except FileExistsError:
+            record = instance_record(header, transfer_syntax_uid, calling_aet)
+            digest = hashlib.sha256(encoded).hexdigest()
+        finally:  # the UID lock is never left while this instance's file is written
+            try:
+                size = writing.result()
+            except FileExistsError:
+                size = None
+        if size is None:
             return self._store_again(encoded, record, relpath, digest)
         if not self.index.add_instance(record, relpath, size, digest):
             # The UID is indexed under another study or series: keep the first.

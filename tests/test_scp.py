@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from dicomnode.scp import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
+from dicomnode.scp import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, instance_record
 from dicomnode.scu import Peer, echo, send
 from dicomnode.service import Node
 from storage.index import utcnow
@@ -357,3 +359,22 @@ def test_stored_file_is_byte_identical_to_what_was_sent(
     assert hashlib.sha256(dataset_bytes[-len(sent.PixelData):]).digest() == hashlib.sha256(
         sent.PixelData).digest()
     assert not list((node.settings.data_dir / "tmp").iterdir())
+
+
+def test_malformed_optional_values_are_stored_and_indexed_as_absent(
+    start_node: Callable[..., Node], ct_series_dir: Path, tmp_path: Path
+) -> None:
+    """A value that does not convert costs the index that value, never the instance."""
+    node = start_node()
+    ds = pydicom.dcmread(next(ct_series_dir.glob("*.dcm")))
+    # as a sender with a bug would encode them (pydicom refuses to set such values)
+    ds[0x00200037] = RawDataElement(Tag(0x00200037), "DS", 16, b"1\\0\\zero\\0\\1\\0 ",
+                                    0, False, True)
+    ds[0x00200013] = RawDataElement(Tag(0x00200013), "IS", 6, b"seven ", 0, False, True)
+    ds.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
+    assert _raw_store(node, tmp_path / "odd.dcm") == 0
+    stored = node.index.find_instance(ds.SOPInstanceUID)
+    assert stored is not None
+    assert node.filestore.path(stored.path).read_bytes().endswith(ds.PixelData)
+    record = instance_record(pydicom.dcmread(tmp_path / "odd.dcm"), "1.2.840.10008.1.2.1", "X")
+    assert record.image_orientation == () and record.instance_number is None
