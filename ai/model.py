@@ -38,6 +38,8 @@ TASKS: tuple[str, ...] = ("joint", "seg", "cls")
 """`joint`: the full model; `seg` / `cls`: single-task ablations (no cross-stitch)."""
 
 SIZES: tuple[str, ...] = ("paper", "lite", "tiny")
+SEG_NORMS: tuple[str, ...] = ("group", "affine")
+"""Norm layers of the L stream: GroupNorm, or a learnt per-channel affine (see ChannelAffine)."""
 
 UNIT_STRIDES: tuple[int, ...] = (4, 8, 16)
 """Stride of each classification encoder unit's features w.r.t. the C-stream input (the
@@ -73,6 +75,7 @@ class ModelConfig:
     eta: tuple[float, ...] = (0.25, 0.25, 0.5, 1.0)  # eq. 3, heads coarse -> fine
     cross_stitch_init: tuple[float, float] = (0.8, 0.2)  # (diagonal, off-diagonal)
     seg_prior: float = 0.01  # initial fused lesion probability (head bias init)
+    seg_norm: str = "group"  # L stream (stem + lesion subnet): "group" or "affine"
     n_classes: int = 3
     cls_input: tuple[int, ...] = (48, 256, 256)
     seg_patch: tuple[int, ...] = (24, 256, 256)
@@ -98,6 +101,8 @@ class ModelConfig:
             problems.append(f"n_classes must be >= 2, got {self.n_classes}")
         if not 0.0 < self.seg_prior < 1.0:
             problems.append(f"seg_prior must be in (0, 1), got {self.seg_prior}")
+        if self.seg_norm not in SEG_NORMS:
+            problems.append(f"seg_norm {self.seg_norm!r} is not one of {SEG_NORMS}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -111,11 +116,12 @@ class ModelConfig:
     def named(cls, name: str, task: str = "joint") -> ModelConfig:
         """One of `SIZES`: `paper` (9.1 M parameters), `lite` (2.3 M, CPU), `tiny` (tests)."""
         if name == "paper":
-            return cls(name="paper", task=task)
+            return cls(name="paper", task=task, seg_norm="affine")
         if name == "lite":
             return cls(
                 name="lite",
                 task=task,
+                seg_norm="affine",
                 stem_widths=(4, 4, 4, 4, 6, 6, 2),
                 seg_widths=(32, 64, 128),
                 seg_top_width=16,
@@ -129,6 +135,7 @@ class ModelConfig:
             return cls(
                 name="tiny",
                 task=task,
+                seg_norm="affine",
                 stem_widths=(2, 2, 2, 2, 2, 2, 2),
                 seg_widths=(8, 8, 16),
                 seg_top_width=4,
@@ -380,22 +387,57 @@ def _gn(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(channels, groups), channels)
 
 
+class ChannelAffine(nn.Module):
+    """A learnt per-channel scale and shift, with no statistics of the input.
+
+    What BatchNorm computes at inference, trained directly. The L stream uses it instead
+    of GroupNorm (`ModelConfig.seg_norm`): its windows are lung-masked, 83-95 % zeros,
+    so GroupNorm's window statistics follow how much lung a window holds, and one HU
+    value becomes a different feature in every window (docs/training.md, attempt 4).
+    With this layer a voxel's output depends only on its receptive field.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.bias.view(shape), x, self.weight.view(shape))
+
+
+def _norm(kind: str, channels: int, groups: int) -> nn.Module:
+    return ChannelAffine(channels) if kind == "affine" else _gn(channels, groups)
+
+
+def _he_init(module: nn.Module, skip: Sequence[nn.Module] = ()) -> None:
+    """He-normal weights for the convolutions (ReLU follows): without normalising
+    statistics, PyTorch's default init lets activations shrink layer by layer."""
+    skipped = {id(m) for part in skip for m in part.modules()}
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d | nn.ConvTranspose3d) and id(m) not in skipped:
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+
 def _conv3(cin: int, cout: int, stride: int = 1) -> nn.Conv3d:
     return nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
 class ConvNormAct(nn.Sequential):
-    """3^3 conv (bias-free: GroupNorm follows), GroupNorm, ReLU."""
+    """3^3 conv (bias-free: the norm's shift follows), norm, ReLU."""
 
-    def __init__(self, cin: int, cout: int, groups: int) -> None:
-        super().__init__(_conv3(cin, cout), _gn(cout, groups), nn.ReLU(inplace=True))
+    def __init__(self, cin: int, cout: int, groups: int, norm: str = "group") -> None:
+        super().__init__(_conv3(cin, cout), _norm(norm, cout, groups), nn.ReLU(inplace=True))
 
 
 class DoubleConv(nn.Sequential):
     """Two ConvNormAct: one down- or up-transition unit of the U-Net."""
 
-    def __init__(self, cin: int, cout: int, groups: int) -> None:
-        super().__init__(ConvNormAct(cin, cout, groups), ConvNormAct(cout, cout, groups))
+    def __init__(self, cin: int, cout: int, groups: int, norm: str = "group") -> None:
+        super().__init__(
+            ConvNormAct(cin, cout, groups, norm), ConvNormAct(cout, cout, groups, norm)
+        )
 
 
 class InceptionStem(nn.Module):
@@ -405,7 +447,9 @@ class InceptionStem(nn.Module):
     Every dimension is halved (ceil). One instance per stream, not shared.
     """
 
-    def __init__(self, widths: Sequence[int], groups: int, in_channels: int = 1) -> None:
+    def __init__(
+        self, widths: Sequence[int], groups: int, in_channels: int = 1, norm: str = "group"
+    ) -> None:
         super().__init__()
         b1, b2r, b2, b3r, b3m, b3, b4 = widths
         cin = in_channels
@@ -417,7 +461,12 @@ class InceptionStem(nn.Module):
         self.branch4 = nn.Sequential(
             nn.AvgPool3d(3, stride=1, padding=1, count_include_pad=False), _conv3(cin, b4, 2)
         )
-        self.norm = nn.GroupNorm(groups, b1 + b2 + b3 + b4)
+        self.norm = (
+            ChannelAffine(b1 + b2 + b3 + b4) if norm == "affine"
+            else nn.GroupNorm(groups, b1 + b2 + b3 + b4)
+        )  # fmt: skip
+        if norm == "affine":
+            _he_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         y = torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
@@ -425,7 +474,7 @@ class InceptionStem(nn.Module):
 
     def zero_input_output(self) -> Tensor:
         """The output (C,) at every voxel for an all-zero input, exactly: the convs are
-        bias-free, so GroupNorm sees zeros and returns its bias; then ReLU."""
+        bias-free, so the norm sees zeros and returns its bias; then ReLU."""
         return F.relu(self.norm.bias)
 
 
@@ -503,17 +552,19 @@ class LesionSubnet(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         w1, w2, w3 = cfg.seg_widths
-        top, g = cfg.seg_top_width, cfg.norm_groups
-        self.enc1 = DoubleConv(cfg.stem_out, w1, g)
-        self.enc2 = DoubleConv(w1, w2, g)
-        self.bottleneck = DoubleConv(w2, w3, g)
+        top, g, n = cfg.seg_top_width, cfg.norm_groups, cfg.seg_norm
+        self.enc1 = DoubleConv(cfg.stem_out, w1, g, n)
+        self.enc2 = DoubleConv(w1, w2, g, n)
+        self.bottleneck = DoubleConv(w2, w3, g, n)
         self.up1 = nn.ConvTranspose3d(w3, w2, 2, stride=2, bias=False)
-        self.dec1 = DoubleConv(2 * w2, w2, g)
+        self.dec1 = DoubleConv(2 * w2, w2, g, n)
         self.up2 = nn.ConvTranspose3d(w2, w1, 2, stride=2, bias=False)
-        self.dec2 = DoubleConv(2 * w1, w1, g)
+        self.dec2 = DoubleConv(2 * w1, w1, g, n)
         self.up3 = nn.ConvTranspose3d(w1, top, 2, stride=2, bias=False)
-        self.dec3 = DoubleConv(top, top, g)
+        self.dec3 = DoubleConv(top, top, g, n)
         self.heads = nn.ModuleList(nn.Conv3d(c, 1, 1) for c in (w3, w2, w1, top))
+        if n == "affine":
+            _he_init(self, skip=[self.heads])
         self.eta = tuple(float(e) for e in cfg.eta)
         prior = math.log(cfg.seg_prior / (1.0 - cfg.seg_prior)) / sum(self.eta)
         for head in self.heads:  # fused probability starts at seg_prior (focal-loss init)
@@ -697,7 +748,10 @@ class DeepSC(nn.Module):
         super().__init__()
         self.config = config
         has_seg, has_cls = config.task in ("joint", "seg"), config.task in ("joint", "cls")
-        self.stem_l = InceptionStem(config.stem_widths, config.stem_groups) if has_seg else None
+        self.stem_l = (
+            InceptionStem(config.stem_widths, config.stem_groups, norm=config.seg_norm)
+            if has_seg else None
+        )  # fmt: skip
         self.stem_c = InceptionStem(config.stem_widths, config.stem_groups) if has_cls else None
         self.cross_stitch = CrossStitch(config.cross_stitch_init) if has_seg and has_cls else None
         self.lesion = LesionSubnet(config) if has_seg else None

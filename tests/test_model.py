@@ -114,6 +114,26 @@ def test_config_round_trip_and_validation() -> None:
         ModelConfig.from_dict({k: v for k, v in ModelConfig().to_dict().items() if k != "eta"})
 
 
+@pytest.mark.parametrize("seg_norm", ["affine", "group"])
+def test_lesion_output_depends_only_on_its_receptive_field(seg_norm: str) -> None:
+    """With the per-channel affine of the shipped sizes, what a window holds far from a
+    voxel (here: more or less lung) leaves its lesion logit alone; GroupNorm's window
+    statistics do not (why the L stream does not use them)."""
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(ModelConfig.named("tiny", "seg"), seg_norm=seg_norm))
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    window = torch.rand(1, 1, 8, 16, 256, generator=g) * 0.5
+    more_lung = window.clone()
+    more_lung[..., 192:] = 0.4 + 0.1 * torch.rand(1, 1, 8, 16, 64, generator=g)
+    with torch.no_grad():
+        a, b = (model.segment(model.stem_l(x)).logit[..., :32] for x in (window, more_lung))
+    if seg_norm == "affine":
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    else:
+        assert float((a - b).abs().max()) > 1e-3
+
+
 def test_cross_stitch_initialisation_is_explicit() -> None:
     weight = tiny().cross_stitch.weight
     assert torch.equal(weight, torch.tensor([[0.8, 0.2], [0.2, 0.8]]))
