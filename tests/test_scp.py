@@ -361,6 +361,7 @@ def test_stored_file_is_byte_identical_to_what_was_sent(
     assert not list((node.settings.data_dir / "tmp").iterdir())
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # pydicom's, on purpose here
 def test_malformed_optional_values_are_stored_and_indexed_as_absent(
     start_node: Callable[..., Node], ct_series_dir: Path, tmp_path: Path
 ) -> None:
