@@ -461,10 +461,7 @@ class InceptionStem(nn.Module):
         self.branch4 = nn.Sequential(
             nn.AvgPool3d(3, stride=1, padding=1, count_include_pad=False), _conv3(cin, b4, 2)
         )
-        self.norm = (
-            ChannelAffine(b1 + b2 + b3 + b4) if norm == "affine"
-            else nn.GroupNorm(groups, b1 + b2 + b3 + b4)
-        )  # fmt: skip
+        self.norm = _norm(norm, b1 + b2 + b3 + b4, groups)
         if norm == "affine":
             _he_init(self)
 

@@ -16,7 +16,7 @@ import logging
 import ssl
 import threading
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -214,12 +214,10 @@ class StorageSCP:
             record = instance_record(header, transfer_syntax_uid, calling_aet)
             digest = hashlib.sha256(encoded).hexdigest()
         finally:  # the UID lock is never left while this instance's file is written
-            try:
-                size = writing.result()
-            except FileExistsError:
-                size = None
-        if size is None:
+            wait([writing])
+        if isinstance(writing.exception(), FileExistsError):
             return self._store_again(encoded, record, relpath, digest)
+        size = writing.result()
         if not self.index.add_instance(record, relpath, size, digest):
             # The UID is indexed under another study or series: keep the first.
             self._keep_conflict(record, self.filestore.set_aside(relpath, "conflicts"))
