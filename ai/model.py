@@ -75,7 +75,7 @@ class ModelConfig:
     eta: tuple[float, ...] = (0.25, 0.25, 0.5, 1.0)  # eq. 3, heads coarse -> fine
     cross_stitch_init: tuple[float, float] = (0.8, 0.2)  # (diagonal, off-diagonal)
     seg_prior: float = 0.01  # initial fused lesion probability (head bias init)
-    seg_norm: str = "group"  # L stream (stem + lesion subnet): "group" or "affine"
+    seg_norm: str = "affine"  # L stream (stem + lesion subnet): "affine" or "group"
     n_classes: int = 3
     cls_input: tuple[int, ...] = (48, 256, 256)
     seg_patch: tuple[int, ...] = (24, 256, 256)
@@ -116,12 +116,11 @@ class ModelConfig:
     def named(cls, name: str, task: str = "joint") -> ModelConfig:
         """One of `SIZES`: `paper` (9.1 M parameters), `lite` (2.3 M, CPU), `tiny` (tests)."""
         if name == "paper":
-            return cls(name="paper", task=task, seg_norm="affine")
+            return cls(name="paper", task=task)
         if name == "lite":
             return cls(
                 name="lite",
                 task=task,
-                seg_norm="affine",
                 stem_widths=(4, 4, 4, 4, 6, 6, 2),
                 seg_widths=(32, 64, 128),
                 seg_top_width=16,
@@ -135,7 +134,6 @@ class ModelConfig:
             return cls(
                 name="tiny",
                 task=task,
-                seg_norm="affine",
                 stem_widths=(2, 2, 2, 2, 2, 2, 2),
                 seg_widths=(8, 8, 16),
                 seg_top_width=4,

@@ -116,7 +116,7 @@ def test_config_round_trip_and_validation() -> None:
 
 @pytest.mark.parametrize("seg_norm", ["affine", "group"])
 def test_lesion_output_depends_only_on_its_receptive_field(seg_norm: str) -> None:
-    """With the per-channel affine of the shipped sizes, what a window holds far from a
+    """With the per-channel affine of the named sizes, what a window holds far from a
     voxel (here: more or less lung) leaves its lesion logit alone; GroupNorm's window
     statistics do not (why the L stream does not use them)."""
     torch.manual_seed(0)
