@@ -73,7 +73,9 @@ class ModelConfig:
     cls_widths: tuple[int, ...] = (64, 128, 256)  # residual encoder units
     norm_groups: int = 8  # GroupNorm groups outside the stems (gcd with the width)
     eta: tuple[float, ...] = (0.25, 0.25, 0.5, 1.0)  # eq. 3, heads coarse -> fine
-    cross_stitch_init: tuple[float, float] = (0.8, 0.2)  # (diagonal, off-diagonal)
+    # (diagonal, off-diagonal) at the start of stage 2: the identity, so joint fine-tuning
+    # starts from the pre-trained streams (docs/model.md, cross-stitch).
+    cross_stitch_init: tuple[float, float] = (1.0, 0.0)
     seg_prior: float = 0.01  # initial fused lesion probability (head bias init)
     seg_norm: str = "affine"  # L stream (stem + lesion subnet): "affine" or "group"
     n_classes: int = 3
@@ -477,10 +479,10 @@ class CrossStitch(nn.Module):
     """Cross-stitch unit (paper eq. 2) with explicit init and true spatial alignment.
 
     F_seg = a11 * I_seg + a12 * M(I_cls);  F_cls = a21 * M'(I_seg) + a22 * I_cls.
-    `weight` = [[a11, a12], [a21, a22]], initialised (0.8, 0.2; 0.2, 0.8).
+    `weight` = [[a11, a12], [a21, a22]], initialised (diagonal, off-diagonal) = `init`.
     """
 
-    def __init__(self, init: tuple[float, float] = (0.8, 0.2)) -> None:
+    def __init__(self, init: tuple[float, float]) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(2, 2, dtype=torch.float32))
         self.stitch(init)

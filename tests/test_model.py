@@ -135,8 +135,12 @@ def test_lesion_output_depends_only_on_its_receptive_field(seg_norm: str) -> Non
 
 
 def test_cross_stitch_initialisation_is_explicit() -> None:
-    weight = tiny().cross_stitch.weight
-    assert torch.equal(weight, torch.tensor([[0.8, 0.2], [0.2, 0.8]]))
+    """Identity by default (stage 2 starts from the pre-trained streams); any explicit
+    (diagonal, off-diagonal) start is taken as given."""
+    stitch = tiny().cross_stitch
+    assert torch.equal(stitch.weight, torch.eye(2)) and stitch.is_separate
+    stitch.stitch((0.8, 0.2))
+    assert torch.equal(stitch.weight, torch.tensor([[0.8, 0.2], [0.2, 0.8]]))
 
 
 def test_single_task_models_have_only_their_parts() -> None:
