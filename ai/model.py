@@ -39,6 +39,12 @@ TASKS: tuple[str, ...] = ("joint", "seg", "cls")
 
 SIZES: tuple[str, ...] = ("paper", "lite", "tiny")
 SEG_NORMS: tuple[str, ...] = ("group", "affine")
+# Pooling of the classifier's residual units before the FC: "mean" is the paper's eq. 4
+# (GAP), "max" the default here (docs/model.md, "Deviations, and why").
+CLS_POOLS: tuple[str, ...] = ("max", "mean")
+# Fields added to ModelConfig after checkpoint format 1, with the value that reproduces a
+# checkpoint written before them.
+_FIELDS_ADDED_SINCE_FORMAT_1: dict[str, Any] = {"cls_pool": "mean"}
 """Norm layers of the L stream: GroupNorm, or a learnt per-channel affine (see ChannelAffine)."""
 
 UNIT_STRIDES: tuple[int, ...] = (4, 8, 16)
@@ -78,6 +84,9 @@ class ModelConfig:
     cross_stitch_init: tuple[float, float] = (1.0, 0.0)
     seg_prior: float = 0.01  # initial fused lesion probability (head bias init)
     seg_norm: str = "affine"  # L stream (stem + lesion subnet): "affine" or "group"
+    # Max, not the paper's GAP: lesions fill under 1 % of the C grid, and their mean
+    # activation left the image path no signal (it could not fit six scans).
+    cls_pool: str = "max"
     n_classes: int = 3
     cls_input: tuple[int, ...] = (48, 256, 256)
     seg_patch: tuple[int, ...] = (24, 256, 256)
@@ -105,6 +114,8 @@ class ModelConfig:
             problems.append(f"seg_prior must be in (0, 1), got {self.seg_prior}")
         if self.seg_norm not in SEG_NORMS:
             problems.append(f"seg_norm {self.seg_norm!r} is not one of {SEG_NORMS}")
+        if self.cls_pool not in CLS_POOLS:
+            problems.append(f"cls_pool {self.cls_pool!r} is not one of {CLS_POOLS}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -156,7 +167,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; unknown or missing keys are an error, not a silent default."""
+        """Inverse of `to_dict`; unknown or missing keys are an error, not a silent default,
+        except a field added since format 1, which gets the value older files were made with.
+        """
+        data = _FIELDS_ADDED_SINCE_FORMAT_1 | dict(data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         missing = sorted(names - set(data))
@@ -618,7 +632,7 @@ class ClassificationSubnet(nn.Module):
     empty probability map (a non-pneumonia scan) up to unit variance. Instead the map is
     scaled by `LESION_MAP_GAIN`: on the C grid it is a lesion fraction per cell, mostly
     0-0.5, and unscaled the classifier learnt nothing from it (training accuracy stayed at
-    chance on phantoms; x20 reached 0.96 in three epochs).
+    chance on phantoms; x20 reached 0.96 in three epochs). Pooling is `cfg.cls_pool`.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -633,6 +647,7 @@ class ClassificationSubnet(nn.Module):
             [ResidualUnit(2 * w, w1, g), ResidualUnit(w1, w2, g), ResidualUnit(w2, w3, g)]
         )
         self.fc = nn.Linear(w1 + w2 + w3, cfg.n_classes)
+        self.pool = cfg.cls_pool
 
     def forward(self, f_cls: Tensor, lesion_map: Tensor | None = None) -> ClsOutput:
         if lesion_map is None:
@@ -646,7 +661,10 @@ class ClassificationSubnet(nn.Module):
         for unit in self.units:
             x = unit(x)
             units.append(x)
-        pooled = torch.cat([u.mean(dim=(2, 3, 4)) for u in units], 1)
+        if self.pool == "max":
+            pooled = torch.cat([u.amax(dim=(2, 3, 4)) for u in units], 1)
+        else:
+            pooled = torch.cat([u.mean(dim=(2, 3, 4)) for u in units], 1)
         return ClsOutput(self.fc(pooled), units)
 
 
@@ -664,7 +682,10 @@ def class_activation_maps(
 ) -> list[Tensor]:
     """Raw multi-layer CAMs (eq. 5 without CROP): V_k = sum_c w_{j,c} F_{e_k,c}, (n,1,...).
 
-    Because eq. 4 is GAP then FC, mean(V_1) + mean(V_2) + mean(V_3) + b_j = logit_j.
+    With the paper's GAP (`cls_pool="mean"`), mean(V_1) + mean(V_2) + mean(V_3) + b_j =
+    logit_j; with max pooling V_k is the same class-weighted sum of the features whose maxima
+    the FC reads: it still shows where the evidence for class j lies, but no longer adds up
+    to the logit.
     """
     w = fc.weight[class_idx]  # (n, sum of widths)
     maps, start = [], 0

@@ -112,6 +112,27 @@ def test_config_round_trip_and_validation() -> None:
         dataclasses.replace(ModelConfig.named("tiny"), seg_patch=(6, 16, 16))
     with pytest.raises(ValueError, match="missing"):
         ModelConfig.from_dict({k: v for k, v in ModelConfig().to_dict().items() if k != "eta"})
+    with pytest.raises(ValueError, match="cls_pool"):
+        dataclasses.replace(ModelConfig.named("tiny"), cls_pool="median")
+
+
+def test_a_config_from_before_cls_pool_reads_as_the_papers_gap() -> None:
+    """Checkpoints written before the field were trained with GAP; they must keep it."""
+    old = {k: v for k, v in ModelConfig.named("lite").to_dict().items() if k != "cls_pool"}
+    assert ModelConfig.from_dict(old).cls_pool == "mean"
+    assert ModelConfig.named("lite").cls_pool == "max"
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_classifier_logits_are_the_fc_of_the_pooled_units(pool: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(ModelConfig.named("tiny", "cls"), cls_pool=pool))
+    _, x_cls, _ = inputs(model.config)
+    with torch.no_grad():
+        out = model.classify(model.stem_c(x_cls), None)
+        reduce = torch.amax if pool == "max" else torch.mean
+        pooled = torch.cat([reduce(u, dim=(2, 3, 4)) for u in out.units], 1)
+        assert torch.allclose(out.logits, model.classifier.fc(pooled), atol=1e-6)
 
 
 @pytest.mark.parametrize("seg_norm", ["affine", "group"])
@@ -310,7 +331,8 @@ def test_eq3_fuses_the_heads_with_eta() -> None:
 
 
 def test_cams_equal_a_direct_computation_from_the_fc_weights() -> None:
-    model = tiny().eval()
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(ModelConfig.named("tiny"), cls_pool="mean")).eval()
     x_seg, x_cls, box = inputs(model.config)
     with torch.no_grad():
         out = model(x_seg, x_cls, box).cls

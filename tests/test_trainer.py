@@ -179,9 +179,10 @@ def test_single_task_ablations_train_and_evaluate(tmp_path: Path, cache: Path, t
     args = parser.parse_args(
         ["--data", TRAIN, "--out", str(tmp_path / "run"), "--size", "tiny", "--task", task,
          "--epochs", "1", "--val-fraction", "0", "--workers", "0", "--device", "cpu",
-         "--cache-dir", str(cache)]
+         "--cache-dir", str(cache), "--cls-pool", "mean"]
     )  # fmt: skip
     assert run_train_command(args) == 0
+    assert load_checkpoint(tmp_path / "run" / "model.pt").model_config.cls_pool == "mean"
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)
     args = parser.parse_args(

@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from ai.infer import DEFAULT_MIN_LESION_MM3, DEFAULT_THRESHOLD, analyse, predict
 from ai.labels import CLASS_NAMES, Diagnosis
 from ai.lungs import segment_lungs
 from ai.model import (
+    CLS_POOLS,
     SIZES,
     TASKS,
     DeepSC,
@@ -125,6 +126,7 @@ class TrainConfig:
     stage: str = "both"
     size: str = "lite"
     task: str = "joint"
+    cls_pool: str = "max"
     init: Path | None = None
     epochs1: int = 20
     epochs2: int = 10
@@ -452,7 +454,9 @@ class Trainer:
         self.device = device or resolve_device(config.device)
         self.out = Path(config.out)
         torch.manual_seed(config.seed)
-        self.model_config = ModelConfig.named(config.size, config.task)
+        self.model_config = replace(
+            ModelConfig.named(config.size, config.task), cls_pool=config.cls_pool
+        )
         self.model = build_model(self.model_config).to(
             self.device, memory_format=torch.channels_last_3d
         )
@@ -1128,6 +1132,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--task", choices=TASKS, default="joint", help="joint, or a single-task ablation (seg, cls)"
     )
     model.add_argument(
+        "--cls-pool",
+        choices=CLS_POOLS,
+        default="max",
+        help="classifier pooling before the FC: max (default) or mean (the paper's GAP, eq. 4)",
+    )
+    model.add_argument(
         "--init",
         type=Path,
         default=None,
@@ -1209,6 +1219,7 @@ def config_from_args(
         stage=args.stage,
         size=args.size,
         task=args.task,
+        cls_pool=args.cls_pool,
         init=args.init,
         epochs1=args.epochs1 or args.epochs,
         epochs2=args.epochs2 or args.epochs,
