@@ -52,8 +52,9 @@ def _flipped(phantom: Phantom) -> Phantom:
     )
 
 
+@pytest.mark.parametrize("omit_empty_frames", [True, False])
 def test_seg_is_valid_and_reproduces_the_masks(
-    case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
+    case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path, omit_empty_frames: bool
 ) -> None:
     phantom, volume, stats = case
     out = build_segmentation(
@@ -63,10 +64,24 @@ def test_seg_is_valid_and_reproduces_the_masks(
         stats.lesions,
         PROVENANCE,
         max_lesion_segments=3,
+        omit_empty_frames=omit_empty_frames,
     )
     path = tmp_path / "seg.dcm"
     out.dataset.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+    segments = 2 + len(out.lesion_segments)
+    dense = len(volume.datasets) * segments
+    if omit_empty_frames:  # one frame per slice where a segment has voxels
+        planes = [phantom.lung_mask, phantom.lesion_mask & phantom.lung_mask]
+        for stats_index in out.lesion_segments:
+            lesion = next(s for s in stats.lesions if s.index == stats_index)
+            z0, z1 = lesion.bbox_voxels[:2]
+            planes.append(np.zeros(phantom.lung_mask.shape[0], bool))
+            planes[-1][z0:z1] = True
+        expected = sum(int(p.reshape(p.shape[0], -1).any(1).sum()) for p in planes)
+        assert int(out.dataset.NumberOfFrames) == expected < dense
+    else:
+        assert int(out.dataset.NumberOfFrames) == dense
 
     seg = hd.seg.segread(path)
     assert seg.SeriesDescription == "AI lesions (DeepSC)"
