@@ -97,6 +97,17 @@ def test_stage_two_gradients_reach_every_subnet_and_the_cross_stitch(cache: Path
     assert stitch is not None and bool((stitch != 0).all())  # all four of a11..a22
 
 
+def test_stage_two_can_give_the_classification_stream_its_own_rate(cache: Path) -> None:
+    trainer = Trainer(_config(Path("unused"), cache, lr2=1e-5, lr2_cls=1e-3), *_sources(cache))
+    names = {id(p): n.split(".")[0] for n, p in trainer.model.named_parameters()}
+    optimiser, _ = trainer._optimiser(2, steps=10)
+    modules = {g["lr"]: {names[id(p)] for p in g["params"]} for g in optimiser.param_groups}
+    assert modules == {1e-5: {"stem_l", "lesion", "cross_stitch"}, 1e-3: {"stem_c", "classifier"}}
+    optimiser, _ = trainer._optimiser(1, steps=10)  # stage 1: one rate, no cross-stitch
+    assert [g["lr"] for g in optimiser.param_groups] == [1e-3]
+    assert "cross_stitch" not in {names[id(p)] for p in optimiser.param_groups[0]["params"]}
+
+
 def test_resume_continues_exactly(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

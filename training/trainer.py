@@ -100,6 +100,8 @@ STAGE_FILES = {1: "stage1.pt", 2: "stage2.pt"}
 FINAL_FILE = "model.pt"
 LAST_FILE = "last.pt"
 STATE_FILE = "train_state.pt"
+# Parameter-name prefixes of the classification stream (its own stage-2 rate, `lr2_cls`).
+C_STREAM = ("stem_c.", "classifier.")
 DIST_TIMEOUT = datetime.timedelta(hours=2)
 """Other ranks wait this long for rank 0's validation before DDP gives up."""
 
@@ -132,6 +134,7 @@ class TrainConfig:
     epochs2: int = 10
     lr1: float = 1e-3
     lr2: float = 1e-4
+    lr2_cls: float | None = None  # the C stream's stage-2 rate; None: lr2
     batch_size: int = 1
     accumulate: int = 1
     lesion_bias: float = 0.6
@@ -560,12 +563,19 @@ class Trainer:
 
     def _optimiser(self, stage: int, steps: int) -> tuple[torch.optim.Adam, Any]:
         """Adam (0.9, 0.999) with linear decay to zero over the stage; in stage 1 the
-        cross-stitch unit is frozen (the streams train separately)."""
+        cross-stitch unit is frozen (the streams train separately). In stage 2 the C
+        stream (stem and classifier) may have its own rate, `lr2_cls`: a classifier that
+        has to learn anew next to a segmenter that must not be disturbed."""
+        lr = self.config.lr1 if stage == 1 else self.config.lr2
+        lr_cls = lr if stage == 1 or self.config.lr2_cls is None else self.config.lr2_cls
+        groups: dict[float, list[nn.Parameter]] = {lr: [], lr_cls: []}
         for name, p in self.model.named_parameters():
             p.requires_grad_(stage == 2 or not name.startswith("cross_stitch."))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        lr = self.config.lr1 if stage == 1 else self.config.lr2
-        optimiser = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+            if p.requires_grad:
+                groups[lr_cls if name.startswith(C_STREAM) else lr].append(p)
+        optimiser = torch.optim.Adam(
+            [{"params": ps, "lr": rate} for rate, ps in groups.items() if ps], betas=(0.9, 0.999)
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimiser, lambda step: max(0.0, 1.0 - step / steps)
         )
@@ -1149,6 +1159,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--epochs2", type=int, default=None, help="stage-2 epochs (--epochs)")
     model.add_argument("--lr1", type=float, default=1e-3, help="stage-1 learning rate")
     model.add_argument("--lr2", type=float, default=1e-4, help="stage-2 learning rate")
+    model.add_argument(
+        "--lr2-cls",
+        type=float,
+        default=None,
+        help="stage-2 learning rate of the classification stream (default: --lr2)",
+    )
     model.add_argument("--batch-size", type=int, default=1, help="scans per step (1)")
     model.add_argument("--accumulate", type=int, default=1, help="steps per optimiser update")
     model.add_argument(
@@ -1225,6 +1241,7 @@ def config_from_args(
         epochs2=args.epochs2 or args.epochs,
         lr1=args.lr1,
         lr2=args.lr2,
+        lr2_cls=args.lr2_cls,
         batch_size=args.batch_size,
         accumulate=args.accumulate,
         lesion_bias=args.lesion_bias,
