@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ai.checkpoint import load_checkpoint, preprocess_config_for
+from ai.checkpoint import file_sha256, load_checkpoint, preprocess_config_for
 from ai.model import ModelConfig, build_model
 from training.datasets import Augmentation, TrainingSamples, open_data
 from training.losses import LossConfig
@@ -106,6 +106,17 @@ def test_stage_two_can_give_the_classification_stream_its_own_rate(cache: Path) 
     optimiser, _ = trainer._optimiser(1, steps=10)  # stage 1: one rate, no cross-stitch
     assert [g["lr"] for g in optimiser.param_groups] == [1e-3]
     assert "cross_stitch" not in {names[id(p)] for p in optimiser.param_groups[0]["params"]}
+
+
+def test_provenance_names_the_init_weights_by_content(tmp_path: Path, cache: Path) -> None:
+    first = Trainer(
+        _config(tmp_path / "first", cache, stage="1", epochs1=1), *_sources(cache)
+    ).run()
+    assert load_checkpoint(first).provenance.extra["init_sha256"] is None
+    tuned = Trainer(
+        _config(tmp_path / "tuned", cache, stage="2", epochs2=1, init=first), *_sources(cache)
+    ).run()
+    assert load_checkpoint(tuned).provenance.extra["init_sha256"] == file_sha256(first)
 
 
 def test_resume_continues_exactly(

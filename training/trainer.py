@@ -45,6 +45,7 @@ from ai.checkpoint import (
     Checkpoint,
     CheckpointError,
     Provenance,
+    file_sha256,
     load_checkpoint,
     preprocess_config_for,
     resolve_device,
@@ -464,6 +465,13 @@ class Trainer:
             self.device, memory_format=torch.channels_last_3d
         )
         self.preprocess = preprocess_config_for(self.model_config)
+        # Which weights `--init` named, by content: a path alone (say the shipped
+        # checkpoint) may hold other weights by the time someone reads the provenance.
+        self.init_sha256 = (
+            file_sha256(Path(config.init))
+            if config.init is not None and Path(config.init).is_file()
+            else None
+        )
         labels = [int(label) for label in train.labels() if label is not None]
         self.class_weights = None
         if self.model.classifier is not None:
@@ -759,7 +767,8 @@ class Trainer:
         return Provenance.now(
             data=data,
             seed=self.config.seed,
-            extra={"train_config": self.config.to_dict()} | (extra or {}),
+            extra={"train_config": self.config.to_dict(), "init_sha256": self.init_sha256}
+            | (extra or {}),
         )
 
     def _end_epoch(
