@@ -33,6 +33,7 @@ from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_failure_notice, build_report
 from dicomnode.scp import instance_record
 from dicomnode.volume import CTVolume, SeriesRejected, read_series
+from dicomnode.warmup import self_test_analysis, self_test_volume
 from storage.filestore import FileStore
 from storage.index import ClaimedJob, ResultRecord, StudyIndex
 from storage.models import JobState
@@ -152,6 +153,24 @@ class Pipeline:
                 self._checkpoint = self._load()
             return self._checkpoint
 
+    def warm_up(self) -> None:
+        """Load the model and run every output encoder once on a made-up CT
+        (`dicomnode.warmup`), so that the first job pays for neither; what fails is logged
+        (jobs then fail with the reason, the worker keeps running)."""
+        t = time.perf_counter()
+        try:
+            self.checkpoint()
+        except Exception as exc:
+            logger.error("AI worker: the model did not load (jobs fail until it does): %s", exc)
+        try:
+            volume = self_test_volume()
+            build_outputs(volume, self_test_analysis(volume), self.settings, self.kinds)
+        except Exception:
+            logger.exception("AI worker self-test: the output encoders failed on a made-up CT")
+            return
+        logger.info("AI worker ready in %.1f s (model loaded, output encoders self-tested)",
+                    time.perf_counter() - t)
+
     def run_job(self, job: ClaimedJob) -> JobState:
         """Analyse one claimed job and record how it ended; never raises."""
         try:
@@ -244,6 +263,7 @@ def worker_main(settings: Settings, name: str, stop: EventType) -> None:
     index = StudyIndex(settings.database_url)
     pipeline = Pipeline(settings, index, filestore, Exporter(settings, index, filestore))
     try:
+        pipeline.warm_up()
         pipeline.run_until(lambda: stop.is_set() or os.getppid() != parent, name)
     finally:
         index.close()

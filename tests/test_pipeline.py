@@ -5,6 +5,7 @@ re-analysed. A tiny random model stands in for the weights (a fixture, not a res
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,13 +16,18 @@ import pytest
 import torch
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+import dicomnode.pipeline as pipeline_module
 from ai.checkpoint import Provenance, preprocess_config_for, save_checkpoint
+from ai.infer import load_model
 from ai.model import ModelConfig, build_model
+from dicomnode.export import Exporter
 from dicomnode.offline import run_offline
+from dicomnode.pipeline import Pipeline
 from dicomnode.scu import Peer, send
 from dicomnode.service import Node
-from storage.index import OWN_OUTPUT
-from tests.conftest import free_port, write_ct_series
+from storage.filestore import FileStore
+from storage.index import OWN_OUTPUT, StudyIndex
+from tests.conftest import free_port, node_settings, write_ct_series
 
 torch.set_num_threads(1)
 
@@ -166,3 +172,54 @@ def test_offline_infer_writes_every_output(tiny_checkpoint: Path, tmp_path: Path
     assert "seg.dcm" in names and "sr.dcm" in names and "pdf.dcm" in names
     assert any(n.startswith("key_images") for n in names)
     assert "LVR" in capsys.readouterr().out
+
+
+def test_worker_warm_up_loads_the_model_and_runs_every_encoder(
+    tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    destination = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11112,
+                   "outputs": ["seg", "sr", "key_images", "pdf"]}
+    settings = node_settings(tmp_path, ai={"checkpoint": str(tiny_checkpoint), "device": "cpu"},
+                             destinations=[destination])
+    filestore = FileStore(settings.data_dir)  # creates the data directory
+    index = StudyIndex(settings.database_url)
+    loads: list[str] = []
+
+    def load() -> object:
+        loads.append(str(tiny_checkpoint))
+        return load_model(str(tiny_checkpoint), "cpu")
+
+    pipeline = Pipeline(settings, index, filestore, Exporter(settings, index, filestore),
+                        checkpoint_loader=load)
+    built: list[set[str]] = []
+    original = pipeline_module.build_outputs
+
+    def spy(*args: object, **kwargs: object) -> object:
+        out = original(*args, **kwargs)  # type: ignore[arg-type]
+        built.append(set(out[0]))
+        return out
+
+    monkeypatch.setattr(pipeline_module, "build_outputs", spy)
+    with caplog.at_level(logging.INFO, logger="dicomnode.pipeline"):
+        pipeline.warm_up()
+    assert built == [{"seg", "sr", "key_images", "pdf"}]
+    pipeline.checkpoint()
+    assert len(loads) == 1  # loaded at warm-up, kept for the jobs
+    assert "AI worker ready" in caplog.text
+    assert index.series_status() == []  # the made-up CT and its outputs are not kept
+    index.close()
+
+
+def test_worker_warm_up_without_weights_logs_and_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = node_settings(tmp_path, ai={"checkpoint": str(tmp_path / "missing.pt")})
+    filestore = FileStore(settings.data_dir)  # creates the data directory
+    index = StudyIndex(settings.database_url)
+    pipeline = Pipeline(settings, index, filestore, Exporter(settings, index, filestore))
+    with caplog.at_level(logging.INFO, logger="dicomnode.pipeline"):
+        pipeline.warm_up()  # does not raise: jobs will fail with the reason
+    assert "the model did not load" in caplog.text and "missing.pt" in caplog.text
+    assert "AI worker ready" in caplog.text  # the encoders still work
+    index.close()
