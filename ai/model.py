@@ -39,13 +39,13 @@ TASKS: tuple[str, ...] = ("joint", "seg", "cls")
 
 SIZES: tuple[str, ...] = ("paper", "lite", "tiny")
 SEG_NORMS: tuple[str, ...] = ("group", "affine")
+"""Norm layers of the L stream: GroupNorm, or a learnt per-channel affine (see ChannelAffine)."""
 # Pooling of the classifier's residual units before the FC: "mean" is the paper's eq. 4
 # (GAP), "max" the default here (docs/model.md, "Deviations, and why").
 CLS_POOLS: tuple[str, ...] = ("max", "mean")
 # Fields added to ModelConfig after checkpoint format 1, with the value that reproduces a
 # checkpoint written before them.
 _FIELDS_ADDED_SINCE_FORMAT_1: dict[str, Any] = {"cls_pool": "mean"}
-"""Norm layers of the L stream: GroupNorm, or a learnt per-channel affine (see ChannelAffine)."""
 
 UNIT_STRIDES: tuple[int, ...] = (4, 8, 16)
 """Stride of each classification encoder unit's features w.r.t. the C-stream input (the

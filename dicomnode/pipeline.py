@@ -158,18 +158,20 @@ class Pipeline:
         (`dicomnode.warmup`), so that the first job pays for neither; what fails is logged
         (jobs then fail with the reason, the worker keeps running)."""
         t = time.perf_counter()
+        model = "model loaded"
         try:
             self.checkpoint()
         except Exception as exc:
             logger.error("AI worker: the model did not load (jobs fail until it does): %s", exc)
+            model = "NO MODEL"
         try:
             volume = self_test_volume()
             build_outputs(volume, self_test_analysis(volume), self.settings, self.kinds)
         except Exception:
             logger.exception("AI worker self-test: the output encoders failed on a made-up CT")
             return
-        logger.info("AI worker ready in %.1f s (model loaded, output encoders self-tested)",
-                    time.perf_counter() - t)
+        logger.info("AI worker ready in %.1f s (%s, output encoders self-tested)",
+                    time.perf_counter() - t, model)
 
     def run_job(self, job: ClaimedJob) -> JobState:
         """Analyse one claimed job and record how it ended; never raises."""

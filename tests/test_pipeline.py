@@ -206,7 +206,7 @@ def test_worker_warm_up_loads_the_model_and_runs_every_encoder(
     assert built == [{"seg", "sr", "key_images", "pdf"}]
     pipeline.checkpoint()
     assert len(loads) == 1  # loaded at warm-up, kept for the jobs
-    assert "AI worker ready" in caplog.text
+    assert "(model loaded, output encoders self-tested)" in caplog.text
     assert index.series_status() == []  # the made-up CT and its outputs are not kept
     index.close()
 
@@ -221,5 +221,5 @@ def test_worker_warm_up_without_weights_logs_and_goes_on(
     with caplog.at_level(logging.INFO, logger="dicomnode.pipeline"):
         pipeline.warm_up()  # does not raise: jobs will fail with the reason
     assert "the model did not load" in caplog.text and "missing.pt" in caplog.text
-    assert "AI worker ready" in caplog.text  # the encoders still work
+    assert "(NO MODEL, output encoders self-tested)" in caplog.text  # the encoders work
     index.close()
