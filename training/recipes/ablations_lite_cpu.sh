@@ -10,6 +10,7 @@
 # RUNS picks some (default all three); INIT the attempt-5 checkpoint.
 #
 #   INIT=runs/lite-cpu5/model.pt bash training/recipes/ablations_lite_cpu.sh runs/
+# (again with RESUME=1 to continue runs that were stopped)
 set -eu
 OUT=${1:-runs}
 INIT=${INIT:-$OUT/lite-cpu5/model.pt}
@@ -27,7 +28,8 @@ declare -A EXTRA=(
 mkdir -p "$OUT"
 for run in $RUNS; do
     # shellcheck disable=SC2086
-    python3 -m dicomnode train "${COMMON[@]}" ${EXTRA[$run]} --out "$OUT/ablation-$run"
+    python3 -m dicomnode train "${COMMON[@]}" ${EXTRA[$run]} --out "$OUT/ablation-$run" \
+        ${RESUME:+--resume}
     python3 -m dicomnode evaluate --checkpoint "$OUT/ablation-$run/model.pt" \
         --data "$HELD_OUT" --out "$OUT/ablation-$run/eval" --device cpu --workers 1
 done
