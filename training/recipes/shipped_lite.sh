@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# How the shipped weights (ai/weights/deepsc-lite.pt) and the ablations in
-# docs/training.md were made: four runs side by side on one GPU with the same data,
-# seed and time budget (joint; segmentation only; classification only; joint without
+# The GPU recipe (attempt 1 in docs/training.md; the shipped weights came from
+# shipped_lite_cpu.sh, no GPU being lent since): four runs side by side on one GPU with
+# the same data, seed and time budget (joint; segmentation only; classification only; joint without
 # the task-aware loss), each stopped after BUDGET_S seconds if not done, then each
 # evaluated on held-out phantoms whose seeds the training never saw.
 #
