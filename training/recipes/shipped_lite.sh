@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU recipe (attempt 1 in docs/training.md; the shipped weights came from
 # shipped_lite_cpu.sh, no GPU being lent since): four runs side by side on one GPU with
-# the same data, seed and time budget (joint; segmentation only; classification only; joint without
-# the task-aware loss), each stopped after BUDGET_S seconds if not done, then each
+# the same data, seed and time budget (joint; segmentation only; classification only;
+# joint without the task-aware loss), each stopped after BUDGET_S seconds if not done, then each
 # evaluated on held-out phantoms whose seeds the training never saw.
 #
 #   BUDGET_S=420 bash training/recipes/shipped_lite.sh runs/
