@@ -80,6 +80,18 @@ def test_loss_decreases_when_fitting_a_scan(cache: Path) -> None:
     assert losses[-1] < 0.7 * losses[0]
 
 
+@pytest.mark.parametrize("source", ["truth", "none"])
+def test_stage_one_classifier_reads_the_true_lesion_map_or_none(cache: Path, source: str) -> None:
+    batch, cfg = _batch(cache, stage=1, index=0)  # a COVID-19 scan: its map has lesions
+    assert float(batch.lesion_map.sum()) > 0
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    step = TrainStep(model, 1, LossConfig(), torch.ones(3), stage1_lesion_map=source)
+    step(batch).total.backward()
+    weight_grad = model.classifier.lesion_in[0].weight.grad  # zero exactly when the map is
+    assert weight_grad is not None and bool((weight_grad != 0).any()) == (source == "truth")
+
+
 def test_stage_two_gradients_reach_every_subnet_and_the_cross_stitch(cache: Path) -> None:
     batch, cfg = _batch(cache, stage=2)
     torch.manual_seed(0)

@@ -103,6 +103,8 @@ LAST_FILE = "last.pt"
 STATE_FILE = "train_state.pt"
 # Parameter-name prefixes of the classification stream (its own stage-2 rate, `lr2_cls`).
 C_STREAM = ("stem_c.", "classifier.")
+# What the classifier reads as its lesion map in stage 1 (docs/training.md, attempt 6).
+STAGE1_LESION_MAPS = ("truth", "none")
 DIST_TIMEOUT = datetime.timedelta(hours=2)
 """Other ranks wait this long for rank 0's validation before DDP gives up."""
 
@@ -136,6 +138,7 @@ class TrainConfig:
     lr1: float = 1e-3
     lr2: float = 1e-4
     lr2_cls: float | None = None  # the C stream's stage-2 rate; None: lr2
+    stage1_lesion_map: str = "truth"  # the classifier's lesion map in stage 1 (or "none")
     batch_size: int = 1
     accumulate: int = 1
     lesion_bias: float = 0.6
@@ -168,6 +171,12 @@ class TrainConfig:
             problems.append(f"fold {self.fold} of {self.folds}: need folds >= 2, 0 <= fold < folds")
         if not 0.0 <= self.lesion_bias <= 1.0:
             problems.append(f"lesion_bias {self.lesion_bias} must be in [0, 1]")
+        if self.cls_pool not in CLS_POOLS:
+            problems.append(f"cls_pool {self.cls_pool!r} must be one of {CLS_POOLS}")
+        if self.stage1_lesion_map not in STAGE1_LESION_MAPS:
+            problems.append(
+                f"stage1_lesion_map {self.stage1_lesion_map!r} must be one of {STAGE1_LESION_MAPS}"
+            )
         if problems:
             raise ValueError("invalid training settings: " + "; ".join(problems))
 
@@ -340,10 +349,16 @@ class TrainStep(nn.Module):
     """
 
     def __init__(
-        self, model: DeepSC, stage: int, loss: LossConfig, class_weights: Tensor | None
+        self,
+        model: DeepSC,
+        stage: int,
+        loss: LossConfig,
+        class_weights: Tensor | None,
+        stage1_lesion_map: str = "truth",
     ) -> None:
         super().__init__()
         self.model, self.stage, self.loss = model, stage, loss
+        self.stage1_lesion_map = stage1_lesion_map
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, batch: Batch, context: ScanContext | None = None) -> LossTerms:
@@ -353,7 +368,8 @@ class TrainStep(nn.Module):
             if model.stem_l is not None:
                 seg_logits = model.segment(model.stem_l(batch.x_seg)).logit
             if model.stem_c is not None:
-                lesion_map = batch.lesion_map if task == "joint" else None
+                with_map = task == "joint" and self.stage1_lesion_map == "truth"
+                lesion_map = batch.lesion_map if with_map else None
                 cls_logits = model.classify(model.stem_c(batch.x_cls), lesion_map).logits
             return self._loss(batch, seg_logits, cls_logits, None)
         out = model(batch.x_seg, batch.x_cls, batch.box, context)
@@ -600,7 +616,8 @@ class Trainer:
             optimiser.load_state_dict(saved["optimiser"])
             schedule.load_state_dict(saved["schedule"])
         state = state or StageState(stage)
-        step = TrainStep(self.model, stage, self.config.loss, self.class_weights)
+        step = TrainStep(self.model, stage, self.config.loss, self.class_weights,
+                         self.config.stage1_lesion_map)
         runner: nn.Module = step
         if self.info.world > 1:
             # Inputs are already on this rank's device; device_ids=None keeps DDP from
@@ -1157,6 +1174,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="classifier pooling before the FC: max (default) or mean (the paper's GAP, eq. 4)",
     )
     model.add_argument(
+        "--stage1-lesion-map",
+        choices=STAGE1_LESION_MAPS,
+        default="truth",
+        help="the classifier's lesion map in stage 1: the true lesions, or none (images "
+        "only; stage 2 then teaches it the segmenter's own map)",
+    )
+    model.add_argument(
         "--init",
         type=Path,
         default=None,
@@ -1251,6 +1275,7 @@ def config_from_args(
         lr1=args.lr1,
         lr2=args.lr2,
         lr2_cls=args.lr2_cls,
+        stage1_lesion_map=args.stage1_lesion_map,
         batch_size=args.batch_size,
         accumulate=args.accumulate,
         lesion_bias=args.lesion_bias,
