@@ -162,3 +162,48 @@ def test_unclean_shutdown_reconciles_files_the_index_lost(tmp_path: Path) -> Non
     again = Node(settings, analyse=False)  # a clean stop: no reconciliation next time
     assert again.index.mark_running() is True
     again.index.close()
+
+
+def test_unclean_shutdown_removes_rows_whose_file_did_not_complete(tmp_path: Path) -> None:
+    """A row is committed while its file is written: a crash before the fsync ended
+    leaves a row for a short, missing or (on a power loss) wrong file. None of them was
+    acknowledged, so the row goes, the file is set aside, and the re-send is stored."""
+    from dicomnode.service import Node
+    from tests.conftest import node_settings
+
+    files = write_ct_series(tmp_path / "ct", slices=4, size=32, seed=4)
+    settings = node_settings(tmp_path)
+    node = Node(settings, analyse=False)
+    node.start()
+    peer = Peer("DICOMNODE", "127.0.0.1", node.scp.port)
+    assert send(files, peer).sent == 4
+    node.scp.stop()
+    node.assembler.stop()
+    node.exporter.stop()
+    node.index.close()  # no clean-shutdown mark
+
+    paths = {}
+    for f in files:
+        stored = node.index.find_instance(pydicom.dcmread(f).SOPInstanceUID)
+        paths[f] = settings.data_dir / stored.path
+    whole = paths[files[3]].read_bytes()
+    paths[files[0]].write_bytes(paths[files[0]].read_bytes()[:200])  # short
+    paths[files[1]].unlink()  # never written
+    zeroed = bytearray(paths[files[2]].read_bytes())  # right size, content not on disk
+    zeroed[-1000:] = bytes(1000)
+    paths[files[2]].write_bytes(bytes(zeroed))
+
+    restarted = Node(settings, analyse=False)
+    restarted.start()
+    try:
+        assert restarted.index.counts()["instances"] == 1
+        assert len(list((settings.data_dir / "rejected").iterdir())) == 2  # short + zeroed
+        assert paths[files[3]].read_bytes() == whole
+        (series,) = restarted.index.series_status()
+        assert series["instances"] == 1
+        assert send(files, Peer("DICOMNODE", "127.0.0.1", restarted.scp.port)).sent == 4
+        assert restarted.index.counts()["instances"] == 4
+        for f in files:
+            assert pydicom.dcmread(paths[f]).PixelData == pydicom.dcmread(f).PixelData
+    finally:
+        restarted.stop()
