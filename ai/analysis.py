@@ -86,6 +86,10 @@ class ScanAnalysis:
     """Std of lesion centres (unweighted, 3D radial); None without lesions."""
     ggo_fraction: float | None
     consolidation_fraction: float | None
+    lung_mean_hu: float | None
+    """Mean attenuation of the lung mask (lesions included); None without lungs."""
+    lesion_mean_hu: float | None
+    """Mean attenuation of all lesion voxels; None without lesions."""
     peripheral_thickness_mm: float
     consolidation_hu: float
     connectivity: int
@@ -233,6 +237,7 @@ def analyse_lesions(
     lesion_voxels = int(np.count_nonzero(lesion))
     lvr = lesion_voxels / lung_voxels if lung_voxels else 0.0
     base = dict(
+        lung_mean_hu=float(np.mean(volume_hu[lung], dtype=np.float64)) if lung_voxels else None,
         lung_volume_ml=lung_voxels * voxel_ml,
         lesion_volume_ml=lesion_voxels * voxel_ml,
         lvr=lvr,
@@ -244,7 +249,7 @@ def analyse_lesions(
     if box is None:
         return ScanAnalysis(
             plr=None, lesion_count=0, spread_mm=None, ggo_fraction=None,
-            consolidation_fraction=None, lesions=(), **base,
+            consolidation_fraction=None, lesion_mean_hu=None, lesions=(), **base,
         )  # fmt: skip
 
     # Work inside the lesions' bounding box, widened in-plane by the band radius so the band
@@ -319,6 +324,7 @@ def analyse_lesions(
         spread_mm=spread,
         ggo_fraction=1.0 - cons_total,
         consolidation_fraction=cons_total,
+        lesion_mean_hu=float(hu.mean()),
         lesions=tuple(lesions),
         **base,
     )

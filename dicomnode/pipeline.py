@@ -100,12 +100,9 @@ def build_outputs(
     timings["encode_seg"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    lesion_hu = volume.hu[analysis.lesion_mask]
     out["sr"] = [build_report(
         volume.datasets, seg.dataset, seg.lesion_segments, analysis.stats, probabilities,
         analysis.diagnosis, provenance,
-        lesion_mean_hu=float(lesion_hu.mean()) if lesion_hu.size else None,
-        lung_mean_hu=float(volume.hu[analysis.lung_mask].mean()),
     )]
     timings["encode_sr"] = time.perf_counter() - t
     if "key_images" in kinds and options.key_images:

@@ -146,6 +146,8 @@ def test_cube_volume_bbox_centre_and_hu() -> None:
     assert result.lung_volume_ml == pytest.approx(np.count_nonzero(lung) * voxel_ml)
     assert result.lesion_volume_ml == pytest.approx(les.volume_ml)
     assert result.spread_mm == 0.0
+    assert result.lesion_mean_hu == pytest.approx(values.mean())
+    assert result.lung_mean_hu == pytest.approx(vol[lung].mean())
 
 
 def test_density_classes_and_threshold() -> None:
@@ -209,6 +211,7 @@ def test_no_lesions() -> None:
     assert (result.lesion_count, result.lvr, result.lesion_volume_ml) == (0, 0.0, 0.0)
     assert result.plr is None and result.spread_mm is None
     assert result.ggo_fraction is None and result.consolidation_fraction is None
+    assert result.lesion_mean_hu is None and result.lung_mean_hu == pytest.approx(-800.0)
     assert result.lesions == ()
 
 

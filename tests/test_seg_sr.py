@@ -171,6 +171,11 @@ def test_sr_is_valid_and_carries_the_result(
     }
     assert {r.referenced_sop_instance_uid for r in referenced} == {seg.dataset.SOPInstanceUID}
     lesion_volumes = {g.tracking_identifier: g for g in volumetric}
+    for label, mean_hu in (("Lungs", stats.lung_mean_hu),
+                           ("Pneumonia lesions", stats.lesion_mean_hu)):
+        measured = [float(m.value) for m in lesion_volumes[label].get_measurements()
+                    if m.name == codes.DCM.AttenuationCoefficient]
+        assert measured == ([] if mean_hu is None else [pytest.approx(mean_hu, abs=1e-3)])
     for lesion in stats.lesions[: len(seg.lesion_segments)]:
         [volume_ml] = [
             float(m.value)

@@ -164,8 +164,6 @@ def build_report(
     diagnosis: Diagnosis,
     provenance: Provenance,
     *,
-    lesion_mean_hu: float | None = None,
-    lung_mean_hu: float | None = None,
     series_number: int = 9002,
 ) -> Dataset:
     """The Comprehensive SR for one analysed series, referencing the CT and the SEG."""
@@ -173,11 +171,11 @@ def build_report(
     groups: list[object] = [_diagnosis_group(analysis, probabilities, diagnosis, provenance)]
     groups.append(_volume_group(
         "Lungs", _segment_reference(segmentation, LUNG_SEGMENT, ct_series),
-        analysis.lung_volume_ml, lung_mean_hu, provenance, codes.SCT.Lung,
+        analysis.lung_volume_ml, analysis.lung_mean_hu, provenance, codes.SCT.Lung,
         hd.sr.FindingSite(codes.SCT.Lung)))
     groups.append(_volume_group(
         "Pneumonia lesions", _segment_reference(segmentation, LESIONS_SEGMENT, ct_series),
-        analysis.lesion_volume_ml, lesion_mean_hu, provenance, codes.SCT.Lesion,
+        analysis.lesion_volume_ml, analysis.lesion_mean_hu, provenance, codes.SCT.Lesion,
         hd.sr.FindingSite(codes.SCT.Lung)))
     for stats in analysis.lesions:
         number = lesion_segments.get(stats.index)
