@@ -17,7 +17,6 @@ import ssl
 import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -207,31 +206,19 @@ class StorageSCP:
 
     def _store(self, encoded: bytes, header: Dataset, transfer_syntax_uid: str,
                calling_aet: str, relpath: str) -> int:
-        """New instance: the writer thread creates the file exclusively (the file system
-        says whether the path is taken) and fsyncs it, while this thread extracts the
-        index record, hashes the bytes and commits the row; Success only once both are
-        done. A row whose file failed is removed before answering; one a crash caught
-        before the fsync ended is removed by `reconcile_store` (neither was
-        acknowledged, so the sender sends the instance again). Anything else takes
-        `_store_again`."""
+        """New instance: exclusive create (the file system says whether the path is
+        taken) while the index record is extracted and the bytes hashed, then the row.
+        Anything else takes `_store_again`."""
         writing = self._writer.submit(self.filestore.create, relpath, encoded, exclusive=True)
-        added = False
         try:
             record = instance_record(header, transfer_syntax_uid, calling_aet)
             digest = hashlib.sha256(encoded).hexdigest()
-            added = self.index.add_instance(record, relpath, len(encoded), digest)
         finally:  # the UID lock is never left while this instance's file is written
             wait([writing])
-            failed = writing.exception()
-            if added and failed is not None and not isinstance(failed, FileExistsError):
-                self.index.remove_instance(record.sop_instance_uid)
-        if isinstance(failed, FileExistsError):
-            if added:  # a file no row pointed to (a crash before indexing): ours now
-                self.filestore.create(relpath, encoded)
-                return STATUS_SUCCESS
+        if isinstance(writing.exception(), FileExistsError):
             return self._store_again(encoded, record, relpath, digest)
-        writing.result()  # raises the write's error
-        if not added:
+        size = writing.result()
+        if not self.index.add_instance(record, relpath, size, digest):
             # The UID is indexed under another study or series: keep the first.
             self._keep_conflict(record, self.filestore.set_aside(relpath, "conflicts"))
         return STATUS_SUCCESS
@@ -239,22 +226,18 @@ class StorageSCP:
     def _store_again(
         self, encoded: bytes, record: InstanceRecord, relpath: str, digest: str
     ) -> int:
-        """The instance's path exists and its UID is indexed: an identical re-send
-        (success, nothing new; a file left short by a failed write is rewritten first)
-        or a conflicting one (the first is kept, the second set aside)."""
+        """The instance's path exists: an identical re-send (success, nothing new), a
+        conflicting one (the first is kept, the second set aside), or a file no row
+        points to (left by a crash before indexing: replaced and indexed)."""
         known = self.index.find_instance(record.sop_instance_uid)
-        if known is not None and known.sha256 != digest:
+        if known is None:
+            size = self.filestore.create(relpath, encoded)
+            self.index.add_instance(record, relpath, size, digest)
+        elif known.sha256 == digest:
+            logger.debug("duplicate of %s ignored (identical)", record.sop_instance_uid)
+        else:
             aside = self.filestore.write_aside("conflicts", record.sop_instance_uid, encoded)
             self._keep_conflict(record, aside)
-        elif known is None:  # removed since add_instance looked: index it again
-            self.filestore.create(relpath, encoded)
-            self.index.add_instance(record, relpath, len(encoded), digest)
-        elif self.filestore.size(known.path) != known.size_bytes:
-            logger.warning("%s re-sent over a file left short; rewritten",
-                           record.sop_instance_uid)
-            self.filestore.create(known.path, encoded)
-        else:
-            logger.debug("duplicate of %s ignored (identical)", record.sop_instance_uid)
         return STATUS_SUCCESS
 
     @staticmethod
@@ -290,39 +273,15 @@ class StorageSCP:
             self._assoc_series.pop(id(event.assoc), None)
 
 
-# How far before the newest indexed instance a crash may have caught a row committed
-# while its file was still being written (an fsync takes milliseconds; a stalled disk,
-# seconds): those files are checked by their SHA-256, the others by their size.
-CRASH_WINDOW = timedelta(seconds=60)
-
-
-def reconcile_store(filestore: FileStore, index: StudyIndex) -> tuple[int, int, int]:
-    """After an unclean shutdown: make the index and the instance files agree again.
+def reconcile_store(filestore: FileStore, index: StudyIndex) -> tuple[int, int]:
+    """After an unclean shutdown: index instance files the index lost, set broken ones aside.
 
     A file in the instance tree without an index row was either acknowledged and then
     lost from the index by a power loss (it is complete: index it), or cut short by the
-    crash before its acknowledgement (it does not parse: move it to rejected/). A row
-    whose file is missing, of the wrong size or (for the last rows) of the wrong
-    SHA-256 was committed while its file was written and the crash came before the
-    fsync ended: not acknowledged, so the row goes and the file is set aside.
-    Returns (re-indexed, set aside, rows removed).
+    crash before its acknowledgement (it does not parse: move it to rejected/).
+    Returns (re-indexed, set aside).
     """
-    indexed = index.indexed_sizes()
-    latest = index.latest_digests(CRASH_WINDOW)
-    removed = 0
-    for relpath, size in indexed.items():
-        on_disk = filestore.size(relpath)
-        intact = on_disk == size and (
-            relpath not in latest
-            or hashlib.sha256(filestore.read(relpath)).hexdigest() == latest[relpath]
-        )
-        if intact:
-            continue
-        index.remove_instance(Path(relpath).stem)
-        aside = filestore.set_aside(relpath) if on_disk is not None else "no file"
-        logger.warning("index row of %s removed: its file did not complete before the "
-                       "crash (%s)", relpath, aside)
-        removed += 1
+    indexed = index.indexed_paths()
     recovered = broken = 0
     for relpath in filestore.instance_files():
         if relpath in indexed:
@@ -342,8 +301,7 @@ def reconcile_store(filestore: FileStore, index: StudyIndex) -> tuple[int, int, 
         index.add_instance(record, relpath, len(data), hashlib.sha256(data).hexdigest(),
                            node_output=own)
         recovered += 1
-    if recovered or broken or removed:
+    if recovered or broken:
         logger.warning("reconciled the store after an unclean shutdown: %d instance(s) "
-                       "re-indexed, %d partial file(s) set aside, %d row(s) of unfinished "
-                       "files removed", recovered, broken, removed)
-    return recovered, broken, removed
+                       "re-indexed, %d partial file(s) set aside", recovered, broken)
+    return recovered, broken

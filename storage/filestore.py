@@ -102,9 +102,8 @@ class FileStore:
 
         The C-STORE fast path: no temp file, rename or directory fsync. ext4 and XFS commit
         a new file's directory entry with the fsync of the file itself. A crash mid-write
-        leaves a partial file, with or without its index row (committed meanwhile);
-        `reconcile_store` after an unclean shutdown re-indexes complete files, sets
-        broken ones aside and removes the rows of files that did not complete.
+        leaves a partial file that no index row points to; `StudyIndex` reconciliation
+        after an unclean shutdown re-indexes complete ones and sets broken ones aside.
         """
         final = self.root / relpath
         self._ensure_dir(final.parent)
@@ -135,13 +134,6 @@ class FileStore:
         relpath = f"{kind}/{stem}.{stamp}.{next(self._counter)}.dcm"
         self.write(relpath, data)
         return relpath
-
-    def size(self, relpath: str) -> int | None:
-        """Size in bytes of a file, None if there is none."""
-        try:
-            return (self.root / relpath).stat().st_size
-        except FileNotFoundError:
-            return None
 
     def read(self, relpath: str) -> bytes:
         return (self.root / relpath).read_bytes()

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # The C-STORE hot path's statements, built once: constructing a Core statement per call
 # (and its cache key) cost more than executing it.
-_FIND_INSTANCE = select(Instance.path, Instance.sha256, Instance.size_bytes).where(
+_FIND_INSTANCE = select(Instance.path, Instance.sha256).where(
     Instance.sop_instance_uid == bindparam("uid")
 )
 _LATEST_JOB_OF_SERIES = (
@@ -109,7 +109,6 @@ class InstanceRecord:
 class StoredInstance:
     path: str
     sha256: str
-    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -241,22 +240,9 @@ class StudyIndex:
             conn.execute(Meta.__table__.delete().where(Meta.key == "clean_shutdown"))
             conn.execute(Meta.__table__.insert().values(key="clean_shutdown", value="1"))
 
-    def indexed_sizes(self) -> dict[str, int]:
-        """Size in bytes of every indexed instance file, by path (for reconciliation)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(Instance.path, Instance.size_bytes))
-            return {row.path: row.size_bytes for row in rows}
-
-    def latest_digests(self, window: timedelta) -> dict[str, str]:
-        """SHA-256 by path of the instances indexed within `window` of the newest one:
-        the rows a crash may have caught before their file was fsynced."""
-        with self.engine.connect() as conn:
-            newest = conn.execute(select(func.max(Instance.received_at))).scalar()
-            if newest is None:
-                return {}
-            rows = conn.execute(select(Instance.path, Instance.sha256)
-                                .where(Instance.received_at >= newest - window))
-            return {row.path: row.sha256 for row in rows}
+    def indexed_paths(self) -> set[str]:
+        with self._sessions() as session:
+            return set(session.scalars(select(Instance.path)))
 
     def schema_version(self) -> int:
         with self._sessions() as session:
@@ -267,7 +253,7 @@ class StudyIndex:
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
         with self.engine.connect() as conn:  # Core, not ORM: this runs for every C-STORE
             row = conn.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first()
-        return StoredInstance(row.path, row.sha256, row.size_bytes) if row else None
+        return StoredInstance(path=row.path, sha256=row.sha256) if row else None
 
     def add_instance(
         self,
@@ -317,19 +303,6 @@ class StudyIndex:
                 self._mark_own_output(session, series, now)
             else:
                 self._collect(session, series, now)
-        return True
-
-    def remove_instance(self, sop_instance_uid: str) -> bool:
-        """Forget an instance whose file never completed (it was not acknowledged, so
-        its sender sends it again); returns whether a row was removed."""
-        with self._write_lock, self._sessions.begin() as session:
-            instance = session.scalar(
-                select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)
-            )
-            if instance is None:
-                return False
-            instance.series.instance_count -= 1
-            session.delete(instance)
         return True
 
     def _add_to_collecting_series(
