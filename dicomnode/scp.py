@@ -219,20 +219,29 @@ class StorageSCP:
             return self._store_again(encoded, record, relpath, digest)
         size = writing.result()
         if not self.index.add_instance(record, relpath, size, digest):
-            # The UID is indexed under another study or series: keep the first.
-            self._keep_conflict(record, self.filestore.set_aside(relpath, "conflicts"))
+            known = self.index.find_instance(record.sop_instance_uid)
+            if known is not None and known.path == relpath and known.sha256 == digest:
+                logger.warning("%s re-sent after its stored file was lost: written again",
+                               record.sop_instance_uid)
+            else:  # indexed under another study or series: keep the first
+                self._keep_conflict(record, self.filestore.set_aside(relpath, "conflicts"))
         return STATUS_SUCCESS
 
     def _store_again(
         self, encoded: bytes, record: InstanceRecord, relpath: str, digest: str
     ) -> int:
-        """The instance's path exists: an identical re-send (success, nothing new), a
-        conflicting one (the first is kept, the second set aside), or a file no row
-        points to (left by a crash before indexing: replaced and indexed)."""
+        """The instance's path exists: an identical re-send (success, nothing new; a
+        stored file that was damaged since is written again), a conflicting one (the
+        first is kept, the second set aside), or a file no row points to (left by a
+        crash before indexing: replaced and indexed)."""
         known = self.index.find_instance(record.sop_instance_uid)
         if known is None:
             size = self.filestore.create(relpath, encoded)
             self.index.add_instance(record, relpath, size, digest)
+        elif known.sha256 == digest and self.filestore.size(known.path) != known.size_bytes:
+            logger.warning("%s re-sent over a damaged stored file: written again",
+                           record.sop_instance_uid)
+            self.filestore.create(known.path, encoded)
         elif known.sha256 == digest:
             logger.debug("duplicate of %s ignored (identical)", record.sop_instance_uid)
         else:

@@ -135,6 +135,13 @@ class FileStore:
         self.write(relpath, data)
         return relpath
 
+    def size(self, relpath: str) -> int | None:
+        """Size in bytes of a file, None if there is none."""
+        try:
+            return (self.root / relpath).stat().st_size
+        except FileNotFoundError:
+            return None
+
     def read(self, relpath: str) -> bytes:
         return (self.root / relpath).read_bytes()
 

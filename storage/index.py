@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # The C-STORE hot path's statements, built once: constructing a Core statement per call
 # (and its cache key) cost more than executing it.
-_FIND_INSTANCE = select(Instance.path, Instance.sha256).where(
+_FIND_INSTANCE = select(Instance.path, Instance.sha256, Instance.size_bytes).where(
     Instance.sop_instance_uid == bindparam("uid")
 )
 _LATEST_JOB_OF_SERIES = (
@@ -109,6 +109,7 @@ class InstanceRecord:
 class StoredInstance:
     path: str
     sha256: str
+    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ class StudyIndex:
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
         with self.engine.connect() as conn:  # Core, not ORM: this runs for every C-STORE
             row = conn.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first()
-        return StoredInstance(path=row.path, sha256=row.sha256) if row else None
+        return StoredInstance(row.path, row.sha256, row.size_bytes) if row else None
 
     def add_instance(
         self,

@@ -288,6 +288,51 @@ def test_disk_watermark_answers_out_of_resources(
     assert _raw_store(node, path) == 0
 
 
+def test_failed_write_is_out_of_resources_and_the_resend_is_stored_whole(
+    start_node: Callable[..., Node], ct_series_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails half-way leaves no row; the sender's retry replaces the half
+    file and is indexed."""
+    node = start_node()
+    path = next(ct_series_dir.glob("*.dcm"))
+    real_create = node.filestore.create
+
+    def disk_fails_midway(relpath: str, data: bytes, *, exclusive: bool = False) -> int:
+        real_create(relpath, data[: len(data) // 2], exclusive=exclusive)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(node.filestore, "create", disk_fails_midway)
+    assert _raw_store(node, path) == STATUS_OUT_OF_RESOURCES
+    uid = pydicom.dcmread(path).SOPInstanceUID
+    assert node.index.find_instance(uid) is None
+    monkeypatch.setattr(node.filestore, "create", real_create)
+    assert _raw_store(node, path) == 0
+    stored = node.index.find_instance(uid)
+    assert stored is not None and node.filestore.size(stored.path) == stored.size_bytes
+    assert pydicom.dcmread(node.filestore.path(stored.path)).PixelData == pydicom.dcmread(
+        path).PixelData
+    (series,) = node.index.series_status()
+    assert series["instances"] == 1
+
+
+def test_resend_over_a_damaged_stored_file_writes_it_again(
+    start_node: Callable[..., Node], ct_series_dir: Path
+) -> None:
+    node = start_node()
+    path = next(ct_series_dir.glob("*.dcm"))
+    assert _raw_store(node, path) == 0
+    stored = node.index.find_instance(pydicom.dcmread(path).SOPInstanceUID)
+    whole = node.filestore.path(stored.path).read_bytes()
+    node.filestore.path(stored.path).write_bytes(whole[:100])  # cut short
+    assert _raw_store(node, path) == 0
+    assert node.filestore.path(stored.path).read_bytes() == whole
+    node.filestore.path(stored.path).unlink()  # lost
+    assert _raw_store(node, path) == 0
+    assert node.filestore.path(stored.path).read_bytes() == whole
+    assert node.index.counts()["instances"] == 1
+    assert not list((node.settings.data_dir / "conflicts").iterdir())  # not a conflict
+
+
 def _open_association(node: Node) -> object:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
