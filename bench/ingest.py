@@ -38,8 +38,8 @@ from bench.common import (  # noqa: E402
 from training.phantoms import generate_phantom, write_dicom_series  # noqa: E402
 
 SETTLE_S = 5.0
-"""Pause after a receiver listens, so start-up work (the node's AI worker process importing
-torch) does not compete with the measurement: steady state is what is compared."""
+"""Pause after a receiver listens, so start-up work does not compete with the
+measurement: steady state is what is compared."""
 
 BARE_SCP = """
 import os, sys
@@ -78,6 +78,9 @@ def start_receiver(kind: str, work: Path, port: int) -> subprocess.Popen[bytes]:
         config.write_text(
             f'[node]\nae_title = "DICOMNODE"\nhost = "127.0.0.1"\nport = {port}\n'
             f'[storage]\ndata_dir = "{out}"\nmin_free_disk_mb = 0\n'
+            # Receive, index and assemble only: an AI worker would analyse the first
+            # series (tens of seconds of both cores) while the next ones are received.
+            '[pipeline]\nworkers = 0\n'
         )
         cmd = [sys.executable, "-m", "dicomnode", "serve", "--config", str(config)]
         env = dict(os.environ)
