@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, create_engine, event, func, select, update
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Select, bindparam, create_engine, event, func, select, update
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import (
@@ -51,6 +50,7 @@ _LATEST_JOB_OF_SERIES = (
     .limit(1)
 )
 _INSERT_INSTANCE = Instance.__table__.insert()
+_INSTANCE_COLUMNS = tuple(c.key for c in Instance.__table__.columns if c.key != "id")
 _COUNT_INSTANCE = (
     update(Series)
     .where(Series.id == bindparam("pk"))
@@ -66,6 +66,52 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
 OWN_OUTPUT = "output of this node (not analysed)"
 
 _REOPENABLE = (JobState.COLLECTING, JobState.COMPLETE, JobState.SKIPPED, JobState.QUEUED)
+
+
+class _DriverStatement:
+    """A Core statement compiled once for the engine's dialect and run on a DBAPI cursor.
+
+    For the C-STORE hot path only: SQLAlchemy's per-execution work (execution context,
+    parameter and result objects, pool bookkeeping) cost 0.5 ms per indexed instance
+    where the SQLite statements take 0.2 ms, and the receiving process pays that in GIL
+    time. Values still pass the column types' bind and result processors, so the rows
+    written and read are the ones the ORM's statements would give.
+    """
+
+    def __init__(
+        self, statement: Any, dialect: Dialect, column_keys: Sequence[str] | None = None
+    ) -> None:
+        compiled = statement.compile(
+            dialect=dialect,
+            column_keys=list(column_keys) if column_keys else None,
+            compile_kwargs={"render_postcompile": True},
+        )
+        self._compiled = compiled
+        self._order = compiled.positiontup if compiled.positional else None
+        self._bind = {
+            name: process
+            for name, bind in compiled.binds.items()
+            if (process := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+        columns = statement.selected_columns if isinstance(statement, Select) else ()
+        self._result = [c.type.dialect_impl(dialect).result_processor(dialect, None)
+                        for c in columns]  # fmt: skip
+
+    def execute(self, cursor: Any, values: dict[str, Any]) -> None:
+        params = self._compiled.construct_params(values)
+        for name, process in self._bind.items():
+            if name in params:
+                params[name] = process(params[name])
+        ordered = params if self._order is None else [params[n] for n in self._order]
+        cursor.execute(self._compiled.string, ordered)
+
+    def first(self, cursor: Any, values: dict[str, Any]) -> tuple[Any, ...] | None:
+        """The first row of a SELECT, its values as the column types read them."""
+        self.execute(cursor, values)
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        return tuple(v if p is None else p(v) for v, p in zip(row, self._result, strict=True))
 
 
 class SchemaVersionError(RuntimeError):
@@ -201,6 +247,11 @@ class StudyIndex:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.RLock()
+        dialect = self.engine.dialect
+        self._dbapi_integrity_error: type[Exception] = dialect.loaded_dbapi.IntegrityError
+        self._latest_job_of_series = _DriverStatement(_LATEST_JOB_OF_SERIES, dialect)
+        self._insert_instance = _DriverStatement(_INSERT_INSTANCE, dialect, _INSTANCE_COLUMNS)
+        self._count_instance = _DriverStatement(_COUNT_INSTANCE, dialect)
         self._prepare_schema()
 
     def close(self) -> None:
@@ -312,24 +363,31 @@ class StudyIndex:
         """The common case in a few Core statements: another instance of a known series
         whose job is collecting. None when the full ORM path is needed (new series, or a
         job to re-open)."""
-        try:
-            with self._write_lock, self.engine.begin() as conn:
-                row = conn.execute(
-                    _LATEST_JOB_OF_SERIES, {"series_uid": record.series_instance_uid}
-                ).first()
-                if row is None or row.state != JobState.COLLECTING:
+        with self._write_lock:
+            connection = self.engine.raw_connection()  # pooled; back to the pool on close
+            try:
+                cursor = connection.cursor()
+                row = self._latest_job_of_series.first(
+                    cursor, {"series_uid": record.series_instance_uid}
+                )
+                if row is None or row[1] != JobState.COLLECTING:
                     return None
-                conn.execute(_INSERT_INSTANCE, {
+                series_pk = row[0]
+                self._insert_instance.execute(cursor, {
                     "sop_instance_uid": record.sop_instance_uid,
-                    "sop_class_uid": record.sop_class_uid, "series_pk": row.id,
+                    "sop_class_uid": record.sop_class_uid, "series_pk": series_pk,
                     "instance_number": record.instance_number,
                     "transfer_syntax_uid": record.transfer_syntax_uid, "path": path,
                     "size_bytes": size_bytes, "sha256": sha256,
                     "calling_aet": record.calling_aet, "received_at": now,
                 })  # fmt: skip
-                conn.execute(_COUNT_INSTANCE, {"pk": row.id, "now": now})
-        except IntegrityError:  # the UID is indexed already (UNIQUE); nothing was written
-            return False
+                self._count_instance.execute(cursor, {"pk": series_pk, "now": now})
+                connection.commit()
+            except self._dbapi_integrity_error:  # the UID is indexed already (UNIQUE)
+                connection.rollback()
+                return False
+            finally:
+                connection.close()  # the pool rolls back whatever was not committed
         return True
 
     def _mark_own_output(self, session: Session, series: Series, now: datetime) -> None:

@@ -49,6 +49,18 @@ def test_instances_build_the_hierarchy_once(index: StudyIndex) -> None:
     assert index.series_instance_paths("1.2.3.4") == ["p/1", "p/2"]
 
 
+def test_the_c_store_fast_path_writes_rows_as_the_orm_does(index: StudyIndex) -> None:
+    add(index, 1, T0)  # a new series: ORM
+    add(index, 2, T0)  # another instance of a collecting series: compiled driver statements
+    with index.engine.connect() as conn:
+        first, second = (dict(r._mapping) for r in conn.execute(
+            text("SELECT * FROM instance ORDER BY id")))  # fmt: skip
+        series = conn.execute(text("SELECT instance_count, last_received_at FROM series")).one()
+    assert {k for k in first if first[k] != second[k]} == {
+        "id", "sop_instance_uid", "instance_number", "path", "sha256"}
+    assert tuple(series) == (2, first["received_at"])
+
+
 def test_complete_refuses_a_series_that_grew(index: StudyIndex) -> None:
     add(index, 1, T0)
     (progress,) = index.collecting_series()
