@@ -124,11 +124,37 @@ def test_provenance_names_the_init_weights_by_content(tmp_path: Path, cache: Pat
     first = Trainer(
         _config(tmp_path / "first", cache, stage="1", epochs1=1), *_sources(cache)
     ).run()
-    assert load_checkpoint(first).provenance.extra["init_sha256"] is None
+    assert load_checkpoint(first).provenance.extra["init_sha256"] == []
     tuned = Trainer(
-        _config(tmp_path / "tuned", cache, stage="2", epochs2=1, init=first), *_sources(cache)
+        _config(tmp_path / "tuned", cache, stage="2", epochs2=1, init=(first,)), *_sources(cache)
     ).run()
-    assert load_checkpoint(tuned).provenance.extra["init_sha256"] == file_sha256(first)
+    assert load_checkpoint(tuned).provenance.extra["init_sha256"] == [file_sha256(first)]
+
+
+def test_later_init_checkpoints_replace_the_streams_they_hold(
+    tmp_path: Path, cache: Path
+) -> None:
+    joint = Trainer(
+        _config(tmp_path / "joint", cache, stage="1", epochs1=1), *_sources(cache)
+    ).run()
+    image_only = Trainer(
+        _config(tmp_path / "cls", cache, stage="1", epochs1=1, task="cls", seed=3),
+        *_sources(cache),
+    ).run()
+    combined = Trainer(
+        _config(tmp_path / "both", cache, stage="2", init=(joint, image_only)), *_sources(cache)
+    )
+    combined._init_stage(2)
+    weights = combined.model.state_dict()
+    for source in (joint, image_only):
+        loaded = load_checkpoint(source).model.state_dict()
+        expected = {"stem_l", "lesion"} if source == joint else {"stem_c", "classifier"}
+        for name, tensor in loaded.items():
+            if name.split(".")[0] in expected:
+                assert torch.equal(weights[name], tensor), name
+    # and the classification stream did come from the second run, not the first
+    first = load_checkpoint(joint).model.state_dict()
+    assert not all(torch.equal(weights[n], first[n]) for n in first if n.startswith("stem_c"))
 
 
 def test_resume_continues_exactly(

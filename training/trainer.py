@@ -132,7 +132,9 @@ class TrainConfig:
     size: str = "lite"
     task: str = "joint"
     cls_pool: str = "max"
-    init: Path | None = None
+    # Applied in order; a later checkpoint replaces the streams it holds (say a
+    # classification-only run's C stream over a joint model).
+    init: tuple[Path, ...] = ()
     epochs1: int = 20
     epochs2: int = 10
     lr1: float = 1e-3
@@ -186,8 +188,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("out", "init", "cache_dir"):
+        for key in ("out", "cache_dir"):
             out[key] = None if out[key] is None else str(out[key])
+        out["init"] = [str(path) for path in self.init]
         out["loss"]["ta_etas"] = list(self.loss.ta_etas)
         return out
 
@@ -483,11 +486,7 @@ class Trainer:
         self.preprocess = preprocess_config_for(self.model_config)
         # Which weights `--init` named, by content: a path alone (say the shipped
         # checkpoint) may hold other weights by the time someone reads the provenance.
-        self.init_sha256 = (
-            file_sha256(Path(config.init))
-            if config.init is not None and Path(config.init).is_file()
-            else None
-        )
+        self.init_sha256 = [file_sha256(path) for path in config.init if path.is_file()]
         labels = [int(label) for label in train.labels() if label is not None]
         self.class_weights = None
         if self.model.classifier is not None:
@@ -529,11 +528,11 @@ class Trainer:
         Stage 1 trains the streams apart, so the cross-stitch is the identity there (and
         a stage-1 model infers the same way); stage 2 starts it at its explicit init.
         """
-        source = self.config.init
-        if stage == 2 and (1 in self.config.stages or source is None):
-            source = self.out / STAGE_FILES[1]
-        if source is not None:
-            self._load_init(stage, Path(source))
+        sources = self.config.init
+        if stage == 2 and (1 in self.config.stages or not sources):
+            sources = (self.out / STAGE_FILES[1],)
+        for source in sources:
+            self._load_init(stage, source)
         stitch = self.model.cross_stitch
         if stitch is None:
             return
@@ -1183,9 +1182,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--init",
         type=Path,
-        default=None,
+        action="append",
+        default=[],
         metavar="CHECKPOINT",
-        help="start from these weights (e.g. fine-tune the shipped model)",
+        help="start from these weights (e.g. fine-tune the shipped model); repeat to "
+        "combine: each later checkpoint replaces the streams it holds",
     )
     model.add_argument("--epochs", type=int, default=10, help="epochs of each stage (10)")
     model.add_argument("--epochs1", type=int, default=None, help="stage-1 epochs (--epochs)")
@@ -1269,7 +1270,7 @@ def config_from_args(
         size=args.size,
         task=args.task,
         cls_pool=args.cls_pool,
-        init=args.init,
+        init=tuple(args.init),
         epochs1=args.epochs1 or args.epochs,
         epochs2=args.epochs2 or args.epochs,
         lr1=args.lr1,
