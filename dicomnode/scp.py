@@ -15,8 +15,8 @@ import io
 import logging
 import ssl
 import threading
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +57,11 @@ def _number(ds: Dataset, keyword: str, kind: type[int] | type[float]) -> Any:
 def placing_uids(ds: Dataset) -> tuple[str, str, str]:
     """(study, series, SOP instance) UIDs that place an instance in the store; raises
     ValueError when any of them, or the SOP Class UID, is missing."""
-    missing = [k for k in _REQUIRED_UIDS if not _text(ds, k)]
+    uids = {keyword: _text(ds, keyword) for keyword in _REQUIRED_UIDS}
+    missing = [keyword for keyword, uid in uids.items() if not uid]
     if missing:
         raise ValueError(f"dataset lacks {', '.join(missing)}")
-    return (_text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID"),
-            _text(ds, "SOPInstanceUID"))  # fmt: skip
+    return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
 
 
 def _numbers(ds: Dataset, keyword: str) -> tuple[float, ...]:
@@ -71,15 +71,39 @@ def _numbers(ds: Dataset, keyword: str) -> tuple[float, ...]:
         return ()
 
 
-def instance_record(ds: Dataset, transfer_syntax_uid: str, calling_aet: str) -> InstanceRecord:
+def instance_record(
+    ds: Dataset,
+    transfer_syntax_uid: str,
+    calling_aet: str,
+    same_series: InstanceRecord | None = None,
+) -> InstanceRecord:
     """The indexed attributes of a dataset; raises ValueError if a placing UID is missing.
-    Malformed optional values are indexed as absent (the file keeps them as sent)."""
-    sop_instance_uid = placing_uids(ds)[2]
+    Malformed optional values are indexed as absent (the file keeps them as sent).
+
+    `same_series`: the record of an earlier instance; when it is of the same study and
+    series, its patient, study and series attributes are taken rather than read again
+    (the index keeps a series' first instance's anyway), which halves the work per
+    C-STORE of a series.
+    """
+    study_instance_uid, series_instance_uid, sop_instance_uid = placing_uids(ds)
+    if (
+        same_series is not None
+        and same_series.series_instance_uid == series_instance_uid
+        and same_series.study_instance_uid == study_instance_uid
+    ):
+        return replace(
+            same_series,
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=_text(ds, "SOPClassUID"),
+            transfer_syntax_uid=transfer_syntax_uid,
+            instance_number=_number(ds, "InstanceNumber", int),
+            calling_aet=calling_aet,
+        )
     return InstanceRecord(
         sop_instance_uid=sop_instance_uid,
         sop_class_uid=_text(ds, "SOPClassUID"),
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
-        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
         transfer_syntax_uid=transfer_syntax_uid,
         patient_id=_text(ds, "PatientID"),
         patient_name=_text(ds, "PatientName"),
@@ -121,7 +145,9 @@ class StorageSCP:
         self.filestore = filestore
         self.min_free_bytes = settings.storage.min_free_disk_mb * 1024 * 1024
         self._uid_locks = [threading.Lock() for _ in range(64)]
-        self._assoc_series: dict[int, set[str]] = defaultdict(set)
+        # Per association, the latest record of each series it sent: the series to
+        # signal on release, and the attributes its next instances share.
+        self._assoc_series: dict[int, dict[str, InstanceRecord]] = {}
         self._assoc_lock = threading.Lock()
         # Writes and fsyncs run here while the handler hashes the same bytes: both
         # release the GIL, so the digest costs no time on the C-STORE's critical path.
@@ -192,31 +218,34 @@ class StorageSCP:
             relpath = self.filestore.instance_relpath(study_uid, series_uid, sop_uid)
         except Exception as exc:
             return self._reject(encoded, calling_aet, exc)
+        with self._assoc_lock:
+            sent = self._assoc_series.setdefault(id(event.assoc), {})
         lock = self._uid_locks[hash(sop_uid) % len(self._uid_locks)]
         try:
             with lock:
-                status = self._store(encoded, header, event.context.transfer_syntax,
-                                     calling_aet, relpath)
+                record = self._store(encoded, header, event.context.transfer_syntax,
+                                     calling_aet, relpath, sent.get(series_uid))
         except Exception:
             logger.exception("C-STORE of %s failed to persist", sop_uid)
             return STATUS_OUT_OF_RESOURCES
-        with self._assoc_lock:
-            self._assoc_series[id(event.assoc)].add(series_uid)
-        return status
+        sent[series_uid] = record  # one association's C-STOREs arrive one at a time
+        return STATUS_SUCCESS
 
     def _store(self, encoded: bytes, header: Dataset, transfer_syntax_uid: str,
-               calling_aet: str, relpath: str) -> int:
+               calling_aet: str, relpath: str, same_series: InstanceRecord | None
+               ) -> InstanceRecord:
         """New instance: exclusive create (the file system says whether the path is
         taken) while the index record is extracted and the bytes hashed, then the row.
-        Anything else takes `_store_again`."""
+        Anything else takes `_store_again`. Returns the instance's index record."""
         writing = self._writer.submit(self.filestore.create, relpath, encoded, exclusive=True)
         try:
-            record = instance_record(header, transfer_syntax_uid, calling_aet)
+            record = instance_record(header, transfer_syntax_uid, calling_aet, same_series)
             digest = hashlib.sha256(encoded).hexdigest()
         finally:  # the UID lock is never left while this instance's file is written
             wait([writing])
         if isinstance(writing.exception(), FileExistsError):
-            return self._store_again(encoded, record, relpath, digest)
+            self._store_again(encoded, record, relpath, digest)
+            return record
         size = writing.result()
         if not self.index.add_instance(record, relpath, size, digest):
             known = self.index.find_instance(record.sop_instance_uid)
@@ -225,11 +254,11 @@ class StorageSCP:
                                record.sop_instance_uid)
             else:  # indexed under another study or series: keep the first
                 self._keep_conflict(record, self.filestore.set_aside(relpath, "conflicts"))
-        return STATUS_SUCCESS
+        return record
 
     def _store_again(
         self, encoded: bytes, record: InstanceRecord, relpath: str, digest: str
-    ) -> int:
+    ) -> None:
         """The instance's path exists: an identical re-send (success, nothing new; a
         stored file that was damaged since is written again), a conflicting one (the
         first is kept, the second set aside), or a file no row points to (left by a
@@ -247,7 +276,6 @@ class StorageSCP:
         else:
             aside = self.filestore.write_aside("conflicts", record.sop_instance_uid, encoded)
             self._keep_conflict(record, aside)
-        return STATUS_SUCCESS
 
     @staticmethod
     def _keep_conflict(record: InstanceRecord, aside: str) -> None:
@@ -270,7 +298,7 @@ class StorageSCP:
 
     def _on_released(self, event: evt.Event) -> None:
         with self._assoc_lock:
-            series = self._assoc_series.pop(id(event.assoc), set())
+            series = list(self._assoc_series.pop(id(event.assoc), {}))
         self.index.mark_released(series)
         if series:
             logger.info("association from %s released after sending %d series",

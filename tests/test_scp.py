@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -424,3 +425,25 @@ def test_malformed_optional_values_are_stored_and_indexed_as_absent(
     assert node.filestore.path(stored.path).read_bytes().endswith(ds.PixelData)
     record = instance_record(pydicom.dcmread(tmp_path / "odd.dcm"), "1.2.840.10008.1.2.1", "X")
     assert record.image_orientation == () and record.instance_number is None
+
+
+def test_later_instances_of_a_series_take_its_series_attributes(ct_series_dir: Path) -> None:
+    """Patient, study and series attributes are those of the series' first record (what the
+    index keeps); instance attributes and the placing UIDs are always read."""
+    first_path, second_path = sorted(ct_series_dir.glob("*.dcm"))[:2]
+    first = instance_record(pydicom.dcmread(first_path), "1.2.840.10008.1.2.1", "A")
+    second_ds = pydicom.dcmread(second_path)
+    second_ds.PatientName = "Changed^Name"
+    second_ds.SeriesDescription = "changed"
+    second = instance_record(second_ds, "1.2.840.10008.1.2", "B", same_series=first)
+    assert (second.patient_name, second.series_description) == (
+        first.patient_name, first.series_description)
+    assert second.sop_instance_uid == second_ds.SOPInstanceUID != first.sop_instance_uid
+    assert second.instance_number == second_ds.InstanceNumber != first.instance_number
+    assert (second.transfer_syntax_uid, second.calling_aet) == ("1.2.840.10008.1.2", "B")
+    read_whole = instance_record(second_ds, "1.2.840.10008.1.2", "B")
+    assert second == replace(read_whole, patient_name=first.patient_name,
+                             series_description=first.series_description)
+    second_ds.SeriesInstanceUID = generate_uid()  # another series: everything read again
+    other = instance_record(second_ds, "1.2.840.10008.1.2", "B", same_series=first)
+    assert (other.patient_name, other.series_description) == ("Changed^Name", "changed")
