@@ -15,7 +15,6 @@ import io
 import logging
 import ssl
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -149,11 +148,6 @@ class StorageSCP:
         # signal on release, and the attributes its next instances share.
         self._assoc_series: dict[int, dict[str, InstanceRecord]] = {}
         self._assoc_lock = threading.Lock()
-        # Writes and fsyncs run here while the handler hashes the same bytes: both
-        # release the GIL, so the digest costs no time on the C-STORE's critical path.
-        self._writer = ThreadPoolExecutor(
-            max_workers=max(settings.node.max_associations, 1), thread_name_prefix="store"
-        )
         self.ae = self._make_ae(settings.node)
         self._server: ThreadedAssociationServer | None = None
 
@@ -198,7 +192,6 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-        self._writer.shutdown(wait=True)
 
     # -- event handlers ------------------------------------------------------------------
 
@@ -235,18 +228,16 @@ class StorageSCP:
                calling_aet: str, relpath: str, same_series: InstanceRecord | None
                ) -> InstanceRecord:
         """New instance: exclusive create (the file system says whether the path is
-        taken) while the index record is extracted and the bytes hashed, then the row.
-        Anything else takes `_store_again`. Returns the instance's index record."""
-        writing = self._writer.submit(self.filestore.create, relpath, encoded, exclusive=True)
+        taken), then the row. Anything else takes `_store_again`. Returns the instance's
+        index record. (Writing in another thread while the record is extracted and the
+        bytes hashed saved nothing measurable once those took under 0.6 ms.)"""
+        record = instance_record(header, transfer_syntax_uid, calling_aet, same_series)
+        digest = hashlib.sha256(encoded).hexdigest()
         try:
-            record = instance_record(header, transfer_syntax_uid, calling_aet, same_series)
-            digest = hashlib.sha256(encoded).hexdigest()
-        finally:  # the UID lock is never left while this instance's file is written
-            wait([writing])
-        if isinstance(writing.exception(), FileExistsError):
+            size = self.filestore.create(relpath, encoded, exclusive=True)
+        except FileExistsError:
             self._store_again(encoded, record, relpath, digest)
             return record
-        size = writing.result()
         if not self.index.add_instance(record, relpath, size, digest):
             known = self.index.find_instance(record.sop_instance_uid)
             if known is not None and known.path == relpath and known.sha256 == digest:
