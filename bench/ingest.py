@@ -9,7 +9,8 @@ once, each with its own series. Each receiver runs as its own process so its pea
 
     python3 bench/ingest.py --out bench/results/ingest.json [--slices 300] [--size 512] [--rounds 3]
 
-Each number is the median over the rounds (receivers interleaved); every round is kept.
+Each number is the median over the rounds (receivers interleaved, each round starting with
+the next one, the disk synced between them); every round is kept.
 """
 
 from __future__ import annotations
@@ -163,10 +164,13 @@ def main() -> int:
             series.append(d)
         megabytes = sum(p.stat().st_size for p in series[0].iterdir()) / 1e6
         rounds: dict[str, list[dict[str, float]]] = {kind: [] for kind in RECEIVERS}
-        for _ in range(args.rounds):  # interleaved, so drift of the machine hits all alike
-            for kind in RECEIVERS:
+        for r in range(args.rounds):  # interleaved, so drift of the machine hits all alike
+            # Each round starts with the next receiver: whoever follows storescp (which
+            # does not fsync) would otherwise always share the disk with its write-back.
+            for kind in RECEIVERS[r % 3:] + RECEIVERS[:r % 3]:
                 rounds[kind].append(run_case(kind, work, series, megabytes))
                 shutil.rmtree(work / f"recv-{kind}")
+                os.sync()  # and nothing is left to write back when the next one starts
         results = {kind: median_case(runs) for kind, runs in rounds.items()}
     node, bare, dcm = (results[kind] for kind in RECEIVERS)
     report = {
