@@ -167,7 +167,8 @@ def main() -> int:
         for r in range(args.rounds):  # interleaved, so drift of the machine hits all alike
             # Each round starts with the next receiver: whoever follows storescp (which
             # does not fsync) would otherwise always share the disk with its write-back.
-            for kind in RECEIVERS[r % 3:] + RECEIVERS[:r % 3]:
+            first = r % len(RECEIVERS)
+            for kind in RECEIVERS[first:] + RECEIVERS[:first]:
                 rounds[kind].append(run_case(kind, work, series, megabytes))
                 shutil.rmtree(work / f"recv-{kind}")
                 os.sync()  # and nothing is left to write back when the next one starts

@@ -50,7 +50,7 @@ _LATEST_JOB_OF_SERIES = (
     .limit(1)
 )
 _INSERT_INSTANCE = Instance.__table__.insert()
-_INSTANCE_COLUMNS = tuple(c.key for c in Instance.__table__.columns if c.key != "id")
+_INSTANCE_COLUMNS = tuple(c.key for c in Instance.__table__.columns if not c.primary_key)
 _COUNT_INSTANCE = (
     update(Series)
     .where(Series.id == bindparam("pk"))
@@ -74,8 +74,8 @@ class _DriverStatement:
     For the C-STORE hot path only: SQLAlchemy's per-execution work (execution context,
     parameter and result objects, pool bookkeeping) cost 0.5 ms per indexed instance
     where the SQLite statements take 0.2 ms, and the receiving process pays that in GIL
-    time. Values still pass the column types' bind and result processors, so the rows
-    written and read are the ones the ORM's statements would give.
+    time. Values still pass the column types' bind and result processors, but column
+    defaults are not applied: an INSERT must name every column (`column_keys`, checked).
     """
 
     def __init__(
@@ -86,6 +86,11 @@ class _DriverStatement:
             column_keys=list(column_keys) if column_keys else None,
             compile_kwargs={"render_postcompile": True},
         )
+        if column_keys is not None:
+            table_columns = {c.key for c in statement.table.columns if not c.primary_key}
+            if set(column_keys) != table_columns:
+                raise ValueError(f"an INSERT on the driver path must name every column: "
+                                 f"{sorted(table_columns - set(column_keys))} missing")
         self._compiled = compiled
         self._order = compiled.positiontup if compiled.positional else None
         self._bind = {
@@ -360,9 +365,9 @@ class StudyIndex:
     def _add_to_collecting_series(
         self, record: InstanceRecord, path: str, size_bytes: int, sha256: str, now: datetime
     ) -> bool | None:
-        """The common case in a few Core statements: another instance of a known series
-        whose job is collecting. None when the full ORM path is needed (new series, or a
-        job to re-open)."""
+        """The common case in three compiled statements on a pooled driver cursor
+        (`_DriverStatement`): another instance of a known series whose job is collecting.
+        None when the full ORM path is needed (new series, or a job to re-open)."""
         with self._write_lock:
             connection = self.engine.raw_connection()  # pooled; back to the pool on close
             try:

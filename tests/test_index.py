@@ -51,7 +51,8 @@ def test_instances_build_the_hierarchy_once(index: StudyIndex) -> None:
 
 def test_the_c_store_fast_path_writes_rows_as_the_orm_does(index: StudyIndex) -> None:
     add(index, 1, T0)  # a new series: ORM
-    add(index, 2, T0)  # another instance of a collecting series: compiled driver statements
+    # another instance of a collecting series: compiled driver statements, not the ORM
+    assert index._add_to_collecting_series(record(2), "p/2", 10, "sha2", T0) is True
     with index.engine.connect() as conn:
         first, second = (dict(r._mapping) for r in conn.execute(
             text("SELECT * FROM instance ORDER BY id")))  # fmt: skip

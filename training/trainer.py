@@ -486,7 +486,10 @@ class Trainer:
         self.preprocess = preprocess_config_for(self.model_config)
         # Which weights `--init` named, by content: a path alone (say the shipped
         # checkpoint) may hold other weights by the time someone reads the provenance.
-        self.init_sha256 = [file_sha256(path) for path in config.init if path.is_file()]
+        missing = [str(path) for path in config.init if not path.is_file()]
+        if missing:
+            raise DatasetError(f"--init {', '.join(missing)}: no such checkpoint")
+        self.init_sha256 = [file_sha256(path) for path in config.init]
         labels = [int(label) for label in train.labels() if label is not None]
         self.class_weights = None
         if self.model.classifier is not None:
