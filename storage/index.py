@@ -75,7 +75,8 @@ class _DriverStatement:
     parameter and result objects, pool bookkeeping) cost 0.5 ms per indexed instance
     where the SQLite statements take 0.2 ms, and the receiving process pays that in GIL
     time. Values still pass the column types' bind and result processors, but column
-    defaults are not applied: an INSERT must name every column (`column_keys`, checked).
+    defaults are not applied: an INSERT names every column in `column_keys`, and a call
+    without a value for one of them is refused (SQLAlchemy's "a value is required").
     """
 
     def __init__(
@@ -86,11 +87,6 @@ class _DriverStatement:
             column_keys=list(column_keys) if column_keys else None,
             compile_kwargs={"render_postcompile": True},
         )
-        if column_keys is not None:
-            table_columns = {c.key for c in statement.table.columns if not c.primary_key}
-            if set(column_keys) != table_columns:
-                raise ValueError(f"an INSERT on the driver path must name every column: "
-                                 f"{sorted(table_columns - set(column_keys))} missing")
         self._compiled = compiled
         self._order = compiled.positiontup if compiled.positional else None
         self._bind = {
