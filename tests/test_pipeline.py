@@ -26,7 +26,7 @@ from dicomnode.pipeline import Pipeline
 from dicomnode.scu import Peer, send
 from dicomnode.service import Node
 from storage.filestore import FileStore
-from storage.index import OWN_OUTPUT, StudyIndex
+from storage.index import OWN_OUTPUT, ClaimedJob, StudyIndex
 from tests.conftest import free_port, node_settings, write_ct_series
 
 torch.set_num_threads(1)
@@ -130,8 +130,71 @@ def test_series_in_results_out(
     for uid in (seg.SeriesInstanceUID, sr.SeriesInstanceUID):  # outputs: stored, not analysed
         row = _job_rows(node, uid)
         assert (row["state"], row["reason"]) == ("skipped", OWN_OUTPUT)
-    wait_for(lambda: node.index.export_status()[0]["state"] == "done", timeout=10)
+    wait_for(lambda: all(e["state"] == "done" for e in node.index.export_status()), timeout=10)
     assert len(pacs.received) == sum(len(v) for v in result.outputs.values())  # once each
+
+
+def _queued_job_and_pipeline(
+    start_node: Callable[..., Node], checkpoint: Path, pacs: Collector, tmp_path: Path
+) -> tuple[Node, Pipeline, ClaimedJob]:
+    """A node that receives and assembles only, a queued job, and an in-process pipeline
+    (the node's own workers are subprocesses, out of monkeypatch's reach)."""
+    node = start_node(
+        series={"quiet_seconds": 0.5, "release_grace_seconds": 0.2, "min_slices": 8},
+        ai={"checkpoint": str(checkpoint), "device": "cpu", "min_lesion_volume_mm3": 0},
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                       "port": pacs.port, "outputs": ["seg", "sr", "key_images", "pdf"]}],
+    )
+    files = write_ct_series(tmp_path / "ct", slices=24, size=64, seed=8)
+    assert send(files, Peer("DICOMNODE", "127.0.0.1", node.scp.port)).sent == len(files)
+    series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    wait_for(lambda: _job_rows(node, series_uid)["state"] == "queued", timeout=30)
+    pipeline = Pipeline(node.settings, node.index, node.filestore, node.exporter)
+    job = node.index.claim_next_job("test")
+    assert job is not None
+    return node, pipeline, job
+
+
+def test_seg_and_sr_are_queued_for_export_before_the_views_are_rendered(
+    start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    node, pipeline, job = _queued_job_and_pipeline(start_node, tiny_checkpoint, pacs, tmp_path)
+    owed_when_rendering: list[list[int]] = []
+    original = pipeline_module.build_views
+
+    def spy(*args: object, **kwargs: object) -> object:
+        owed_when_rendering.append([e["files"] for e in node.index.export_status()])
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline_module, "build_views", spy)
+    assert pipeline.run_job(job) == "done"
+    assert owed_when_rendering == [[2]]  # SEG + SR, already owed to the PACS
+    result = node.index.result_for_job(job.job_id)
+    assert result is not None and set(result.outputs) == {"seg", "sr", "key_images", "pdf"}
+    assert sorted(e["files"] for e in node.index.export_status()) == [
+        2, len(result.outputs["key_images"]) + 1]
+    assert {"store", "encode_seg", "encode_sr", "encode_pdf"} <= set(result.timings)
+
+
+def test_a_failure_of_the_views_leaves_the_seg_and_sr_delivered(
+    start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    node, pipeline, job = _queued_job_and_pipeline(start_node, tiny_checkpoint, pacs, tmp_path)
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("renderer broke")
+
+    monkeypatch.setattr(pipeline_module, "build_views", broken)
+    with caplog.at_level(logging.ERROR, logger="dicomnode.pipeline"):
+        assert pipeline.run_job(job) == "done"
+    assert "key images / PDF report failed" in caplog.text
+    result = node.index.result_for_job(job.job_id)
+    assert result is not None and set(result.outputs) == {"seg", "sr"}
+    wait_for(lambda: bool(pacs.of_class(SEG)) and bool(pacs.of_class(COMPREHENSIVE_SR)))
+    wait_for(lambda: all(e["state"] == "done" for e in node.index.export_status()), timeout=10)
+    assert len(pacs.received) == 2  # the results, and no failure notice
 
 
 def test_bad_series_fails_with_its_reason_and_keeps_the_data(
