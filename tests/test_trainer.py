@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from ai.checkpoint import file_sha256, load_checkpoint, preprocess_config_for
-from ai.model import ModelConfig, build_model
+from ai.model import ChannelAffine, ModelConfig, build_model
 from training.datasets import Augmentation, TrainingSamples, open_data
 from training.losses import LossConfig
 from training.trainer import (
@@ -118,6 +119,24 @@ def test_stage_two_can_give_the_classification_stream_its_own_rate(cache: Path) 
     optimiser, _ = trainer._optimiser(1, steps=10)  # stage 1: one rate, no cross-stitch
     assert [g["lr"] for g in optimiser.param_groups] == [1e-3]
     assert "cross_stitch" not in {names[id(p)] for p in optimiser.param_groups[0]["params"]}
+
+
+def test_the_per_channel_affine_layers_can_take_a_larger_rate(cache: Path) -> None:
+    trainer = Trainer(
+        _config(Path("unused"), cache, lr2=1e-4, lr2_cls=1e-3, lr_affine_scale=20.0),
+        *_sources(cache),
+    )
+    affine = {id(p) for m in trainer.model.modules() if isinstance(m, ChannelAffine)
+              for p in m.parameters()}  # fmt: skip
+    assert affine  # the L stream's norm layers
+    for stage, rate in ((1, 1e-3), (2, 1e-4)):
+        optimiser, _ = trainer._optimiser(stage, steps=10)
+        rates = {id(p): g["lr"] for g in optimiser.param_groups for p in g["params"]}
+        assert all(math.isclose(rates[i], 20 * rate) for i in affine)
+        others = {r for i, r in rates.items() if i not in affine}
+        assert others == ({1e-3} if stage == 1 else {1e-4, 1e-3})  # unscaled
+    with pytest.raises(ValueError, match="lr_affine_scale"):
+        _config(Path("unused"), cache, lr_affine_scale=0.0)
 
 
 def test_provenance_names_the_init_weights_by_content(tmp_path: Path, cache: Path) -> None:

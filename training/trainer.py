@@ -59,6 +59,7 @@ from ai.model import (
     CLS_POOLS,
     SIZES,
     TASKS,
+    ChannelAffine,
     DeepSC,
     ModelConfig,
     ScanContext,
@@ -140,6 +141,9 @@ class TrainConfig:
     lr1: float = 1e-3
     lr2: float = 1e-4
     lr2_cls: float | None = None  # the C stream's stage-2 rate; None: lr2
+    # Multiplier of the rate for the L stream's per-channel affine layers (its only
+    # biases): docs/training.md, attempt 9.
+    lr_affine_scale: float = 1.0
     stage1_lesion_map: str = "truth"  # the classifier's lesion map in stage 1 (or "none")
     batch_size: int = 1
     accumulate: int = 1
@@ -171,6 +175,8 @@ class TrainConfig:
             problems.append(f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
             problems.append(f"fold {self.fold} of {self.folds}: need folds >= 2, 0 <= fold < folds")
+        if self.lr_affine_scale <= 0:
+            problems.append(f"lr_affine_scale {self.lr_affine_scale} must be > 0")
         if not 0.0 <= self.lesion_bias <= 1.0:
             problems.append(f"lesion_bias {self.lesion_bias} must be in [0, 1]")
         if self.cls_pool not in CLS_POOLS:
@@ -591,16 +597,26 @@ class Trainer:
         """Adam (0.9, 0.999) with linear decay to zero over the stage; in stage 1 the
         cross-stitch unit is frozen (the streams train separately). In stage 2 the C
         stream (stem and classifier) may have its own rate, `lr2_cls`: a classifier that
-        has to learn anew next to a segmenter that must not be disturbed."""
+        has to learn anew next to a segmenter that must not be disturbed.
+
+        The L stream's per-channel affine layers take `lr_affine_scale` times their
+        stream's rate: their shifts are the stream's only biases (its convolutions are
+        bias-free), the thresholds of a density test, and at Adam's step of about one
+        learning rate they barely left zero in a whole CPU run (docs/training.md)."""
         lr = self.config.lr1 if stage == 1 else self.config.lr2
         lr_cls = lr if stage == 1 or self.config.lr2_cls is None else self.config.lr2_cls
-        groups: dict[float, list[nn.Parameter]] = {lr: [], lr_cls: []}
+        affine = {id(p) for m in self.model.modules() if isinstance(m, ChannelAffine)
+                  for p in m.parameters()}  # fmt: skip
+        groups: dict[float, list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             p.requires_grad_(stage == 2 or not name.startswith("cross_stitch."))
             if p.requires_grad:
-                groups[lr_cls if name.startswith(C_STREAM) else lr].append(p)
+                rate = lr_cls if name.startswith(C_STREAM) else lr
+                if id(p) in affine:
+                    rate *= self.config.lr_affine_scale
+                groups.setdefault(rate, []).append(p)
         optimiser = torch.optim.Adam(
-            [{"params": ps, "lr": rate} for rate, ps in groups.items() if ps], betas=(0.9, 0.999)
+            [{"params": ps, "lr": rate} for rate, ps in groups.items()], betas=(0.9, 0.999)
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimiser, lambda step: max(0.0, 1.0 - step / steps)
@@ -1202,6 +1218,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="stage-2 learning rate of the classification stream (default: --lr2)",
     )
+    model.add_argument(
+        "--lr-affine-scale",
+        type=float,
+        default=1.0,
+        help="multiplier of the learning rate for the segmentation stream's per-channel "
+        "scales and shifts, its only biases (1)",
+    )
     model.add_argument("--batch-size", type=int, default=1, help="scans per step (1)")
     model.add_argument("--accumulate", type=int, default=1, help="steps per optimiser update")
     model.add_argument(
@@ -1279,6 +1302,7 @@ def config_from_args(
         lr1=args.lr1,
         lr2=args.lr2,
         lr2_cls=args.lr2_cls,
+        lr_affine_scale=args.lr_affine_scale,
         stage1_lesion_map=args.stage1_lesion_map,
         batch_size=args.batch_size,
         accumulate=args.accumulate,
