@@ -79,12 +79,6 @@ def analyse_volume(volume: CTVolume, settings: Settings, checkpoint: object) -> 
     )
 
 
-RESULT_KINDS = ("seg", "sr")
-"""What carries the findings: sent as soon as they are encoded, before the views."""
-VIEW_KINDS = ("key_images", "pdf")
-"""Renderings of the findings for viewers without SEG/SR support, sent after them."""
-
-
 def build_outputs(
     volume: CTVolume, analysis: Analysis, settings: Settings, kinds: set[str]
 ) -> tuple[dict[str, list[Dataset]], dict[str, float]]:
