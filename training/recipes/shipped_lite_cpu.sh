@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# The shipped ai/weights/deepsc-lite.pt, made on a machine without a GPU (2 CPU cores), in
-# two steps (docs/training.md, attempts 5 and 6):
+# The shipped ai/weights/deepsc-lite.pt (attempt 9 in docs/training.md), made on a machine
+# without a GPU (2 CPU cores), in steps whose checkpoints feed the next by --init (a later
+# --init replaces the streams it holds):
 #
-# 1. Attempt 5: the joint lite model, both stages on 90 phantoms generated on the fly
-#    (24 stage-1 epochs of about 4 minutes, 4 stage-2 epochs of about 13 minutes: about
-#    2.5 hours, run across sessions with --resume). It was trained before the classifier
-#    had a pooling option, with the paper's average pooling: --cls-pool mean.
-# 2. Attempt 6: 4 more stage-2 epochs from those weights with max pooling in the
-#    classifier and a learning rate of its own for the classification stream (1e-3;
-#    5e-5 for the rest, so the segmenter stays where it was): about 55 minutes.
+# 1. Attempts 5 and 6: the earlier joint lite model (both stages, then 4 stage-2 epochs
+#    with max pooling in the classifier; about 3.5 hours across sessions with --resume).
+#    It gives the final model its cross-stitch unit; both of its streams are replaced.
+# 2. Attempt 8's classification stream: `--task cls`, images only, max pooling, 6 epochs
+#    from random weights (9 minutes).
+# 3. Attempt 9's segmentation stream: `--task seg` from random weights with the
+#    per-channel affine layers at 20 x the learning rate, a 24-epoch schedule stopped
+#    after its 6th epoch (the session's time; the script stops it the same way), then
+#    12 more epochs from there with a fresh schedule decaying to zero (about 65 minutes).
+# 4. Stage 2 of the joint model from those three, 3 epochs (classification stream 5e-4,
+#    the rest 5e-5; the best validation epoch, the first, is the model): about 40 minutes.
 #
 # Then the evaluation on 30 held-out phantoms whose seeds training never saw (lungs from
 # the node's own segmentation, as in service).
@@ -19,13 +24,34 @@ OUT=${1:-runs}
 TRAIN="phantoms:covid=30,cap=30,normal=30,seed=1000,size=256,slices=64"
 VAL="phantoms:covid=3,cap=3,normal=3,seed=5000,size=256,slices=64"
 HELD_OUT="phantoms:covid=10,cap=10,normal=10,seed=900000,size=256,slices=64"
-COMMON=(--size lite --seed 0 --device cpu --workers 1 --data "$TRAIN" --val-data "$VAL"
+COMMON=(--size lite --device cpu --workers 1 --data "$TRAIN" --val-data "$VAL"
         --patience 0 --batch-size 2 ${RESUME:+--resume})
 mkdir -p "$OUT"
-python3 -m dicomnode train "${COMMON[@]}" --out "$OUT/lite-cpu5" --cls-pool mean \
+# 1
+python3 -m dicomnode train "${COMMON[@]}" --seed 0 --out "$OUT/lite-cpu5" --cls-pool mean \
     --epochs1 24 --epochs2 4 --val-every 3
-python3 -m dicomnode train "${COMMON[@]}" --out "$OUT/lite-cpu6" --stage 2 \
+python3 -m dicomnode train "${COMMON[@]}" --seed 0 --out "$OUT/lite-cpu6" --stage 2 \
     --init "$OUT/lite-cpu5/model.pt" --cls-pool max --epochs2 4 --lr2 5e-5 --lr2-cls 1e-3 \
     --val-every 2
-python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu6/model.pt" --data "$HELD_OUT" \
-    --out "$OUT/lite-cpu6/eval" --device cpu --workers 1
+# 2
+python3 -m dicomnode train "${COMMON[@]}" --seed 0 --out "$OUT/lite-cls8" --task cls \
+    --stage 1 --cls-pool max --epochs1 6 --val-every 2
+# 3: six epochs of a 24-epoch schedule (stopped once metrics.csv has their six rows)
+python3 -m dicomnode train "${COMMON[@]}" --seed 0 --out "$OUT/seg9-start" --task seg \
+    --stage 1 --epochs1 24 --val-every 3 --lr-affine-scale 20 &
+TRAINING=$!
+until [ "$(tail -n +2 "$OUT/seg9-start/metrics.csv" 2>/dev/null | wc -l)" -ge 6 ]; do
+    kill -0 "$TRAINING" 2>/dev/null || break
+    sleep 10
+done
+kill "$TRAINING" 2>/dev/null || true
+wait "$TRAINING" || true
+python3 -m dicomnode train "${COMMON[@]}" --seed 1 --out "$OUT/seg9" --task seg --stage 1 \
+    --epochs1 12 --val-every 3 --lr-affine-scale 20 --init "$OUT/seg9-start/last.pt"
+# 4
+python3 -m dicomnode train "${COMMON[@]}" --seed 0 --out "$OUT/lite-cpu9" --stage 2 \
+    --init "$OUT/lite-cpu6/model.pt" --init "$OUT/seg9/model.pt" \
+    --init "$OUT/lite-cls8/model.pt" --cls-pool max --epochs2 3 --lr2 5e-5 --lr2-cls 5e-4 \
+    --val-every 1
+python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu9/model.pt" --data "$HELD_OUT" \
+    --out "$OUT/lite-cpu9/eval" --device cpu --workers 1
