@@ -16,6 +16,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ai.labels import Diagnosis
+from ai.lungs import segment_lungs
 from ai.preprocess import SlidingWindow
 from storage.index import InstanceRecord, StudyIndex
 from training import datasets
@@ -28,6 +29,7 @@ from training.datasets import (
     PhantomSource,
     TrainingSamples,
     kfold_indices,
+    open_data,
     parse_data_spec,
     scan_dicom_folder,
     split_indices,
@@ -66,6 +68,7 @@ def test_phantom_spec_assigns_seeds_and_labels() -> None:
     [
         ("phantoms:covid=2,flu=3", "unknown option"),
         ("phantoms:seed=3", "give a count"),
+        ("phantoms:covid=1,lungs=mine", "lungs="),
         ("phantoms:covid=x", "phantoms"),
         ("nowhere:/x", "unknown scheme"),
         ("no-scheme", "expected SCHEME"),
@@ -161,6 +164,18 @@ def test_phantom_cache_round_trip(tmp_path: Path) -> None:
         assert case.lung_mask is not None and fresh.lung_mask is not None
         np.testing.assert_array_equal(case.lung_mask, fresh.lung_mask)
         assert case.spacing_mm == fresh.spacing_mm and case.label == fresh.label
+
+
+def test_phantoms_can_carry_the_lungs_the_node_segments(tmp_path: Path) -> None:
+    spec = "phantoms:covid=1,seed=7,size=64,slices=24"
+    truth = open_data(spec, tmp_path)[0]
+    node = open_data(spec + ",lungs=node", tmp_path)[0]
+    assert truth.lung_mask is not None and node.lung_mask is not None
+    np.testing.assert_array_equal(node.volume_hu, truth.volume_hu)
+    np.testing.assert_array_equal(node.lesion_mask, truth.lesion_mask)
+    expected = segment_lungs(truth.volume_hu, truth.spacing_mm)
+    np.testing.assert_array_equal(node.lung_mask, np.asarray(expected, dtype=bool))
+    assert not np.array_equal(node.lung_mask, truth.lung_mask)  # the two masks differ
 
 
 def test_nifti_csv_errors(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -76,6 +76,8 @@ PHANTOM_KINDS: dict[str, Diagnosis] = {
     "cap": Diagnosis.CAP,
     "normal": Diagnosis.NON_PNEUMONIA,
 }
+PHANTOM_LUNGS = ("truth", "node")
+"""Whose lung masks phantoms carry: the generator's, or none (segmented like the node)."""
 """Phantom kinds of training/phantoms.py and the label each one carries."""
 
 LUNG_CODES = frozenset({"39607008", "3341006", "44029006"})
@@ -323,11 +325,18 @@ class PhantomSource:
     slice_thickness_mm: float | None = None
     pixel_spacing_mm: float | None = None
     cache_dir: Path | None = None
+    # "truth": the generator's lung mask; "node": none, so that `open_data` segments the
+    # lungs as the node does (`ai.lungs`), border tissue included (docs/training.md).
+    lungs: str = "truth"
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Case:
+        case = self._case(index)
+        return case if self.lungs == "truth" else replace(case, lung_mask=None)
+
+    def _case(self, index: int) -> Case:
         kind, seed = self.items[index]
         path = self._cache_path(kind, seed)
         if path is not None and path.exists():
@@ -399,7 +408,9 @@ class PhantomSource:
 
 
 def _phantom_source(options: Mapping[str, str], cache_dir: Path | None) -> PhantomSource:
-    known = set(PHANTOM_KINDS) | {"seed", "size", "slices", "thickness", "spacing", "cache"}
+    known = set(PHANTOM_KINDS) | {
+        "seed", "size", "slices", "thickness", "spacing", "cache", "lungs"
+    }
     unknown = sorted(set(options) - known)
     if unknown:
         raise DatasetError(f"phantoms: unknown option(s) {unknown}; known: {sorted(known)}")
@@ -414,13 +425,16 @@ def _phantom_source(options: Mapping[str, str], cache_dir: Path | None) -> Phant
         raise DatasetError(f"phantoms: {exc}") from exc
     if not counts or sum(counts.values()) < 1 or min(counts.values()) < 0:
         raise DatasetError(f"phantoms: give a count for at least one of {sorted(PHANTOM_KINDS)}")
+    lungs = options.get("lungs", "truth")
+    if lungs not in PHANTOM_LUNGS:
+        raise DatasetError(f"phantoms: lungs={lungs!r}; use one of {PHANTOM_LUNGS}")
     items: list[tuple[str, int]] = []
     for kind in PHANTOM_KINDS:  # fixed kind order: seeds do not depend on option order
         for _ in range(counts.get(kind, 0)):
             items.append((kind, seed + len(items)))
     if options.get("cache", "yes").lower() in ("no", "0", "false", "off"):
         cache_dir = None
-    return PhantomSource(items, size, slices, thickness, spacing, cache_dir)
+    return PhantomSource(items, size, slices, thickness, spacing, cache_dir, lungs)
 
 
 # ----------------------------------------------------------------------- NIfTI
@@ -771,9 +785,9 @@ def parse_data_spec(spec: str, cache_dir: str | Path | None = None) -> CaseSourc
     """One ``--data`` value -> a source (lung masks not yet filled; see :func:`open_data`).
 
     ``phantoms:covid=N,cap=N,normal=N[,seed=S][,size=P][,slices=Z][,thickness=MM]
-    [,spacing=MM][,cache=no]``, ``nifti:/path/labels.csv``, ``dicom:/folder[,labels=CSV]``,
-    ``index:/data_dir[,labels=CSV][,url=DATABASE_URL]``. ``cache_dir`` keeps generated
-    phantoms (unless ``cache=no``).
+    [,spacing=MM][,cache=no][,lungs=node]``, ``nifti:/path/labels.csv``,
+    ``dicom:/folder[,labels=CSV]``, ``index:/data_dir[,labels=CSV][,url=DATABASE_URL]``.
+    ``cache_dir`` keeps generated phantoms (unless ``cache=no``).
     """
     scheme, sep, rest = spec.partition(":")
     scheme = scheme.strip().lower()
