@@ -76,9 +76,9 @@ PHANTOM_KINDS: dict[str, Diagnosis] = {
     "cap": Diagnosis.CAP,
     "normal": Diagnosis.NON_PNEUMONIA,
 }
+"""Phantom kinds of training/phantoms.py and the label each one carries."""
 PHANTOM_LUNGS = ("truth", "node")
 """Whose lung masks phantoms carry: the generator's, or none (segmented like the node)."""
-"""Phantom kinds of training/phantoms.py and the label each one carries."""
 
 LUNG_CODES = frozenset({"39607008", "3341006", "44029006"})
 """SNOMED CT Lung, Right lung, Left lung: SEG segments that are lung, not lesion."""
