@@ -11,6 +11,7 @@ import pytest
 
 from ai import infer
 from ai.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
+from ai.labels import CLASS_NAMES
 from training.datasets import PhantomSource, parse_data_spec
 from training.metrics import dice_coefficient
 from training.phantoms import generate_phantom
@@ -58,6 +59,23 @@ def test_shipped_evaluation_is_of_these_weights_on_held_out_phantoms(
     assert held_out and not held_out & trained_on
     assert ("cap", HELD_OUT_CAP_SEED) not in trained_on
     assert evaluation["summary"]["n_scans"] == len(held_out) == 30
+
+
+def test_the_node_reproduces_the_shipped_evaluation(
+    shipped: Checkpoint, evaluation: dict[str, Any]
+) -> None:
+    """The evaluation's numbers are the node's own: its first CAP scan, analysed again
+    as the node analyses a series, gets the recorded class probabilities and LVR."""
+    [spec] = evaluation["data"]
+    source = parse_data_spec(spec)
+    assert isinstance(source, PhantomSource)
+    recorded = next(s for s in evaluation["summary"]["scans"] if s["case_id"].startswith(
+        "phantom-cap-"))
+    case = source[source.case_ids().index(recorded["case_id"])]
+    analysis = infer.analyse(case.volume_hu, case.spacing_mm, checkpoint=shipped)
+    assert [analysis.probabilities[n] for n in CLASS_NAMES] == pytest.approx(
+        recorded["probabilities"], abs=1e-3)
+    assert analysis.lvr == pytest.approx(recorded["lvr_pred"], abs=1e-3)
 
 
 def test_shipped_model_finds_the_lesions_of_a_held_out_phantom(shipped: Checkpoint) -> None:
