@@ -121,6 +121,27 @@ def test_stage_two_can_give_the_classification_stream_its_own_rate(cache: Path) 
     assert "cross_stitch" not in {names[id(p)] for p in optimiser.param_groups[0]["params"]}
 
 
+def test_a_zero_stage_two_rate_freezes_the_segmentation_stream(cache: Path) -> None:
+    trainer = Trainer(_config(Path("unused"), cache, lr2=0.0, lr2_cls=1e-3), *_sources(cache))
+    model = trainer.model
+    optimiser, _ = trainer._optimiser(2, steps=10)
+    names = {id(p): n.split(".")[0] for n, p in model.named_parameters()}
+    assert {names[id(p)] for g in optimiser.param_groups for p in g["params"]} == {
+        "stem_c", "classifier"
+    }
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch, cfg = _batch(cache, stage=2)
+    context = scan_contexts(model, batch, preprocess_config_for(cfg), window_batch=4)
+    TrainStep(model, 2, LossConfig(), torch.ones(3))(batch, context).total.backward()
+    optimiser.step()
+    after = model.state_dict()
+    changed = {k.split(".")[0] for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed == {"stem_c", "classifier"}
+    for bad in (dict(lr2=0.0), dict(lr2=0.0, lr2_cls=0.0), dict(lr2=-1e-4), dict(lr1=0.0)):
+        with pytest.raises(ValueError, match="lr"):
+            _config(Path("unused"), cache, **bad)
+
+
 def test_the_per_channel_affine_layers_can_take_a_larger_rate(cache: Path) -> None:
     trainer = Trainer(
         _config(Path("unused"), cache, lr2=1e-4, lr2_cls=1e-3, lr_affine_scale=20.0),

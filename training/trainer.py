@@ -175,6 +175,12 @@ class TrainConfig:
             problems.append(f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
             problems.append(f"fold {self.fold} of {self.folds}: need folds >= 2, 0 <= fold < folds")
+        if self.lr1 <= 0:
+            problems.append(f"lr1 {self.lr1} must be > 0")
+        if self.lr2 < 0 or (self.lr2_cls is not None and self.lr2_cls < 0):
+            problems.append("lr2 and lr2_cls must be >= 0 (0 freezes a stream)")
+        elif self.stage != "1" and self.lr2 == 0 and not self.lr2_cls:
+            problems.append("lr2 0 and no lr2_cls > 0: stage 2 would train nothing")
         if self.lr_affine_scale <= 0:
             problems.append(f"lr_affine_scale {self.lr_affine_scale} must be > 0")
         if not 0.0 <= self.lesion_bias <= 1.0:
@@ -597,7 +603,9 @@ class Trainer:
         """Adam (0.9, 0.999) with linear decay to zero over the stage; in stage 1 the
         cross-stitch unit is frozen (the streams train separately). In stage 2 the C
         stream (stem and classifier) may have its own rate, `lr2_cls`: a classifier that
-        has to learn anew next to a segmenter that must not be disturbed.
+        has to learn anew next to a segmenter that must not be disturbed. A rate of 0
+        freezes its parameters (no gradient, not in the optimiser): `--lr2 0` keeps the
+        segmenter exactly as it starts while the classifier fine-tunes.
 
         The L stream's per-channel affine layers take `lr_affine_scale` times their
         stream's rate: their shifts are the stream's only biases (its convolutions are
@@ -609,12 +617,16 @@ class Trainer:
                   for p in m.parameters()}  # fmt: skip
         groups: dict[float, list[nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
-            p.requires_grad_(stage == 2 or not name.startswith("cross_stitch."))
+            rate = lr_cls if name.startswith(C_STREAM) else lr
+            if id(p) in affine:
+                rate *= self.config.lr_affine_scale
+            p.requires_grad_(rate > 0 and (stage == 2 or not name.startswith("cross_stitch.")))
             if p.requires_grad:
-                rate = lr_cls if name.startswith(C_STREAM) else lr
-                if id(p) in affine:
-                    rate *= self.config.lr_affine_scale
                 groups.setdefault(rate, []).append(p)
+        if not groups:
+            raise ValueError(
+                f"stage {stage}: every learning rate of this {self.model_config.task} model is 0"
+            )
         optimiser = torch.optim.Adam(
             [{"params": ps, "lr": rate} for rate, ps in groups.items()], betas=(0.9, 0.999)
         )
@@ -1211,7 +1223,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--epochs1", type=int, default=None, help="stage-1 epochs (--epochs)")
     model.add_argument("--epochs2", type=int, default=None, help="stage-2 epochs (--epochs)")
     model.add_argument("--lr1", type=float, default=1e-3, help="stage-1 learning rate")
-    model.add_argument("--lr2", type=float, default=1e-4, help="stage-2 learning rate")
+    model.add_argument(
+        "--lr2",
+        type=float,
+        default=1e-4,
+        help="stage-2 learning rate (0: the segmentation stream stays as it starts)",
+    )
     model.add_argument(
         "--lr2-cls",
         type=float,
