@@ -195,6 +195,18 @@ def test_later_init_checkpoints_replace_the_streams_they_hold(
     # and the classification stream did come from the second run, not the first
     first = load_checkpoint(joint).model.state_dict()
     assert not all(torch.equal(weights[n], first[n]) for n in first if n.startswith("stem_c"))
+    # --init-cls takes the classification stream alone, even from a joint checkpoint
+    picked = Trainer(
+        _config(tmp_path / "picked", cache, stage="2", init=(image_only,), init_cls=joint),
+        *_sources(cache),
+    )
+    picked._init_stage(2)
+    weights = picked.model.state_dict()
+    for name, tensor in first.items():
+        if name.split(".")[0] in ("stem_c", "classifier"):
+            assert torch.equal(weights[name], tensor), name
+    with pytest.raises(ValueError, match="init_cls"):
+        _config(tmp_path / "seg", cache, task="seg", init_cls=joint)
 
 
 def test_resume_continues_exactly(

@@ -136,6 +136,9 @@ class TrainConfig:
     # Applied in order; a later checkpoint replaces the streams it holds (say a
     # classification-only run's C stream over a joint model).
     init: tuple[Path, ...] = ()
+    # Then the classification stream alone (C stem and classifier) from this checkpoint:
+    # a classifier fine-tuned elsewhere next to the segmenter of `init`.
+    init_cls: Path | None = None
     epochs1: int = 20
     epochs2: int = 10
     lr1: float = 1e-3
@@ -175,6 +178,8 @@ class TrainConfig:
             problems.append(f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
             problems.append(f"fold {self.fold} of {self.folds}: need folds >= 2, 0 <= fold < folds")
+        if self.init_cls is not None and self.task == "seg":
+            problems.append("init_cls: a segmentation-only model has no classification stream")
         if self.lr1 <= 0:
             problems.append(f"lr1 {self.lr1} must be > 0")
         if self.lr2 < 0 or (self.lr2_cls is not None and self.lr2_cls < 0):
@@ -203,6 +208,7 @@ class TrainConfig:
         for key in ("out", "cache_dir"):
             out[key] = None if out[key] is None else str(out[key])
         out["init"] = [str(path) for path in self.init]
+        out["init_cls"] = None if self.init_cls is None else str(self.init_cls)
         out["loss"]["ta_etas"] = list(self.loss.ta_etas)
         return out
 
@@ -498,10 +504,11 @@ class Trainer:
         self.preprocess = preprocess_config_for(self.model_config)
         # Which weights `--init` named, by content: a path alone (say the shipped
         # checkpoint) may hold other weights by the time someone reads the provenance.
-        missing = [str(path) for path in config.init if not path.is_file()]
+        init = [*config.init, *([config.init_cls] if config.init_cls else [])]
+        missing = [str(path) for path in init if not path.is_file()]
         if missing:
             raise DatasetError(f"--init {', '.join(missing)}: no such checkpoint")
-        self.init_sha256 = [file_sha256(path) for path in config.init]
+        self.init_sha256 = [file_sha256(path) for path in init]
         labels = [int(label) for label in train.labels() if label is not None]
         self.class_weights = None
         if self.model.classifier is not None:
@@ -548,6 +555,8 @@ class Trainer:
             sources = (self.out / STAGE_FILES[1],)
         for source in sources:
             self._load_init(stage, source)
+        if self.config.init_cls is not None and stage == self.config.stages[0]:
+            self._load_init(stage, self.config.init_cls, only=C_STREAM)
         stitch = self.model.cross_stitch
         if stitch is None:
             return
@@ -557,20 +566,28 @@ class Trainer:
             stitch.stitch(self.model_config.cross_stitch_init)
             logger.info("stage 2: cross-stitch starts at %s", self.model_config.cross_stitch_init)
 
-    def _load_init(self, stage: int, source: Path) -> None:
+    def _load_init(self, stage: int, source: Path, only: tuple[str, ...] = ()) -> None:
+        """Copy the weights of `source` that this model has (those under the name
+        prefixes `only`, when given)."""
         if not source.is_file():
             raise DatasetError(
                 f"stage {stage} starts from {source}, which does not exist "
                 "(run --stage 1 first or give --init CHECKPOINT)"
             )
         loaded = load_checkpoint(source, "cpu")
-        same_task = loaded.model_config.task == self.model_config.task
-        result = self.model.load_state_dict(loaded.model.state_dict(), strict=same_task)
+        weights = loaded.model.state_dict()
+        if only:
+            weights = {k: v for k, v in weights.items() if k.startswith(only)}
+            if not weights:
+                raise DatasetError(f"{source} holds no {'/'.join(only)} weights")
+        strict = not only and loaded.model_config.task == self.model_config.task
+        result = self.model.load_state_dict(weights, strict=strict)
         logger.info(
-            "stage %d starts from %s (%s/%s)%s", stage, source, loaded.model_config.name,
-            loaded.model_config.task,
+            "stage %d starts from %s%s (%s/%s)%s", stage, source,
+            f" ({', '.join(p.rstrip('.') for p in only)} only)" if only else "",
+            loaded.model_config.name, loaded.model_config.task,
             f"; not in it: {', '.join(sorted({k.split('.')[0] for k in result.missing_keys}))}"
-            if result.missing_keys else "",
+            if result.missing_keys and not only else "",
         )  # fmt: skip
 
     # -- one stage ----------------------------------------------------------------------
@@ -1219,6 +1236,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="start from these weights (e.g. fine-tune the shipped model); repeat to "
         "combine: each later checkpoint replaces the streams it holds",
     )
+    model.add_argument(
+        "--init-cls",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="then the classification stream alone (C stem and classifier) from this one",
+    )
     model.add_argument("--epochs", type=int, default=10, help="epochs of each stage (10)")
     model.add_argument("--epochs1", type=int, default=None, help="stage-1 epochs (--epochs)")
     model.add_argument("--epochs2", type=int, default=None, help="stage-2 epochs (--epochs)")
@@ -1314,6 +1338,7 @@ def config_from_args(
         task=args.task,
         cls_pool=args.cls_pool,
         init=tuple(args.init),
+        init_cls=args.init_cls,
         epochs1=args.epochs1 or args.epochs,
         epochs2=args.epochs2 or args.epochs,
         lr1=args.lr1,
