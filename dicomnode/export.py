@@ -47,10 +47,11 @@ class Exporter:
         ids = []
         for destination in self.settings.destinations:
             paths = [p for kind in destination.outputs for p in outputs.get(kind, ())]
-            if paths:
-                ids.append(self.index.queue_export(
-                    job_id, destination.name, paths, self.settings.export.give_up_after_seconds
-                ))
+            export_id = self.index.queue_export(
+                job_id, destination.name, paths, self.settings.export.give_up_after_seconds
+            ) if paths else None
+            if export_id is not None:
+                ids.append(export_id)
         if ids:
             self._wake.set()
         return ids

@@ -52,8 +52,9 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def node_provenance(settings: Settings, model: dict[str, object]) -> Provenance:
-    """The node as a device: a UID stable per installation (derived from its data dir)."""
+def node_provenance(settings: Settings, model: dict[str, object], job_key: str = "") -> Provenance:
+    """The node as a device: a UID stable per installation (derived from its data dir);
+    `job_key` names the job whose outputs these are (see `Provenance.uid`)."""
     seed = f"{settings.node.ae_title}:{settings.data_dir.resolve()}".encode()
     device_uid = pydicom.uid.generate_uid(entropy_srcs=[seed.decode()])
     return Provenance(
@@ -61,7 +62,13 @@ def node_provenance(settings: Settings, model: dict[str, object]) -> Provenance:
         model_name=str(model.get("name", "DeepSC-COVID")),
         model_version=model_version(model),
         station_name=settings.node.ae_title,
+        job_key=job_key,
     )
+
+
+def job_key(job: ClaimedJob) -> str:
+    """What a job's output UIDs derive from: the same on every attempt at the job."""
+    return f"job {job.job_id} of series {job.series_instance_uid}"
 
 
 def model_version(model: dict[str, object]) -> str:
@@ -211,7 +218,7 @@ class Pipeline:
         timings = {"volume": time.perf_counter() - t0}
         analysis = analyse_volume(volume, self.settings, self.checkpoint())
         timings |= {f"ai_{k}": v for k, v in analysis.timings.items()}
-        provenance = node_provenance(self.settings, analysis.model)
+        provenance = node_provenance(self.settings, analysis.model, job_key(job))
         results, encode_times = build_results(volume, analysis, self.settings, provenance)
         timings |= encode_times
         stored = self._store_and_queue(job, results, timings)
@@ -257,14 +264,21 @@ class Pipeline:
         if not paths:
             return
         header = pydicom.dcmread(self.filestore.path(paths[0]), stop_before_pixels=True)
-        provenance = node_provenance(self.settings, {})
+        provenance = node_provenance(self.settings, {}, job_key(job))
         notice = self.store_output(build_failure_notice(header, reason, provenance))
         for destination in self.settings.destinations:
             self.index.queue_export(job.job_id, destination.name, [notice],
                                     self.settings.export.give_up_after_seconds)
 
     def store_output(self, ds: Dataset) -> str:
-        """Store an output like a received instance; returns its path in the file store."""
+        """Store an output like a received instance; returns its path in the file store.
+
+        An output already stored under its UID (a job run again after a crash: same UIDs,
+        see `Provenance.uid`) is kept as it is, since it may already be in the PACS."""
+        stored = self.index.find_instance(str(ds.SOPInstanceUID))
+        if stored is not None:
+            logger.info("output %s was stored by an earlier attempt: kept", ds.SOPInstanceUID)
+            return stored.path
         data = encode(ds)
         record = instance_record(ds, str(ds.file_meta.TransferSyntaxUID),
                                  self.settings.node.ae_title)

@@ -634,12 +634,22 @@ class StudyIndex:
     def queue_export(
         self, job_id: int, destination: str, paths: Sequence[str], give_up_after_s: float,
         now: datetime | None = None,
-    ) -> int:
-        """Owe a destination these output files; the exporter sends them together."""
+    ) -> int | None:
+        """Owe a destination these output files; the exporter sends them together.
+
+        Files this job already owes (or has delivered to) the destination are left out, so
+        a job run again after a crash sends nothing twice; None when nothing is left."""
         now = now or utcnow()
         with self._write_lock, self._sessions.begin() as session:
+            owed = {path for row in session.scalars(
+                select(Export.paths).where(Export.job_pk == job_id,
+                                           Export.destination == destination)
+            ) for path in row}
+            new = [path for path in paths if path not in owed]
+            if not new:
+                return None
             export = Export(
-                job_pk=job_id, destination=destination, paths=list(paths),
+                job_pk=job_id, destination=destination, paths=new,
                 state=ExportState.PENDING, next_attempt_at=now,
                 give_up_at=now + timedelta(seconds=give_up_after_s),
                 created_at=now, updated_at=now,

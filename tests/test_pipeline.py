@@ -197,6 +197,44 @@ def test_a_failure_of_the_views_leaves_the_seg_and_sr_delivered(
     assert len(pacs.received) == 2  # the results, and no failure notice
 
 
+class Crash(BaseException):
+    """The worker process dying (not an error that `run_job` would catch)."""
+
+
+def test_a_job_run_again_after_a_crash_sends_each_result_once(
+    start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    node, pipeline, job = _queued_job_and_pipeline(start_node, tiny_checkpoint, pacs, tmp_path)
+
+    def crash(*args: object, **kwargs: object) -> object:
+        raise Crash
+
+    monkeypatch.setattr(pipeline_module, "build_views", crash)  # dies after SEG + SR
+    with pytest.raises(Crash):
+        pipeline.run_job(job)
+    wait_for(lambda: len(pacs.received) == 2, timeout=10)  # SEG + SR delivered already
+    first = {ds.SOPClassUID: ds.SOPInstanceUID for ds in pacs.received}
+    monkeypatch.undo()
+
+    assert node.index.recover_after_restart() == 1
+    again = node.index.claim_next_job("test")
+    assert again is not None and again.job_id == job.job_id and again.attempts == 2
+    assert pipeline.run_job(again) == "done"
+    result = node.index.result_for_job(job.job_id)
+    assert result is not None and set(result.outputs) == {"seg", "sr", "key_images", "pdf"}
+    views = len(result.outputs["key_images"]) + 1
+    wait_for(lambda: len(pacs.received) == 2 + views, timeout=10)
+    wait_for(lambda: all(e["state"] == "done" for e in node.index.export_status()), timeout=10)
+    time.sleep(0.5)  # anything sent twice would have arrived by now
+    assert len(pacs.received) == 2 + views
+    assert sorted(e["files"] for e in node.index.export_status()) == [2, views]
+    # The second attempt's SEG and SR are the first's: same UIDs, the stored files kept.
+    for kind, sop_class in (("seg", SEG), ("sr", COMPREHENSIVE_SR)):
+        [path] = result.outputs[kind]
+        assert pydicom.dcmread(node.filestore.path(path)).SOPInstanceUID == first[sop_class]
+
+
 def test_bad_series_fails_with_its_reason_and_keeps_the_data(
     start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path
 ) -> None:

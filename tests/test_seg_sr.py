@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import highdicom as hd
@@ -42,8 +43,6 @@ def case(
 
 
 def _flipped(phantom: Phantom) -> Phantom:
-    import dataclasses
-
     return dataclasses.replace(
         phantom,
         volume_hu=phantom.volume_hu[::-1],
@@ -199,3 +198,25 @@ def test_failure_notice_is_a_valid_sr_that_says_why(
     assert read.StudyInstanceUID == volume.datasets[0].StudyInstanceUID
     assert read.ConceptNameCodeSequence[0].CodeValue == NOT_ANALYSED.value
     assert "not analysed: no lungs found" in read.ContentSequence[0].TextValue
+
+
+def test_a_job_key_makes_the_output_uids_the_same_on_every_attempt(
+    case: tuple[Phantom, CTVolume, ScanAnalysis],
+) -> None:
+    phantom, volume, stats = case
+
+    def uids(provenance: Provenance) -> list[str]:
+        seg = build_segmentation(volume.datasets, phantom.lung_mask, phantom.lesion_mask,
+                                 stats.lesions, provenance, max_lesion_segments=3)
+        sr = build_report(volume.datasets, seg.dataset, seg.lesion_segments, stats,
+                          (0.2, 0.3, 0.5), Diagnosis.NON_PNEUMONIA, provenance)
+        tracking = [str(s.TrackingUID) for s in seg.dataset.SegmentSequence]
+        return [seg.dataset.SeriesInstanceUID, seg.dataset.SOPInstanceUID, *tracking,
+                sr.SeriesInstanceUID, sr.SOPInstanceUID]
+
+    job = dataclasses.replace(PROVENANCE, job_key="job 7 of series 1.2.3")
+    first = uids(job)
+    assert uids(job) == first
+    assert len(set(first)) == len(first)  # every part its own UID
+    assert set(uids(dataclasses.replace(job, job_key="job 8 of series 1.2.3"))).isdisjoint(first)
+    assert set(uids(PROVENANCE)).isdisjoint(uids(PROVENANCE))  # no job: new every time

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydicom.uid import generate_uid
+
 from dicomnode import __version__
 
 MANUFACTURER = "dicomnode"
@@ -30,6 +32,19 @@ class Provenance:
     """Identifies the weights: the first 12 hex digits of the checkpoint's sha256."""
     device_serial_number: str = "1"
     station_name: str = "DICOMNODE"
+    job_key: str = ""
+    """Names the job the outputs belong to; empty for an offline run (see `uid`)."""
+
+    def uid(self, *names: object) -> str:
+        """The UID of one part of one output, e.g. `uid("seg", "instance")`.
+
+        With a job key it is derived from the node, the job and the names, so a job run
+        again after a crash remakes its outputs under the same UIDs: the node stores, and
+        the PACS receives, each result once. Without one it is new on every call.
+        """
+        if not self.job_key:
+            return generate_uid()
+        return generate_uid(entropy_srcs=[self.device_uid, self.job_key, *map(str, names)])
 
     @property
     def software_versions(self) -> list[str]:

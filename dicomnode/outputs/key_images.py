@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import PersonName
 from scipy import ndimage as ndi
 
@@ -295,7 +295,7 @@ def _sc_image(
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=series_uid,
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=provenance.uid("key_images", "instance", number),
         instance_number=number,
         manufacturer=MANUFACTURER,
         patient_orientation=orientation_letters(volume.orientation),
@@ -334,7 +334,7 @@ def build_key_images(
     slice with the most lung still carries the diagnosis and the numbers.
     """
     slices = pick_key_slices(analysis.lesion_mask, analysis.lung_mask, volume.spacing_mm, count)
-    series_uid = generate_uid()
+    series_uid = provenance.uid("key_images", "series")
     letters = orientation_letters(volume.orientation)
     images: list[Dataset] = []
     for rank, z in enumerate(slices, start=1):

@@ -20,7 +20,7 @@ import highdicom as hd
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
-from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, DT, TM
 
 from ai.labels import CLASS_NAMES
@@ -242,9 +242,9 @@ def build_pdf_report(
     now = datetime.datetime.now()
     ds = hd.base.SOPClass(
         study_instance_uid=source.StudyInstanceUID,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=provenance.uid("pdf", "series"),
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=provenance.uid("pdf", "instance"),
         sop_class_uid=EncapsulatedPDFStorage,
         instance_number=1,
         modality="DOC",

@@ -14,7 +14,6 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 from scipy import ndimage as ndi
 
 from ai.analysis import LesionStats, label_components
@@ -106,7 +105,7 @@ def _segment(
         segmented_property_type=kind,  # type: ignore[arg-type]
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm_identification(provenance),
-        tracking_uid=generate_uid(),
+        tracking_uid=provenance.uid("seg", "segment", number),
         tracking_id=tracking_id,
         anatomic_regions=[codes.SCT.Lung] if number != LUNG_SEGMENT else None,
         display_color=colour,
@@ -188,9 +187,9 @@ def build_segmentation(
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=provenance.uid("seg", "series"),
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=provenance.uid("seg", "instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME,

@@ -16,7 +16,6 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from ai.analysis import LesionStats, ScanAnalysis
 from ai.labels import Diagnosis
@@ -105,7 +104,9 @@ def _diagnosis_group(
         if value is not None:  # undefined without lesions (0/0): omitted, not zero
             measurements.append(_number(code, scale * value, unit, provenance))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="AI diagnosis"),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=provenance.uid("sr", "tracking", "AI diagnosis"), identifier="AI diagnosis"
+        ),
         algorithm_id=_algorithm(provenance),
         finding_sites=[hd.sr.FindingSite(codes.SCT.Lung)],
         measurements=measurements,
@@ -133,7 +134,9 @@ def _volume_group(
         measurements.append(_number(codes.DCM.AttenuationCoefficient, mean_hu, HU_UNIT,
                                     provenance, derivation=codes.SCT.Mean))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=label),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=provenance.uid("sr", "tracking", label), identifier=label
+        ),
         referenced_segment=reference,
         finding_type=finding,
         algorithm_id=_algorithm(provenance),
@@ -211,9 +214,9 @@ def _comprehensive_sr(
     return hd.sr.ComprehensiveSR(
         evidence=list(evidence),
         content=content,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=provenance.uid(description, "series"),
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=provenance.uid(description, "instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
