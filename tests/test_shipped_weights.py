@@ -44,7 +44,7 @@ def test_default_checkpoint_is_a_trained_joint_lite_model(shipped: Checkpoint) -
     assert (shipped.model_config.name, shipped.model_config.task) == ("lite", "joint")
     assert shipped.metrics["stage"] == 2
     provenance = shipped.provenance
-    assert provenance.seed == 0 and provenance.data.startswith("phantoms:")
+    assert provenance.seed == 2 and provenance.data.startswith("phantoms:")
     assert " train " in provenance.command
     assert provenance.extra["train_config"]["size"] == "lite"
 
@@ -82,8 +82,9 @@ def test_shipped_model_finds_the_lesions_of_a_held_out_phantom(shipped: Checkpoi
     phantom = generate_phantom("cap", HELD_OUT_CAP_SEED, slices=40, size=192)
     analysis = infer.analyse(phantom.volume_hu, phantom.spacing_mm, checkpoint=shipped)
     assert dice_coefficient(analysis.lesion_mask, phantom.lesion_mask) > 0.4
-    # Disease, not which one: the held-out evaluation (checked above to be of these
-    # weights) finds 6 of 10 CAP scans and calls the other 4 COVID-19, as it does this one.
+    # The held-out evaluation (checked above to be of these weights) finds 9 of 10 CAP
+    # scans; this one, smaller than any training scan, is among those found.
+    assert analysis.probabilities["CAP"] > 0.5
     assert analysis.probabilities["non-pneumonia"] < 0.1
     true_lvr = phantom.lesion_mask.sum() / phantom.lung_mask.sum()
     assert abs(analysis.lvr - true_lvr) < 0.05
