@@ -144,8 +144,9 @@ class StorageSCP:
         self.filestore = filestore
         self.min_free_bytes = settings.storage.min_free_disk_mb * 1024 * 1024
         self._uid_locks = [threading.Lock() for _ in range(64)]
-        # Per association, the latest record of each series it sent: the series to
-        # signal on release, and the attributes its next instances share.
+        # Per open association (from EVT_ACCEPTED to its end), the latest record of each
+        # series it sent: the series to signal on release, and the attributes its next
+        # instances share.
         self._assoc_series: dict[int, dict[str, InstanceRecord]] = {}
         self._assoc_lock = threading.Lock()
         self.ae = self._make_ae(settings.node)
@@ -177,6 +178,7 @@ class StorageSCP:
         context = tls_server_context(node, self.settings.base_dir) if node.tls_enabled else None
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_ended),
@@ -211,8 +213,8 @@ class StorageSCP:
             relpath = self.filestore.instance_relpath(study_uid, series_uid, sop_uid)
         except Exception as exc:
             return self._reject(encoded, calling_aet, exc)
-        with self._assoc_lock:
-            sent = self._assoc_series.setdefault(id(event.assoc), {})
+        with self._assoc_lock:  # none: ended while this C-STORE was on its way (abort)
+            sent = self._assoc_series.get(id(event.assoc), {})
         lock = self._uid_locks[hash(sop_uid) % len(self._uid_locks)]
         try:
             with lock:
@@ -286,6 +288,14 @@ class StorageSCP:
         logger.error("C-STORE from %s rejected with 0xC000: %s (dataset kept as %s)",
                      calling_aet, exc, aside)
         return STATUS_CANNOT_UNDERSTAND
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        """Open the association's record here, not at its first C-STORE: a C-STORE that
+        races an abort (the end events come from the connection's thread) then cannot
+        re-create a record that nothing would remove, and that a later association
+        given the same `id()` would inherit."""
+        with self._assoc_lock:
+            self._assoc_series[id(event.assoc)] = {}
 
     def _on_released(self, event: evt.Event) -> None:
         with self._assoc_lock:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pydicom
@@ -447,3 +448,22 @@ def test_later_instances_of_a_series_take_its_series_attributes(ct_series_dir: P
     second_ds.SeriesInstanceUID = generate_uid()  # another series: everything read again
     other = instance_record(second_ds, "1.2.840.10008.1.2", "B", same_series=first)
     assert (other.patient_name, other.series_description) == ("Changed^Name", "changed")
+
+
+def test_a_c_store_racing_an_abort_is_stored_and_leaves_no_association_record(
+    start_node: Callable[..., Node], ct_series_dir: Path
+) -> None:
+    """The end events come from the connection's thread: an abort can be handled while a
+    C-STORE of the same association is still being parsed. The instance is stored, and
+    no record of the ended association is left for a later one with the same id()."""
+    node = start_node()
+    path = sorted(ct_series_dir.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(path)
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="RACER"))
+    event = SimpleNamespace(assoc=assoc, encoded_dataset=path.read_bytes,  # Part 10, as sent
+                            context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.1"))
+    node.scp._on_accepted(event)
+    node.scp._on_ended(event)  # the abort, handled first
+    assert node.scp._on_store(event) == 0x0000
+    assert node.index.find_instance(ds.SOPInstanceUID) is not None
+    assert id(assoc) not in node.scp._assoc_series
