@@ -176,6 +176,8 @@ def test_phantoms_can_carry_the_lungs_the_node_segments(tmp_path: Path) -> None:
     expected = segment_lungs(truth.volume_hu, truth.spacing_mm)
     np.testing.assert_array_equal(node.lung_mask, np.asarray(expected, dtype=bool))
     assert not np.array_equal(node.lung_mask, truth.lung_mask)  # the two masks differ
+    with pytest.raises(DatasetError, match="lungs='mine'"):  # built directly, not parsed
+        PhantomSource([("covid", 7)], lungs="mine")
 
 
 def test_nifti_csv_errors(tmp_path: Path) -> None:

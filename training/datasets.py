@@ -329,6 +329,10 @@ class PhantomSource:
     # lungs as the node does (`ai.lungs`), border tissue included (docs/training.md).
     lungs: str = "truth"
 
+    def __post_init__(self) -> None:
+        if self.lungs not in PHANTOM_LUNGS:
+            raise DatasetError(f"phantoms: lungs={self.lungs!r}; use one of {PHANTOM_LUNGS}")
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -426,8 +430,6 @@ def _phantom_source(options: Mapping[str, str], cache_dir: Path | None) -> Phant
     if not counts or sum(counts.values()) < 1 or min(counts.values()) < 0:
         raise DatasetError(f"phantoms: give a count for at least one of {sorted(PHANTOM_KINDS)}")
     lungs = options.get("lungs", "truth")
-    if lungs not in PHANTOM_LUNGS:
-        raise DatasetError(f"phantoms: lungs={lungs!r}; use one of {PHANTOM_LUNGS}")
     items: list[tuple[str, int]] = []
     for kind in PHANTOM_KINDS:  # fixed kind order: seeds do not depend on option order
         for _ in range(counts.get(kind, 0)):
