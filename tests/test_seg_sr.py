@@ -219,4 +219,5 @@ def test_a_job_key_makes_the_output_uids_the_same_on_every_attempt(
     assert uids(job) == first
     assert len(set(first)) == len(first)  # every part its own UID
     assert set(uids(dataclasses.replace(job, job_key="job 8 of series 1.2.3"))).isdisjoint(first)
+    assert set(uids(dataclasses.replace(job, model_version="other"))).isdisjoint(first)
     assert set(uids(PROVENANCE)).isdisjoint(uids(PROVENANCE))  # no job: new every time

@@ -38,13 +38,15 @@ class Provenance:
     def uid(self, *names: object) -> str:
         """The UID of one part of one output, e.g. `uid("seg", "instance")`.
 
-        With a job key it is derived from the node, the job and the names, so a job run
-        again after a crash remakes its outputs under the same UIDs: the node stores, and
-        the PACS receives, each result once. Without one it is new on every call.
+        With a job key it is derived from the node, the job, the model version and the
+        names, so a job run again after a crash remakes its outputs under the same UIDs:
+        the node stores, and the PACS receives, each result once (other weights make other
+        objects, under new UIDs). Without a job key it is new on every call.
         """
         if not self.job_key:
             return generate_uid()
-        return generate_uid(entropy_srcs=[self.device_uid, self.job_key, *map(str, names)])
+        return generate_uid(entropy_srcs=[self.device_uid, self.job_key, self.model_version,
+                                          *map(str, names)])
 
     @property
     def software_versions(self) -> list[str]:
