@@ -18,12 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as EventType
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
 from ai.errors import InputVolumeError
 from ai.infer import Analysis, analyse, load_model
 from ai.labels import CLASS_NAMES
+from dicomnode import __version__
 from dicomnode.config import Settings
 from dicomnode.export import Exporter
 from dicomnode.outputs import Provenance
@@ -66,9 +68,30 @@ def node_provenance(settings: Settings, model: dict[str, object], job_key: str =
     )
 
 
-def job_key(job: ClaimedJob) -> str:
-    """What a job's output UIDs derive from: the same on every attempt at the job."""
-    return f"job {job.job_id} of series {job.series_instance_uid}"
+def job_key(job: ClaimedJob, *content: bytes | str) -> str:
+    """What a job's output UIDs derive from (`Provenance.uid`): the job, when its series
+    was completed, and what decides the outputs' content.
+
+    An attempt that remakes the same content (a job run again after a crash, on the same
+    data with the same code and settings) gets the same key, so its outputs keep their
+    UIDs and go out once. Anything else, a series re-opened by a late instance, other
+    settings, an analysis that came out differently (e.g. on a GPU), gets a new key: a
+    second, self-consistent result rather than a stale one under the old UIDs.
+    """
+    digest = hashlib.sha256()
+    for part in (str(job.job_id), job.series_instance_uid, str(job.completed_at),
+                 __version__, *content):
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\x1f")
+    return digest.hexdigest()
+
+
+def analysis_fingerprint(analysis: Analysis, settings: Settings) -> tuple[bytes, str]:
+    """The parts of `job_key` that decide a result's content: the masks, the class
+    probabilities and lesion statistics, and the output settings."""
+    masks = np.packbits(analysis.lesion_mask).tobytes() + np.packbits(analysis.lung_mask).tobytes()
+    return masks, repr((analysis.lesion_mask.shape, sorted(analysis.probabilities.items()),
+                        analysis.lesions, settings.pipeline))
 
 
 def model_version(model: dict[str, object]) -> str:
@@ -218,7 +241,8 @@ class Pipeline:
         timings = {"volume": time.perf_counter() - t0}
         analysis = analyse_volume(volume, self.settings, self.checkpoint())
         timings |= {f"ai_{k}": v for k, v in analysis.timings.items()}
-        provenance = node_provenance(self.settings, analysis.model, job_key(job))
+        key = job_key(job, *analysis_fingerprint(analysis, self.settings))
+        provenance = node_provenance(self.settings, analysis.model, key)
         results, encode_times = build_results(volume, analysis, self.settings, provenance)
         timings |= encode_times
         stored = self._store_and_queue(job, results, timings)
@@ -264,7 +288,7 @@ class Pipeline:
         if not paths:
             return
         header = pydicom.dcmread(self.filestore.path(paths[0]), stop_before_pixels=True)
-        provenance = node_provenance(self.settings, {}, job_key(job))
+        provenance = node_provenance(self.settings, {}, job_key(job, "not analysed", reason))
         notice = self.store_output(build_failure_notice(header, reason, provenance))
         for destination in self.settings.destinations:
             self.index.queue_export(job.job_id, destination.name, [notice],
@@ -285,7 +309,12 @@ class Pipeline:
         relpath = self.filestore.instance_relpath(
             record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
         )
-        size = self.filestore.write(relpath, data)
+        try:
+            size = self.filestore.write(relpath, data, exclusive=True)
+        except FileExistsError:  # complete, from an attempt that died before indexing it
+            logger.info("output %s was written by an earlier attempt: kept", ds.SOPInstanceUID)
+            data = self.filestore.read(relpath)
+            size = len(data)
         self.index.add_instance(record, relpath, size, hashlib.sha256(data).hexdigest(),
                                 node_output=True)
         return relpath

@@ -77,8 +77,12 @@ class FileStore:
     def path(self, relpath: str) -> Path:
         return self.root / relpath
 
-    def write(self, relpath: str, data: bytes) -> int:
-        """Durably write data to relpath (replacing it atomically); returns the size."""
+    def write(self, relpath: str, data: bytes, *, exclusive: bool = False) -> int:
+        """Durably write data to relpath (replacing it atomically); returns the size.
+
+        `exclusive`: raise FileExistsError instead of replacing an existing file; the file
+        at relpath is then always a complete one (published by a hard link, not a rename).
+        """
         final = self.root / relpath
         self._ensure_dir(final.parent)
         tmp = self.tmp_dir / f"{os.getpid()}.{threading.get_ident()}.{next(self._counter)}.part"
@@ -90,7 +94,13 @@ class FileStore:
             tmp.unlink(missing_ok=True)
             raise
         os.close(fd)
-        os.replace(tmp, final)
+        if exclusive:
+            try:
+                os.link(tmp, final)
+            finally:
+                tmp.unlink()
+        else:
+            os.replace(tmp, final)
         _fsync_dir(final.parent)
         return len(data)
 

@@ -217,6 +217,8 @@ class ClaimedJob:
     series_instance_uid: str
     study_instance_uid: str
     attempts: int
+    completed_at: datetime | None
+    """When the series was last found complete: a re-opened series gets a new one."""
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -576,6 +578,7 @@ class StudyIndex:
                 series_instance_uid=job.series.series_instance_uid,
                 study_instance_uid=job.series.study.study_instance_uid,
                 attempts=job.attempts,
+                completed_at=job.completed_at,
             )
 
     def finish_job(
@@ -637,8 +640,9 @@ class StudyIndex:
     ) -> int | None:
         """Owe a destination these output files; the exporter sends them together.
 
-        Files this job already owes (or has delivered to) the destination are left out, so
-        a job run again after a crash sends nothing twice; None when nothing is left."""
+        Files this job already owes the destination, has delivered to it or has given up
+        on (`dicomnode resend` re-queues those) are left out, so a job run again after a
+        crash sends nothing twice; None when nothing is left."""
         now = now or utcnow()
         with self._write_lock, self._sessions.begin() as session:
             owed = {path for row in session.scalars(

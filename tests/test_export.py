@@ -166,3 +166,17 @@ def test_pending_delivery_survives_a_restart_and_resend_requeues(
     finally:
         restarted.close()
     assert len(pacs.received) == 2  # once per delivery: the restart did not duplicate it
+
+
+def test_a_job_queues_each_file_once_per_destination(
+    setup: tuple[Exporter, StudyIndex, int],
+) -> None:
+    """A job run again after a crash queues its outputs again: only what is new goes."""
+    exporter, index, job_id = setup
+    [first] = exporter.queue(job_id, {"seg": ["a.dcm"], "sr": ["b.dcm"]})
+    assert exporter.queue(job_id, {"seg": ["a.dcm"], "sr": ["b.dcm"]}) == []
+    [second] = exporter.queue(job_id, {"seg": ["a.dcm"], "sr": ["b.dcm", "c.dcm"]})
+    rows = {e["export_id"]: e["files"] for e in index.export_status()}
+    assert rows == {first: 2, second: 1}
+    assert index.queue_export(job_id, "pacs", ["c.dcm"], 60) is None
+    assert index.queue_export(job_id, "other", ["c.dcm"], 60) is not None  # per destination

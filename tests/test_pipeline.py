@@ -5,10 +5,12 @@ re-analysed. A tiny random model stands in for the weights (a fixture, not a res
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -22,7 +24,7 @@ from ai.infer import load_model
 from ai.model import ModelConfig, build_model
 from dicomnode.export import Exporter
 from dicomnode.offline import run_offline
-from dicomnode.pipeline import Pipeline
+from dicomnode.pipeline import Pipeline, job_key
 from dicomnode.scu import Peer, send
 from dicomnode.service import Node
 from storage.filestore import FileStore
@@ -215,6 +217,7 @@ def test_a_job_run_again_after_a_crash_sends_each_result_once(
         pipeline.run_job(job)
     wait_for(lambda: len(pacs.received) == 2, timeout=10)  # SEG + SR delivered already
     first = {ds.SOPClassUID: ds.SOPInstanceUID for ds in pacs.received}
+    kept = {uid: node.index.find_instance(uid) for uid in first.values()}
     monkeypatch.undo()
 
     assert node.index.recover_after_restart() == 1
@@ -229,10 +232,30 @@ def test_a_job_run_again_after_a_crash_sends_each_result_once(
     time.sleep(0.5)  # anything sent twice would have arrived by now
     assert len(pacs.received) == 2 + views
     assert sorted(e["files"] for e in node.index.export_status()) == [2, views]
+    assert len({ds.SOPInstanceUID for ds in pacs.received}) == 2 + views
     # The second attempt's SEG and SR are the first's: same UIDs, the stored files kept.
     for kind, sop_class in (("seg", SEG), ("sr", COMPREHENSIVE_SR)):
         [path] = result.outputs[kind]
-        assert pydicom.dcmread(node.filestore.path(path)).SOPInstanceUID == first[sop_class]
+        stored = kept[first[sop_class]]
+        assert stored is not None and path == stored.path
+        assert hashlib.sha256(node.filestore.read(path)).hexdigest() == stored.sha256
+
+
+def _claimed(completed_at: datetime) -> ClaimedJob:
+    return ClaimedJob(job_id=3, series_instance_uid="1.2.3", study_instance_uid="1.2",
+                      attempts=1, completed_at=completed_at)
+
+
+def test_the_job_key_changes_with_the_series_completion_and_the_content() -> None:
+    """Same job, same completion, same content: same key (its outputs keep their UIDs).
+    A series re-opened by a late instance (completed again), or an analysis that came out
+    differently, gets a new key: a second result, never a stale one under old UIDs."""
+    now = datetime(2026, 12, 1, 4, 30)
+    key = job_key(_claimed(now), b"masks", "probabilities")
+    assert job_key(_claimed(now), b"masks", "probabilities") == key
+    assert job_key(_claimed(now + timedelta(seconds=9)), b"masks", "probabilities") != key
+    assert job_key(_claimed(now), b"masks", "other probabilities") != key
+    assert job_key(_claimed(now), b"masks2", "probabilities") != key
 
 
 def test_bad_series_fails_with_its_reason_and_keeps_the_data(

@@ -7,6 +7,7 @@ made it, with which model) lives in `Provenance`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from pydicom.uid import generate_uid
@@ -45,8 +46,8 @@ class Provenance:
         """
         if not self.job_key:
             return generate_uid()
-        return generate_uid(entropy_srcs=[self.device_uid, self.job_key, self.model_version,
-                                          *map(str, names)])
+        parts = [self.device_uid, self.job_key, self.model_version, *map(str, names)]
+        return generate_uid(entropy_srcs=[json.dumps(parts)])
 
     @property
     def software_versions(self) -> list[str]:
