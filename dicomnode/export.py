@@ -47,10 +47,12 @@ class Exporter:
         ids = []
         for destination in self.settings.destinations:
             paths = [p for kind in destination.outputs for p in outputs.get(kind, ())]
+            if not paths:
+                continue
             export_id = self.index.queue_export(
                 job_id, destination.name, paths, self.settings.export.give_up_after_seconds
-            ) if paths else None
-            if export_id is not None:
+            )
+            if export_id is not None:  # None: all of them were queued before
                 ids.append(export_id)
         if ids:
             self._wake.set()
