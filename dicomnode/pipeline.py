@@ -225,7 +225,7 @@ class Pipeline:
         except Exception as exc:  # a bug or a broken file must not stop the worker
             logger.exception("job %d (series %s) failed", job.job_id, job.series_instance_uid)
             return self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
-        self.index.finish_job(job.job_id, JobState.DONE)
+        self._finish(job, JobState.DONE)
         return JobState.DONE
 
     def _run(self, job: ClaimedJob) -> None:
@@ -272,10 +272,15 @@ class Pipeline:
         self.exporter.queue(job.job_id, stored)
         return stored
 
+    def _finish(self, job: ClaimedJob, state: JobState, reason: str = "") -> None:
+        if not self.index.finish_job(job.job_id, job.attempts, state, reason):
+            logger.warning("job %d ended (%s) after it was queued again by a restarted node:"
+                           " the new attempt records the outcome", job.job_id, state.value)
+
     def _fail(self, job: ClaimedJob, reason: str) -> JobState:
         logger.warning("job %d (series %s) failed: %s", job.job_id, job.series_instance_uid,
                        reason)
-        self.index.finish_job(job.job_id, JobState.FAILED, reason)
+        self._finish(job, JobState.FAILED, reason)
         if self.settings.pipeline.failure_notice and self.settings.destinations:
             try:
                 self._send_failure_notice(job, reason)

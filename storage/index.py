@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -242,11 +243,12 @@ class StudyIndex:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
+        if self._sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine: Engine = create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
+        if self._sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.RLock()
@@ -259,6 +261,19 @@ class StudyIndex:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """A write transaction, serialised with every other writer from its first statement:
+        in this process by the lock, across processes (AI workers, CLI commands on the
+        same index) by the database, so that what it reads cannot change before it
+        writes (two workers claiming one job). SQLite: BEGIN IMMEDIATE takes the write lock
+        at once (the Python driver would begin only at the first write); other databases:
+        the row locks its queries ask for (`with_for_update`)."""
+        with self._write_lock, self._sessions.begin() as session:
+            if self._sqlite:
+                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            yield session
 
     # -- schema ------------------------------------------------------------------------
 
@@ -284,16 +299,16 @@ class StudyIndex:
     def mark_running(self) -> bool:
         """Record that a node runs on this index; returns whether the last run ended
         cleanly (False after a crash, kill -9 or power loss, or on a new index)."""
-        with self._write_lock, self.engine.begin() as conn:
-            value = conn.execute(select(Meta.value).where(Meta.key == "clean_shutdown")).scalar()
-            conn.execute(Meta.__table__.delete().where(Meta.key == "clean_shutdown"))
-            conn.execute(Meta.__table__.insert().values(key="clean_shutdown", value="0"))
+        with self._write() as session:
+            value = session.scalar(select(Meta.value).where(Meta.key == "clean_shutdown"))
+            session.execute(Meta.__table__.delete().where(Meta.key == "clean_shutdown"))
+            session.execute(Meta.__table__.insert().values(key="clean_shutdown", value="0"))
         return value == "1"
 
     def mark_clean_shutdown(self) -> None:
-        with self._write_lock, self.engine.begin() as conn:
-            conn.execute(Meta.__table__.delete().where(Meta.key == "clean_shutdown"))
-            conn.execute(Meta.__table__.insert().values(key="clean_shutdown", value="1"))
+        with self._write() as session:
+            session.execute(Meta.__table__.delete().where(Meta.key == "clean_shutdown"))
+            session.execute(Meta.__table__.insert().values(key="clean_shutdown", value="1"))
 
     def indexed_paths(self) -> set[str]:
         with self._sessions() as session:
@@ -330,7 +345,7 @@ class StudyIndex:
             added = self._add_to_collecting_series(record, path, size_bytes, sha256, now)
             if added is not None:
                 return added
-        with self._write_lock, self._sessions.begin() as session:
+        with self._write() as session:
             exists = session.scalar(
                 select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
             )
@@ -477,7 +492,7 @@ class StudyIndex:
         uids = list(series_uids)
         if not uids:
             return
-        with self._write_lock, self._sessions.begin() as session:
+        with self._write() as session:
             session.execute(
                 update(Series)
                 .where(Series.series_instance_uid.in_(uids))
@@ -540,7 +555,7 @@ class StudyIndex:
         decision is never taken on a series that has grown in the meantime.
         """
         now = now or utcnow()
-        with self._write_lock, self._sessions.begin() as session:
+        with self._write() as session:
             job = session.get(Job, job_id)
             if job is None or job.state != JobState.COLLECTING:
                 return False
@@ -562,9 +577,10 @@ class StudyIndex:
     def claim_next_job(self, worker: str, now: datetime | None = None) -> ClaimedJob | None:
         """Atomically take the oldest queued job and mark it running."""
         now = now or utcnow()
-        with self._write_lock, self._sessions.begin() as session:
+        with self._write() as session:
             job = session.scalar(
                 select(Job).where(Job.state == JobState.QUEUED).order_by(Job.id).limit(1)
+                .with_for_update(skip_locked=True)
             )
             if job is None:
                 return None
@@ -582,20 +598,27 @@ class StudyIndex:
             )
 
     def finish_job(
-        self, job_id: int, state: JobState, reason: str = "", now: datetime | None = None
-    ) -> None:
-        """Record the end of a running job (done, or failed with a reason)."""
+        self, job_id: int, attempt: int, state: JobState, reason: str = "",
+        now: datetime | None = None,
+    ) -> bool:
+        """Record the end of a claimed job (done, or failed with a reason).
+
+        `attempt`: the claim's (`ClaimedJob.attempts`). Returns False, and records
+        nothing, when the job is no longer that claim: a restarted node queued it again
+        and may have handed it to a new worker while the killed node's orphaned worker
+        finished it; the new attempt's end is the one that counts."""
         if state not in (JobState.DONE, JobState.FAILED):
             raise ValueError(f"a job finishes as done or failed, not {state.value}")
         now = now or utcnow()
-        with self._write_lock, self._sessions.begin() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.state != JobState.RUNNING:
-                raise ValueError(f"job {job_id} is not running")
+        with self._write() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.RUNNING or job.attempts != attempt:
+                return False
             job.state = state
             job.reason = reason
             job.finished_at = now
             job.updated_at = now
+        return True
 
     def job_state(self, job_id: int) -> tuple[JobState, str]:
         with self._sessions() as session:
@@ -617,7 +640,7 @@ class StudyIndex:
     def record_result(self, job_id: int, record: ResultRecord, now: datetime | None = None) -> int:
         """Store what the AI found for a job (replacing an earlier result of the same job)."""
         now = now or utcnow()
-        with self._write_lock, self._sessions.begin() as session:
+        with self._write() as session:
             session.execute(Result.__table__.delete().where(Result.job_pk == job_id))
             result = Result(job_pk=job_id, created_at=now, **record.__dict__)
             session.add(result)
@@ -642,9 +665,11 @@ class StudyIndex:
 
         Files this job already owes the destination, has delivered to it or has given up
         on (`dicomnode resend` re-queues those) are left out, so a job run again after a
-        crash sends nothing twice; None when nothing is left."""
+        crash sends nothing twice (also when an orphaned worker of the crashed node
+        finishes the same job); None when nothing is left."""
         now = now or utcnow()
-        with self._write_lock, self._sessions.begin() as session:
+        with self._write() as session:
+            session.get(Job, job_id, with_for_update=True)  # one queue_export per job at a time
             owed = {path for row in session.scalars(
                 select(Export.paths).where(Export.job_pk == job_id,
                                            Export.destination == destination)
@@ -665,12 +690,13 @@ class StudyIndex:
     def claim_due_export(self, now: datetime | None = None) -> ExportTask | None:
         """Atomically take the oldest pending export whose retry time has come."""
         now = now or utcnow()
-        with self._write_lock, self._sessions.begin() as session:
+        with self._write() as session:
             export = session.scalar(
                 select(Export)
                 .where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now)
                 .order_by(Export.next_attempt_at, Export.id)
                 .limit(1)
+                .with_for_update(skip_locked=True)
             )
             if export is None:
                 return None
@@ -696,8 +722,8 @@ class StudyIndex:
         """Record an attempt: no error -> done; an error -> pending until retry_at, or
         failed when retry_at is None (given up, or a rejection that will not change)."""
         now = now or utcnow()
-        with self._write_lock, self._sessions.begin() as session:
-            export = session.get(Export, export_id)
+        with self._write() as session:
+            export = session.get(Export, export_id, with_for_update=True)
             if export is None:
                 raise KeyError(export_id)
             export.updated_at = now
@@ -717,7 +743,7 @@ class StudyIndex:
     ) -> int:
         """`dicomnode resend`: deliver every export of a study again; returns how many."""
         now = now or utcnow()
-        with self._write_lock, self._sessions.begin() as session:
+        with self._write() as session:
             exports = session.scalars(
                 select(Export)
                 .join(Job, Export.job_pk == Job.id)
@@ -763,7 +789,7 @@ class StudyIndex:
         """Return jobs interrupted while running, and exports interrupted while sending, to
         their queues; returns how many jobs."""
         now = now or utcnow()
-        with self._write_lock, self._sessions.begin() as session:
+        with self._write() as session:
             session.execute(
                 update(Export)
                 .where(Export.state == ExportState.SENDING)

@@ -1,11 +1,14 @@
 """The study index: idempotent instances, job lifecycle, queue, restart recovery, schema."""
 
+import threading
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from storage.index import InstanceRecord, SchemaVersionError, StudyIndex
 from storage.models import SCHEMA_VERSION, CompletionRule, JobState
@@ -96,13 +99,78 @@ def test_queue_claims_oldest_first_and_finishes(index: StudyIndex) -> None:
     a, b = index.claim_next_job("w"), index.claim_next_job("w")
     assert a and b and (a.series_instance_uid, b.series_instance_uid) == ("1.1", "1.2")
     assert index.claim_next_job("w") is None
-    index.finish_job(a.job_id, JobState.DONE)
-    index.finish_job(b.job_id, JobState.FAILED, "NoLungsFound: no lungs")
+    assert index.finish_job(a.job_id, a.attempts, JobState.DONE)
+    assert index.finish_job(b.job_id, b.attempts, JobState.FAILED, "NoLungsFound: no lungs")
     assert index.job_state(b.job_id) == (JobState.FAILED, "NoLungsFound: no lungs")
-    with pytest.raises(ValueError, match="not running"):
-        index.finish_job(a.job_id, JobState.DONE)
+    assert not index.finish_job(a.job_id, a.attempts, JobState.FAILED)  # not running
+    assert index.job_state(a.job_id) == (JobState.DONE, "")
     with pytest.raises(ValueError, match="done or failed"):
-        index.finish_job(a.job_id, JobState.QUEUED)
+        index.finish_job(a.job_id, a.attempts, JobState.QUEUED)
+
+
+def race(url: str, a: Callable[[StudyIndex], Any], b: Callable[[StudyIndex], Any]) -> tuple:
+    """Run `a` and `b` on two handles of one index, as two worker processes hold them, with
+    `a` held between its first read and its writes until `b` is done (or for 1 s: `b`
+    waits for `a`'s transaction when the database serialises them)."""
+    index_a, index_b = StudyIndex(url), StudyIndex(url)
+    a_has_read, b_is_done = threading.Event(), threading.Event()
+
+    def hold_a_after_its_read(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("SELECT") and not a_has_read.is_set():
+            a_has_read.set()
+            b_is_done.wait(timeout=1.0)
+
+    results: dict[str, Any] = {}
+
+    def run_b() -> None:
+        a_has_read.wait(timeout=5.0)
+        results["b"] = b(index_b)
+        b_is_done.set()
+
+    event.listen(index_a.engine, "after_cursor_execute", hold_a_after_its_read)
+    thread = threading.Thread(target=run_b)
+    thread.start()
+    results["a"] = a(index_a)
+    thread.join()
+    index_a.close()
+    index_b.close()
+    return results["a"], results["b"]
+
+
+def queued_jobs(url: str, *series: str) -> StudyIndex:
+    index = StudyIndex(url)
+    for uid in series:
+        add(index, 1, T0, series=uid)
+    for progress in index.collecting_series():
+        index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    return index
+
+
+def test_two_workers_never_claim_the_same_job(tmp_path: Path) -> None:
+    """The claim's read and its update are one step for the database, not just for one
+    process's lock."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    queued_jobs(url, "1.1", "1.2").close()
+    a, b = race(url, lambda index: index.claim_next_job("a"),
+                lambda index: index.claim_next_job("b"))
+    assert a is not None and b is not None
+    assert {a.series_instance_uid, b.series_instance_uid} == {"1.1", "1.2"}
+
+
+def test_two_workers_finishing_one_job_queue_its_outputs_once(tmp_path: Path) -> None:
+    """A node killed mid-job and restarted: its orphaned worker and the new one both finish
+    the job and queue the same outputs at the same moment."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    index = queued_jobs(url, "1.1")
+    job = index.claim_next_job("w")
+    assert job is not None
+    index.close()
+
+    def queue(index: StudyIndex) -> int | None:
+        return index.queue_export(job.job_id, "pacs", ["seg.dcm", "sr.dcm"], 60)
+
+    a, b = race(url, queue, queue)
+    assert (a is None) != (b is None)
 
 
 def test_restart_requeues_running_jobs(tmp_path: Path) -> None:
@@ -118,6 +186,10 @@ def test_restart_requeues_running_jobs(tmp_path: Path) -> None:
     assert reopened.job_state(claimed.job_id)[0] == JobState.QUEUED
     again = reopened.claim_next_job("w")
     assert again is not None and again.attempts == 2
+    # the killed node's orphaned worker finishes its attempt: the new claim stands
+    assert not reopened.finish_job(claimed.job_id, claimed.attempts, JobState.FAILED, "x")
+    assert reopened.job_state(claimed.job_id)[0] == JobState.RUNNING
+    assert reopened.finish_job(again.job_id, again.attempts, JobState.DONE)
 
 
 def test_schema_version_is_recorded_and_newer_files_refused(tmp_path: Path) -> None:
