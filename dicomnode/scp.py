@@ -15,12 +15,15 @@ import io
 import logging
 import ssl
 import threading
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -311,12 +314,56 @@ class StorageSCP:
             self._assoc_series.pop(id(event.assoc), None)
 
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def read_complete_file(data: bytes) -> Dataset:
+    """Parse a whole Part 10 file; raise ValueError if it ends early (a write cut short).
+
+    pydicom reads a truncated file without an error: an element shorter than its length
+    keeps what there is, an element header cut in two ends the data set quietly, and a
+    missing encapsulated-pixel delimiter is only a warning. So: every element read raw
+    must hold its length, the last one must end where the file ends, and an image must
+    have its pixel data. A cut exactly between two elements is not detectable, except
+    before the pixel data of an image.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = dcmread(io.BytesIO(data))
+        except Exception as exc:  # pydicom raises struct errors, EOFError, ... on cut files
+            raise ValueError(f"does not parse: {type(exc).__name__}: {exc}") from exc
+    for warning in caught:
+        if "End of file" in str(warning.message):
+            raise ValueError(f"the file ends early ({warning.message})")
+    end: int | None = None
+    for tag in sorted(ds.keys()):  # not `in ds`: that decodes every element
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement):  # already decoded by the reader
+            end = None
+            continue
+        size = len(raw.value or b"")
+        if raw.length != _UNDEFINED_LENGTH and size < raw.length:
+            raise ValueError(f"element {tag} holds {size} of its {raw.length} bytes")
+        # an undefined length's value excludes its 8-byte sequence delimiter
+        end = raw.value_tell + (size + 8 if raw.length == _UNDEFINED_LENGTH else raw.length)
+    if end is not None and end != len(data):
+        raise ValueError(f"{len(data) - end} bytes after the last complete element")
+    sop_class = ds.get("SOPClassUID")
+    is_image = sop_class is not None and UID(str(sop_class)).name.endswith("Image Storage")
+    if is_image and not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
+        raise ValueError("an image without pixel data")
+    return ds
+
+
 def reconcile_store(filestore: FileStore, index: StudyIndex) -> tuple[int, int]:
     """After an unclean shutdown: index instance files the index lost, set broken ones aside.
 
     A file in the instance tree without an index row was either acknowledged and then
     lost from the index by a power loss (it is complete: index it), or cut short by the
-    crash before its acknowledgement (it does not parse: move it to rejected/).
+    crash before its acknowledgement (it ends early, `read_complete_file`: move it to
+    rejected/, so that the sender's re-send is stored as new, not as a conflict).
     Returns (re-indexed, set aside).
     """
     indexed = index.indexed_paths()
@@ -326,7 +373,7 @@ def reconcile_store(filestore: FileStore, index: StudyIndex) -> tuple[int, int]:
             continue
         data = filestore.read(relpath)
         try:
-            ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+            ds = read_complete_file(data)
             record = instance_record(ds, str(ds.file_meta.TransferSyntaxUID), "")
             if record.sop_instance_uid != Path(relpath).stem:
                 raise ValueError("file name and SOP Instance UID differ")

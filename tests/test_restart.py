@@ -126,11 +126,12 @@ def test_kill_9_mid_series_then_restart(tmp_path: Path) -> None:
 
 def test_unclean_shutdown_reconciles_files_the_index_lost(tmp_path: Path) -> None:
     """Power loss after an acknowledgement but before SQLite's WAL reached the disk: the
-    fsynced file is re-indexed at the next start; a file cut short is set aside."""
+    fsynced file is re-indexed at the next start; files cut short (in the header, in the
+    pixel data) are set aside, and the sender's re-send of one is stored as new."""
     from dicomnode.service import Node
     from tests.conftest import node_settings
 
-    files = write_ct_series(tmp_path / "ct", slices=4, size=32, seed=3)
+    files = write_ct_series(tmp_path / "ct", slices=5, size=32, seed=3)
     settings = node_settings(tmp_path)
     node = Node(settings, analyse=False)
     node.start()
@@ -148,15 +149,26 @@ def test_unclean_shutdown_reconciles_files_the_index_lost(tmp_path: Path) -> Non
     cut_path = node.filestore.instance_relpath(cut.StudyInstanceUID, cut.SeriesInstanceUID,
                                                cut.SOPInstanceUID)
     node.filestore.create(cut_path, files[3].read_bytes()[:300])
+    short = pydicom.dcmread(files[4])  # cut in the pixel data: the header still parses
+    short_path = node.filestore.instance_relpath(
+        short.StudyInstanceUID, short.SeriesInstanceUID, short.SOPInstanceUID)
+    node.filestore.create(short_path, files[4].read_bytes()[:-100])
 
     restarted = Node(settings, analyse=False)
     restarted.start()
     try:
         assert restarted.index.find_instance(lost.SOPInstanceUID) is not None
         assert restarted.index.find_instance(cut.SOPInstanceUID) is None
+        assert restarted.index.find_instance(short.SOPInstanceUID) is None
         assert not (settings.data_dir / cut_path).exists()
-        assert len(list((settings.data_dir / "rejected").iterdir())) == 1
+        assert not (settings.data_dir / short_path).exists()
+        assert len(list((settings.data_dir / "rejected").iterdir())) == 2
         assert restarted.index.counts()["instances"] == 3
+        assert send([files[4]], Peer("DICOMNODE", "127.0.0.1", restarted.scp.port)).sent == 1
+        resent = restarted.index.find_instance(short.SOPInstanceUID)
+        assert resent is not None
+        assert pydicom.dcmread(settings.data_dir / resent.path).PixelData == short.PixelData
+        assert not list((settings.data_dir / "conflicts").iterdir())
     finally:
         restarted.stop()
     again = Node(settings, analyse=False)  # a clean stop: no reconciliation next time

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
@@ -25,7 +26,12 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from dicomnode.scp import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, instance_record
+from dicomnode.scp import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    instance_record,
+    read_complete_file,
+)
 from dicomnode.scu import Peer, echo, send
 from dicomnode.service import Node
 from storage.index import utcnow
@@ -467,3 +473,15 @@ def test_a_c_store_racing_an_abort_is_stored_and_leaves_no_association_record(
     assert node.scp._on_store(event) == 0x0000
     assert node.index.find_instance(ds.SOPInstanceUID) is not None
     assert id(assoc) not in node.scp._assoc_series
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm"])
+def test_a_file_cut_short_is_told_from_a_complete_one(name: str) -> None:
+    """Restart reconciliation indexes complete files only; pydicom itself reads a cut
+    file without an error (native or encapsulated pixel data)."""
+    data = Path(get_testdata_file(name)).read_bytes()
+    assert read_complete_file(data).SOPInstanceUID
+    size = len(data)
+    for cut in (size // 2, size - 4096, size - 600, size - 100, size - 131, size - 7, 1000):
+        with pytest.raises(ValueError):
+            read_complete_file(data[:cut])
