@@ -272,15 +272,20 @@ class Pipeline:
         self.exporter.queue(job.job_id, stored)
         return stored
 
-    def _finish(self, job: ClaimedJob, state: JobState, reason: str = "") -> None:
-        if not self.index.finish_job(job.job_id, job.attempts, state, reason):
-            logger.warning("job %d ended (%s) after it was queued again by a restarted node:"
-                           " the new attempt records the outcome", job.job_id, state.value)
+    def _finish(self, job: ClaimedJob, state: JobState, reason: str = "") -> bool:
+        """Record the end of this claim; False when a restarted node queued the job again
+        meanwhile (this worker is the killed node's orphan): the new attempt counts."""
+        if self.index.finish_job(job.job_id, job.attempts, state, reason):
+            return True
+        logger.warning("job %d ended (%s) after it was queued again by a restarted node:"
+                       " the new attempt records the outcome", job.job_id, state.value)
+        return False
 
     def _fail(self, job: ClaimedJob, reason: str) -> JobState:
         logger.warning("job %d (series %s) failed: %s", job.job_id, job.series_instance_uid,
                        reason)
-        self._finish(job, JobState.FAILED, reason)
+        if not self._finish(job, JobState.FAILED, reason):
+            return JobState.FAILED  # no failure notice for an attempt that does not count
         if self.settings.pipeline.failure_notice and self.settings.destinations:
             try:
                 self._send_failure_notice(job, reason)

@@ -97,8 +97,8 @@ class FileStore:
         if exclusive:
             try:
                 os.link(tmp, final)
-            finally:
-                tmp.unlink()
+            finally:  # missing: a restarted node's start-up cleaned tmp/ (orphaned worker)
+                tmp.unlink(missing_ok=True)
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)

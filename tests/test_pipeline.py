@@ -27,8 +27,10 @@ from dicomnode.offline import run_offline
 from dicomnode.pipeline import Pipeline, job_key
 from dicomnode.scu import Peer, send
 from dicomnode.service import Node
+from dicomnode.volume import SeriesRejected
 from storage.filestore import FileStore
 from storage.index import OWN_OUTPUT, ClaimedJob, StudyIndex
+from storage.models import JobState
 from tests.conftest import free_port, node_settings, write_ct_series
 
 torch.set_num_threads(1)
@@ -239,6 +241,31 @@ def test_a_job_run_again_after_a_crash_sends_each_result_once(
         stored = kept[first[sop_class]]
         assert stored is not None and path == stored.path
         assert hashlib.sha256(node.filestore.read(path)).hexdigest() == stored.sha256
+
+
+def test_an_orphaned_worker_of_a_killed_node_neither_records_nor_notifies(
+    start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The node is killed while a worker runs a job; the restarted node queues the job
+    again and a new worker takes it. The orphan's attempt then fails: its end is not
+    recorded over the new attempt, and no failure notice goes to the PACS."""
+    node, _, orphan_claim = _queued_job_and_pipeline(start_node, tiny_checkpoint, pacs,
+                                                     tmp_path)
+    notify = dataclasses.replace(node.settings.pipeline, failure_notice=True)
+    orphan = Pipeline(dataclasses.replace(node.settings, pipeline=notify), node.index,
+                      node.filestore, node.exporter)
+    assert node.index.recover_after_restart() == 1
+    new_claim = node.index.claim_next_job("worker-0")
+    assert new_claim is not None and new_claim.attempts == 2
+
+    def rejected(*args: object, **kwargs: object) -> object:
+        raise SeriesRejected("slices are missing")
+
+    monkeypatch.setattr(pipeline_module, "read_series", rejected)
+    assert orphan.run_job(orphan_claim) == JobState.FAILED
+    assert node.index.job_state(orphan_claim.job_id)[0] == JobState.RUNNING
+    assert node.index.export_status() == []
 
 
 def _claimed(completed_at: datetime) -> ClaimedJob:
