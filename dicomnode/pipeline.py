@@ -255,7 +255,8 @@ class Pipeline:
         except Exception:  # the SEG and SR are already on their way: the job stands
             logger.exception("job %d: key images / PDF report failed; SEG and SR were sent",
                              job.job_id)
-        self.index.record_result(job.job_id, result_record(analysis, stored, timings))
+        self.index.record_result(job.job_id, job.attempts,
+                                 result_record(analysis, stored, timings))
         logger.info("job %d: series %s -> %s (LVR %.1f %%), %d lesion(s), %.1f s", job.job_id,
                     job.series_instance_uid, analysis.diagnosis.name, 100 * analysis.lvr,
                     len(analysis.lesions), time.perf_counter() - t0)

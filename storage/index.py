@@ -637,10 +637,17 @@ class StudyIndex:
 
     # -- results -------------------------------------------------------------------------
 
-    def record_result(self, job_id: int, record: ResultRecord, now: datetime | None = None) -> int:
-        """Store what the AI found for a job (replacing an earlier result of the same job)."""
+    def record_result(
+        self, job_id: int, attempt: int, record: ResultRecord, now: datetime | None = None
+    ) -> int | None:
+        """Store what the AI found for a running job's claim `attempt` (replacing an
+        earlier result of the same job); None, and nothing stored, when the job is no
+        longer that claim (see `finish_job`)."""
         now = now or utcnow()
         with self._write() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.RUNNING or job.attempts != attempt:
+                return None
             session.execute(Result.__table__.delete().where(Result.job_pk == job_id))
             result = Result(job_pk=job_id, created_at=now, **record.__dict__)
             session.add(result)

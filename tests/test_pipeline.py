@@ -29,7 +29,7 @@ from dicomnode.scu import Peer, send
 from dicomnode.service import Node
 from dicomnode.volume import SeriesRejected
 from storage.filestore import FileStore
-from storage.index import OWN_OUTPUT, ClaimedJob, StudyIndex
+from storage.index import OWN_OUTPUT, ClaimedJob, ResultRecord, StudyIndex
 from storage.models import JobState
 from tests.conftest import free_port, node_settings, write_ct_series
 
@@ -266,6 +266,14 @@ def test_an_orphaned_worker_of_a_killed_node_neither_records_nor_notifies(
     assert orphan.run_job(orphan_claim) == JobState.FAILED
     assert node.index.job_state(orphan_claim.job_id)[0] == JobState.RUNNING
     assert node.index.export_status() == []
+    # had the orphan's attempt come out done, its result would not be recorded either
+    found = ResultRecord(
+        diagnosis="COVID_19", probabilities={}, lvr=0.1, plr=0.5, lesion_count=1,
+        lesion_volume_ml=1.0, lung_volume_ml=10.0, analysis={}, model_name="", model_version="",
+        checkpoint_sha256="", timings={}, outputs={},
+    )
+    assert node.index.record_result(orphan_claim.job_id, orphan_claim.attempts, found) is None
+    assert node.index.result_for_job(orphan_claim.job_id) is None
 
 
 def _claimed(completed_at: datetime) -> ClaimedJob:
