@@ -240,9 +240,14 @@ class PipelineConfig:
         True,
     )
     key_images: int = _doc("Key images: the slices with the largest lesion area.", 3)
+    max_attempts: int = _doc(
+        "Claims of one job before a crash of its AI worker (out of memory, say) fails it "
+        "instead of queueing it again.", 2
+    )
 
     def __post_init__(self) -> None:
         _check_range("pipeline.workers", self.workers, 0, 64)
+        _check_range("pipeline.max_attempts", self.max_attempts, 1, 100)
         _check_range("pipeline.max_lesion_segments", self.max_lesion_segments, 0, 200)
         _check_range("pipeline.key_images", self.key_images, 0, 20)
 

@@ -331,9 +331,17 @@ class Pipeline:
         return relpath
 
     def run_until(self, stop: Callable[[], bool], name: str) -> None:
-        """Claim and run jobs until `stop()` says so."""
+        """Claim and run jobs until `stop()` says so. An index that cannot be read or
+        written (locked for longer than the busy timeout, a full disk) is retried before
+        a claim; after one, the error ends the worker and its node's `WorkerPool` queues
+        the job again and starts a new worker."""
         while not stop():
-            job = self.index.claim_next_job(name)
+            try:
+                job = self.index.claim_next_job(name)
+            except Exception:
+                logger.exception("AI worker %s could not claim a job; trying again", name)
+                time.sleep(POLL_SECONDS)
+                continue
             if job is None:
                 time.sleep(POLL_SECONDS)
                 continue
@@ -345,7 +353,8 @@ def worker_main(settings: Settings, name: str, stop: EventType) -> None:
 
     Workers are processes, not threads of the receiving node: torch and the model (one to
     several GB) stay out of the Storage SCP's memory, and a crash in native code takes
-    down one worker, not the node. A worker whose node died (kill -9) exits by itself.
+    down one worker, not the node (whose `WorkerPool` starts another). A worker whose node
+    died (kill -9) exits by itself.
     """
     from dicomnode.cli import setup_logging
 

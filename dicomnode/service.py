@@ -38,7 +38,7 @@ class Node:
         self.exporter = Exporter(settings, self.index, self.filestore)
         self.workers = None
         if analyse and settings.pipeline.workers > 0:
-            self.workers = WorkerPool(settings)
+            self.workers = WorkerPool(settings, self.index)
 
     def start(self) -> None:
         self.filestore.clean_temp()

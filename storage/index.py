@@ -792,6 +792,32 @@ class StudyIndex:
 
     # -- restart and status ------------------------------------------------------------
 
+    def release_worker_jobs(
+        self, worker: str, cause: str, max_attempts: int, now: datetime | None = None
+    ) -> tuple[int, int]:
+        """The jobs a dead AI worker was running: queued again, or failed once they were
+        claimed `max_attempts` times (a series that kills its worker, out of memory say,
+        must not take every worker down in turn). Returns (queued, failed)."""
+        now = now or utcnow()
+        queued = failed = 0
+        with self._write() as session:
+            for job in session.scalars(
+                select(Job).where(Job.state == JobState.RUNNING, Job.worker == worker)
+                .with_for_update()
+            ):
+                job.updated_at = now
+                if job.attempts >= max_attempts:
+                    job.state = JobState.FAILED
+                    job.reason = (f"the AI worker died on each of {job.attempts} attempts"
+                                  f" ({cause})")
+                    job.finished_at = now
+                    failed += 1
+                else:
+                    job.state = JobState.QUEUED
+                    job.reason = f"re-queued: the AI worker died ({cause})"
+                    queued += 1
+        return queued, failed
+
     def recover_after_restart(self, now: datetime | None = None) -> int:
         """Return jobs interrupted while running, and exports interrupted while sending, to
         their queues; returns how many jobs."""

@@ -1,0 +1,61 @@
+"""AI workers that die are replaced; their jobs are queued again, then failed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+
+from dicomnode.config import Settings
+from dicomnode.workers import WorkerPool, exit_cause
+from storage.index import InstanceRecord, StudyIndex
+from storage.models import CompletionRule, JobState
+from tests.conftest import node_settings
+
+
+def claim_and_die(settings: Settings, name: str, stop: EventType) -> None:
+    """A worker that the out-of-memory killer takes down on every job it claims."""
+    index = StudyIndex(settings.database_url)
+    while not stop.is_set():
+        if index.claim_next_job(name) is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_exit_causes_in_words() -> None:
+    assert exit_cause(-9) == "killed by SIGKILL (out of memory?)"
+    assert exit_cause(-11) == "killed by SIGSEGV"
+    assert exit_cause(1) == "exit code 1"
+
+
+def test_a_worker_killed_on_a_job_is_replaced_and_the_job_failed_after_max_attempts(
+    tmp_path: Path,
+) -> None:
+    settings = node_settings(tmp_path, pipeline={"workers": 1, "max_attempts": 2})
+    settings.data_dir.mkdir(parents=True)
+    index = StudyIndex(settings.database_url)
+    index.add_instance(InstanceRecord(
+        sop_instance_uid="1.2.3.4.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT"), "p/1", 10, "sha")
+    [progress] = index.collecting_series()
+    assert index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    pool = WorkerPool(settings, index, entry=claim_and_die)
+    pool.start()
+    try:
+        wait_for(lambda: index.job_state(progress.job_id)[0] == JobState.FAILED)
+        state, reason = index.job_state(progress.job_id)
+        assert "died on each of 2 attempts" in reason and "SIGKILL" in reason
+        # and a third worker runs, waiting for the next job
+        wait_for(lambda: (p := pool.processes()["worker-0"]) is not None and p.is_alive())
+    finally:
+        pool.stop()
