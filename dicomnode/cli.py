@@ -15,6 +15,7 @@ from typing import Any
 from dicomnode import __version__
 from dicomnode.config import ConfigError, Settings, load_settings, render_config_toml
 from dicomnode.scu import Peer, PeerError, echo, send
+from storage.filestore import DataDirInUse
 
 logger = logging.getLogger("dicomnode")
 
@@ -269,6 +270,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    except ConnectionError as exc:
+    except (ConnectionError, DataDirInUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ from dicomnode.config import Settings
 from dicomnode.export import Exporter
 from dicomnode.scp import StorageSCP, reconcile_store
 from dicomnode.workers import WorkerPool
-from storage.filestore import FileStore
+from storage.filestore import DataDirLock, FileStore
 from storage.index import StudyIndex, counts_line
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class Node:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.filestore = FileStore(settings.data_dir)
+        self.lock = DataDirLock(settings.data_dir)
         self.index = StudyIndex(settings.database_url)
         self.scp = StorageSCP(settings, self.index, self.filestore)
         self.assembler = SeriesAssembler(self.index, settings.series)
@@ -41,6 +42,8 @@ class Node:
             self.workers = WorkerPool(settings, self.index)
 
     def start(self) -> None:
+        """Raises `DataDirInUse` before touching anything when another node runs here."""
+        self.lock.acquire()
         self.filestore.clean_temp()
         if not self.index.mark_running():
             reconcile_store(self.filestore, self.index)
@@ -65,6 +68,7 @@ class Node:
         self.exporter.stop()
         self.index.mark_clean_shutdown()
         self.index.close()
+        self.lock.release()
 
     def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then stop cleanly."""

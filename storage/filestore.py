@@ -14,6 +14,7 @@ Layout under the data directory::
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import os
@@ -53,6 +54,45 @@ def _write_all_and_fsync(fd: int, data: bytes) -> None:
         written = os.write(fd, view)
         view = view[written:]
     os.fsync(fd)
+
+
+class DataDirInUse(RuntimeError):
+    """Another running node holds the data directory."""
+
+
+class DataDirLock:
+    """One running node per data directory.
+
+    A second `dicomnode serve` on the same directory would, at its start-up, remove the
+    first one's in-flight temp files and queue its running jobs again (its crash
+    recovery); an advisory lock (`flock`, released by the kernel when the holder dies,
+    even by kill -9) refuses it first.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / "node.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirInUse(
+                f"another dicomnode (pid {holder}) is serving {self.path.parent}: stop it"
+                " first, or give this node its own [storage] data_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 class FileStore:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -140,6 +141,7 @@ def test_unclean_shutdown_reconciles_files_the_index_lost(tmp_path: Path) -> Non
     node.assembler.stop()
     node.exporter.stop()
     node.index.close()  # no clean-shutdown mark: as if the power went out
+    node.lock.release()  # (the kernel releases a dead process's lock)
 
     lost = pydicom.dcmread(files[2])  # acknowledged, file fsynced, index row lost
     relpath = node.filestore.instance_relpath(lost.StudyInstanceUID, lost.SeriesInstanceUID,
@@ -174,3 +176,27 @@ def test_unclean_shutdown_reconciles_files_the_index_lost(tmp_path: Path) -> Non
     again = Node(settings, analyse=False)  # a clean stop: no reconciliation next time
     assert again.index.mark_running() is True
     again.index.close()
+
+
+def test_a_second_node_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
+    """Its start-up would clean the running node's temp files and queue its running jobs
+    again: it stops before touching anything, with the first node's pid."""
+    from dicomnode.service import Node
+    from storage.filestore import DataDirInUse
+    from tests.conftest import node_settings
+
+    settings = node_settings(tmp_path)
+    first = Node(settings, analyse=False)
+    first.start()
+    try:
+        in_flight = settings.data_dir / "tmp" / "in-flight.part"
+        in_flight.write_bytes(b"half an instance")
+        with pytest.raises(DataDirInUse, match=f"pid {os.getpid()}"):
+            Node(settings, analyse=False).start()
+        assert in_flight.exists()
+        assert echo(Peer("DICOMNODE", "127.0.0.1", first.scp.port), timeout_s=5) == 0
+    finally:
+        first.stop()
+    second = Node(settings, analyse=False)  # free again once the first has stopped
+    second.start()
+    second.stop()
