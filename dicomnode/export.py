@@ -30,6 +30,10 @@ def retry_delay(attempts: int, initial_s: float, max_s: float) -> float:
     return min(max_s, initial_s * 2 ** max(0, attempts - 1))
 
 
+class OutcomeNotRecorded(RuntimeError):
+    """A delivery ended but the index could not record how (locked, disk full)."""
+
+
 class Exporter:
     """Sends queued deliveries; one background thread, driven by the index."""
 
@@ -41,6 +45,9 @@ class Exporter:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # The end of a delivery that the index refused to record, recorded first next time
+        # (else its row would stay "sending", which nothing claims again until a restart).
+        self._unrecorded: tuple[int, str, datetime | None, datetime | None] | None = None
 
     def queue(self, job_id: int, outputs: Mapping[str, Sequence[str]]) -> list[int]:
         """Owe each destination the outputs it is configured for; returns the export ids."""
@@ -59,26 +66,44 @@ class Exporter:
         return ids
 
     def run_once(self, now: datetime | None = None) -> ExportState | None:
-        """Try the oldest due delivery; returns its new state (None when nothing was due)."""
+        """Try the oldest due delivery; returns its new state (None when nothing was due).
+        Raises `OutcomeNotRecorded` when the index fails to take a delivery's end; the
+        next call records it before anything else."""
+        if self._unrecorded is not None:
+            state = self.index.finish_export(*self._unrecorded)
+            logger.info("export %d: its outcome recorded late (%s)", self._unrecorded[0], state)
+            self._unrecorded = None
+            return state
         task = self.index.claim_due_export(now)
         if task is None:
             return None
         destination = self.destinations.get(task.destination)
         if destination is None:
-            return self.index.finish_export(
+            return self._finish(
                 task.export_id, f"destination {task.destination!r} is no longer configured"
             )
         missing = [p for p in task.paths if not self.filestore.path(p).is_file()]
         if missing:
-            return self.index.finish_export(
+            return self._finish(
                 task.export_id, f"{len(missing)} output file(s) missing, e.g. {missing[0]}"
             )
         try:
             return self._deliver(task, destination, now)
+        except OutcomeNotRecorded:
+            raise
         except Exception as exc:  # never leave a delivery stuck in "sending"
             logger.exception("export %d: unexpected error", task.export_id)
             retry_at = utcnow() + timedelta(seconds=self.settings.export.retry_initial_seconds)
-            return self.index.finish_export(task.export_id, f"internal error: {exc}", retry_at)
+            return self._finish(task.export_id, f"internal error: {exc}", retry_at)
+
+    def _finish(self, export_id: int, error: str = "", retry_at: datetime | None = None,
+                now: datetime | None = None) -> ExportState:
+        """`StudyIndex.finish_export`, remembering the outcome when it cannot be written."""
+        try:
+            return self.index.finish_export(export_id, error, retry_at, now)
+        except Exception as exc:
+            self._unrecorded = (export_id, error, retry_at, now)
+            raise OutcomeNotRecorded(f"export {export_id}: outcome not recorded: {exc}") from exc
 
     def _deliver(self, task: ExportTask, destination: Destination, now: datetime | None) -> (
         ExportState
@@ -92,7 +117,7 @@ class Exporter:
         if report.ok:
             logger.info("export %d: %d file(s) delivered to %s (attempt %d)",
                         task.export_id, report.sent, destination.name, task.attempts)
-            return self.index.finish_export(task.export_id)
+            return self._finish(task.export_id)
         _, first_reason = report.failed[0]
         error = f"{len(report.failed)} of {len(task.paths)} file(s) not delivered: {first_reason}"
         now = now or utcnow()
@@ -103,17 +128,17 @@ class Exporter:
         if report.permanent:
             logger.error("export %d to %s failed, not retried: %s",
                          task.export_id, destination.name, error)
-            return self.index.finish_export(task.export_id, error, None, now)
+            return self._finish(task.export_id, error, None, now)
         if retry_at > task.give_up_at:
             logger.error("export %d to %s given up after %d attempt(s): %s",
                          task.export_id, destination.name, task.attempts, error)
-            return self.index.finish_export(
+            return self._finish(
                 task.export_id, f"gave up after {task.attempts} attempt(s): {error}", None, now
             )
         logger.warning("export %d to %s failed (attempt %d), retry at %s: %s",
                        task.export_id, destination.name, task.attempts,
                        retry_at.isoformat(timespec="seconds"), error)
-        return self.index.finish_export(task.export_id, error, retry_at, now)
+        return self._finish(task.export_id, error, retry_at, now)
 
     # -- thread ------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomnode.config import settings_from_mapping
-from dicomnode.export import Exporter, retry_delay
+from dicomnode.export import Exporter, OutcomeNotRecorded, retry_delay
 from dicomnode.scp import instance_record
 from storage.filestore import FileStore
 from storage.index import StudyIndex, utcnow
@@ -180,3 +180,31 @@ def test_a_job_queues_each_file_once_per_destination(
     assert rows == {first: 2, second: 1}
     assert index.queue_export(job_id, "pacs", ["c.dcm"], 60) is None
     assert index.queue_export(job_id, "other", ["c.dcm"], 60) is not None  # per destination
+
+
+def test_a_delivery_whose_end_the_index_refused_is_recorded_next_time(
+    setup: tuple[Exporter, StudyIndex, int], port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index is locked (or the disk full) just as a delivery ends: its row must not
+    stay "sending" (nothing claims those again until a restart), nor be sent twice."""
+    exporter, index, job_id = setup
+    paths = index.series_instance_paths(index.job_series(job_id)[1])
+    exporter.queue(job_id, {"seg": paths})
+    real_finish = index.finish_export
+
+    def locked(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(index, "finish_export", real_finish)
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(index, "finish_export", locked)
+    pacs = Destination(port).start()
+    try:
+        with pytest.raises(OutcomeNotRecorded, match="database is locked"):
+            exporter.run_once()
+        assert index.export_status()[0]["state"] == "sending"
+        assert exporter.run_once() == ExportState.DONE  # recorded, not sent again
+        assert exporter.run_once(utcnow() + timedelta(days=1)) is None
+    finally:
+        pacs.stop()
+    assert len(pacs.received) == 1
+    assert index.export_status()[0]["state"] == "done"
