@@ -36,6 +36,9 @@ WorkerEntry = Callable[[Settings, str, EventType], None]
 
 
 def run_worker(settings: Settings, name: str, stop: EventType) -> None:
+    """A worker's main: Ctrl-C in the node's terminal reaches the whole process group,
+    but only the node acts on it (it sets `stop`, and the worker finishes its job)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from dicomnode.pipeline import worker_main
 
     worker_main(settings, name, stop)

@@ -31,6 +31,14 @@ def wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyp
         time.sleep(0.1)
 
 
+def ignores_sigint(pid: int) -> bool:
+    """Whether a process has set SIGINT to be ignored (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
 def test_exit_causes_in_words() -> None:
     assert exit_cause(-9) == "killed by SIGKILL (out of memory?)"
     assert exit_cause(-11) == "killed by SIGSEGV"
@@ -59,3 +67,23 @@ def test_a_worker_killed_on_a_job_is_replaced_and_the_job_failed_after_max_attem
         wait_for(lambda: (p := pool.processes()["worker-0"]) is not None and p.is_alive())
     finally:
         pool.stop()
+
+
+def test_ctrl_c_is_left_to_the_node(tmp_path: Path) -> None:
+    """SIGINT goes to the terminal's whole process group: the worker must not die of it
+    mid-job; the node's stop ends it."""
+    settings = node_settings(tmp_path, pipeline={"workers": 1},
+                             ai={"checkpoint": str(tmp_path / "none.pt")})
+    settings.data_dir.mkdir(parents=True)
+    pool = WorkerPool(settings, StudyIndex(settings.database_url))
+    pool.start()
+    try:
+        process = pool.processes()["worker-0"]
+        assert process is not None and process.pid is not None
+        wait_for(lambda: ignores_sigint(process.pid), timeout=30)  # nothing else to wait on
+        os.kill(process.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert process.is_alive()
+    finally:
+        pool.stop()
+    assert process.exitcode == 0
