@@ -131,7 +131,7 @@ def build_results(
         volume.datasets, analysis.lung_mask, analysis.lesion_mask, analysis.lesions,
         provenance, connectivity=analysis.stats.connectivity,
         max_lesion_segments=options.max_lesion_segments,
-        omit_empty_frames=options.seg_omit_empty_frames,
+        omit_empty_frames=options.seg_omit_empty_frames, stored_flips=volume.stored_flips,
     )
     timings["encode_seg"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -4,7 +4,9 @@ The AI needs a regular 3D grid: slices parallel, equally spaced, perpendicular t
 stacking direction, all the same size. Rather than guess, every departure from that is
 rejected with a reason a PACS administrator can act on (the job goes failed(reason)).
 Slices are ordered along the slice normal (PS3.3 C.7.6.2.1.1), never by InstanceNumber
-or file name.
+or file name. Axial images are turned to the display convention the AI assumes (columns
+towards the patient's left, rows towards the back): a prone scan, stored upside down and
+mirrored, would otherwise have its lungs' sides swapped; the SEG maps its masks back.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,13 @@ TILT_TOLERANCE_DEG = 1.0
 """Largest angle between the stacking direction and the slice normal (gantry tilt)."""
 PADDING_HU = -1024.0
 """HU given to PixelPaddingValue voxels (outside the reconstruction circle): air."""
+SPACING_TOLERANCE_MM = 0.15
+"""Slice steps may always differ by this much: positions are often written rounded to
+0.1 mm, which makes the steps of a 0.625 mm series 0.6 or 0.7 mm."""
+AXIAL_MIN_NORMAL_Z = 0.8
+"""|z| of the slice normal from which a series counts as axial (and is turned to the
+display convention)."""
+CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 
 
 class SeriesRejected(ValueError):
@@ -46,11 +56,24 @@ class CTVolume:
     orientation: tuple[float, ...]
     """ImageOrientationPatient shared by all slices."""
     origin_mm: tuple[float, float, float]
-    """ImagePositionPatient of the first slice."""
+    """ImagePositionPatient of the first voxel (of `hu`, after any flip)."""
+    stored_flips: tuple[bool, bool] = (False, False)
+    """Whether `hu`'s rows, columns run opposite to the stored images' (see
+    `to_stored`): `orientation` and `origin_mm` describe `hu`, not the stored images."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (int(self.hu.shape[0]), int(self.hu.shape[1]), int(self.hu.shape[2]))
+
+    def to_stored(self, array: np.ndarray) -> np.ndarray:
+        """A (z, y, x, ...) array on `hu`'s grid as a view on the stored images' pixel
+        grid, for objects that reference them pixel by pixel (the SEG)."""
+        return flip_to_stored(array, self.stored_flips)
+
+
+def flip_to_stored(array: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
+    """`CTVolume.to_stored` for a volume whose `stored_flips` are `flips`."""
+    return array[:, ::-1 if flips[0] else 1, ::-1 if flips[1] else 1]
 
 
 def _float_list(ds: Dataset, keyword: str, n: int) -> np.ndarray:
@@ -110,17 +133,18 @@ def _slice_spacing(
             f"duplicate slice position {distance[i]:.2f} mm along the normal "
             f"({duplicate.size} duplicate(s)): the series mixes stacks or repeats slices"
         )
-    spacing = float(np.median(steps))
-    worst = int(np.argmax(np.abs(steps - spacing)))
-    if abs(steps[worst] - spacing) > tolerance * spacing:
-        if steps[worst] > 1.5 * spacing:
+    spacing = float(distance[-1] - distance[0]) / (len(distance) - 1)
+    median = float(np.median(steps))  # the step of a regular stretch, when one is missing
+    worst = int(np.argmax(np.abs(steps - median)))
+    if abs(steps[worst] - median) > max(tolerance * median, SPACING_TOLERANCE_MM):
+        if steps[worst] > 1.5 * median:
             raise SeriesRejected(
                 f"gap of {steps[worst]:.2f} mm between slices {worst} and {worst + 1} "
-                f"(expected {spacing:.2f} mm): slices are missing"
+                f"(expected {median:.2f} mm): slices are missing"
             )
         raise SeriesRejected(
             f"slice spacing varies {steps.min():.2f}-{steps.max():.2f} mm "
-            f"(more than {tolerance:.0%} around {spacing:.2f} mm)"
+            f"(more than {tolerance:.0%} around {median:.2f} mm)"
         )
     stacking = positions[-1] - positions[0]
     cosine = abs(float(stacking @ normal)) / float(np.linalg.norm(stacking))
@@ -133,6 +157,59 @@ def _slice_spacing(
     return spacing
 
 
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    """(slope, intercept) to HU. Type 1 in CT images (PS3.3 C.8.2.1): without them the
+    stored values are not HU (24 would be read as 24 HU instead of -1000), so a CT image
+    that lacks them, as some anonymisers leave it, is rejected rather than guessed."""
+    values = []
+    for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            if ds.get("SOPClassUID") == CT_IMAGE_STORAGE:
+                raise SeriesRejected(
+                    f"instance {ds.get('InstanceNumber', '?')} lacks {keyword} (Type 1 in"
+                    " CT images): its values cannot be turned into HU"
+                )
+            value = default
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            raise SeriesRejected(f"{keyword} is not numeric: {value!r}") from None
+    return values[0], values[1]
+
+
+def _acquisitions_apart(datasets: Sequence[Dataset], distance: np.ndarray) -> None:
+    """Two acquisitions in one series (inspiration and expiration, say) whose slices
+    interleave would stack into one volume of alternating scans: their ranges along the
+    normal must not overlap (as the rotations of an axial scan, one acquisition each)."""
+    ranges: dict[str, list[float]] = {}
+    for ds, d in zip(datasets, distance, strict=True):
+        key = str(ds.get("AcquisitionNumber", "") or "")
+        low_high = ranges.setdefault(key, [float(d), float(d)])
+        low_high[0], low_high[1] = min(low_high[0], d), max(low_high[1], d)
+    spans = sorted(ranges.items(), key=lambda item: item[1][0])
+    for (a, (_, a_high)), (b, (b_low, _)) in pairwise(spans):
+        if b_low < a_high:
+            raise SeriesRejected(
+                f"acquisitions {a} and {b} interleave along the slice normal: the series"
+                " holds two scans of the same range; send each as its own series"
+            )
+
+
+def _display_flips(orientation: np.ndarray) -> tuple[bool, bool]:
+    """(flip rows, flip columns) that turn an axial series to columns running towards
+    the patient's left (+x) and rows towards the back (+y)."""
+    row, column = orientation[:3], orientation[3:]
+    if abs(float(np.cross(row, column)[2])) < AXIAL_MIN_NORMAL_Z:
+        return False, False  # not axial: left as stored
+    if abs(row[0]) < abs(row[1]):
+        raise SeriesRejected(
+            "axial images turned by 90 degrees (rows run front to back): not supported;"
+            " send a reconstruction with rows running from the patient's right to left"
+        )
+    return bool(column[1] < 0), bool(row[0] < 0)
+
+
 def _slice_hu(ds: Dataset) -> np.ndarray:
     if "PixelData" not in ds:
         raise SeriesRejected(f"instance {ds.get('InstanceNumber', '?')} has no pixel data")
@@ -143,8 +220,7 @@ def _slice_hu(ds: Dataset) -> np.ndarray:
             f"pixel data of instance {ds.get('InstanceNumber', '?')} cannot be decoded "
             f"({ds.file_meta.TransferSyntaxUID.name}): {exc}"
         ) from exc
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope, intercept = _rescale(ds)
     hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
@@ -167,7 +243,8 @@ def read_series(
         )
     for ds in datasets:
         _check_single_frame(ds)
-    for keyword in ("Rows", "Columns", "SeriesInstanceUID", "FrameOfReferenceUID"):
+    for keyword in ("Rows", "Columns", "SeriesInstanceUID", "FrameOfReferenceUID",
+                    "ConvolutionKernel"):
         _check_same(datasets, keyword)
     orientation = _orientation(datasets)
     pixel_spacing = {tuple(_float_list(ds, "PixelSpacing", 2)) for ds in datasets}
@@ -177,6 +254,8 @@ def read_series(
     datasets, positions, distance = _sort_along_normal(datasets, orientation)
     normal = np.cross(orientation[:3], orientation[3:])
     dz = _slice_spacing(positions, distance, normal, spacing_tolerance)
+    _acquisitions_apart(datasets, distance)
+    flips = _display_flips(orientation)
 
     hu = np.empty((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), np.float32)
     for z, ds in enumerate(datasets):
@@ -184,12 +263,25 @@ def read_series(
         del ds.PixelData  # the headers are kept for references; the pixels live in `hu`
     if not np.isfinite(hu).all():
         raise SeriesRejected("pixel data decode to non-finite values")
+    row_direction, column_direction = orientation[:3].copy(), orientation[3:].copy()
+    origin = positions[0].copy()
+    if flips[0]:
+        origin += (hu.shape[1] - 1) * row_spacing * column_direction
+        column_direction = -column_direction
+    if flips[1]:
+        origin += (hu.shape[2] - 1) * column_spacing * row_direction
+        row_direction = -row_direction
+    if any(flips):
+        hu = np.ascontiguousarray(flip_to_stored(hu, flips))  # a flip is its own inverse
+        logger.info("series %s: images turned to the display convention (rows flipped: %s,"
+                    " columns flipped: %s)", datasets[0].SeriesInstanceUID, *flips)
     logger.debug("volume %s: %s voxels, spacing %.2f x %.2f x %.2f mm",
                  datasets[0].SeriesInstanceUID, hu.shape, dz, row_spacing, column_spacing)
     return CTVolume(
         hu=hu,
         spacing_mm=(dz, float(row_spacing), float(column_spacing)),
         datasets=tuple(datasets),
-        orientation=tuple(float(v) for v in orientation),
-        origin_mm=tuple(float(v) for v in positions[0]),  # type: ignore[arg-type]
+        orientation=tuple(float(v) for v in (*row_direction, *column_direction)),
+        origin_mm=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        stored_flips=flips,
     )

@@ -63,6 +63,24 @@ def write_ct_series(
     return write_dicom_series(phantom, out_dir, **kwargs)
 
 
+def store_prone(path: Path) -> None:
+    """Rewrite a supine axial CT instance as a prone scanner stores it: the same voxels
+    in patient space, the pixel matrix turned by 180 degrees, ImageOrientationPatient
+    (-1, 0, 0, 0, -1, 0) and the position of what was the last pixel."""
+    import numpy as np
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    ds.ImagePositionPatient = [x + (ds.Columns - 1) * column_spacing,
+                               y + (ds.Rows - 1) * row_spacing, z]
+    ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1, ::-1]).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
 @pytest.fixture(scope="session")
 def ct_series_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 8-slice 64x64 CT series, shared read-only by the tests of a session."""

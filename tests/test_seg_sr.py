@@ -21,7 +21,7 @@ from dicomnode.outputs.seg import (
 )
 from dicomnode.outputs.sr import COVID19, DIAGNOSIS, LVR, PLR, PNEUMONIA, build_report
 from dicomnode.volume import CTVolume, read_series
-from tests.conftest import dciodvfy_errors
+from tests.conftest import dciodvfy_errors, store_prone
 from training.phantoms import Phantom, generate_phantom, write_dicom_series
 
 PROVENANCE = Provenance(
@@ -112,6 +112,37 @@ def test_seg_is_valid_and_reproduces_the_masks(
         lesion = next(s for s in stats.lesions if s.index == stats_index)
         assert int(single.sum()) == lesion.voxels
         assert number == FIRST_LESION_SEGMENT + stats_index - 1
+
+
+def test_seg_of_a_prone_series_maps_the_masks_back_to_the_stored_pixels(
+    tmp_path: Path,
+) -> None:
+    """The volume was turned to the display convention; each SEG frame must still lie on
+    its source image's stored pixel grid."""
+    phantom = generate_phantom("cap", 22, slices=16, size=64)
+    files = write_dicom_series(phantom, tmp_path / "ct")
+    for path in files:
+        store_prone(path)
+    volume = read_series(files)
+    assert volume.stored_flips == (True, True)
+    if not np.array_equal(volume.hu, phantom.volume_hu.astype(np.float32)):
+        phantom = _flipped(phantom)
+    stats = analyse_lesions(volume.hu, phantom.lesion_mask, phantom.lung_mask, volume.spacing_mm)
+    out = build_segmentation(volume.datasets, phantom.lung_mask, phantom.lesion_mask,
+                             stats.lesions, PROVENANCE, max_lesion_segments=1,
+                             stored_flips=volume.stored_flips)
+    path = tmp_path / "seg.dcm"
+    out.dataset.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    masks = hd.seg.segread(path).get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in volume.datasets],
+        combine_segments=False, segment_numbers=[LUNG_SEGMENT, LESIONS_SEGMENT],
+        skip_overlap_checks=True,
+    )
+    assert np.array_equal(masks[..., 0] > 0, volume.to_stored(phantom.lung_mask))
+    assert np.array_equal(masks[..., 1] > 0,
+                          volume.to_stored(phantom.lesion_mask & phantom.lung_mask))
+    assert not np.array_equal(masks[..., 0] > 0, phantom.lung_mask)
 
 
 def test_sr_is_valid_and_carries_the_result(

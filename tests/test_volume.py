@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import RLELossless, generate_uid
 
 from dicomnode.volume import SeriesRejected, read_series
+from tests.conftest import store_prone
 from training.phantoms import Phantom, generate_phantom, write_dicom_series
 
 
@@ -113,8 +114,11 @@ def test_gantry_tilt_is_rejected(series: list[Path], phantom: Phantom) -> None:
         (lambda ds: setattr(ds, "NumberOfFrames", 2), "multi-frame"),
         (lambda ds: setattr(ds, "PixelSpacing", [0.5, 0.5]), "PixelSpacing differs"),
         (lambda ds: delattr(ds, "ImagePositionPatient"), "lacks ImagePositionPatient"),
+        (lambda ds: delattr(ds, "RescaleIntercept"), "lacks RescaleIntercept"),
+        (lambda ds: setattr(ds, "ConvolutionKernel", "BONE"), "ConvolutionKernel differs"),
     ],
-    ids=["orientation", "no-pixels", "columns", "multiframe", "pixel-spacing", "no-position"],
+    ids=["orientation", "no-pixels", "columns", "multiframe", "pixel-spacing", "no-position",
+         "no-intercept", "kernel"],
 )
 def test_inconsistent_slice_is_rejected_by_name(
     series: list[Path], change: Callable[[pydicom.Dataset], None], reason: str
@@ -127,3 +131,42 @@ def test_inconsistent_slice_is_rejected_by_name(
 def test_too_few_slices(series: list[Path]) -> None:
     with pytest.raises(SeriesRejected, match="at least 40 are needed"):
         read_series(series, min_slices=40)
+
+
+def test_a_prone_series_is_turned_to_the_display_convention(series: list[Path]) -> None:
+    """Stored upside down and mirrored, as prone scans are: the AI gets the supine layout
+    (columns to the patient's left: the lung sides stay right); SEG frames map back."""
+    supine = read_series(series)
+    for path in series:
+        store_prone(path)
+    prone = read_series(series)
+    assert prone.stored_flips == (True, True)
+    assert np.array_equal(prone.hu, supine.hu)
+    assert prone.orientation == supine.orientation == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    assert prone.origin_mm == pytest.approx(supine.origin_mm)
+    stored = np.stack([pydicom.dcmread(path).pixel_array for path in series])
+    order = np.argsort([float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in series])
+    assert np.array_equal(prone.to_stored(prone.hu > 0), stored[order] > 1024)
+
+
+def test_positions_rounded_to_a_tenth_of_a_millimetre(series: list[Path]) -> None:
+    """0.625 mm slices whose positions were written to 0.1 mm: steps of 0.6 and 0.7 mm,
+    neither missing slices nor a varying spacing; the spacing is the mean step."""
+    by_z = sorted(series, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    for i, path in enumerate(by_z):
+        _edit(path, lambda ds, i=i: setattr(
+            ds, "ImagePositionPatient",
+            [*ds.ImagePositionPatient[:2], round(-100.0 + 0.625 * i, 1)]))
+        _edit(path, lambda ds: setattr(ds, "SliceThickness", 0.625))
+    volume = read_series(series)
+    assert volume.spacing_mm[0] == pytest.approx(0.625, abs=0.02)
+
+
+def test_two_interleaved_acquisitions_are_rejected(series: list[Path]) -> None:
+    """Inspiration and expiration in one series, slices half a step apart: stacked, the
+    volume would alternate between two scans."""
+    by_z = sorted(series, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    for i, path in enumerate(by_z):
+        _edit(path, lambda ds, i=i: setattr(ds, "AcquisitionNumber", 1 + i % 2))
+    with pytest.raises(SeriesRejected, match="acquisitions 1 and 2 interleave"):
+        read_series(series)

@@ -18,6 +18,7 @@ from scipy import ndimage as ndi
 
 from ai.analysis import LesionStats, label_components
 from dicomnode.outputs import MANUFACTURER, MODEL_NAME, Provenance
+from dicomnode.volume import flip_to_stored
 
 LUNG_SEGMENT = 1
 LESIONS_SEGMENT = 2
@@ -123,8 +124,11 @@ def build_segmentation(
     max_lesion_segments: int = 10,
     omit_empty_frames: bool = True,
     series_number: int = 9001,
+    stored_flips: tuple[bool, bool] = (False, False),
 ) -> SegmentationOutput:
-    """The SEG for one analysed series; masks are [z, y, x] aligned with `source_images`.
+    """The SEG for one analysed series; masks are [z, y, x] aligned with `source_images`,
+    or with their rows / columns reversed as `stored_flips` says (`CTVolume.stored_flips`:
+    the volume was turned to the display convention; the frames are turned back).
 
     `omit_empty_frames` (a frame only for each plane where a segment has voxels) keeps
     a 300-slice SEG with 12 segments at about 26 MB instead of 120 MB; turn it off for
@@ -165,7 +169,7 @@ def build_segmentation(
     planes = np.zeros((2 + len(shown), *shape), bool)
     lung = np.not_equal(lung_mask, 0, out=planes[LUNG_SEGMENT - 1])
     lesion = np.logical_and(lesion_mask, lung, out=planes[LESIONS_SEGMENT - 1])
-    pixel_array = np.moveaxis(planes, 0, -1)
+    pixel_array = flip_to_stored(np.moveaxis(planes, 0, -1), stored_flips)
     for offset, stats in enumerate(shown):
         number = FIRST_LESION_SEGMENT + offset
         lesion_segments[stats.index] = number
