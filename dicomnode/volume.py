@@ -236,7 +236,10 @@ def read_series(
     `spacing_tolerance` is the largest relative departure of one slice step from the
     median step (0.1: 10 %).
     """
-    datasets = [pydicom.dcmread(path) for path in files]
+    # Headers first: the geometry is checked before any pixels are read, and then one
+    # slice at a time is decoded into the volume (a 1,200-slice 1024 x 1024 series holds
+    # 2.5 GB of pixels, which must not all sit in memory beside its 5 GB float volume).
+    datasets = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
     if len(datasets) < max(min_slices, 2):
         raise SeriesRejected(
             f"{len(datasets)} slice(s); at least {max(min_slices, 2)} are needed for a volume"
@@ -259,8 +262,7 @@ def read_series(
 
     hu = np.empty((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), np.float32)
     for z, ds in enumerate(datasets):
-        hu[z] = _slice_hu(ds)
-        del ds.PixelData  # the headers are kept for references; the pixels live in `hu`
+        hu[z] = flip_to_stored(_slice_hu(pydicom.dcmread(ds.filename))[None], flips)[0]
     if not np.isfinite(hu).all():
         raise SeriesRejected("pixel data decode to non-finite values")
     row_direction, column_direction = orientation[:3].copy(), orientation[3:].copy()
@@ -271,8 +273,7 @@ def read_series(
     if flips[1]:
         origin += (hu.shape[2] - 1) * column_spacing * row_direction
         row_direction = -row_direction
-    if any(flips):
-        hu = np.ascontiguousarray(flip_to_stored(hu, flips))  # a flip is its own inverse
+    if any(flips):  # `hu` was filled flipped (a flip is its own inverse)
         logger.info("series %s: images turned to the display convention (rows flipped: %s,"
                     " columns flipped: %s)", datasets[0].SeriesInstanceUID, *flips)
     logger.debug("volume %s: %s voxels, spacing %.2f x %.2f x %.2f mm",
