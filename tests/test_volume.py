@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import UID, JPEG2000Lossless, RLELossless, generate_uid
 
 from dicomnode.volume import SeriesRejected, read_series
 from tests.conftest import store_prone
@@ -47,10 +47,12 @@ def test_volume_is_exact_and_ordered_along_the_normal(series: list[Path], phanto
     assert all("PixelData" not in ds for ds in volume.datasets)
 
 
-def test_compressed_series_decodes_to_the_same_volume(series: list[Path]) -> None:
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
+def test_compressed_series_decodes_to_the_same_volume(series: list[Path], syntax: UID) -> None:
     reference = read_series(series)
     for path in series:
-        _edit(path, lambda ds: ds.compress(RLELossless))
+        _edit(path, lambda ds: ds.compress(syntax))
+    assert pydicom.dcmread(series[0]).file_meta.TransferSyntaxUID == syntax
     assert np.array_equal(read_series(series).hu, reference.hu)
 
 
