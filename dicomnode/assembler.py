@@ -1,7 +1,8 @@
 """Series completion: decides when a collecting series is complete, then applies the rules.
 
 Three rules, checked in this order, and the one that fired is recorded on the Job:
-the hard `max_wait_seconds` deadline from the first instance; the sending association
+the hard `max_wait_seconds` deadline from the start of the collecting pass (the first
+instance, or the late one that re-opened the series or began a new pass); the sending association
 was released and the series has been idle for `release_grace_seconds`; the series has
 been idle for `quiet_seconds`. Timers are the index's persisted timestamps, so they
 resume across a restart. A late instance re-opens the Job (see storage.index).
@@ -26,7 +27,7 @@ def completion_rule(
 ) -> CompletionRule | None:
     """The rule under which the series is complete at `now`, or None while collecting."""
     idle = now - series.last_received_at
-    if now - series.first_received_at >= timedelta(seconds=rules.max_wait_seconds):
+    if now - series.collecting_since >= timedelta(seconds=rules.max_wait_seconds):
         return CompletionRule.MAX_WAIT
     if (
         series.released_at is not None

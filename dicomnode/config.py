@@ -153,10 +153,12 @@ class SeriesConfig:
 
     quiet_seconds: float = _doc("A series is complete after this long without new instances.", 10.0)
     release_grace_seconds: float = _doc(
-        "Once the sending association is released, complete after this long without instances.", 2.0
+        "Once the association that sent the latest instance is released, complete after "
+        "this long without instances.", 2.0
     )
     max_wait_seconds: float = _doc(
-        "Hard deadline from the first instance: complete even if instances keep arriving.", 600.0
+        "Hard deadline from a collecting pass's first instance: complete even if instances "
+        "keep arriving.", 600.0
     )
     modalities: list[str] = _doc("Modalities analysed.", ["CT"])
     min_slices: int = _doc("Fewest instances for a series to be analysed.", 40)

@@ -17,6 +17,7 @@ import ssl
 import threading
 import warnings
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import NodeConfig, Settings
 from storage.filestore import FileStore
-from storage.index import InstanceRecord, StudyIndex
+from storage.index import InstanceRecord, StudyIndex, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +149,9 @@ class StorageSCP:
         self.min_free_bytes = settings.storage.min_free_disk_mb * 1024 * 1024
         self._uid_locks = [threading.Lock() for _ in range(64)]
         # Per open association (from EVT_ACCEPTED to its end), the latest record of each
-        # series it sent: the series to signal on release, and the attributes its next
-        # instances share.
-        self._assoc_series: dict[int, dict[str, InstanceRecord]] = {}
+        # series it sent and when it was stored: the series to signal on release, and the
+        # attributes its next instances share.
+        self._assoc_series: dict[int, dict[str, tuple[InstanceRecord, datetime]]] = {}
         self._assoc_lock = threading.Lock()
         self.ae = self._make_ae(settings.node)
         self._server: ThreadedAssociationServer | None = None
@@ -218,15 +219,16 @@ class StorageSCP:
             return self._reject(encoded, calling_aet, exc)
         with self._assoc_lock:  # none: ended while this C-STORE was on its way (abort)
             sent = self._assoc_series.get(id(event.assoc), {})
+        earlier = sent.get(series_uid)
         lock = self._uid_locks[hash(sop_uid) % len(self._uid_locks)]
         try:
             with lock:
                 record = self._store(encoded, header, event.context.transfer_syntax,
-                                     calling_aet, relpath, sent.get(series_uid))
+                                     calling_aet, relpath, earlier[0] if earlier else None)
         except Exception:
             logger.exception("C-STORE of %s failed to persist", sop_uid)
             return STATUS_OUT_OF_RESOURCES
-        sent[series_uid] = record  # one association's C-STOREs arrive one at a time
+        sent[series_uid] = (record, utcnow())  # one association's C-STOREs come one at a time
         return STATUS_SUCCESS
 
     def _store(self, encoded: bytes, header: Dataset, transfer_syntax_uid: str,
@@ -302,7 +304,8 @@ class StorageSCP:
 
     def _on_released(self, event: evt.Event) -> None:
         with self._assoc_lock:
-            series = list(self._assoc_series.pop(id(event.assoc), {}))
+            sent = self._assoc_series.pop(id(event.assoc), {})
+        series = {uid: stored_at for uid, (_, stored_at) in sent.items()}
         self.index.mark_released(series)
         if series:
             logger.info("association from %s released after sending %d series",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -61,8 +61,14 @@ _COUNT_INSTANCE = (
 
 # Migrations from version N to N+1, applied in order on open. New tables need none
 # (create_all adds them); changed or added columns of existing tables do.
+def _add_collecting_since(conn: Connection) -> None:
+    conn.exec_driver_sql("ALTER TABLE job ADD COLUMN collecting_since DATETIME")
+    conn.exec_driver_sql("UPDATE job SET collecting_since = created_at")
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: None,  # 2 adds the result and export tables only
+    2: _add_collecting_since,
 }
 OWN_OUTPUT = "output of this node (not analysed)"
 
@@ -174,7 +180,8 @@ class SeriesProgress:
     image_orientation: tuple[float, ...]
     slice_thickness_mm: float | None
     instance_count: int
-    first_received_at: datetime
+    collecting_since: datetime
+    """Start of this collecting pass (the job's creation, or its re-opening)."""
     last_received_at: datetime
     released_at: datetime | None
 
@@ -483,21 +490,29 @@ class StudyIndex:
             job.completion_rule = None
             job.reason = ""
             job.completed_at = None
+            job.collecting_since = now
             job.updated_at = now
             return
-        session.add(Job(series=series, state=JobState.COLLECTING, created_at=now, updated_at=now))
+        session.add(Job(series=series, state=JobState.COLLECTING, created_at=now, updated_at=now,
+                        collecting_since=now))
 
-    def mark_released(self, series_uids: Iterable[str], now: datetime | None = None) -> None:
-        """The association that sent these series' latest instances was released."""
-        uids = list(series_uids)
-        if not uids:
+    def mark_released(
+        self, last_stored: Mapping[str, datetime], now: datetime | None = None
+    ) -> None:
+        """An association was released; `last_stored`: per series it sent, when it stored
+        its last instance. Only a series whose latest instance is no later than that is
+        marked: one that another association is still sending keeps collecting."""
+        if not last_stored:
             return
+        now = now or utcnow()
         with self._write() as session:
-            session.execute(
-                update(Series)
-                .where(Series.series_instance_uid.in_(uids))
-                .values(released_at=now or utcnow())
-            )
+            for uid, stored_at in last_stored.items():
+                session.execute(
+                    update(Series)
+                    .where(Series.series_instance_uid == uid,
+                           Series.last_received_at <= stored_at)
+                    .values(released_at=now)
+                )
 
     def series_instance_paths(self, series_instance_uid: str) -> list[str]:
         """Relative paths of a series' instances, in InstanceNumber order."""
@@ -516,7 +531,8 @@ class StudyIndex:
     def collecting_series(self) -> list[SeriesProgress]:
         with self._sessions() as session:
             rows = session.execute(
-                select(Job.id, Series, Study.study_instance_uid)
+                select(Job.id, func.coalesce(Job.collecting_since, Job.created_at), Series,
+                       Study.study_instance_uid)
                 .join(Series, Job.series_pk == Series.id)
                 .join(Study)
                 .where(Job.state == JobState.COLLECTING)
@@ -534,11 +550,11 @@ class StudyIndex:
                 image_orientation=tuple(float(v) for v in _split(s.image_orientation)),
                 slice_thickness_mm=s.slice_thickness_mm,
                 instance_count=s.instance_count,
-                first_received_at=s.first_received_at,
+                collecting_since=since,
                 last_received_at=s.last_received_at,
                 released_at=s.released_at,
             )
-            for job_id, s, study_uid in rows
+            for job_id, since, s, study_uid in rows
         ]
 
     def complete_job(

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped by every change to the tables; `storage.index` migrates or refuses older files."""
 
 UID = String(64)  # DICOM UI VR: at most 64 characters
@@ -148,6 +148,9 @@ class Job(Base):
     worker: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+    # Start of the current collecting pass (creation, or re-opening by a late instance):
+    # `max_wait_seconds` counts from here, not from the series' first instance ever.
+    collecting_since: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

@@ -21,7 +21,7 @@ def series(**kw: object) -> SeriesProgress:
         job_id=1, series_instance_uid="1.2", study_instance_uid="1.1", modality="CT",
         series_description="Chest 1.25mm", body_part_examined="CHEST",
         image_type=("ORIGINAL", "PRIMARY", "AXIAL"), image_orientation=AXIAL,
-        slice_thickness_mm=1.25, instance_count=120, first_received_at=T0,
+        slice_thickness_mm=1.25, instance_count=120, collecting_since=T0,
         last_received_at=T0, released_at=None,
     )
     return replace(base, **kw)

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 
+from dicomnode.assembler import completion_rule
+from dicomnode.config import SeriesConfig
 from storage.index import InstanceRecord, SchemaVersionError, StudyIndex
 from storage.models import SCHEMA_VERSION, CompletionRule, JobState
 
@@ -218,3 +220,55 @@ def test_status_rows_carry_state_and_reason(index: StudyIndex) -> None:
         "skipped", "modalities: MR", "max_wait")
     assert row["accession_number"] == "ACC1" and row["instances"] == 1
     assert replace(record(1), modality="MR").modality == "MR"
+
+
+def test_a_new_pass_waits_its_own_max_wait(index: StudyIndex) -> None:
+    """A series analysed an hour ago gets a late instance: the new pass must not be
+    closed at once by a max_wait counted from the series' first instance."""
+    add(index, 1, T0)
+    (progress,) = index.collecting_series()
+    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1, now=T0)
+    job = index.claim_next_job("w")
+    assert job is not None and index.finish_job(job.job_id, job.attempts, JobState.DONE)
+    late = T0 + timedelta(hours=1)
+    add(index, 2, late)
+    (second_pass,) = index.collecting_series()
+    assert second_pass.job_id != progress.job_id
+    assert second_pass.collecting_since == late
+    rules = SeriesConfig(quiet_seconds=10, release_grace_seconds=2, max_wait_seconds=600)
+    assert completion_rule(second_pass, rules, late + timedelta(seconds=1)) is None
+    # and a late instance that re-opens a queued job starts its pass anew too
+    index.complete_job(second_pass.job_id, CompletionRule.QUIET, None, 2, now=late)
+    later = late + timedelta(hours=1)
+    add(index, 3, later)
+    (reopened,) = index.collecting_series()
+    assert reopened.job_id == second_pass.job_id and reopened.collecting_since == later
+
+
+def test_migration_from_schema_2_starts_each_pass_at_its_job_creation(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    index = StudyIndex(url)
+    add(index, 1, T0)
+    with index.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE job DROP COLUMN collecting_since"))
+        conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+    index.close()
+    migrated = StudyIndex(url)
+    assert migrated.schema_version() == SCHEMA_VERSION
+    (progress,) = migrated.collecting_series()
+    assert progress.collecting_since == T0
+
+
+def test_a_release_marks_a_series_only_if_that_association_sent_its_latest_instance(
+    index: StudyIndex,
+) -> None:
+    """Two associations send one series; the first is released while the second still
+    sends: the series must keep collecting (its release grace would cut it short)."""
+    add(index, 1, T0)  # association A
+    add(index, 2, T0 + timedelta(seconds=1))  # association B, still open
+    index.mark_released({"1.2.3.4": T0}, now=T0 + timedelta(seconds=2))  # A ends
+    (progress,) = index.collecting_series()
+    assert progress.released_at is None
+    index.mark_released({"1.2.3.4": T0 + timedelta(seconds=1)}, now=T0 + timedelta(seconds=3))
+    (progress,) = index.collecting_series()
+    assert progress.released_at == T0 + timedelta(seconds=3)
