@@ -31,6 +31,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import NodeConfig, Settings
+from dicomnode.volume import string_values
 from storage.filestore import FileStore
 from storage.index import InstanceRecord, StudyIndex, utcnow
 
@@ -120,7 +121,7 @@ def instance_record(
         series_number=_number(ds, "SeriesNumber", int),
         series_description=_text(ds, "SeriesDescription"),
         body_part_examined=_text(ds, "BodyPartExamined"),
-        image_type=tuple(str(v) for v in (ds.get("ImageType") or ())),
+        image_type=string_values(ds, "ImageType"),
         image_orientation=_numbers(ds, "ImageOrientationPatient"),
         slice_thickness_mm=_number(ds, "SliceThickness", float),
         instance_number=_number(ds, "InstanceNumber", int),

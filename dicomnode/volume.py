@@ -101,6 +101,31 @@ def _check_same(datasets: Sequence[Dataset], keyword: str) -> None:
         raise SeriesRejected(f"{keyword} differs between slices ({shown})")
 
 
+def string_values(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    """A multi-valued string attribute's values; pydicom gives a single value as a plain
+    str, which must not be iterated into characters (ImageType "DERIVED" alone, from a
+    non-conformant sender)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return (value.strip(),)
+    return tuple(str(v).strip() for v in value)
+
+
+def _check_image_kind(datasets: Sequence[Dataset]) -> None:
+    """ImageType's first two values (ORIGINAL / DERIVED, PRIMARY / SECONDARY) must agree:
+    the series rules judged the series by its first instance's ImageType, and a derived
+    image (a screen capture, a reformat) stacked among the originals is not CT data."""
+    kinds = {tuple(v.upper() for v in string_values(ds, "ImageType")[:2]) for ds in datasets}
+    if len(kinds) > 1:
+        shown = ", ".join("\\".join(kind) or "none" for kind in sorted(kinds)[:3])
+        raise SeriesRejected(
+            f"ImageType differs between slices ({shown}): the series mixes original and"
+            " derived images"
+        )
+
+
 def _orientation(datasets: Sequence[Dataset]) -> np.ndarray:
     first = _float_list(datasets[0], "ImageOrientationPatient", 6)
     for ds in datasets[1:]:
@@ -249,6 +274,7 @@ def read_series(
     for keyword in ("Rows", "Columns", "SeriesInstanceUID", "FrameOfReferenceUID",
                     "ConvolutionKernel"):
         _check_same(datasets, keyword)
+    _check_image_kind(datasets)
     orientation = _orientation(datasets)
     pixel_spacing = {tuple(_float_list(ds, "PixelSpacing", 2)) for ds in datasets}
     if len(pixel_spacing) > 1:

@@ -434,6 +434,17 @@ def test_malformed_optional_values_are_stored_and_indexed_as_absent(
     assert record.image_orientation == () and record.instance_number is None
 
 
+def test_a_single_valued_image_type_is_one_value_not_its_letters(ct_series_dir: Path) -> None:
+    """ImageType "DERIVED" alone (non-conformant, but sent): the rules' "DERIVED" exclusion
+    must see it."""
+    ds = pydicom.dcmread(next(ct_series_dir.glob("*.dcm")))
+    ds.ImageType = "DERIVED"
+    assert instance_record(ds, "1.2.840.10008.1.2.1", "X").image_type == ("DERIVED",)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert instance_record(ds, "1.2.840.10008.1.2.1", "X").image_type == (
+        "ORIGINAL", "PRIMARY", "AXIAL")
+
+
 def test_later_instances_of_a_series_take_its_series_attributes(ct_series_dir: Path) -> None:
     """Patient, study and series attributes are those of the series' first record (what the
     index keeps); instance attributes and the placing UIDs are always read."""

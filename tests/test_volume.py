@@ -118,9 +118,10 @@ def test_gantry_tilt_is_rejected(series: list[Path], phantom: Phantom) -> None:
         (lambda ds: delattr(ds, "ImagePositionPatient"), "lacks ImagePositionPatient"),
         (lambda ds: delattr(ds, "RescaleIntercept"), "lacks RescaleIntercept"),
         (lambda ds: setattr(ds, "ConvolutionKernel", "BONE"), "ConvolutionKernel differs"),
+        (lambda ds: setattr(ds, "ImageType", ["DERIVED", "SECONDARY"]), "ImageType differs"),
     ],
     ids=["orientation", "no-pixels", "columns", "multiframe", "pixel-spacing", "no-position",
-         "no-intercept", "kernel"],
+         "no-intercept", "kernel", "derived"],
 )
 def test_inconsistent_slice_is_rejected_by_name(
     series: list[Path], change: Callable[[pydicom.Dataset], None], reason: str
