@@ -31,6 +31,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import NodeConfig, Settings
+from dicomnode.outputs import MANUFACTURER
 from dicomnode.volume import string_values
 from storage.filestore import FileStore
 from storage.index import InstanceRecord, StudyIndex, utcnow
@@ -56,6 +57,13 @@ def _number(ds: Dataset, keyword: str, kind: type[int] | type[float]) -> Any:
         return kind(value)
     except (TypeError, ValueError):
         return None
+
+
+def is_own_output(ds: Dataset) -> bool:
+    """An object this node made (SEG, SR, key images, PDF), coming back: a PACS that
+    forwards everything, or a copy restored after the index was rebuilt. It is stored
+    and never analysed."""
+    return _text(ds, "Manufacturer") == MANUFACTURER and _text(ds, "Modality") != "CT"
 
 
 def placing_uids(ds: Dataset) -> tuple[str, str, str]:
@@ -241,12 +249,13 @@ class StorageSCP:
         bytes hashed saved nothing measurable once those took under 0.6 ms.)"""
         record = instance_record(header, transfer_syntax_uid, calling_aet, same_series)
         digest = hashlib.sha256(encoded).hexdigest()
+        own = is_own_output(header)
         try:
             size = self.filestore.create(relpath, encoded, exclusive=True)
         except FileExistsError:
-            self._store_again(encoded, record, relpath, digest)
+            self._store_again(encoded, record, relpath, digest, own)
             return record
-        if not self.index.add_instance(record, relpath, size, digest):
+        if not self.index.add_instance(record, relpath, size, digest, node_output=own):
             known = self.index.find_instance(record.sop_instance_uid)
             if known is not None and known.path == relpath and known.sha256 == digest:
                 logger.warning("%s re-sent after its stored file was lost: written again",
@@ -256,7 +265,7 @@ class StorageSCP:
         return record
 
     def _store_again(
-        self, encoded: bytes, record: InstanceRecord, relpath: str, digest: str
+        self, encoded: bytes, record: InstanceRecord, relpath: str, digest: str, own: bool
     ) -> None:
         """The instance's path exists: an identical re-send (success, nothing new; a
         stored file that was damaged since is written again), a conflicting one (the
@@ -265,7 +274,7 @@ class StorageSCP:
         known = self.index.find_instance(record.sop_instance_uid)
         if known is None:
             size = self.filestore.create(relpath, encoded)
-            self.index.add_instance(record, relpath, size, digest)
+            self.index.add_instance(record, relpath, size, digest, node_output=own)
         elif known.sha256 == digest and self.filestore.size(known.path) != known.size_bytes:
             logger.warning("%s re-sent over a damaged stored file: written again",
                            record.sop_instance_uid)
@@ -386,9 +395,8 @@ def reconcile_store(filestore: FileStore, index: StudyIndex) -> tuple[int, int]:
             logger.warning("unindexed partial file %s set aside as %s (%s)", relpath, aside, exc)
             broken += 1
             continue
-        own = str(ds.get("Manufacturer", "")) == "dicomnode" and ds.get("Modality") != "CT"
         index.add_instance(record, relpath, len(data), hashlib.sha256(data).hexdigest(),
-                           node_output=own)
+                           node_output=is_own_output(ds))
         recovered += 1
     if recovered or broken:
         logger.warning("reconciled the store after an unclean shutdown: %d instance(s) "

@@ -34,7 +34,7 @@ from dicomnode.scp import (
 )
 from dicomnode.scu import Peer, echo, send
 from dicomnode.service import Node
-from storage.index import utcnow
+from storage.index import OWN_OUTPUT, utcnow
 from storage.models import CompletionRule, JobState
 from tests.conftest import dcmtk_tool, node_settings, write_ct_series
 
@@ -443,6 +443,23 @@ def test_a_single_valued_image_type_is_one_value_not_its_letters(ct_series_dir: 
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     assert instance_record(ds, "1.2.840.10008.1.2.1", "X").image_type == (
         "ORIGINAL", "PRIMARY", "AXIAL")
+
+
+def test_the_nodes_own_output_coming_back_is_stored_and_never_analysed(
+    start_node: Callable[..., Node], ct_series_dir: Path, tmp_path: Path
+) -> None:
+    """A PACS that forwards everything sends the node its key images back, to a node
+    whose index does not know them (rebuilt), with OT among the analysed modalities."""
+    node = start_node(series={"modalities": ["CT", "OT"], "image_type_excludes": [],
+                              "min_slices": 1})
+    ds = pydicom.dcmread(next(ct_series_dir.glob("*.dcm")))
+    ds.Manufacturer, ds.Modality = "dicomnode", "OT"
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.save_as(tmp_path / "key.dcm", enforce_file_format=True)
+    assert _raw_store(node, tmp_path / "key.dcm") == 0
+    [row] = [r for r in node.index.series_status()
+             if r["series_instance_uid"] == ds.SeriesInstanceUID]
+    assert row["state"] == "skipped" and row["reason"] == OWN_OUTPUT
 
 
 def test_later_instances_of_a_series_take_its_series_attributes(ct_series_dir: Path) -> None:
