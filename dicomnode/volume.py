@@ -67,7 +67,9 @@ class CTVolume:
 
     def to_stored(self, array: np.ndarray) -> np.ndarray:
         """A (z, y, x, ...) array on `hu`'s grid as a view on the stored images' pixel
-        grid, for objects that reference them pixel by pixel (the SEG)."""
+        grid, for objects that reference them pixel by pixel (the SEG). Its own inverse:
+        it also takes masks read from such objects (per source image, in `datasets`
+        order) onto `hu`'s grid."""
         return flip_to_stored(array, self.stored_flips)
 
 
@@ -285,6 +287,8 @@ def read_series(
     dz = _slice_spacing(positions, distance, normal, spacing_tolerance)
     _acquisitions_apart(datasets, distance)
     flips = _display_flips(orientation)
+    if flips[0] != flips[1]:  # one flip reverses the normal: keep z ascending along it
+        datasets, positions = datasets[::-1], positions[::-1]
 
     hu = np.empty((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), np.float32)
     for z, ds in enumerate(datasets):

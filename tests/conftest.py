@@ -63,10 +63,11 @@ def write_ct_series(
     return write_dicom_series(phantom, out_dir, **kwargs)
 
 
-def store_prone(path: Path) -> None:
-    """Rewrite a supine axial CT instance as a prone scanner stores it: the same voxels
-    in patient space, the pixel matrix turned by 180 degrees, ImageOrientationPatient
-    (-1, 0, 0, 0, -1, 0) and the position of what was the last pixel."""
+def store_flipped(path: Path, rows: bool = True, columns: bool = True) -> None:
+    """Rewrite a supine axial CT instance (ImageOrientationPatient (1, 0, 0, 0, 1, 0)) as
+    some scanners store the same voxels of patient space: the pixel matrix mirrored
+    (rows, columns or both: both is how prone scans come), the direction cosines
+    negated to match, and the position of what is now the first pixel."""
     import numpy as np
     import pydicom
 
@@ -74,11 +75,17 @@ def store_prone(path: Path) -> None:
     assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
     row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
     x, y, z = (float(v) for v in ds.ImagePositionPatient)
-    ds.ImagePositionPatient = [x + (ds.Columns - 1) * column_spacing,
-                               y + (ds.Rows - 1) * row_spacing, z]
-    ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
-    ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1, ::-1]).tobytes()
+    ds.ImagePositionPatient = [x + (ds.Columns - 1) * column_spacing * columns,
+                               y + (ds.Rows - 1) * row_spacing * rows, z]
+    ds.ImageOrientationPatient = [-1 if columns else 1, 0, 0, 0, -1 if rows else 1, 0]
+    pixels = ds.pixel_array[::-1 if rows else 1, ::-1 if columns else 1]
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+def store_prone(path: Path) -> None:
+    """`store_flipped` in rows and columns: a prone scan."""
+    store_flipped(path, rows=True, columns=True)
 
 
 @pytest.fixture(scope="session")

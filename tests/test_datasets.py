@@ -19,6 +19,7 @@ from ai.labels import Diagnosis
 from ai.lungs import segment_lungs
 from ai.preprocess import SlidingWindow
 from storage.index import InstanceRecord, StudyIndex
+from tests.conftest import store_prone
 from training import datasets
 from training.datasets import (
     Augmentation,
@@ -288,6 +289,19 @@ def test_dicom_folder_with_seg_and_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(case.lung_mask, lung)
     assert case.spacing_mm == pytest.approx(SPACING)
     assert source[by_id["pat2/ct"]].lung_mask is None
+
+
+def test_a_seg_drawn_on_a_prone_series_lands_on_the_volume(tmp_path: Path) -> None:
+    """The node turns a prone series to the display convention; a radiologist's SEG lies
+    on the stored (turned) images and must be turned with it."""
+    volume, lesion = _volume()
+    ct = _write_ct(tmp_path / "pat" / "ct", volume, generate_uid())
+    for path in ct:
+        store_prone(path)
+    _write_seg(tmp_path / "pat" / "seg.dcm", ct, lesion[:, ::-1, ::-1], None, "MANUAL")
+    case = scan_dicom_folder(tmp_path)[0]
+    np.testing.assert_array_equal(case.volume_hu, volume)
+    np.testing.assert_array_equal(case.lesion_mask, lesion)
 
 
 def test_node_index_takes_reviewed_segs_only(tmp_path: Path) -> None:

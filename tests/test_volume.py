@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import UID, JPEG2000Lossless, RLELossless, generate_uid
 
 from dicomnode.volume import SeriesRejected, read_series
-from tests.conftest import store_prone
+from tests.conftest import store_flipped, store_prone
 from training.phantoms import Phantom, generate_phantom, write_dicom_series
 
 
@@ -173,3 +173,19 @@ def test_two_interleaved_acquisitions_are_rejected(series: list[Path]) -> None:
         _edit(path, lambda ds, i=i: setattr(ds, "AcquisitionNumber", 1 + i % 2))
     with pytest.raises(SeriesRejected, match="acquisitions 1 and 2 interleave"):
         read_series(series)
+
+
+def test_a_series_mirrored_left_right_is_turned_and_keeps_z_ascending(
+    series: list[Path],
+) -> None:
+    """Columns running to the patient's right (ImageOrientationPatient (-1,0,0,0,1,0)):
+    one flip reverses the slice normal, so the slice order must be reversed too."""
+    supine = read_series(series)
+    for path in series:
+        store_flipped(path, rows=False, columns=True)
+    mirrored = read_series(series)
+    assert mirrored.stored_flips == (False, True)
+    assert np.array_equal(mirrored.hu, supine.hu)
+    assert [ds.SOPInstanceUID for ds in mirrored.datasets] == [
+        ds.SOPInstanceUID for ds in supine.datasets]
+    assert mirrored.origin_mm == pytest.approx(supine.origin_mm)

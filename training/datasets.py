@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ from ai.preprocess import (
     sample_cls_slices,
 )
 from training.losses import UNKNOWN_LABEL
+
+if TYPE_CHECKING:
+    from dicomnode.volume import CTVolume
 
 logger = logging.getLogger(__name__)
 
@@ -526,20 +529,15 @@ class NiftiSource:
 # ----------------------------------------------------------------------- DICOM
 
 
-def load_ct_series(paths: Iterable[str | Path]) -> tuple[np.ndarray, Spacing, list[str]]:
-    """CT files -> (HU volume int16 (z, y, x), spacing, SOPInstanceUIDs in slice order).
-
-    The node's own reader (`dicomnode.volume`), so training sees exactly the geometry
-    checks and slice order that inference sees.
-    """
+def load_ct_series(paths: Iterable[str | Path]) -> CTVolume:
+    """CT files -> the node's own volume (`dicomnode.volume`), so training sees exactly
+    the geometry checks, slice order and display convention that inference sees."""
     from dicomnode.volume import SeriesRejected, read_series
 
     try:
-        volume = read_series([Path(p) for p in paths])
+        return read_series([Path(p) for p in paths])
     except SeriesRejected as exc:
         raise DatasetError(f"CT series rejected: {exc}") from exc
-    uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
-    return _to_int16(volume.hu), volume.spacing_mm, uids
 
 
 def _segment_kinds(seg: Any) -> tuple[list[int], list[int]]:
@@ -558,19 +556,22 @@ def _segment_kinds(seg: Any) -> tuple[list[int], list[int]]:
     return lesion, lung
 
 
-def _union(seg: Any, uids: Sequence[str], numbers: Sequence[int]) -> np.ndarray:
-    """OR of the given segments on the CT's slices, one segment at a time (bounded memory)."""
+def _union(seg: Any, volume: CTVolume, numbers: Sequence[int]) -> np.ndarray:
+    """OR of the given segments on the CT volume's grid, one segment at a time (bounded
+    memory). The SEG's frames lie on the stored images; the volume may be turned to the
+    display convention (a prone series), so they are turned with it."""
+    uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
     out: np.ndarray | None = None
     for number in numbers:
         pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=list(uids),
+            source_sop_instance_uids=uids,
             segment_numbers=[number],
             assert_missing_frames_are_empty=True,
             dtype=np.uint8,
         )[..., 0]
         out = pixels > 0 if out is None else out | (pixels > 0)
     assert out is not None
-    return out
+    return np.ascontiguousarray(volume.to_stored(out))
 
 
 def case_from_dicom(
@@ -579,14 +580,14 @@ def case_from_dicom(
     """A case from a CT series and a SEG that references it (lesion and optional lung)."""
     import highdicom as hd
 
-    volume, spacing, uids = load_ct_series(ct_paths)
+    volume = load_ct_series(ct_paths)
     seg = hd.seg.segread(str(seg_path))
     lesion_numbers, lung_numbers = _segment_kinds(seg)
     if not lesion_numbers:
         raise DatasetError(f"{seg_path}: SEG has no lesion segment")
-    lesion = _union(seg, uids, lesion_numbers)
-    lung = _union(seg, uids, lung_numbers) if lung_numbers else None
-    return Case(case_id, volume, spacing, lesion, lung, label)
+    lesion = _union(seg, volume, lesion_numbers)
+    lung = _union(seg, volume, lung_numbers) if lung_numbers else None
+    return Case(case_id, _to_int16(volume.hu), volume.spacing_mm, lesion, lung, label)
 
 
 def _referenced_series(seg: Any) -> str | None:
