@@ -181,6 +181,31 @@ def test_phantoms_can_carry_the_lungs_the_node_segments(tmp_path: Path) -> None:
         PhantomSource([("covid", 7)], lungs="mine")
 
 
+def test_nifti_masks_must_share_the_image_grid_and_images_be_hu(tmp_path: Path) -> None:
+    """A mask saved with another affine would be reoriented differently (mirrored): it is
+    refused. NaN outside a resampled field of view is air; a normalised image is not HU."""
+    volume, lesion = _volume()
+    image = volume.astype(np.float32)
+    image[0, 0, 0] = np.nan
+    _write_nifti(tmp_path / "a.nii.gz", image, SPACING)
+    _write_nifti(tmp_path / "a_mask.nii.gz", lesion.astype(np.uint8), SPACING)
+    nib.save(nib.Nifti1Image(lesion.astype(np.uint8).T, np.eye(4)), str(tmp_path / "eye.nii"))
+    _write_nifti(tmp_path / "unit.nii.gz", (volume + 1000) / 1200.0, SPACING)
+    (tmp_path / "labels.csv").write_text(
+        "case_id,label,image,lesion_mask\n"
+        "a,covid,a.nii.gz,a_mask.nii.gz\nb,covid,a.nii.gz,eye.nii\n"
+        "c,covid,unit.nii.gz,a_mask.nii.gz\n"
+    )
+    source = NiftiSource.from_csv(tmp_path / "labels.csv")
+    case = source[0]
+    assert case.volume_hu[0, 0, 0] == -1024
+    np.testing.assert_array_equal(case.volume_hu.ravel()[1:], volume.ravel()[1:])
+    with pytest.raises(DatasetError, match="voxel grid"):
+        source[1]
+    with pytest.raises(DatasetError, match="no air"):
+        source[2]
+
+
 def test_nifti_csv_errors(tmp_path: Path) -> None:
     (tmp_path / "l.csv").write_text("case_id,label,image\nx,covid,x.nii\n")
     with pytest.raises(DatasetError, match="missing"):
@@ -226,25 +251,29 @@ def _write_ct(folder: Path, volume: np.ndarray, study: str, reverse: bool = Fals
 
 
 def _write_seg(
-    path: Path, ct_paths: list[Path], lesion: np.ndarray, lung: np.ndarray | None, algorithm: str
+    path: Path, ct_paths: list[Path], lesion: np.ndarray, lung: np.ndarray | None, algorithm: str,
+    automatic_extra: np.ndarray | None = None,
 ) -> hd.seg.Segmentation:
     sources = hd.spatial.sort_datasets([pydicom.dcmread(p) for p in ct_paths])
     # Frames parallel to the sorted sources: frame i is our slice z of sources[i].
     frames = [round((float(d.ImagePositionPatient[2]) - 30.0) / SPACING[0]) for d in sources]
     masks, descriptions = [], []
-    algo = None
-    if algorithm != "MANUAL":
-        algo = hd.AlgorithmIdentificationSequence(
-            "net", codes.cid7162.ArtificialIntelligence, "1"
-        )
     segments = [("Lesions", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion,
                  lesion)]  # fmt: skip
     if lung is not None:
         segments.append(("Lungs", codes.SCT.AnatomicalStructure, codes.SCT.Lung, lung))
-    for number, (label, category, kind, mask) in enumerate(segments, start=1):
+    kinds = [algorithm] * len(segments)
+    if automatic_extra is not None:  # e.g. a per-lesion segment of the node's, unedited
+        segments.append(("Lesion 1", codes.SCT.MorphologicallyAbnormalStructure,
+                         codes.SCT.Lesion, automatic_extra))
+        kinds.append("AUTOMATIC")
+    for number, ((label, category, kind, mask), how) in enumerate(zip(segments, kinds,
+                                                                       strict=True), start=1):
+        net = hd.AlgorithmIdentificationSequence(
+            "net", codes.cid7162.ArtificialIntelligence, "1") if how != "MANUAL" else None
         descriptions.append(
             hd.seg.SegmentDescription(
-                number, label, category, kind, algorithm, algorithm_identification=algo
+                number, label, category, kind, how, algorithm_identification=net
             )
         )
         masks.append(mask[frames])
@@ -493,3 +522,24 @@ def test_open_data_fills_lung_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     source = datasets.open_data([f"nifti:{tmp_path / 'l.csv'}"] * 2, tmp_path / "cache")
     assert len(source) == 2 and source.labels() == [Diagnosis.NON_PNEUMONIA] * 2
     assert source[1].lung_mask is not None and source[1].lung_mask.all()
+
+
+def test_only_what_a_person_drew_is_truth_and_the_newest_seg_wins(tmp_path: Path) -> None:
+    """A corrected copy of the node's SEG keeps its AUTOMATIC segments (false positives
+    the radiologist removed from the MANUAL one among them); the node's own unreviewed
+    SEG beside it in the export is not truth; one case per CT series."""
+    volume, lesion = _volume()
+    false_positive = np.zeros_like(lesion)
+    false_positive[0, 30:35, 10:15] = True
+    ct = _write_ct(tmp_path / "pat" / "ct", volume, generate_uid())
+    own = _write_seg(tmp_path / "pat" / "own.dcm", ct, lesion | false_positive, None,
+                     "AUTOMATIC")
+    own.Manufacturer = "dicomnode"
+    own.save_as(tmp_path / "pat" / "own.dcm")
+    corrected = _write_seg(tmp_path / "pat" / "corrected.dcm", ct, lesion, None, "MANUAL",
+                           automatic_extra=false_positive)
+    corrected.ContentDate, corrected.ContentTime = "20261201", "120000"
+    corrected.save_as(tmp_path / "pat" / "corrected.dcm")
+    source = scan_dicom_folder(tmp_path)
+    assert len(source) == 1
+    np.testing.assert_array_equal(source[0].lesion_mask, lesion)

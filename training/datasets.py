@@ -445,8 +445,14 @@ def _phantom_source(options: Mapping[str, str], cache_dir: Path | None) -> Phant
 # ----------------------------------------------------------------------- NIfTI
 
 
-def _nifti_zyx(path: Path) -> tuple[np.ndarray, Spacing]:
-    """A NIfTI image as a (z, y, x) array in the DICOM patient frame, and its spacing.
+AFFINE_TOLERANCE_MM = 0.01
+"""How far a mask's voxel grid may lie from its image's (header rounding) and still be
+the same grid."""
+
+
+def _nifti_zyx(path: Path) -> tuple[np.ndarray, Spacing, np.ndarray]:
+    """A NIfTI image as a (z, y, x) array in the DICOM patient frame, its spacing, and
+    its RAS+ affine (to check that a mask lies on its image's grid).
 
     Reoriented to RAS+ first, then axes reversed and x, y flipped: columns run to the
     patient's left, rows to posterior, slices to superior, as the DICOM loader sorts them.
@@ -461,7 +467,31 @@ def _nifti_zyx(path: Path) -> tuple[np.ndarray, Spacing]:
         raise DatasetError(f"{path}: expected a 3D image, got shape {data.shape}")
     zooms = image.header.get_zooms()[:3]
     volume = np.transpose(data, (2, 1, 0))[:, ::-1, ::-1]
-    return np.ascontiguousarray(volume), (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+    spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+    return np.ascontiguousarray(volume), spacing, np.asarray(image.affine)
+
+
+def _same_grid(image: Path, image_affine: np.ndarray, mask: Path, mask_affine: np.ndarray
+               ) -> None:
+    """A mask saved with another affine than its image (same shape or not) would be
+    reoriented differently and land mirrored or shifted: refused, not guessed."""
+    if not np.allclose(image_affine, mask_affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+        raise DatasetError(
+            f"{mask}: its voxel grid (NIfTI affine) is not that of {image.name}; resample"
+            " the mask onto the image first"
+        )
+
+
+def _hu_volume(path: Path, volume: np.ndarray) -> np.ndarray:
+    """int16 HU; NaN (outside a resampled field of view) becomes air. A volume without
+    air is not in HU (normalised, or an MR): refused."""
+    if np.issubdtype(volume.dtype, np.floating):
+        volume = np.nan_to_num(volume, nan=-1024.0)
+    if float(np.percentile(volume, 1)) > -500.0:
+        raise DatasetError(
+            f"{path}: no air in the image (1st percentile above -500): is it a CT in HU?"
+        )
+    return _to_int16(volume)
 
 
 def _to_int16(volume: np.ndarray) -> np.ndarray:
@@ -511,13 +541,20 @@ class NiftiSource:
 
     def __getitem__(self, index: int) -> Case:
         row = self.rows[index]
-        volume, spacing = _nifti_zyx(self._path(row["image"]))
-        lesion, _ = _nifti_zyx(self._path(row["lesion_mask"]))
-        lung = None
-        if row.get("lung_mask"):
-            lung = _nifti_zyx(self._path(row["lung_mask"]))[0] > 0
+        image_path = self._path(row["image"])
+        volume, spacing, affine = _nifti_zyx(image_path)
+        masks: list[np.ndarray | None] = []
+        for key in ("lesion_mask", "lung_mask"):
+            if not row.get(key):
+                masks.append(None)
+                continue
+            mask, _, mask_affine = _nifti_zyx(self._path(row[key]))
+            _same_grid(image_path, affine, self._path(row[key]), mask_affine)
+            masks.append(mask > 0)
+        lesion, lung = masks
+        assert lesion is not None
         label = parse_label(row["label"], row["case_id"])
-        return Case(row["case_id"], _to_int16(volume), spacing, lesion > 0, lung, label)
+        return Case(row["case_id"], _hu_volume(image_path, volume), spacing, lesion, lung, label)
 
     def labels(self) -> list[Diagnosis | None]:
         return [parse_label(r["label"], r["case_id"]) for r in self.rows]
@@ -545,10 +582,16 @@ def _segment_kinds(seg: Any) -> tuple[list[int], list[int]]:
 
     Lung: property type Lung / Right lung / Left lung. Lesion: every segment that is not
     an anatomical structure (lesions, infiltrates, ground glass, consolidation ...).
+    When a person drew or edited some segments (MANUAL / SEMIAUTOMATIC), only those are
+    truth: the node's own SEG corrected in segment 2 still carries its AUTOMATIC
+    per-lesion segments, false positives the radiologist removed among them.
     """
+    reviewed = _is_reviewed(seg)
     lesion, lung = [], []
     for number in seg.segment_numbers:
         description = seg.get_segment_description(number)
+        if reviewed and str(description.get("SegmentAlgorithmType", "")) == "AUTOMATIC":
+            continue
         if str(description.segmented_property_type.value) in LUNG_CODES:
             lung.append(number)
         elif str(description.segmented_property_category.value) not in ANATOMY_CATEGORIES:
@@ -680,14 +723,24 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
             referenced = _referenced_series(ds)
             if referenced is None:
                 logger.warning("%s: SEG references no series; ignored", path)
+            elif str(ds.get("Manufacturer", "")) == "dicomnode" and not _is_reviewed(ds):
+                logger.info("%s: this node's own SEG, not reviewed: not truth", path)
             else:
-                segs.append((path, referenced))
+                stamp = str(ds.get("ContentDate", "")) + str(ds.get("ContentTime", ""))
+                segs.append((path, referenced, stamp))
         elif str(ds.get("Modality", "")) == "CT":
             uid = str(ds.SeriesInstanceUID)
             series.setdefault(uid, []).append(path)
             studies[uid] = str(ds.get("StudyInstanceUID", ""))
+    newest: dict[str, tuple[Path, str, str]] = {}
+    for seg in segs:  # one case per CT series: its newest SEG
+        if seg[1] in newest:
+            logger.warning("CT series %s has several SEGs; the newest is truth, %s ignored",
+                           seg[1], min(seg, newest[seg[1]], key=lambda s: s[2])[0])
+        if seg[1] not in newest or seg[2] >= newest[seg[1]][2]:
+            newest[seg[1]] = seg
     refs = []
-    for seg_path, uid in segs:
+    for seg_path, uid, _ in newest.values():
         if uid not in series:
             logger.warning("%s: referenced CT series %s not found under %s", seg_path, uid, root)
             continue
@@ -739,8 +792,8 @@ def index_source(
     for row in rows:  # newest first
         if row["modality"] != "SEG":
             continue
-        for relative in index.series_instance_paths(row["series_instance_uid"]):
-            seg_path = data_dir / relative
+        for relative in reversed(index.series_instance_paths(row["series_instance_uid"])):
+            seg_path = data_dir / relative  # the series' newest instance first
             ds = pydicom.dcmread(str(seg_path), stop_before_pixels=True)
             source = _referenced_series(ds)
             if source is None or source in seen or not _is_reviewed(ds):
