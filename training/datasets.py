@@ -487,7 +487,7 @@ def _hu_volume(path: Path, volume: np.ndarray) -> np.ndarray:
     air is not in HU (normalised, or an MR): refused."""
     if np.issubdtype(volume.dtype, np.floating):
         volume = np.nan_to_num(volume, nan=-1024.0)
-    if float(np.percentile(volume, 1)) > -500.0:
+    if float(np.percentile(volume[::4, ::4, ::4], 1)) > -500.0:  # a sample is plenty
         raise DatasetError(
             f"{path}: no air in the image (1st percentile above -500): is it a CT in HU?"
         )
