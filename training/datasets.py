@@ -708,6 +708,8 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from dicomnode.outputs import MANUFACTURER
+
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dicom: {root} is not a folder")
@@ -723,7 +725,7 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
             referenced = _referenced_series(ds)
             if referenced is None:
                 logger.warning("%s: SEG references no series; ignored", path)
-            elif str(ds.get("Manufacturer", "")) == "dicomnode" and not _is_reviewed(ds):
+            elif str(ds.get("Manufacturer", "")) == MANUFACTURER and not _is_reviewed(ds):
                 logger.info("%s: this node's own SEG, not reviewed: not truth", path)
             else:
                 stamp = str(ds.get("ContentDate", "")) + str(ds.get("ContentTime", ""))
