@@ -60,6 +60,9 @@ class CTVolume:
     stored_flips: tuple[bool, bool] = (False, False)
     """Whether `hu`'s rows, columns run opposite to the stored images' (see
     `to_stored`): `orientation` and `origin_mm` describe `hu`, not the stored images."""
+    left_out: tuple[str, ...] = ()
+    """SOP Instance UIDs of the series' instances that are not slices of the volume
+    (localizers, screen captures; see `_left_out_reason`)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -94,6 +97,35 @@ def _check_single_frame(ds: Dataset) -> None:
             "multi-frame (Enhanced CT) series are not supported: "
             "send the series as single-frame CT Image Storage"
         )
+
+
+def _left_out_reason(ds: Dataset) -> str | None:
+    """Why an instance of the series is not one of its slices, or None when it is.
+
+    Some scanners and routers put the localizer (scout) or a dose or protocol screen
+    (Secondary Capture) into the axial series; those are not slices, and failing the
+    whole series over them would lose the analysis. Only these two kinds are left out:
+    anything else that does not fit is still a reason to reject the series."""
+    sop_class = ds.get("SOPClassUID")
+    if sop_class not in (CT_IMAGE_STORAGE, ENHANCED_CT_STORAGE):
+        return f"SOP class {sop_class or 'missing'} is not CT Image Storage"
+    if "LOCALIZER" in (v.upper() for v in string_values(ds, "ImageType")):
+        return "ImageType LOCALIZER"
+    return None
+
+
+def _slices_of(datasets: Sequence[Dataset]) -> tuple[list[Dataset], tuple[str, ...]]:
+    """The datasets that are slices, and the SOP Instance UIDs of those left out."""
+    slices, left_out = [], []
+    for ds in datasets:
+        reason = _left_out_reason(ds)
+        if reason is None:
+            slices.append(ds)
+            continue
+        left_out.append(str(ds.get("SOPInstanceUID", "")))
+        logger.warning("series %s: instance %s left out of the volume: %s",
+                       ds.get("SeriesInstanceUID", "?"), ds.get("InstanceNumber", "?"), reason)
+    return slices, tuple(left_out)
 
 
 def _check_same(datasets: Sequence[Dataset], keyword: str) -> None:
@@ -266,10 +298,14 @@ def read_series(
     # Headers first: the geometry is checked before any pixels are read, and then one
     # slice at a time is decoded into the volume (a 1,200-slice 1024 x 1024 series holds
     # 2.5 GB of pixels, which must not all sit in memory beside its 5 GB float volume).
-    datasets = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    datasets, left_out = _slices_of(
+        [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    )
     if len(datasets) < max(min_slices, 2):
+        aside = f" ({len(left_out)} other instance(s) are not CT slices)" if left_out else ""
         raise SeriesRejected(
-            f"{len(datasets)} slice(s); at least {max(min_slices, 2)} are needed for a volume"
+            f"{len(datasets)} slice(s){aside}; at least {max(min_slices, 2)} are needed"
+            " for a volume"
         )
     for ds in datasets:
         _check_single_frame(ds)
@@ -315,4 +351,5 @@ def read_series(
         orientation=tuple(float(v) for v in (*row_direction, *column_direction)),
         origin_mm=tuple(float(v) for v in origin),  # type: ignore[arg-type]
         stored_flips=flips,
+        left_out=left_out,
     )

@@ -136,6 +136,34 @@ def test_too_few_slices(series: list[Path]) -> None:
         read_series(series, min_slices=40)
 
 
+def _localizer(ds: pydicom.Dataset) -> None:
+    ds.SOPInstanceUID = generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal scout
+
+
+def _dose_screen(ds: pydicom.Dataset) -> None:
+    ds.SOPInstanceUID = generate_uid()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    ds.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
+
+
+def test_a_localizer_and_a_screen_capture_in_the_series_are_left_out(
+    series: list[Path], tmp_path: Path
+) -> None:
+    reference = read_series(series)
+    scout = _edit(series[0], _localizer, tmp_path / "scout.dcm")
+    screen = _edit(series[1], _dose_screen, tmp_path / "screen.dcm")
+    volume = read_series([scout, *series, screen], min_slices=len(series))
+    assert np.array_equal(volume.hu, reference.hu)
+    assert volume.datasets == reference.datasets
+    assert set(volume.left_out) == {pydicom.dcmread(p).SOPInstanceUID for p in (scout, screen)}
+    assert reference.left_out == ()
+    # They are not counted as slices.
+    with pytest.raises(SeriesRejected, match=r"2 other instance\(s\) are not CT slices"):
+        read_series([scout, *series, screen], min_slices=len(series) + 1)
+
+
 def test_a_prone_series_is_turned_to_the_display_convention(series: list[Path]) -> None:
     """Stored upside down and mirrored, as prone scans are: the AI gets the supine layout
     (columns to the patient's left: the lung sides stay right); SEG frames map back."""
