@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import highdicom as hd
@@ -252,7 +253,7 @@ def _write_ct(folder: Path, volume: np.ndarray, study: str, reverse: bool = Fals
 
 def _write_seg(
     path: Path, ct_paths: list[Path], lesion: np.ndarray, lung: np.ndarray | None, algorithm: str,
-    automatic_extra: np.ndarray | None = None,
+    automatic_extra: np.ndarray | None = None, fractional: bool = False,
 ) -> hd.seg.Segmentation:
     sources = hd.spatial.sort_datasets([pydicom.dcmread(p) for p in ct_paths])
     # Frames parallel to the sorted sources: frame i is our slice z of sources[i].
@@ -279,8 +280,10 @@ def _write_seg(
         masks.append(mask[frames])
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=np.stack(masks, axis=-1).astype(np.uint8),
-        segmentation_type="BINARY",
+        # Fractional: probability 0.8 inside, 0.3 (below the threshold) outside.
+        pixel_array=(np.where(np.stack(masks, axis=-1), 0.8, 0.3).astype(np.float32)
+                     if fractional else np.stack(masks, axis=-1).astype(np.uint8)),
+        segmentation_type="FRACTIONAL" if fractional else "BINARY",
         segment_descriptions=descriptions,
         series_instance_uid=generate_uid(),
         series_number=2,
@@ -318,6 +321,41 @@ def test_dicom_folder_with_seg_and_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(case.lung_mask, lung)
     assert case.spacing_mm == pytest.approx(SPACING)
     assert source[by_id["pat2/ct"]].lung_mask is None
+
+
+def test_a_fractional_seg_is_thresholded_at_one_half(tmp_path: Path) -> None:
+    volume, lesion = _volume()
+    ct = _write_ct(tmp_path / "pat" / "ct", volume, generate_uid())
+    _write_seg(tmp_path / "pat" / "seg.dcm", ct, lesion, None, "MANUAL", fractional=True)
+    np.testing.assert_array_equal(scan_dicom_folder(tmp_path)[0].lesion_mask, lesion)
+
+
+def test_a_seg_on_other_instances_of_the_series_is_refused(tmp_path: Path) -> None:
+    """Same series UID, but the SEG was drawn on instances the CT folder does not hold
+    (another reconstruction re-sent under the series): its masks would read as empty."""
+    volume, lesion = _volume()
+    study = generate_uid()
+    ct = _write_ct(tmp_path / "pat" / "ct", volume, study)
+    _write_seg(tmp_path / "pat" / "seg.dcm", ct, lesion, None, "MANUAL")
+    for path in ct:
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(DatasetError, match="references none of the CT series' instances"):
+        scan_dicom_folder(tmp_path)[0]
+
+
+def test_label_rows_that_match_no_case_are_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    volume, lesion = _volume()
+    ct = _write_ct(tmp_path / "pat1" / "ct", volume, generate_uid())
+    _write_seg(tmp_path / "pat1" / "seg.dcm", ct, lesion, None, "MANUAL")
+    (tmp_path / "labels.csv").write_text("key,label\npat1/ct,cap\npat1/c,covid\n")
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        source = scan_dicom_folder(tmp_path)
+    assert source.labels() == [Diagnosis.CAP]
+    assert "1 row(s) match no case with a SEG" in caplog.text and "pat1/c" in caplog.text
 
 
 def test_a_seg_drawn_on_a_prone_series_lands_on_the_volume(tmp_path: Path) -> None:

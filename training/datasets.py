@@ -599,20 +599,28 @@ def _segment_kinds(seg: Any) -> tuple[list[int], list[int]]:
     return lesion, lung
 
 
+FRACTIONAL_THRESHOLD = 0.5
+"""A FRACTIONAL SEG's voxel is lesion from this probability or occupancy on (PS3.3
+C.8.20.2.3: values scaled by MaximumFractionalValue)."""
+
+
 def _union(seg: Any, volume: CTVolume, numbers: Sequence[int]) -> np.ndarray:
     """OR of the given segments on the CT volume's grid, one segment at a time (bounded
     memory). The SEG's frames lie on the stored images; the volume may be turned to the
-    display convention (a prone series), so they are turned with it."""
+    display convention (a prone series), so they are turned with it. A FRACTIONAL SEG
+    (probabilities, as AI tools export) is thresholded at FRACTIONAL_THRESHOLD."""
     uids = [str(ds.SOPInstanceUID) for ds in volume.datasets]
+    fractional = str(seg.get("SegmentationType", "")) == "FRACTIONAL"
     out: np.ndarray | None = None
     for number in numbers:
         pixels = seg.get_pixels_by_source_instance(
             source_sop_instance_uids=uids,
             segment_numbers=[number],
             assert_missing_frames_are_empty=True,
-            dtype=np.uint8,
+            dtype=np.float32 if fractional else np.uint8,
         )[..., 0]
-        out = pixels > 0 if out is None else out | (pixels > 0)
+        mask = pixels >= FRACTIONAL_THRESHOLD if fractional else pixels > 0
+        out = mask if out is None else out | mask
     assert out is not None
     return np.ascontiguousarray(volume.to_stored(out))
 
@@ -625,6 +633,12 @@ def case_from_dicom(
 
     volume = load_ct_series(ct_paths)
     seg = hd.seg.segread(str(seg_path))
+    referenced = {uid for _, _, uid in seg.get_source_image_uids()}
+    if not referenced & {str(ds.SOPInstanceUID) for ds in volume.datasets}:
+        raise DatasetError(
+            f"{seg_path}: SEG references none of the CT series' instances (drawn on another"
+            " reconstruction of the series?): its masks would be empty"
+        )
     lesion_numbers, lung_numbers = _segment_kinds(seg)
     if not lesion_numbers:
         raise DatasetError(f"{seg_path}: SEG has no lesion segment")
@@ -693,8 +707,23 @@ class DicomSource:
 
 
 def _apply_labels(refs: list[DicomCaseRef], labels: Mapping[str, Diagnosis | None]) -> None:
+    """Label each case by its case id, SeriesInstanceUID or StudyInstanceUID; rows that
+    label no case (a typo, a case without SEG) are reported, not silently dropped: the
+    case they meant would otherwise train without its diagnosis."""
+    used: set[str] = set()
     for ref in refs:
-        ref.label = next((labels[k] for k in (ref.case_id, *ref.keys) if k in labels), None)
+        key = next((k for k in (ref.case_id, *ref.keys) if k in labels), None)
+        ref.label = labels[key] if key is not None else None
+        used.update(k for k in (ref.case_id, *ref.keys) if k in labels)
+    unused = sorted(set(labels) - used)
+    if unused:
+        logger.warning("labels: %d row(s) match no case with a SEG (by case id, series or"
+                       " study UID): %s%s", len(unused), ", ".join(unused[:5]),
+                       " ..." if len(unused) > 5 else "")
+    unlabelled = sum(ref.label is None for ref in refs)
+    if unlabelled:
+        logger.info("labels: %d of %d case(s) have no label (segmentation only)",
+                    unlabelled, len(refs))
 
 
 def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) -> DicomSource:
