@@ -14,6 +14,7 @@ import pytest
 import torch
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ai.labels import Diagnosis
@@ -254,6 +255,7 @@ def _write_ct(folder: Path, volume: np.ndarray, study: str, reverse: bool = Fals
 def _write_seg(
     path: Path, ct_paths: list[Path], lesion: np.ndarray, lung: np.ndarray | None, algorithm: str,
     automatic_extra: np.ndarray | None = None, fractional: bool = False,
+    lung_codes: tuple[Code, Code] = (codes.SCT.AnatomicalStructure, codes.SCT.Lung),
 ) -> hd.seg.Segmentation:
     sources = hd.spatial.sort_datasets([pydicom.dcmread(p) for p in ct_paths])
     # Frames parallel to the sorted sources: frame i is our slice z of sources[i].
@@ -262,7 +264,7 @@ def _write_seg(
     segments = [("Lesions", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion,
                  lesion)]  # fmt: skip
     if lung is not None:
-        segments.append(("Lungs", codes.SCT.AnatomicalStructure, codes.SCT.Lung, lung))
+        segments.append(("Lungs", *lung_codes, lung))
     kinds = [algorithm] * len(segments)
     if automatic_extra is not None:  # e.g. a per-lesion segment of the node's, unedited
         segments.append(("Lesion 1", codes.SCT.MorphologicallyAbnormalStructure,
@@ -321,6 +323,19 @@ def test_dicom_folder_with_seg_and_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(case.lung_mask, lung)
     assert case.spacing_mm == pytest.approx(SPACING)
     assert source[by_id["pat2/ct"]].lung_mask is None
+
+
+def test_a_lung_segment_in_legacy_snomed_rt_codes_is_lung(tmp_path: Path) -> None:
+    volume, lesion = _volume()
+    lung = np.zeros_like(lesion)
+    lung[:, 2:30, 2:45] = True
+    ct = _write_ct(tmp_path / "pat" / "ct", volume, generate_uid())
+    legacy = (Code("T-D000A", "SRT", "Anatomical Structure"), Code("T-28000", "SRT", "Lung"))
+    _write_seg(tmp_path / "pat" / "seg.dcm", ct, lesion, lung, "MANUAL", lung_codes=legacy)
+    case = scan_dicom_folder(tmp_path)[0]
+    np.testing.assert_array_equal(case.lesion_mask, lesion)
+    assert case.lung_mask is not None
+    np.testing.assert_array_equal(case.lung_mask, lung)
 
 
 def test_a_fractional_seg_is_thresholded_at_one_half(tmp_path: Path) -> None:

@@ -592,11 +592,21 @@ def _segment_kinds(seg: Any) -> tuple[list[int], list[int]]:
         description = seg.get_segment_description(number)
         if reviewed and str(description.get("SegmentAlgorithmType", "")) == "AUTOMATIC":
             continue
-        if str(description.segmented_property_type.value) in LUNG_CODES:
+        if _snomed_ct(description.segmented_property_type) in LUNG_CODES:
             lung.append(number)
-        elif str(description.segmented_property_category.value) not in ANATOMY_CATEGORIES:
+        elif _snomed_ct(description.segmented_property_category) not in ANATOMY_CATEGORIES:
             lesion.append(number)
     return lesion, lung
+
+
+def _snomed_ct(code: Any) -> str:
+    """A code's SNOMED CT value; a legacy SNOMED RT code ("SRT", as older SEG editors
+    write: Anatomical Structure T-D000A, Lung T-28000) translated by pydicom's table, so
+    an old SEG's lung segment is not taken for a lesion."""
+    from pydicom.sr._snomed_dict import mapping
+
+    value = str(code.value)
+    return mapping["SRT"].get(value, value) if code.scheme_designator == "SRT" else value
 
 
 FRACTIONAL_THRESHOLD = 0.5
