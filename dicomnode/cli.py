@@ -69,12 +69,17 @@ def _status_table(rows: list[dict[str, object]]) -> str:
     )
 
 
+def _missing_sqlite_index(url: str) -> bool:
+    """A SQLite index file that does not exist (opening it would create an empty one)."""
+    return url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from storage.index import StudyIndex, counts_line
 
     settings = _settings(args)
     url = settings.database_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+    if _missing_sqlite_index(url):
         print(f"no index at {url}: the node has not run with this configuration yet")
         return 0
     index = StudyIndex(url)
@@ -111,15 +116,30 @@ def cmd_resend(args: argparse.Namespace) -> int:
     from storage.index import StudyIndex
 
     settings = _settings(args)
-    index = StudyIndex(settings.database_url)
+    url = settings.database_url
+    if _missing_sqlite_index(url):
+        print(f"no index at {url}: the node has not run with this configuration",
+              file=sys.stderr)
+        return 1
+    index = StudyIndex(url)
     try:
-        n = index.requeue_study_exports(args.study_uid, settings.export.give_up_after_seconds)
+        counts = index.requeue_study_exports(
+            args.study_uid, settings.export.give_up_after_seconds,
+            [d.name for d in settings.destinations],
+        )
     finally:
         index.close()
-    if not n:
-        print(f"no deliveries recorded for study {args.study_uid}", file=sys.stderr)
+    if counts["sending"]:
+        print(f"{counts['sending']} deliver(y/ies) of study {args.study_uid} being sent now:"
+              " left alone", file=sys.stderr)
+    if counts["unconfigured"]:
+        print(f"{counts['unconfigured']} deliver(y/ies) of study {args.study_uid} are to"
+              " destinations no longer configured: not queued", file=sys.stderr)
+    if not counts["queued"]:
+        if not any(counts.values()):
+            print(f"no deliveries recorded for study {args.study_uid}", file=sys.stderr)
         return 1
-    print(f"{n} deliver(y/ies) of study {args.study_uid} queued again; "
+    print(f"{counts['queued']} deliver(y/ies) of study {args.study_uid} queued again; "
           "a running node sends them within seconds")
     return 0
 

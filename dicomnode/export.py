@@ -26,8 +26,9 @@ POLL_SECONDS = 1.0
 
 
 def retry_delay(attempts: int, initial_s: float, max_s: float) -> float:
-    """Exponential backoff: initial, 2x initial, 4x ... capped at max."""
-    return min(max_s, initial_s * 2 ** max(0, attempts - 1))
+    """Exponential backoff: initial, 2x initial, 4x ... capped at max (the exponent too:
+    a float overflows from 2 ** 1024, which a day of retries a minute apart reaches)."""
+    return min(max_s, initial_s * 2 ** min(max(0, attempts - 1), 62))
 
 
 class OutcomeNotRecorded(RuntimeError):
@@ -35,7 +36,9 @@ class OutcomeNotRecorded(RuntimeError):
 
 
 class Exporter:
-    """Sends queued deliveries; one background thread, driven by the index."""
+    """Sends queued deliveries: one background thread per destination, driven by the
+    index, so a PACS that is down (each try waiting out its timeout) never holds up the
+    deliveries to the others."""
 
     def __init__(self, settings: Settings, index: StudyIndex, filestore: FileStore) -> None:
         self.settings = settings
@@ -43,11 +46,12 @@ class Exporter:
         self.filestore = filestore
         self.destinations = {d.name: d for d in settings.destinations}
         self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        # The end of a delivery that the index refused to record, recorded first next time
-        # (else its row would stay "sending", which nothing claims again until a restart).
-        self._unrecorded: tuple[int, str, datetime | None, datetime | None] | None = None
+        self._wake = {name: threading.Event() for name in self.destinations}
+        self._threads: list[threading.Thread] = []
+        # Per destination, the end of a delivery that the index refused to record,
+        # recorded first next time (else its row would stay "sending", which nothing
+        # claims again until a restart).
+        self._unrecorded: dict[str | None, tuple[int, str, datetime | None, datetime | None]] = {}
 
     def queue(self, job_id: int, outputs: Mapping[str, Sequence[str]]) -> list[int]:
         """Owe each destination the outputs it is configured for; returns the export ids."""
@@ -61,106 +65,134 @@ class Exporter:
             )
             if export_id is not None:  # None: all of them were queued before
                 ids.append(export_id)
-        if ids:
-            self._wake.set()
+                self._wake[destination.name].set()
         return ids
 
-    def run_once(self, now: datetime | None = None) -> ExportState | None:
-        """Try the oldest due delivery; returns its new state (None when nothing was due).
-        Raises `OutcomeNotRecorded` when the index fails to take a delivery's end; the
-        next call records it before anything else."""
-        if self._unrecorded is not None:
-            state = self.index.finish_export(*self._unrecorded)
-            logger.info("export %d: its outcome recorded late (%s)", self._unrecorded[0], state)
-            self._unrecorded = None
+    def run_once(
+        self, now: datetime | None = None, destination: str | None = None
+    ) -> ExportState | None:
+        """Try the oldest due delivery (to `destination`, or to any); returns its new state
+        (None when nothing was due). Raises `OutcomeNotRecorded` when the index fails to
+        take a delivery's end; the next call records it before anything else."""
+        unrecorded = self._unrecorded.get(destination)
+        if unrecorded is not None:
+            state = self.index.finish_export(*unrecorded)
+            del self._unrecorded[destination]
+            logger.info("export %d: its outcome recorded late (%s)", unrecorded[0], state)
             return state
-        task = self.index.claim_due_export(now)
+        task = self.index.claim_due_export(now, destination)
         if task is None:
             return None
-        destination = self.destinations.get(task.destination)
-        if destination is None:
+        configured = self.destinations.get(task.destination)
+        if configured is None:
             return self._finish(
-                task.export_id, f"destination {task.destination!r} is no longer configured"
+                destination, task.export_id,
+                f"destination {task.destination!r} is no longer configured",
             )
         missing = [p for p in task.paths if not self.filestore.path(p).is_file()]
         if missing:
             return self._finish(
-                task.export_id, f"{len(missing)} output file(s) missing, e.g. {missing[0]}"
+                destination, task.export_id,
+                f"{len(missing)} output file(s) missing, e.g. {missing[0]}",
             )
         try:
-            return self._deliver(task, destination, now)
+            return self._deliver(task, configured, now, destination)
         except OutcomeNotRecorded:
             raise
         except Exception as exc:  # never leave a delivery stuck in "sending"
             logger.exception("export %d: unexpected error", task.export_id)
-            retry_at = utcnow() + timedelta(seconds=self.settings.export.retry_initial_seconds)
-            return self._finish(task.export_id, f"internal error: {exc}", retry_at)
+            return self._retry_or_give_up(task, configured, destination,
+                                          f"internal error: {type(exc).__name__}: {exc}", now)
 
-    def _finish(self, export_id: int, error: str = "", retry_at: datetime | None = None,
-                now: datetime | None = None) -> ExportState:
-        """`StudyIndex.finish_export`, remembering the outcome when it cannot be written."""
+    def _finish(self, claimed_for: str | None, export_id: int, error: str = "",
+                retry_at: datetime | None = None, now: datetime | None = None) -> ExportState:
+        """`StudyIndex.finish_export`, remembering the outcome when it cannot be written
+        (for the next `run_once` of the same `claimed_for`)."""
         try:
             return self.index.finish_export(export_id, error, retry_at, now)
         except Exception as exc:
-            self._unrecorded = (export_id, error, retry_at, now)
+            self._unrecorded[claimed_for] = (export_id, error, retry_at, now)
             raise OutcomeNotRecorded(f"export {export_id}: outcome not recorded: {exc}") from exc
 
-    def _deliver(self, task: ExportTask, destination: Destination, now: datetime | None) -> (
-        ExportState
-    ):
+    def _deliver(self, task: ExportTask, destination: Destination, now: datetime | None,
+                 claimed_for: str | None) -> ExportState:
         peer = Peer(destination.ae_title, destination.host, destination.port)
         report = send(
             [self.filestore.path(p) for p in task.paths], peer,
             calling_aet=self.settings.node.ae_title,
             timeout_s=self.settings.export.timeout_seconds,
         )
-        if report.ok:
+        # A file that could not be read was not delivered either (a result is never
+        # marked sent when it was not): it fails the delivery, to be retried.
+        undelivered = [*report.failed, *report.skipped]
+        if not undelivered:
             logger.info("export %d: %d file(s) delivered to %s (attempt %d)",
                         task.export_id, report.sent, destination.name, task.attempts)
-            return self._finish(task.export_id)
-        _, first_reason = report.failed[0]
-        error = f"{len(report.failed)} of {len(task.paths)} file(s) not delivered: {first_reason}"
+            return self._finish(claimed_for, task.export_id)
+        _, first_reason = undelivered[0]
+        error = f"{len(undelivered)} of {len(task.paths)} file(s) not delivered: {first_reason}"
+        if report.permanent:
+            logger.error("export %d to %s failed, not retried: %s",
+                         task.export_id, destination.name, error)
+            return self._finish(claimed_for, task.export_id, error, None, now or utcnow())
+        return self._retry_or_give_up(task, destination, claimed_for, error, now)
+
+    def _retry_or_give_up(self, task: ExportTask, destination: Destination,
+                          claimed_for: str | None, error: str, now: datetime | None) -> (
+        ExportState
+    ):
+        """Back off before the next try, or give up once that would pass `give_up_at`."""
         now = now or utcnow()
         retry_at = now + timedelta(seconds=retry_delay(
             task.attempts, self.settings.export.retry_initial_seconds,
             self.settings.export.retry_max_seconds,
         ))
-        if report.permanent:
-            logger.error("export %d to %s failed, not retried: %s",
-                         task.export_id, destination.name, error)
-            return self._finish(task.export_id, error, None, now)
         if retry_at > task.give_up_at:
             logger.error("export %d to %s given up after %d attempt(s): %s",
                          task.export_id, destination.name, task.attempts, error)
-            return self._finish(
-                task.export_id, f"gave up after {task.attempts} attempt(s): {error}", None, now
-            )
+            return self._finish(claimed_for, task.export_id,
+                                f"gave up after {task.attempts} attempt(s): {error}", None, now)
         logger.warning("export %d to %s failed (attempt %d), retry at %s: %s",
                        task.export_id, destination.name, task.attempts,
                        retry_at.isoformat(timespec="seconds"), error)
-        return self._finish(task.export_id, error, retry_at, now)
+        return self._finish(claimed_for, task.export_id, error, retry_at, now)
 
     # -- thread ------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Fail what is owed to destinations no longer in the configuration (nothing
+        would send it), then start one thread per destination."""
+        failed = self.index.fail_exports_except(
+            list(self.destinations), "destination is no longer configured"
+        )
+        if failed:
+            logger.warning("%d delivery(ies) to destinations no longer configured: failed",
+                           failed)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="exporter", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(name,), name=f"exporter-{name}",
+                             daemon=True)
+            for name in self.destinations
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        for wake in self._wake.values():
+            wake.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads = []
 
-    def _loop(self) -> None:
+    def _loop(self, destination: str) -> None:
+        wake = self._wake[destination]
         while not self._stop.is_set():
             try:
-                busy = self.run_once() is not None
+                busy = self.run_once(destination=destination) is not None
             except Exception:  # the exporter must outlive any one bad delivery
-                logger.exception("exporter error")
+                logger.exception("exporter error (destination %s)", destination)
                 busy = False
             if not busy:
-                self._wake.wait(POLL_SECONDS)
-                self._wake.clear()
+                wake.wait(POLL_SECONDS)
+                wake.clear()

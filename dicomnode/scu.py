@@ -12,16 +12,24 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 logger = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
+RETRYABLE_FAILURES = frozenset({0x0110, 0x0210, 0x0213})
+"""C-STORE failures that may pass on a later try (PS3.7 C.4: processing failure,
+duplicate invocation, resource limitation), besides 0xA7xx (out of resources). Every
+other failure status says the peer refuses the data or the node itself (0xA9xx data set
+does not match the SOP class, 0xCxxx cannot understand, 0x0122 SOP class not supported,
+0x0124 not authorised, 0x0117 invalid instance ...): retrying resends the same refusal."""
 _PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+|\[[^\]]+\]):(?P<port>\d{1,5})$")
 
 
@@ -55,8 +63,8 @@ class SendReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     permanent: bool = False
     """A failure that retrying will not fix: a permanent association rejection, a
-    presentation context the peer does not accept, or a C-STORE status saying the data
-    itself is refused (0xA9xx, 0xCxxx, 0x0122)."""
+    presentation context the peer does not accept, or a C-STORE failure status outside
+    RETRYABLE_FAILURES."""
 
     @property
     def ok(self) -> bool:
@@ -65,8 +73,7 @@ class SendReport:
 
 def echo(peer: Peer, calling_aet: str = "DICOMNODE", timeout_s: float = 10.0) -> int:
     """C-ECHO the peer; returns the DIMSE status, raises ConnectionError if unreachable."""
-    ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae = _scu_ae(calling_aet, timeout_s)
     ae.add_requested_context(Verification)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
@@ -78,6 +85,29 @@ def echo(peer: Peer, calling_aet: str = "DICOMNODE", timeout_s: float = 10.0) ->
     if not status:
         raise ConnectionError(f"no C-ECHO response from {peer}")
     return int(status.Status)
+
+
+def _scu_ae(calling_aet: str, timeout_s: float) -> AE:
+    """An AE whose every wait is bounded by `timeout_s`, the TCP connect included (else
+    a host whose firewall drops packets holds the caller for the OS's two minutes)."""
+    ae = AE(ae_title=calling_aet)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    return ae
+
+
+def store_outcome(code: int | None) -> tuple[bool, bool]:
+    """(delivered, permanent) for a C-STORE response status; None: no response.
+
+    Success and every warning (0x0001, 0x0107, 0x0116, 0xBxxx: stored, with coercion or
+    elements discarded) are delivered (PS3.4 B.2.3, PS3.7 C.4)."""
+    if code is None:
+        return False, False
+    category = code_to_category(code)
+    if category in (STATUS_SUCCESS, STATUS_WARNING):
+        return True, False
+    permanent = (category == STATUS_FAILURE and code >> 8 != 0xA7
+                 and code not in RETRYABLE_FAILURES)
+    return False, permanent
 
 
 def dicom_files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -126,8 +156,11 @@ def send(
     for path in dicom_files(paths):
         try:
             sop_class, syntax = _header(path)
-        except (InvalidDicomError, AttributeError, OSError) as exc:
+        except (InvalidDicomError, AttributeError) as exc:
             report.skipped.append((path, f"not a DICOM file ({exc})"))
+            continue
+        except OSError as exc:
+            report.skipped.append((path, f"cannot be read ({exc})"))
             continue
         files.append((path, sop_class, syntax))
     for batch in _batches(files):
@@ -140,8 +173,7 @@ def _send_batch(
     report: SendReport,
 ) -> None:
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream files from disk as they are
-    ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae = _scu_ae(calling_aet, timeout_s)
     for sop_class, syntax in _contexts_for({(c, ts) for _, c, ts in batch}):
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
@@ -153,19 +185,20 @@ def _send_batch(
     try:
         for position, (path, sop_class, syntax) in enumerate(batch):
             try:
-                status = assoc.send_c_store(path)
+                status = _store(assoc, path, syntax)
             except ValueError as exc:  # no accepted presentation context for this file
                 report.permanent = True
                 report.failed.append((path, f"{peer} accepts no context for {sop_class} in "
                                             f"{syntax}: {exc}"))
                 continue
+            except RuntimeError:  # the peer released or aborted the association meanwhile
+                status = None
             code = int(status.Status) if status else None
-            if code is not None and (code == 0 or code >> 12 == 0xB):
+            delivered, permanent = store_outcome(code)
+            if delivered:
                 report.sent += 1
                 continue
-            if code is not None and (code >> 8 in (0xA9, 0xC0) or code >> 12 == 0xC
-                                     or code == 0x0122):
-                report.permanent = True
+            report.permanent |= permanent
             report.failed.append((path, "no response" if code is None else f"status 0x{code:04X}"))
             if not assoc.is_established:
                 report.failed.extend((p, "association lost") for p, _, _ in batch[position + 1:])
@@ -175,8 +208,26 @@ def _send_batch(
             assoc.release()
 
 
+def _store(assoc: Association, path: Path, syntax: str) -> Any:
+    """C-STORE a file as it is on disk; when the peer took its SOP class only in another
+    uncompressed syntax (Implicit VR Little Endian, the one every SCP must accept), the
+    file is read and sent as a dataset, which pynetdicom re-encodes. Raises ValueError
+    when no accepted context can carry it (a compressed file the peer will not take)."""
+    try:
+        return assoc.send_c_store(path)
+    except ValueError:
+        if UID(syntax).is_compressed:
+            raise
+        return assoc.send_c_store(dcmread(path))
+
+
 def _association_failure(assoc: Association, peer: Peer) -> tuple[str, bool]:
     """Why an association was not made, and whether that is permanent (PS3.8 9.3.4)."""
+    if assoc.is_aborted and assoc.rejected_contexts:
+        # pynetdicom aborts an association on which the peer accepted no context at all:
+        # the peer does not store these SOP classes, and will not on a retry.
+        refused = sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts})
+        return f"{peer} accepts none of the SOP classes sent ({', '.join(refused)})", True
     if not assoc.is_rejected:
         return f"could not associate with {peer} (unreachable, aborted or timed out)", False
     rsp = assoc.acceptor.primitive

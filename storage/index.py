@@ -710,13 +710,19 @@ class StudyIndex:
             session.flush()
             return export.id
 
-    def claim_due_export(self, now: datetime | None = None) -> ExportTask | None:
-        """Atomically take the oldest pending export whose retry time has come."""
+    def claim_due_export(
+        self, now: datetime | None = None, destination: str | None = None
+    ) -> ExportTask | None:
+        """Atomically take the oldest pending export (to `destination`, or to any) whose
+        retry time has come."""
         now = now or utcnow()
+        due = [Export.state == ExportState.PENDING, Export.next_attempt_at <= now]
+        if destination is not None:
+            due.append(Export.destination == destination)
         with self._write() as session:
             export = session.scalar(
                 select(Export)
-                .where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now)
+                .where(*due)
                 .order_by(Export.next_attempt_at, Export.id)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -761,27 +767,52 @@ class StudyIndex:
                 export.next_attempt_at = retry_at
             return export.state
 
-    def requeue_study_exports(
-        self, study_instance_uid: str, give_up_after_s: float, now: datetime | None = None
-    ) -> int:
-        """`dicomnode resend`: deliver every export of a study again; returns how many."""
+    def fail_exports_except(self, destinations: Sequence[str], reason: str,
+                            now: datetime | None = None) -> int:
+        """Fail the pending exports to every destination not in `destinations` (removed
+        from the configuration: nothing would ever send them); returns how many."""
         now = now or utcnow()
+        with self._write() as session:
+            result = session.execute(
+                update(Export)
+                .where(Export.state == ExportState.PENDING,
+                       Export.destination.not_in(destinations))
+                .values(state=ExportState.FAILED, last_error=reason, updated_at=now)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def requeue_study_exports(
+        self, study_instance_uid: str, give_up_after_s: float, destinations: Sequence[str],
+        now: datetime | None = None,
+    ) -> dict[str, int]:
+        """`dicomnode resend`: deliver every export of a study to the configured
+        `destinations` again, from a fresh backoff. Returns counts: "queued", "sending"
+        (being sent now: left alone) and "unconfigured" (their destination is gone)."""
+        now = now or utcnow()
+        counts = {"queued": 0, "sending": 0, "unconfigured": 0}
         with self._write() as session:
             exports = session.scalars(
                 select(Export)
                 .join(Job, Export.job_pk == Job.id)
                 .join(Series, Job.series_pk == Series.id)
                 .join(Study, Series.study_pk == Study.id)
-                .where(Study.study_instance_uid == study_instance_uid,
-                       Export.state != ExportState.SENDING)
+                .where(Study.study_instance_uid == study_instance_uid)
             ).all()
             for export in exports:
+                if export.state == ExportState.SENDING:
+                    counts["sending"] += 1
+                    continue
+                if export.destination not in destinations:
+                    counts["unconfigured"] += 1
+                    continue
                 export.state = ExportState.PENDING
+                export.attempts = 0
                 export.next_attempt_at = now
                 export.give_up_at = now + timedelta(seconds=give_up_after_s)
                 export.last_error = ""
                 export.updated_at = now
-            return len(exports)
+                counts["queued"] += 1
+        return counts
 
     def export_status(self, limit: int = 50) -> list[dict[str, Any]]:
         """Exports not yet delivered, and the latest delivered ones, newest first."""

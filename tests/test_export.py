@@ -4,6 +4,7 @@ that refuses them."""
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -12,12 +13,17 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    SegmentationStorage,
+)
 
 from dicomnode.config import settings_from_mapping
 from dicomnode.export import Exporter, OutcomeNotRecorded, retry_delay
 from dicomnode.scp import instance_record
+from dicomnode.scu import store_outcome
 from storage.filestore import FileStore
 from storage.index import StudyIndex, utcnow
 from storage.models import ExportState
@@ -27,12 +33,15 @@ from tests.conftest import free_port
 class Destination:
     """A pynetdicom Storage SCP that records every SOP Instance UID it receives."""
 
-    def __init__(self, port: int, calling_aets: list[str] | None = None) -> None:
+    def __init__(self, port: int, calling_aets: list[str] | None = None,
+                 syntaxes: list[str] | None = None, sop_class: str = CTImageStorage,
+                 status: int = 0x0000) -> None:
         self.port = port
+        self.status = status
         self.received: list[str] = []
         self._lock = threading.Lock()
         self.ae = AE(ae_title="PACS")
-        self.ae.add_supported_context(CTImageStorage)
+        self.ae.add_supported_context(sop_class, syntaxes or DEFAULT_TRANSFER_SYNTAXES)
         if calling_aets:
             self.ae.require_calling_aet = calling_aets
         self.server = None
@@ -40,7 +49,7 @@ class Destination:
     def _on_store(self, event: evt.Event) -> int:
         with self._lock:
             self.received.append(str(event.request.AffectedSOPInstanceUID))
-        return 0x0000
+        return self.status
 
     def start(self) -> Destination:
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
@@ -83,6 +92,27 @@ def setup(tmp_path: Path, port: int) -> Iterator[tuple[Exporter, StudyIndex, int
 
 def test_backoff_doubles_up_to_the_cap() -> None:
     assert [retry_delay(n, 5, 40) for n in range(1, 6)] == [5, 10, 20, 40, 40]
+    assert retry_delay(5000, 5, 40) == 40  # no float overflow after days of retries
+
+
+@pytest.mark.parametrize(("code", "outcome"), [
+    (0x0000, (True, False)),
+    (0xB000, (True, False)),  # coercion of data elements: stored
+    (0x0107, (True, False)),  # attribute list error (warning): stored
+    (0x0001, (True, False)),
+    (None, (False, False)),  # no response: try again
+    (0xA700, (False, False)),  # out of resources: try again later
+    (0x0213, (False, False)),  # resource limitation
+    (0x0110, (False, False)),  # processing failure
+    (0xA900, (False, True)),  # data set does not match the SOP class
+    (0xC000, (False, True)),  # cannot understand
+    (0x0122, (False, True)),  # SOP class not supported
+    (0x0124, (False, True)),  # not authorised
+])
+def test_c_store_statuses_are_classified_per_ps3_7(
+    code: int | None, outcome: tuple[bool, bool]
+) -> None:
+    assert store_outcome(code) == outcome
 
 
 def test_destination_down_then_up_delivers_once(
@@ -159,7 +189,9 @@ def test_pending_delivery_survives_a_restart_and_resend_requeues(
         try:
             assert exporter_after.run_once() == ExportState.DONE
             study_uid = restarted.job_series(job_id)[0]
-            assert restarted.requeue_study_exports(study_uid, 60) == 1
+            assert restarted.requeue_study_exports(study_uid, 60, ["pacs"]) == {
+                "queued": 1, "sending": 0, "unconfigured": 0}
+            assert restarted.export_status()[0]["attempts"] == 0  # a fresh backoff
             assert exporter_after.run_once() == ExportState.DONE
         finally:
             pacs.stop()
@@ -208,3 +240,128 @@ def test_a_delivery_whose_end_the_index_refused_is_recorded_next_time(
         pacs.stop()
     assert len(pacs.received) == 1
     assert index.export_status()[0]["state"] == "done"
+
+
+def _deliver_to(setup: tuple[Exporter, StudyIndex, int], pacs: Destination) -> ExportState:
+    exporter, index, job_id = setup
+    exporter.queue(job_id, {"seg": index.series_instance_paths(index.job_series(job_id)[1])})
+    pacs.start()
+    try:
+        return exporter.run_once()  # type: ignore[return-value]
+    finally:
+        pacs.stop()
+
+
+def test_a_peer_taking_implicit_vr_only_gets_the_file_re_encoded(
+    setup: tuple[Exporter, StudyIndex, int], port: int
+) -> None:
+    """Implicit VR Little Endian is the one syntax every SCP must accept; a file stored
+    in Explicit VR is re-encoded for such a peer rather than refused."""
+    pacs = Destination(port, syntaxes=[ImplicitVRLittleEndian])
+    assert _deliver_to(setup, pacs) == ExportState.DONE
+    assert len(pacs.received) == 1
+
+
+def test_a_peer_that_stores_none_of_the_sop_classes_fails_at_once(
+    setup: tuple[Exporter, StudyIndex, int], port: int
+) -> None:
+    pacs = Destination(port, sop_class=SegmentationStorage)  # takes no CT
+    assert _deliver_to(setup, pacs) == ExportState.FAILED
+    [row] = setup[1].export_status()
+    assert "accepts none of the SOP classes sent (CT Image Storage)" in row["last_error"]
+
+
+def test_a_warning_status_is_delivered_and_a_refusal_is_not_retried(
+    setup: tuple[Exporter, StudyIndex, int], port: int
+) -> None:
+    assert _deliver_to(setup, Destination(port, status=0xB000)) == ExportState.DONE
+    exporter, index, job_id = setup
+    index.requeue_study_exports(index.job_series(job_id)[0], 60, ["pacs"])
+    pacs = Destination(port, status=0x0124).start()  # not authorised
+    try:
+        assert exporter.run_once() == ExportState.FAILED
+    finally:
+        pacs.stop()
+    assert "status 0x0124" in index.export_status()[0]["last_error"]
+
+
+def test_an_unreadable_output_is_not_counted_as_delivered(
+    setup: tuple[Exporter, StudyIndex, int], port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(path: Path) -> tuple[str, str]:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("dicomnode.scu._header", unreadable)
+    pacs = Destination(port)
+    assert _deliver_to(setup, pacs) == ExportState.PENDING  # retried, not "done"
+    assert "cannot be read" in setup[1].export_status()[0]["last_error"]
+    assert pacs.received == []
+
+
+def test_an_unexpected_error_backs_off_and_gives_up(
+    setup: tuple[Exporter, StudyIndex, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter, index, job_id = setup
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("dicomnode.export.send", broken)
+    exporter.queue(job_id, {"seg": index.series_instance_paths(index.job_series(job_id)[1])})
+    now, states = utcnow(), []
+    while not states or states[-1] == ExportState.PENDING:
+        states.append(exporter.run_once(now))
+        now += timedelta(seconds=41)
+    assert states[-1] == ExportState.FAILED and 5 < len(states) < 20
+    assert "gave up" in index.export_status()[0]["last_error"]
+
+
+def test_each_destination_has_its_own_thread_and_removed_ones_fail(
+    tmp_path: Path, port: int
+) -> None:
+    """A PACS that is down (every try waits out its timeout) must not hold up the
+    deliveries to another destination; what is owed to a destination removed from the
+    configuration fails at start rather than waiting forever."""
+    silent = socket.socket()  # takes TCP connections, never answers an association
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    settings = settings_from_mapping({
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "export": {"timeout_seconds": 20},
+        "destinations": [
+            {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1",
+             "port": silent.getsockname()[1], "outputs": ["seg"]},
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port,
+             "outputs": ["seg"]},
+        ],
+    }, base_dir=tmp_path)
+    filestore = FileStore(settings.data_dir)
+    index = StudyIndex(settings.database_url)
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    filestore.write("ct.dcm", data)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    index.add_instance(instance_record(ds, str(ds.file_meta.TransferSyntaxUID), "M"),
+                       "ct.dcm", len(data), hashlib.sha256(data).hexdigest())
+    job_id = index.series_status()[0]["job_id"]
+    index.queue_export(job_id, "removed", ["ct.dcm"], 60)
+    exporter = Exporter(settings, index, filestore)
+    pacs = Destination(port).start()
+    exporter.start()
+    try:
+        exporter.queue(job_id, {"seg": ["ct.dcm"]})  # "down" first, then "pacs"
+        for _ in range(50):  # well inside the 20 s that "down" holds its sender
+            if pacs.received:
+                break
+            threading.Event().wait(0.1)
+    finally:
+        pacs.stop()
+        silent.close()
+        exporter.stop()
+        index.close()
+    assert len(pacs.received) == 1
+    index = StudyIndex(settings.database_url)
+    rows = {r["destination"]: r for r in index.export_status()}
+    index.close()
+    assert rows["removed"]["state"] == "failed"
+    assert "no longer configured" in rows["removed"]["last_error"]
+    assert rows["pacs"]["state"] == "done"
