@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode import __version__
-from dicomnode.config import ConfigError, Settings, load_settings, render_config_toml
+from dicomnode.config import (
+    ConfigError,
+    Settings,
+    check_ae_title,
+    load_settings,
+    render_config_toml,
+)
 from dicomnode.scu import Peer, PeerError, echo, send
 from storage.filestore import DataDirInUse
 
@@ -36,7 +42,8 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     for chatty in ("pynetdicom", "highdicom"):  # per-element chatter at INFO
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+        logging.getLogger(chatty).setLevel(
+            max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -153,6 +160,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
                        device=args.device, as_json=args.json)
 
 
+def _calling_aet(text: str) -> str:
+    try:
+        return check_ae_title("--aet", text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     status = echo(args.peer, calling_aet=args.aet, timeout_s=args.timeout)
     print(f"C-ECHO {args.peer}: status 0x{status:04X}")
@@ -160,6 +174,10 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    missing = [path for path in args.paths if not path.exists()]
+    if missing:
+        print(f"error: no such file or folder: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
     report = send(args.paths, args.peer, calling_aet=args.aet, timeout_s=args.timeout)
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -167,7 +185,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f"FAILED {path}: {reason}", file=sys.stderr)
     print(f"sent {report.sent} instance(s) to {args.peer}; {len(report.failed)} failed, "
           f"{len(report.skipped)} skipped")
-    return 0 if report.ok else 1
+    return 0 if report.ok and report.sent else 1
 
 
 def cmd_init_config(args: argparse.Namespace) -> int:
@@ -243,7 +261,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("paths", type=Path, nargs="+", metavar="DIR",
                            help="DICOM files or directories (searched recursively)")
         p.add_argument("peer", type=_peer, metavar="AET@HOST:PORT", help="the peer to contact")
-        p.add_argument("--aet", default="DICOMNODE", help="calling AE title (default DICOMNODE)")
+        p.add_argument("--aet", default="DICOMNODE", type=_calling_aet,
+                       help="calling AE title (default DICOMNODE)")
         p.add_argument("--timeout", type=float, default=30.0, help="network timeout, seconds")
         p.set_defaults(func=cmd_echo if name == "echo" else cmd_send)
 
@@ -292,4 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (ConnectionError, DataDirInUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a port in use, a data_dir that cannot be created ...
+        print(f"error: {exc}", file=sys.stderr)
+        logger.debug("details", exc_info=True)
         return 1

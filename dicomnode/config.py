@@ -9,6 +9,7 @@ wrong types and out-of-range values fail at start-up with the key named.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import typing
@@ -51,7 +52,16 @@ def _check_ae_title(key: str, value: str) -> None:
         )
 
 
+def check_ae_title(key: str, value: str) -> str:
+    """`value` when it is a valid AE title; a ConfigError naming `key` otherwise."""
+    _check_ae_title(key, value)
+    return value
+
+
 def _check_range(key: str, value: float, low: float, high: float | None = None) -> None:
+    # TOML has nan and inf: nan passes every comparison, inf overflows date arithmetic.
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r}: expected a finite number")
     if value < low or (high is not None and value > high):
         upper = f" and <= {high}" if high is not None else ""
         raise ConfigError(f"{key} = {value!r}: expected a number >= {low}{upper}")
@@ -266,10 +276,13 @@ class ExportConfig:
     timeout_seconds: float = _doc("Network timeout of an export association.", 60.0)
 
     def __post_init__(self) -> None:
-        _check_range("export.retry_initial_seconds", self.retry_initial_seconds, 0.0)
+        # At least a second between tries: 0 would reconnect to a PACS that is down in a
+        # tight loop for the whole give-up time.
+        _check_range("export.retry_initial_seconds", self.retry_initial_seconds, 1.0)
         _check_range("export.retry_max_seconds", self.retry_max_seconds,
                      self.retry_initial_seconds)
-        _check_range("export.give_up_after_seconds", self.give_up_after_seconds, 0.0)
+        _check_range("export.give_up_after_seconds", self.give_up_after_seconds, 0.0,
+                     366 * 86400.0)
         _check_range("export.timeout_seconds", self.timeout_seconds, 0.1)
 
 
@@ -287,7 +300,13 @@ class Destination:
         if not self.name:
             raise ConfigError("destinations.name is empty: expected a short name")
         _check_ae_title(f"destinations[{self.name}].ae_title", self.ae_title)
+        if not self.host.strip():
+            raise ConfigError(f"destinations[{self.name}].host is empty: expected a host name"
+                              " or address")
         _check_range(f"destinations[{self.name}].port", self.port, 1, 65535)
+        if not self.outputs:
+            raise ConfigError(f"destinations[{self.name}].outputs is empty: the destination"
+                              f" would receive nothing; expected some of {', '.join(OUTPUT_KINDS)}")
         for kind in self.outputs:
             if kind not in OUTPUT_KINDS:
                 raise ConfigError(
@@ -308,6 +327,13 @@ class Settings:
     export: ExportConfig = field(default_factory=ExportConfig)
     destinations: tuple[Destination, ...] = ()
     base_dir: Path = field(default_factory=Path.cwd)
+
+    def __post_init__(self) -> None:
+        for key in ("tls_cert", "tls_key", "tls_ca"):
+            value = getattr(self.node, key)
+            if value and not (self.base_dir / value).is_file():
+                raise ConfigError(f"node.{key} = {value!r}: no such file (relative paths are"
+                                  f" taken from {self.base_dir})")
 
     @property
     def data_dir(self) -> Path:
@@ -375,6 +401,12 @@ def _build_section(cls: type, table: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _destination_key(number: int, table: Any) -> str:
+    """How errors name a [[destinations]] table: by its name, else its position."""
+    name = table.get("name") if isinstance(table, dict) else None
+    return f"destinations[{name if isinstance(name, str) and name else number}]"
+
+
 def settings_from_mapping(data: dict[str, Any], base_dir: Path) -> Settings:
     """Validate a parsed TOML document; raises ConfigError naming the offending key."""
     allowed = set(_SECTIONS) | {"destinations"}
@@ -388,7 +420,8 @@ def settings_from_mapping(data: dict[str, Any], base_dir: Path) -> Settings:
     if not isinstance(raw_destinations, list):
         raise ConfigError("destinations must be an array of tables: [[destinations]]")
     destinations = tuple(
-        _build_section(Destination, item, "destinations") for item in raw_destinations
+        _build_section(Destination, item, _destination_key(number, item))
+        for number, item in enumerate(raw_destinations, start=1)
     )
     names = [d.name for d in destinations]
     if len(set(names)) != len(names):

@@ -30,7 +30,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode.config import NodeConfig, Settings
+from dicomnode.config import ConfigError, NodeConfig, Settings
 from dicomnode.outputs import MANUFACTURER
 from dicomnode.volume import string_values
 from storage.filestore import FileStore
@@ -141,9 +141,16 @@ def tls_server_context(config: NodeConfig, base_dir: Path) -> ssl.SSLContext:
     """Server-side TLS; with a CA bundle configured, callers must present a certificate."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(base_dir / config.tls_cert, base_dir / config.tls_key)
+    try:
+        context.load_cert_chain(base_dir / config.tls_cert, base_dir / config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"node.tls_cert / node.tls_key: cannot load {config.tls_cert} with"
+                          f" {config.tls_key}: {exc}") from None
     if config.tls_ca:
-        context.load_verify_locations(base_dir / config.tls_ca)
+        try:
+            context.load_verify_locations(base_dir / config.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"node.tls_ca = {config.tls_ca!r}: cannot load: {exc}") from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.cli import build_parser, main
+from dicomnode.cli import build_parser, main, setup_logging
 from dicomnode.config import render_config_toml, settings_from_mapping
 from dicomnode.service import Node
 from tests.conftest import free_port
@@ -95,3 +96,29 @@ def test_resend_of_an_unknown_study(tmp_path: Path, capsys: pytest.CaptureFixtur
                                base_dir=tmp_path), analyse=False).index.close()
     assert main(["resend", "--config", str(config), "1.2.3"]) == 1
     assert "no deliveries recorded for study 1.2.3" in capsys.readouterr().err
+
+
+def test_send_of_a_missing_path_and_a_bad_calling_aet_are_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    peer = f"PACS@127.0.0.1:{free_port()}"
+    assert main(["send", str(tmp_path / "nothing-here"), peer]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    assert main(["send", str(tmp_path), peer]) == 1  # nothing sent is not a success
+    with pytest.raises(SystemExit) as exit_info:
+        main(["echo", peer, "--aet", "BAD\\AE"])
+    assert exit_info.value.code == 2
+    assert "--aet = 'BAD\\\\AE'" in capsys.readouterr().err
+
+
+def test_a_lower_case_log_level_is_accepted() -> None:
+    loggers = [logging.getLogger(), logging.getLogger("pynetdicom"),
+               logging.getLogger("highdicom")]
+    levels = [one.level for one in loggers]
+    try:
+        setup_logging("info")  # the config accepts it; serve crashed on it
+        assert logging.getLogger("pynetdicom").level == logging.WARNING
+    finally:
+        for one, level in zip(loggers, levels, strict=True):
+            one.setLevel(level)
