@@ -12,6 +12,7 @@ import logging
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -64,34 +65,16 @@ def run_offline(
     model = load_model(str(checkpoint) if checkpoint else _configured(settings), settings.ai.device)
     summaries, failed = [], 0
     for uid, files in sorted(series.items()):
-        t0 = time.perf_counter()
         try:
-            volume = read_series(files, min_slices=1)
-            analysis = analyse_volume(volume, settings, model)
+            summaries.append(_analyse_series(uid, files, out / uid, settings, model))
         except (SeriesRejected, InputVolumeError) as exc:
             failed += 1
             summaries.append({"series_instance_uid": uid, "error": str(exc)})
-            continue
-        outputs, _ = build_outputs(volume, analysis, settings, ALL_OUTPUTS)
-        folder = out / uid
-        folder.mkdir(parents=True, exist_ok=True)
-        written = []
-        for kind, datasets in outputs.items():
-            for i, ds in enumerate(datasets, start=1):
-                name = f"{kind}.dcm" if len(datasets) == 1 else f"{kind}-{i}.dcm"
-                ds.save_as(folder / name, enforce_file_format=True)
-                written.append(str(folder / name))
-        summaries.append({
-            "series_instance_uid": uid,
-            "slices": volume.shape[0],
-            "diagnosis": CLASS_NAMES[int(analysis.diagnosis)],
-            "probabilities": {k: round(v, 4) for k, v in analysis.probabilities.items()},
-            "lvr_percent": round(100 * analysis.lvr, 2),
-            "plr_percent": None if analysis.plr is None else round(100 * analysis.plr, 2),
-            "lesions": len(analysis.lesions),
-            "seconds": round(time.perf_counter() - t0, 2),
-            "files": written,
-        })
+        except Exception as exc:  # one broken series must not cost the others' results
+            logger.exception("series %s: internal error", uid)
+            failed += 1
+            summaries.append({"series_instance_uid": uid,
+                              "error": f"internal error: {type(exc).__name__}: {exc}"})
     if as_json:
         print(json.dumps({"series": summaries, "notes": notes}, indent=2))
     else:
@@ -99,6 +82,35 @@ def run_offline(
             print(_summary_line(s))
         print(f"results in {out}/")
     return 1 if failed else 0
+
+
+def _analyse_series(
+    uid: str, files: list[Path], folder: Path, settings: Settings, model: Any
+) -> dict[str, Any]:
+    """Analyse one series and write its outputs into `folder`; returns its summary."""
+    t0 = time.perf_counter()
+    volume = read_series(files, min_slices=1)
+    analysis = analyse_volume(volume, settings, model)
+    outputs, _ = build_outputs(volume, analysis, settings, ALL_OUTPUTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, datasets in outputs.items():
+        for i, ds in enumerate(datasets, start=1):
+            name = f"{kind}.dcm" if len(datasets) == 1 else f"{kind}-{i}.dcm"
+            ds.save_as(folder / name, enforce_file_format=True)
+            written.append(str(folder / name))
+    return {
+        "series_instance_uid": uid,
+        "slices": volume.shape[0],
+        "left_out": len(volume.left_out),
+        "diagnosis": CLASS_NAMES[int(analysis.diagnosis)],
+        "probabilities": {k: round(v, 4) for k, v in analysis.probabilities.items()},
+        "lvr_percent": round(100 * analysis.lvr, 2),
+        "plr_percent": None if analysis.plr is None else round(100 * analysis.plr, 2),
+        "lesions": len(analysis.lesions),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "files": written,
+    }
 
 
 def _configured(settings: Settings) -> str | None:
@@ -112,5 +124,7 @@ def _summary_line(s: dict[str, object]) -> str:
     probs = ", ".join(f"{k} {100 * float(v):.1f}%"  # type: ignore[arg-type]
                       for k, v in s["probabilities"].items())  # type: ignore[attr-defined]
     plr = "n/a" if s["plr_percent"] is None else f"{s['plr_percent']}%"
+    left_out = f" ({s['left_out']} non-slice instance(s) left out)" if s["left_out"] else ""
     return (f"{s['series_instance_uid']}: {s['diagnosis']} ({probs}); LVR {s['lvr_percent']}%, "
-            f"PLR {plr}, {s['lesions']} lesion(s); {s['slices']} slices in {s['seconds']} s")
+            f"PLR {plr}, {s['lesions']} lesion(s); {s['slices']} slices{left_out} in "
+            f"{s['seconds']} s")

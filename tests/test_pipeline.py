@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -331,6 +332,33 @@ def test_offline_infer_writes_every_output(tiny_checkpoint: Path, tmp_path: Path
     assert "seg.dcm" in names and "sr.dcm" in names and "pdf.dcm" in names
     assert any(n.startswith("key_images") for n in names)
     assert "LVR" in capsys.readouterr().out
+
+
+def test_offline_infer_goes_on_after_a_series_that_breaks(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dicomnode import offline
+    from dicomnode.config import Settings
+
+    broken = pydicom.dcmread(write_ct_series(tmp_path / "in" / "a", slices=24, size=64,
+                                             seed=7)[0]).SeriesInstanceUID
+    write_ct_series(tmp_path / "in" / "b", slices=24, size=64, seed=8)
+    real = offline.analyse_volume
+
+    def analyse(volume: Any, *args: Any) -> Any:
+        if volume.datasets[0].SeriesInstanceUID == broken:
+            raise RuntimeError("a decoder crashed")
+        return real(volume, *args)
+
+    monkeypatch.setattr(offline, "analyse_volume", analyse)
+    code = run_offline([tmp_path / "in"], tmp_path / "out", Settings(base_dir=tmp_path),
+                       checkpoint=tiny_checkpoint, device="cpu")
+    assert code == 1
+    out = capsys.readouterr().out
+    assert f"{broken}: NOT ANALYSED: internal error: RuntimeError: a decoder crashed" in out
+    assert "LVR" in out  # the other series was analysed and written
+    assert len(list((tmp_path / "out").iterdir())) == 1
 
 
 def test_worker_warm_up_loads_the_model_and_runs_every_encoder(
