@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 from pathlib import Path
 
@@ -15,7 +17,12 @@ from ai.analysis import analyse_lesions
 from ai.infer import Analysis
 from ai.labels import CLASS_NAMES, Diagnosis
 from dicomnode.outputs import Provenance
-from dicomnode.outputs.key_images import SERIES_DESCRIPTION, build_key_images, pick_key_slices
+from dicomnode.outputs.key_images import (
+    SERIES_DESCRIPTION,
+    build_key_images,
+    format_name,
+    pick_key_slices,
+)
 from dicomnode.outputs.pdf import build_pdf_report
 from dicomnode.volume import CTVolume, read_series
 from tests.conftest import dciodvfy_errors
@@ -87,6 +94,7 @@ def test_key_images_are_valid_rgb_secondary_captures_in_the_ct_study(
     covid: tuple[CTVolume, Analysis], tmp_path: Path
 ) -> None:
     volume, analysis = covid
+    volume = _with_issuer(volume)
     images = build_key_images(volume, analysis, PROVENANCE, 3)
     assert _sources(images, volume) == [8, 14, 18]
     ct = volume.datasets[0]
@@ -100,7 +108,9 @@ def test_key_images_are_valid_rgb_secondary_captures_in_the_ct_study(
         assert back.StudyInstanceUID == ct.StudyInstanceUID
         assert back.PatientID == ct.PatientID
         assert back.SeriesInstanceUID != ct.SeriesInstanceUID
-        assert back.SeriesDescription == SERIES_DESCRIPTION
+        assert back.SeriesDescription == f"{SERIES_DESCRIPTION} S{ct.SeriesNumber}"
+        assert back.IssuerOfPatientID == "HOSPITAL-A"  # the whole Patient module
+        assert back.ConversionType == "WSD"  # rendered by software, not digitised film
         assert back.InstanceNumber == number
         assert back.PhotometricInterpretation == "RGB" and back.BitsAllocated == 8
         assert back.BurnedInAnnotation == "YES" and back.ImageType[0] == "DERIVED"
@@ -110,6 +120,24 @@ def test_key_images_are_valid_rgb_secondary_captures_in_the_ct_study(
         assert pixels.shape[0] >= 512 and pixels.shape[1] > pixels.shape[0]
         outline = np.all(pixels == (0, 255, 255), axis=-1)
         assert outline.any(), "the lesion outline is drawn"
+
+
+def _with_issuer(volume: CTVolume) -> CTVolume:
+    """The volume's headers as from a PACS with several patient ID issuers."""
+    datasets = tuple(copy.deepcopy(ds) for ds in volume.datasets)
+    for ds in datasets:
+        ds.IssuerOfPatientID = "HOSPITAL-A"
+    return dataclasses.replace(volume, datasets=datasets)
+
+
+@pytest.mark.parametrize(("name", "shown"), [
+    ("Müller^Jürgen", "Müller, Jürgen"),
+    ("Müller", "Müller"),
+    ("=山田^太郎", "山田, 太郎"),
+    ("", ""),
+])
+def test_names_are_shown_from_whichever_group_they_are_stored_in(name: str, shown: str) -> None:
+    assert format_name(name) == shown
 
 
 def test_without_lesions_one_key_image_at_the_largest_lung_slice(
@@ -129,6 +157,7 @@ def test_pdf_report_is_valid_encapsulated_pdf(
     case: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     volume, analysis = request.getfixturevalue(case)
+    volume = _with_issuer(volume)
     ds = build_pdf_report(volume, analysis, PROVENANCE)
     path = tmp_path / "report.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -137,6 +166,8 @@ def test_pdf_report_is_valid_encapsulated_pdf(
     back = pydicom.dcmread(path)
     assert back.SOPClassUID == EncapsulatedPDFStorage and back.Modality == "DOC"
     assert back.StudyInstanceUID == volume.datasets[0].StudyInstanceUID
+    assert back.IssuerOfPatientID == "HOSPITAL-A"
+    assert back.ConceptNameCodeSequence[0].CodeMeaning == "Diagnostic Imaging Report"
     assert back.MIMETypeOfEncapsulatedDocument == "application/pdf"
     assert len(back.SourceInstanceSequence) == len(volume.datasets)
     document = bytes(back.EncapsulatedDocument)

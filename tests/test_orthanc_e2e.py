@@ -125,8 +125,10 @@ def test_ct_in_results_in_orthanc(orthanc: Orthanc, tmp_path: Path) -> None:
                 out[series["MainDicomTags"]["Modality"] + description] = series  # type: ignore
             return out
 
-        wanted = {"SEGAI lesions (DeepSC)", "SRAI report (DeepSC)", "DOCAI report PDF (DeepSC)",
-                  "OTAI key images (DeepSC)"}
+        of_ct = f" S{ct.SeriesNumber}"  # each output names the CT series it is about
+        seg_key, sr_key = f"SEGAI lesions (DeepSC){of_ct}", f"SRAI report (DeepSC){of_ct}"
+        wanted = {seg_key, sr_key, f"DOCAI report PDF (DeepSC){of_ct}",
+                  f"OTAI key images (DeepSC){of_ct}"}
         deadline = time.monotonic() + 120
         while not wanted <= set(modalities()):
             assert node.poll() is None, (tmp_path / "serve.log").read_text()
@@ -138,12 +140,12 @@ def test_ct_in_results_in_orthanc(orthanc: Orthanc, tmp_path: Path) -> None:
         studies = {s["ParentStudy"] for s in series.values()}
         assert len(studies) == 1  # all in the CT's study
         assert len(series) == 5  # the CT and the four outputs
-        seg_instance = series["SEGAI lesions (DeepSC)"]["Instances"][0]
+        seg_instance = series[seg_key]["Instances"][0]
         tags = orthanc.get(f"/instances/{seg_instance}/simplified-tags")
         assert tags["StudyInstanceUID"] == ct.StudyInstanceUID  # type: ignore[index]
         assert tags["ReferencedSeriesSequence"][0]["SeriesInstanceUID"] == (  # type: ignore[index]
             ct.SeriesInstanceUID)
-        sr_instance = series["SRAI report (DeepSC)"]["Instances"][0]
+        sr_instance = series[sr_key]["Instances"][0]
         sr_tags = orthanc.get(f"/instances/{sr_instance}/simplified-tags")
         evidence = {item["ReferencedSOPInstanceUID"]
                     for study in sr_tags["CurrentRequestedProcedureEvidenceSequence"]  # type: ignore

@@ -12,7 +12,7 @@ from pydicom.sr.codedict import codes
 
 from ai.analysis import ScanAnalysis, analyse_lesions
 from ai.labels import Diagnosis
-from dicomnode.outputs import Provenance
+from dicomnode.outputs import RESEARCH_NOTICE, Provenance
 from dicomnode.outputs.seg import (
     FIRST_LESION_SEGMENT,
     LESIONS_SEGMENT,
@@ -83,7 +83,8 @@ def test_seg_is_valid_and_reproduces_the_masks(
         assert int(out.dataset.NumberOfFrames) == dense
 
     seg = hd.seg.segread(path)
-    assert seg.SeriesDescription == "AI lesions (DeepSC)"
+    # Named after its CT series: a study's lung and soft-tissue series both get one.
+    assert seg.SeriesDescription == f"AI lesions (DeepSC) S{volume.datasets[0].SeriesNumber}"
     has_lesion = bool((phantom.lesion_mask & phantom.lung_mask).any())
     assert seg.SegmentsOverlap == ("YES" if has_lesion else "NO")  # lesions lie in the lungs
     assert seg.StudyInstanceUID == volume.datasets[0].StudyInstanceUID
@@ -213,6 +214,17 @@ def test_sr_is_valid_and_carries_the_result(
             if m.name == codes.SCT.Volume
         ]
         assert volume_ml == pytest.approx(lesion.volume_ml, rel=1e-3)
+    # Each group tracks its finding under its SEG segment's Tracking UID (PS3.3 C.8.20.4).
+    seg_tracking = {int(item.SegmentNumber): item.TrackingUID
+                    for item in seg.dataset.SegmentSequence}
+    for group, reference in zip(volumetric, referenced, strict=True):
+        [number] = reference.referenced_segment_numbers
+        assert group.tracking_uid == seg_tracking[number]
+    # The research-use statement, as in every output.
+    root = sr.ContentSequence
+    [container] = [item for item in root if item.ConceptNameCodeSequence[0].CodeValue
+                   == "C0034375"]
+    assert container.ContentSequence[0].TextValue == RESEARCH_NOTICE
 
 
 def test_failure_notice_is_a_valid_sr_that_says_why(

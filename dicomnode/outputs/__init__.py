@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicomnode import __version__
@@ -57,3 +58,11 @@ class Provenance:
     @property
     def algorithm_name(self) -> str:
         return self.model_name
+
+
+def series_description(base: str, source: Dataset) -> str:
+    """An output series' description naming the CT series it is about ("AI lesions
+    (DeepSC) S3"): a chest CT study often holds a lung and a soft-tissue reconstruction,
+    both analysed, and their results must not look alike in the series list."""
+    number = source.get("SeriesNumber")
+    return f"{base} S{number}" if number not in (None, "") else base

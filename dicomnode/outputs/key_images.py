@@ -27,7 +27,13 @@ from pydicom.valuerep import PersonName
 from scipy import ndimage as ndi
 
 from ai.labels import CLASS_NAMES, Diagnosis
-from dicomnode.outputs import MANUFACTURER, MODEL_NAME, RESEARCH_NOTICE, Provenance
+from dicomnode.outputs import (
+    MANUFACTURER,
+    MODEL_NAME,
+    RESEARCH_NOTICE,
+    Provenance,
+    series_description,
+)
 
 if TYPE_CHECKING:  # ai.infer pulls in torch; only its types are needed here
     from ai.infer import Analysis
@@ -214,8 +220,17 @@ def orientation_letters(orientation: Sequence[float]) -> tuple[str, str]:
 
 
 def format_name(value: object) -> str:
-    """A DICOM person name as "Family, Given" (readable, unlike the raw "Family^Given")."""
-    return PersonName(value).family_comma_given() if value else ""
+    """A DICOM person name as "Family, Given" (readable, unlike the raw "Family^Given"),
+    from its alphabetic group, else its ideographic or phonetic one (a name stored only
+    as "=山田^太郎" must not print as a bare comma)."""
+    if not value:
+        return ""
+    name = PersonName(value)
+    for group in (name.alphabetic, name.ideographic, name.phonetic):
+        parts = [part.strip() for part in group.split("^")[:2]]
+        if any(parts):
+            return ", ".join(part for part in parts if part)
+    return ""
 
 
 def format_date(value: object) -> str:
@@ -300,14 +315,17 @@ def _sc_image(
         manufacturer=MANUFACTURER,
         patient_orientation=orientation_letters(volume.orientation),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=SERIES_DESCRIPTION,
+        series_description=series_description(SERIES_DESCRIPTION, source),
         manufacturer_model_name=MODEL_NAME,
         software_versions=provenance.software_versions,
         device_serial_number=provenance.device_serial_number,
     )
-    for keyword in ("StudyDescription", "BodyPartExamined"):
-        if keyword in source:
-            setattr(sc, keyword, source.data_element(keyword).value)
+    # Every Patient and Study attribute, not only the few from_ref_dataset copies: a PACS
+    # with several patient ID issuers files an image without IssuerOfPatientID wrongly.
+    sc.copy_patient_and_study_information(source)
+    if "BodyPartExamined" in source:
+        sc.BodyPartExamined = source.BodyPartExamined
+    sc.ConversionType = "WSD"  # rendered by software (highdicom's default: digitised film)
     sc.StationName = provenance.station_name
     sc.BurnedInAnnotation = "YES"  # patient name, ID and study date are in the panel
     sc.RecognizableVisualFeatures = "NO"

@@ -24,7 +24,13 @@ from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, DT, TM
 
 from ai.labels import CLASS_NAMES
-from dicomnode.outputs import MANUFACTURER, MODEL_NAME, RESEARCH_NOTICE, Provenance
+from dicomnode.outputs import (
+    MANUFACTURER,
+    MODEL_NAME,
+    RESEARCH_NOTICE,
+    Provenance,
+    series_description,
+)
 from dicomnode.outputs.key_images import (
     format_date,
     format_name,
@@ -45,7 +51,8 @@ logger = logging.getLogger(__name__)
 
 SERIES_DESCRIPTION = "AI report PDF (DeepSC)"
 DOCUMENT_TITLE = "AI chest CT report (DeepSC-COVID)"
-DOCUMENT_CONCEPT = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic imaging study")
+DOCUMENT_CONCEPT = hd.sr.CodedConcept("18748-4", "LN", "Diagnostic Imaging Report")
+"""CID 7020's meaning of LOINC 18748-4 (pydicom's codes.LN.DiagnosticImagingReport)."""
 A4_INCHES = (8.27, 11.69)
 MAX_LESION_ROWS = 10
 KEY_SLICES = 4
@@ -55,10 +62,6 @@ DISCLAIMER = (
     "Model weights trained on synthetic data (such as the shipped default) must be "
     "validated on local data before any clinical evaluation."
 )
-COPIED_ATTRIBUTES = (
-    "IssuerOfPatientID", "StudyDescription", "PatientAge", "PatientSize", "PatientWeight",
-)
-"""Optional patient/study attributes worth carrying over from the CT when present."""
 
 LEFT, WIDTH = 0.08, 0.84
 ROW = 0.0185
@@ -259,7 +262,7 @@ def build_pdf_report(
         study_date=_text(source, "StudyDate"),
         study_time=_text(source, "StudyTime"),
         referring_physician_name=source.get("ReferringPhysicianName", ""),
-        series_description=SERIES_DESCRIPTION,
+        series_description=series_description(SERIES_DESCRIPTION, source),
         manufacturer_model_name=MODEL_NAME,
         software_versions=provenance.software_versions,
         device_serial_number=provenance.device_serial_number,
@@ -267,9 +270,7 @@ def build_pdf_report(
         content_time=now.time(),
         specific_character_set=source.get("SpecificCharacterSet"),
     )
-    for keyword in COPIED_ATTRIBUTES:
-        if keyword in source:
-            setattr(ds, keyword, source.data_element(keyword).value)
+    ds.copy_patient_and_study_information(source)  # issuer, other IDs, age, size ...
     ds.StationName = provenance.station_name
     # SC Equipment: made by software on a workstation
     ds.ConversionType = "WSD"

@@ -17,9 +17,10 @@ from pydicom.sr.codedict import codes
 from scipy import ndimage as ndi
 
 from ai.analysis import LesionStats, label_components
-from dicomnode.outputs import MANUFACTURER, MODEL_NAME, Provenance
+from dicomnode.outputs import MANUFACTURER, MODEL_NAME, Provenance, series_description
 from dicomnode.volume import flip_to_stored
 
+SERIES_DESCRIPTION = "AI lesions (DeepSC)"
 LUNG_SEGMENT = 1
 LESIONS_SEGMENT = 2
 FIRST_LESION_SEGMENT = 3
@@ -203,7 +204,7 @@ def build_segmentation(
         content_description="Lungs and pneumonia lesions (DeepSC-COVID), research use",
         content_creator_name="dicomnode^AI",
         omit_empty_frames=omit_empty_frames,
-        series_description="AI lesions (DeepSC)",
+        series_description=series_description(SERIES_DESCRIPTION, source_images[0]),
         content_qualification="RESEARCH",
     )
     return SegmentationOutput(dataset=seg, lesion_segments=lesion_segments)

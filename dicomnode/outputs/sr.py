@@ -19,8 +19,18 @@ from pydicom.sr.coding import Code
 
 from ai.analysis import LesionStats, ScanAnalysis
 from ai.labels import Diagnosis
-from dicomnode.outputs import MANUFACTURER, MODEL_NAME, Provenance
+from dicomnode.outputs import (
+    MANUFACTURER,
+    MODEL_NAME,
+    RESEARCH_NOTICE,
+    Provenance,
+    series_description,
+)
 from dicomnode.outputs.seg import LESIONS_SEGMENT, LUNG_SEGMENT
+
+SERIES_DESCRIPTION = "AI report (DeepSC)"
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+"""TID 1500 row 12's container concept."""
 
 SCHEME = "99DCMNODE"
 CODING_SCHEME = hd.coding_schemes.CodingSchemeIdentificationItem(
@@ -124,20 +134,27 @@ def _segment_reference(seg: Dataset, number: int, ct_series_uid: str) -> hd.sr.R
     )
 
 
+def _segment_tracking_uid(segmentation: Dataset, number: int) -> str:
+    return next(str(item.TrackingUID) for item in segmentation.SegmentSequence
+                if int(item.SegmentNumber) == number)
+
+
 def _volume_group(
-    label: str, reference: hd.sr.ReferencedSegment, volume_ml: float, mean_hu: float | None,
-    provenance: Provenance, finding: Code, site: hd.sr.FindingSite,
+    label: str, segmentation: Dataset, segment_number: int, ct_series: str, volume_ml: float,
+    mean_hu: float | None, provenance: Provenance, finding: Code, site: hd.sr.FindingSite,
     density: Code | None = None,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 for one SEG segment, tracked under the segment's own Tracking UID (PS3.3
+    C.8.20.4: one finding across reporting objects; viewers pair them by it)."""
     measurements = [_number(codes.SCT.Volume, volume_ml, codes.UCUM.CubicCentimeter, provenance)]
     if mean_hu is not None:
         measurements.append(_number(codes.DCM.AttenuationCoefficient, mean_hu, HU_UNIT,
                                     provenance, derivation=codes.SCT.Mean))
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=provenance.uid("sr", "tracking", label), identifier=label
+            uid=_segment_tracking_uid(segmentation, segment_number), identifier=label
         ),
-        referenced_segment=reference,
+        referenced_segment=_segment_reference(segmentation, segment_number, ct_series),
         finding_type=finding,
         algorithm_id=_algorithm(provenance),
         finding_sites=[site],
@@ -173,11 +190,10 @@ def build_report(
     ct_series = str(source_images[0].SeriesInstanceUID)
     groups: list[object] = [_diagnosis_group(analysis, probabilities, diagnosis, provenance)]
     groups.append(_volume_group(
-        "Lungs", _segment_reference(segmentation, LUNG_SEGMENT, ct_series),
-        analysis.lung_volume_ml, analysis.lung_mean_hu, provenance, codes.SCT.Lung,
-        hd.sr.FindingSite(codes.SCT.Lung)))
+        "Lungs", segmentation, LUNG_SEGMENT, ct_series, analysis.lung_volume_ml,
+        analysis.lung_mean_hu, provenance, codes.SCT.Lung, hd.sr.FindingSite(codes.SCT.Lung)))
     groups.append(_volume_group(
-        "Pneumonia lesions", _segment_reference(segmentation, LESIONS_SEGMENT, ct_series),
+        "Pneumonia lesions", segmentation, LESIONS_SEGMENT, ct_series,
         analysis.lesion_volume_ml, analysis.lesion_mean_hu, provenance, codes.SCT.Lesion,
         hd.sr.FindingSite(codes.SCT.Lung)))
     for stats in analysis.lesions:
@@ -186,9 +202,8 @@ def build_report(
             continue  # beyond the SEG's cap of individual lesion segments
         density = CONSOLIDATION if stats.density == "consolidation" else GROUND_GLASS
         groups.append(_volume_group(
-            f"Lesion {stats.index}", _segment_reference(segmentation, number, ct_series),
-            stats.volume_ml, stats.mean_hu, provenance, codes.SCT.Lesion,
-            _lesion_site(stats), density))
+            f"Lesion {stats.index}", segmentation, number, ct_series, stats.volume_ml,
+            stats.mean_hu, provenance, codes.SCT.Lesion, _lesion_site(stats), density))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -202,8 +217,24 @@ def build_report(
         imaging_measurements=groups,  # type: ignore[arg-type]
         title=codes.DCM.ImagingMeasurementReport,
     )
-    return _comprehensive_sr([*source_images, segmentation], report, "AI report (DeepSC)",
+    report[0].ContentSequence.append(_research_notice())
+    return _comprehensive_sr([*source_images, segmentation], report,
+                             series_description(SERIES_DESCRIPTION, source_images[0]),
                              provenance, series_number)
+
+
+def _research_notice() -> hd.sr.ContainerContentItem:
+    """TID 1500's Qualitative Evaluations container holding the research-use statement
+    as a TEXT comment: the report must say, as every output does, that nobody reviewed
+    it (dicom_outputs.md)."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = [hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=RESEARCH_NOTICE,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )]
+    return container
 
 
 def _comprehensive_sr(
@@ -249,5 +280,6 @@ def build_failure_notice(
             relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         )
     ]
-    return _comprehensive_sr([source_header], root, "AI not analysed (DeepSC)", provenance,
-                             series_number)
+    return _comprehensive_sr([source_header], root,
+                             series_description("AI not analysed (DeepSC)", source_header),
+                             provenance, series_number)
