@@ -260,7 +260,9 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         _check_range("pipeline.workers", self.workers, 0, 64)
         _check_range("pipeline.max_attempts", self.max_attempts, 1, 100)
-        _check_range("pipeline.max_lesion_segments", self.max_lesion_segments, 0, 200)
+        # Each segment adds up to a frame per slice: with empty frames kept, 50 segments of
+        # a 300-slice 512 x 512 series are about 500 MB of SEG, as far as is sensible.
+        _check_range("pipeline.max_lesion_segments", self.max_lesion_segments, 0, 50)
         _check_range("pipeline.key_images", self.key_images, 0, 20)
 
 
