@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
@@ -181,8 +182,9 @@ class Exporter:
         self._stop.set()
         for wake in self._wake.values():
             wake.set()
+        deadline = time.monotonic() + 30  # for all senders together (one may be mid-send)
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads = []
 
     def _loop(self, destination: str) -> None:

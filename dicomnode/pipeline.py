@@ -348,6 +348,13 @@ class Pipeline:
             self.run_job(job)
 
 
+def worker_threads(workers: int) -> int:
+    """Torch threads per AI worker: the cores this process may use, shared among the
+    workers (torch takes every core in each, and N workers would oversubscribe them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // workers)
+
+
 def worker_main(settings: Settings, name: str, stop: EventType) -> None:
     """Entry point of one AI worker process.
 
@@ -359,6 +366,10 @@ def worker_main(settings: Settings, name: str, stop: EventType) -> None:
     from dicomnode.cli import setup_logging
 
     setup_logging(settings.node.log_level)
+    if settings.pipeline.workers > 1:
+        import torch
+
+        torch.set_num_threads(worker_threads(settings.pipeline.workers))
     parent = os.getppid()
     filestore = FileStore(settings.data_dir)
     index = StudyIndex(settings.database_url)

@@ -31,6 +31,8 @@ STEADY_SECONDS = 60.0
 waits 1, 2, 4 ... up to `MAX_RESTART_DELAY_SECONDS` (a worker that cannot start, e.g. a
 broken GPU driver, must not be restarted in a tight loop)."""
 MAX_RESTART_DELAY_SECONDS = 60.0
+STOP_GRACE_SECONDS = 120.0
+"""How long a stop waits for the workers to finish their jobs, all of them together."""
 
 WorkerEntry = Callable[[Settings, str, EventType], None]
 
@@ -100,15 +102,18 @@ class WorkerPool:
         if self._watcher is not None:
             self._watcher.join()
             self._watcher = None
-        for worker in self._workers.values():
-            process = worker.process
-            if process is None:
-                continue
-            process.join(timeout=120)
+        # One deadline for all workers, not 120 s each: they finish their jobs side by
+        # side, and systemd's TimeoutStopSec (150 s) must cover the whole stop.
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        processes = [w.process for w in self._workers.values() if w.process is not None]
+        for process in processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for process in processes:
             if process.is_alive():
                 logger.warning("AI worker %s did not stop in time: terminated", process.name)
                 process.terminate()
-                process.join(timeout=10)
+        for process in processes:
+            process.join(timeout=10)
         self._workers.clear()
 
     def _spawn(self, name: str) -> None:

@@ -7,9 +7,11 @@ fsynced after it. Temp files left by a crash are removed by `clean_temp` at star
 Layout under the data directory::
 
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
-    conflicts/<SOPInstanceUID>.<utc-time>.dcm   same UID, different content (kept aside)
-    rejected/<utc-time>.<n>.bin                  datasets that could not be parsed
-    tmp/                                         in-flight writes
+    conflicts/<SOPInstanceUID>.<utc-time>.<n>.dcm  same UID, different content (kept aside)
+    rejected/unparsed.<utc-time>.<n>.dcm           datasets that could not be parsed
+    rejected/<SOPInstanceUID>.<utc-time>.<n>.dcm   files cut short by a crash
+    tmp/                                           in-flight writes
+    node.lock                                      held by the running node
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from ai.infer import load_model
 from ai.model import ModelConfig, build_model
 from dicomnode.export import Exporter
 from dicomnode.offline import run_offline
-from dicomnode.pipeline import Pipeline, job_key
+from dicomnode.pipeline import Pipeline, job_key, worker_threads
 from dicomnode.scu import Peer, send
 from dicomnode.service import Node
 from dicomnode.volume import SeriesRejected
@@ -410,3 +411,8 @@ def test_worker_warm_up_without_weights_logs_and_goes_on(
     assert "the model did not load" in caplog.text and "missing.pt" in caplog.text
     assert "(NO MODEL, output encoders self-tested)" in caplog.text  # the encoders work
     index.close()
+
+
+def test_cpu_workers_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert [worker_threads(n) for n in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
