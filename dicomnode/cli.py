@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import logging
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from dicomnode.config import (
     load_settings,
     render_config_toml,
 )
-from dicomnode.scu import Peer, PeerError, echo, send
+from dicomnode.scu import Peer, PeerError, client_tls_context, echo, send
 from storage.filestore import DataDirInUse
 
 logger = logging.getLogger("dicomnode")
@@ -167,8 +168,20 @@ def _calling_aet(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client TLS context that --tls / --tls-ca / --tls-cert ask for, or None."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key: give both, or neither")
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    try:
+        return client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--tls-ca / --tls-cert / --tls-key: cannot load: {exc}") from None
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
-    status = echo(args.peer, calling_aet=args.aet, timeout_s=args.timeout)
+    status = echo(args.peer, calling_aet=args.aet, timeout_s=args.timeout, tls=_tls(args))
     print(f"C-ECHO {args.peer}: status 0x{status:04X}")
     return 0 if status == 0 else 1
 
@@ -178,7 +191,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     if missing:
         print(f"error: no such file or folder: {', '.join(map(str, missing))}", file=sys.stderr)
         return 2
-    report = send(args.paths, args.peer, calling_aet=args.aet, timeout_s=args.timeout)
+    report = send(args.paths, args.peer, calling_aet=args.aet, timeout_s=args.timeout,
+                  tls=_tls(args))
     for path, reason in report.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     for path, reason in report.failed:
@@ -264,6 +278,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--aet", default="DICOMNODE", type=_calling_aet,
                        help="calling AE title (default DICOMNODE)")
         p.add_argument("--timeout", type=float, default=30.0, help="network timeout, seconds")
+        p.add_argument("--tls", action="store_true",
+                       help="DICOM TLS, verifying the peer's certificate (system CAs)")
+        p.add_argument("--tls-ca", type=Path, metavar="PEM",
+                       help="verify the peer against this CA bundle (implies --tls)")
+        p.add_argument("--tls-cert", type=Path, metavar="PEM",
+                       help="client certificate, for a peer that requires one (with --tls-key)")
+        p.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
         p.set_defaults(func=cmd_echo if name == "echo" else cmd_send)
 
     p = sub.add_parser("resend", help="send a study's results to the destinations again",

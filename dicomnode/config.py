@@ -297,6 +297,14 @@ class Destination:
     host: str = _doc("Host name or address of the destination.")
     port: int = _doc("Port of the destination's Storage SCP.")
     outputs: list[str] = _doc("Which results to send: seg, sr, key_images, pdf.", ["seg", "sr"])
+    tls: bool = _doc("Send over DICOM TLS, verifying the destination's certificate.", False)
+    tls_ca: str = _doc(
+        "PEM CA bundle that signed the destination's certificate; empty: the system's CAs.", ""
+    )
+    tls_cert: str = _doc(
+        "PEM client certificate, for a destination that requires one (with tls_key).", ""
+    )
+    tls_key: str = _doc("PEM private key of tls_cert.", "")
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -315,6 +323,12 @@ class Destination:
                     f"destinations[{self.name}].outputs: {kind!r} is not one of "
                     f"{', '.join(OUTPUT_KINDS)}"
                 )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(f"destinations[{self.name}].tls_cert and tls_key: set both for a"
+                              " client certificate, or neither")
+        if not self.tls and (self.tls_ca or self.tls_cert):
+            raise ConfigError(f"destinations[{self.name}].tls_ca / tls_cert are set but tls is"
+                              " false: set tls = true to send over TLS")
 
 
 @dataclass(frozen=True)
@@ -331,11 +345,13 @@ class Settings:
     base_dir: Path = field(default_factory=Path.cwd)
 
     def __post_init__(self) -> None:
-        for key in ("tls_cert", "tls_key", "tls_ca"):
-            value = getattr(self.node, key)
-            if value and not (self.base_dir / value).is_file():
-                raise ConfigError(f"node.{key} = {value!r}: no such file (relative paths are"
-                                  f" taken from {self.base_dir})")
+        tables = [("node", self.node)] + [(f"destinations[{d.name}]", d) for d in self.destinations]
+        for prefix, table in tables:
+            for key in ("tls_cert", "tls_key", "tls_ca"):
+                value = getattr(table, key)
+                if value and not (self.base_dir / value).is_file():
+                    raise ConfigError(f"{prefix}.{key} = {value!r}: no such file (relative"
+                                      f" paths are taken from {self.base_dir})")
 
     @property
     def data_dir(self) -> Path:

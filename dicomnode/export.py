@@ -10,13 +10,15 @@ the index, so deliveries pending at a crash go out after the restart.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 
-from dicomnode.config import Destination, Settings
-from dicomnode.scu import Peer, send
+from dicomnode.config import ConfigError, Destination, Settings
+from dicomnode.scu import Peer, client_tls_context, send
 from storage.filestore import FileStore
 from storage.index import ExportTask, StudyIndex, utcnow
 from storage.models import ExportState
@@ -30,6 +32,20 @@ def retry_delay(attempts: int, initial_s: float, max_s: float) -> float:
     """Exponential backoff: initial, 2x initial, 4x ... capped at max (the exponent too:
     a float overflows from 2 ** 1024, which a day of retries a minute apart reaches)."""
     return min(max_s, initial_s * 2 ** min(max(0, attempts - 1), 62))
+
+
+def destination_tls(destination: Destination, base_dir: Path) -> ssl.SSLContext:
+    """The TLS context of a `tls = true` destination; a ConfigError naming the keys when
+    its files do not load."""
+    def path(value: str) -> Path | None:
+        return base_dir / value if value else None
+
+    try:
+        return client_tls_context(path(destination.tls_ca), path(destination.tls_cert),
+                                  path(destination.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"destinations[{destination.name}].tls_ca / tls_cert / tls_key:"
+                          f" cannot load: {exc}") from None
 
 
 class OutcomeNotRecorded(RuntimeError):
@@ -46,6 +62,8 @@ class Exporter:
         self.index = index
         self.filestore = filestore
         self.destinations = {d.name: d for d in settings.destinations}
+        self._tls = {d.name: destination_tls(d, settings.base_dir)
+                     for d in settings.destinations if d.tls}
         self._stop = threading.Event()
         self._wake = {name: threading.Event() for name in self.destinations}
         self._threads: list[threading.Thread] = []
@@ -122,6 +140,7 @@ class Exporter:
             [self.filestore.path(p) for p in task.paths], peer,
             calling_aet=self.settings.node.ae_title,
             timeout_s=self.settings.export.timeout_seconds,
+            tls=self._tls.get(destination.name),
         )
         # A file that could not be read was not delivered either (a result is never
         # marked sent when it was not): it fails the delivery, to be retried.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,11 +72,30 @@ class SendReport:
         return not self.failed
 
 
-def echo(peer: Peer, calling_aet: str = "DICOMNODE", timeout_s: float = 10.0) -> int:
+def client_tls_context(ca: Path | None = None, cert: Path | None = None,
+                       key: Path | None = None) -> ssl.SSLContext:
+    """DICOM TLS towards a peer (PS3.15 B.1): its certificate verified against `ca` (the
+    system's CAs when None) and its host name, TLS 1.2 or newer, with a client
+    certificate when the peer requires one."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=str(ca) if ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def _associate(ae: AE, peer: Peer, tls: ssl.SSLContext | None) -> Association:
+    return ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+                        tls_args=(tls, peer.host) if tls is not None else None)
+
+
+def echo(peer: Peer, calling_aet: str = "DICOMNODE", timeout_s: float = 10.0,
+         tls: ssl.SSLContext | None = None) -> int:
     """C-ECHO the peer; returns the DIMSE status, raises ConnectionError if unreachable."""
     ae = _scu_ae(calling_aet, timeout_s)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = _associate(ae, peer, tls)
     if not assoc.is_established:
         raise ConnectionError(f"association with {peer} was rejected or could not be made")
     try:
@@ -148,7 +168,8 @@ def _batches(files: list[tuple[Path, str, str]]) -> Iterator[list[tuple[Path, st
 
 
 def send(
-    paths: Iterable[Path], peer: Peer, calling_aet: str = "DICOMNODE", timeout_s: float = 60.0
+    paths: Iterable[Path], peer: Peer, calling_aet: str = "DICOMNODE", timeout_s: float = 60.0,
+    tls: ssl.SSLContext | None = None,
 ) -> SendReport:
     """C-STORE every DICOM file under paths to the peer; non-DICOM files are skipped."""
     report = SendReport()
@@ -164,19 +185,19 @@ def send(
             continue
         files.append((path, sop_class, syntax))
     for batch in _batches(files):
-        _send_batch(batch, peer, calling_aet, timeout_s, report)
+        _send_batch(batch, peer, calling_aet, timeout_s, tls, report)
     return report
 
 
 def _send_batch(
     batch: list[tuple[Path, str, str]], peer: Peer, calling_aet: str, timeout_s: float,
-    report: SendReport,
+    tls: ssl.SSLContext | None, report: SendReport,
 ) -> None:
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream files from disk as they are
     ae = _scu_ae(calling_aet, timeout_s)
     for sop_class, syntax in _contexts_for({(c, ts) for _, c, ts in batch}):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = _associate(ae, peer, tls)
     if not assoc.is_established:
         reason, permanent = _association_failure(assoc, peer)
         report.permanent |= permanent

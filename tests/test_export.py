@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -20,14 +21,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     SegmentationStorage,
 )
 
-from dicomnode.config import settings_from_mapping
+from dicomnode.config import ConfigError, settings_from_mapping
 from dicomnode.export import Exporter, OutcomeNotRecorded, retry_delay
 from dicomnode.scp import instance_record
 from dicomnode.scu import store_outcome
 from storage.filestore import FileStore
 from storage.index import StudyIndex, utcnow
 from storage.models import ExportState
-from tests.conftest import free_port
+from tests.conftest import free_port, self_signed_certificate
 
 
 class Destination:
@@ -51,9 +52,10 @@ class Destination:
             self.received.append(str(event.request.AffectedSOPInstanceUID))
         return self.status
 
-    def start(self) -> Destination:
+    def start(self, tls: ssl.SSLContext | None = None) -> Destination:
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+                                           ssl_context=tls)
         return self
 
     def stop(self) -> None:
@@ -365,3 +367,62 @@ def test_each_destination_has_its_own_thread_and_removed_ones_fail(
     assert rows["removed"]["state"] == "failed"
     assert "no longer configured" in rows["removed"]["last_error"]
     assert rows["pacs"]["state"] == "done"
+
+
+def test_a_tls_destination_gets_its_deliveries_over_tls_only(tmp_path: Path, port: int) -> None:
+    """A PACS that requires DICOM TLS and a client certificate: the node verifies the
+    PACS's certificate against the configured CA and presents its own."""
+    (tmp_path / "pacs").mkdir()
+    (tmp_path / "node").mkdir()
+    pacs_cert, pacs_key = self_signed_certificate(tmp_path / "pacs")
+    node_cert, node_key = self_signed_certificate(tmp_path / "node")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(node_cert))
+    server.load_cert_chain(pacs_cert, pacs_key)
+    server.verify_mode = ssl.CERT_REQUIRED
+
+    def exporter_for(**tls: object) -> tuple[Exporter, StudyIndex]:
+        settings = settings_from_mapping({
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "export": {"timeout_seconds": 5},
+            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "localhost",
+                              "port": port, "outputs": ["seg"], **tls}],
+        }, base_dir=tmp_path)
+        filestore = FileStore(settings.data_dir)
+        index = StudyIndex(settings.database_url)
+        data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+        filestore.write("ct.dcm", data)
+        if not index.series_status():
+            ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+            index.add_instance(instance_record(ds, str(ds.file_meta.TransferSyntaxUID), "M"),
+                               "ct.dcm", len(data), hashlib.sha256(data).hexdigest())
+        exporter = Exporter(settings, index, filestore)
+        index.queue_export(index.series_status()[0]["job_id"], "pacs", ["ct.dcm"], 60)
+        return exporter, index
+
+    pacs = Destination(port).start(tls=server)
+    try:
+        plain, index = exporter_for()
+        assert plain.run_once() == ExportState.PENDING  # no TLS: no association
+        index.close()
+        secure, index = exporter_for(tls=True, tls_ca=str(pacs_cert),
+                                     tls_cert=str(node_cert), tls_key=str(node_key))
+        assert secure.run_once(utcnow() + timedelta(minutes=1)) == ExportState.DONE  # retry
+        index.close()
+    finally:
+        pacs.stop()
+    assert len(pacs.received) == 1
+
+
+def test_tls_settings_are_checked(tmp_path: Path) -> None:
+    destination = {"name": "pacs", "ae_title": "PACS", "host": "h", "port": 1}
+    with pytest.raises(ConfigError, match="tls = true"):
+        settings_from_mapping({"destinations": [{**destination, "tls_ca": "ca.pem"}]},
+                              base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"destinations\[pacs\].tls_ca = 'ca.pem': no such"):
+        settings_from_mapping({"destinations": [{**destination, "tls": True,
+                                                 "tls_ca": "ca.pem"}]}, base_dir=tmp_path)
+    (tmp_path / "ca.pem").write_text("not a certificate")
+    settings = settings_from_mapping({"destinations": [{**destination, "tls": True,
+                                                        "tls_ca": "ca.pem"}]}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"destinations\[pacs\].tls_ca / tls_cert / tls_key"):
+        Exporter(settings, None, None)  # type: ignore[arg-type]

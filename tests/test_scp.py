@@ -26,6 +26,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from dicomnode.cli import main
 from dicomnode.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -36,7 +37,7 @@ from dicomnode.scu import Peer, echo, send
 from dicomnode.service import Node
 from storage.index import OWN_OUTPUT, utcnow
 from storage.models import CompletionRule, JobState
-from tests.conftest import dcmtk_tool, node_settings, write_ct_series
+from tests.conftest import dcmtk_tool, node_settings, self_signed_certificate, write_ct_series
 
 # name -> (how to encode from Explicit VR Little Endian, transfer syntax UID, lossless)
 ENCODINGS: dict[str, tuple[list[str] | None, str, bool]] = {
@@ -158,36 +159,9 @@ def test_calling_ae_allow_list_and_called_ae_check(
     assert node.index.counts()["instances"] == 1
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "node.crt", tmp_path / "node.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_tls_association(start_node: Callable[..., Node], ct_series_dir: Path,
                          tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     node = start_node(node={"tls_cert": str(cert), "tls_key": str(key)})
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
     ae = AE(ae_title="TLSSCU")
@@ -205,6 +179,9 @@ def test_tls_association(start_node: Callable[..., Node], ct_series_dir: Path,
     ae.acse_timeout = ae.network_timeout = 3
     plain = ae.associate("127.0.0.1", node.scp.port, ae_title="DICOMNODE")
     assert not plain.is_established  # a plain TCP peer cannot talk to the TLS port
+    peer = f"DICOMNODE@localhost:{node.scp.port}"
+    assert main(["echo", peer, "--tls-ca", str(cert)]) == 0  # the CLI speaks TLS too
+    assert main(["echo", peer, "--tls", "--timeout", "3"]) == 1  # not signed by a system CA
 
 
 def test_duplicate_is_idempotent_and_conflict_is_kept_aside(
