@@ -162,7 +162,7 @@ def analyse(
         sides = label_lungs(volume_hu, spacing).sides
         lung = sides > 0
     else:
-        lung = _check_lung_mask(lung_mask, volume_hu.shape)
+        lung = _check_lung_mask(lung_mask, volume_hu)
     timings["lungs"] = time.perf_counter() - t
 
     pred = _predict(ckpt, volume_hu, lung, batch_size)
@@ -227,7 +227,7 @@ def predict(
     _check_batch(batch_size)
     volume_hu = np.asarray(volume_hu)
     check_volume(volume_hu, spacing_mm, ckpt.preprocess)
-    return _predict(ckpt, volume_hu, _check_lung_mask(lung_mask, volume_hu.shape), batch_size)
+    return _predict(ckpt, volume_hu, _check_lung_mask(lung_mask, volume_hu), batch_size)
 
 
 def _predict(
@@ -244,7 +244,7 @@ def _predict(
     x_cls = None
     if model.stem_c is not None:
         x_cls = _like(_cls_input(volume_hu, lung, cfg)[None, None], weight)
-    timings["preprocess"] = _elapsed(t, cuda)
+    timings["preprocess"] = _elapsed(t, dev)
 
     t = time.perf_counter()
     acc = window.accumulator(device=dev) if model.stem_l is not None else None
@@ -261,7 +261,7 @@ def _predict(
         lesion_prob = None
         if acc is not None:
             lesion_prob = _to_native(acc.result(), window, lung)
-        timings["segmentation"] = _elapsed(t, cuda)
+        timings["segmentation"] = _elapsed(t, dev)
 
         t = time.perf_counter()
         probs = evidence = cls_idx = None
@@ -273,7 +273,7 @@ def _predict(
             maps = model.evidence([u.float() for u in out.units], j)
             evidence = _evidence_to_native(maps, volume_hu.shape, cfg, lung)
             cls_idx = Diagnosis(int(j[0]))
-        timings["classification"] = _elapsed(t, cuda)
+        timings["classification"] = _elapsed(t, dev)
     return Prediction(lesion_prob, probs, evidence, cls_idx, timings)
 
 
@@ -285,13 +285,30 @@ def _check_batch(batch_size: int | None) -> None:
         raise ValueError(f"batch_size {batch_size} must be >= 1")
 
 
-def _check_lung_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+MIN_AERATED_FRACTION = 0.2
+"""Least share of a caller's lung mask below AERATED_HU: even a lung half consolidated is
+mostly air-filled, while a mask on soft tissue, or a volume not in HU, has none."""
+AERATED_HU = -500.0
+
+
+def _check_lung_mask(mask: np.ndarray, volume_hu: np.ndarray) -> np.ndarray:
+    """A caller's lung mask (instead of `label_lungs`, whose content checks it skips):
+    binary, the volume's shape, and on air-filled lung of a volume in HU."""
     mask = np.asarray(mask)
-    if mask.shape != tuple(shape):
-        raise NotAVolume(f"lung mask shape {mask.shape} != volume shape {tuple(shape)}")
+    if mask.shape != volume_hu.shape:
+        raise NotAVolume(f"lung mask shape {mask.shape} != volume shape {volume_hu.shape}")
+    if mask.dtype != bool and np.any((mask != 0) & (mask != 1)):
+        raise NotAVolume("the lung mask is not binary (0/1): threshold a probability map first")
     mask = mask.astype(bool, copy=False)
-    if not mask.any():
+    lung_voxels = np.count_nonzero(mask)
+    if not lung_voxels:
         raise NoLungsFound("the lung mask is empty")
+    aerated = np.count_nonzero(volume_hu[mask] < AERATED_HU) / lung_voxels
+    if aerated < MIN_AERATED_FRACTION:
+        raise NoLungsFound(
+            f"only {aerated:.0%} of the lung mask is below {AERATED_HU:g} HU: the mask is"
+            " not on the lungs, or the volume is not in HU"
+        )
     return mask
 
 
@@ -417,11 +434,12 @@ def _autocast(dev: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 (else fp16) autocast on CUDA; full precision on CPU (deterministic, no gain)."""
     if dev.type != "cuda":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    # bf16 from compute capability 8.0 (Ampere) on, asked of the chosen GPU, not GPU 0.
+    bf16 = torch.cuda.get_device_capability(dev) >= (8, 0)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
-def _elapsed(t0: float, cuda: bool) -> float:
-    if cuda:
-        torch.cuda.synchronize()
+def _elapsed(t0: float, dev: torch.device) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     return time.perf_counter() - t0

@@ -19,6 +19,7 @@ Pure compute: no DICOM, no database; imports only torch and ``ai.labels``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -665,7 +666,18 @@ class ClassificationSubnet(nn.Module):
             pooled = torch.cat([u.amax(dim=(2, 3, 4)) for u in units], 1)
         else:
             pooled = torch.cat([u.mean(dim=(2, 3, 4)) for u in units], 1)
-        return ClsOutput(self.fc(pooled), units)
+        # The logits in float32 under autocast too: bf16 rounds a logit of 4 by 0.03, which
+        # moves the reported probabilities by a few percent.
+        with full_precision(pooled):
+            logits = self.fc(pooled.float())
+        return ClsOutput(logits, units)
+
+
+def full_precision(t: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off on `t`'s device (nothing to turn off on others, e.g. "meta")."""
+    kind = t.device.type
+    return (torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda")
+            else contextlib.nullcontext())
 
 
 def evidence_class(logits: Tensor) -> Tensor:
@@ -793,7 +805,9 @@ class DeepSC(nn.Module):
     def evidence(self, units: Sequence[Tensor], class_idx: Tensor) -> list[Tensor]:
         """Eq. 5: per-unit evidence masks for class_idx (n,), ReLU'd and scaled to [0, 1]."""
         fc = self._need(self.classifier, "the classification subnet").fc
-        return [normalise_evidence(v) for v in class_activation_maps(fc, units, class_idx)]
+        with full_precision(units[0]):  # float32 maps, as shown
+            maps = class_activation_maps(fc, [u.float() for u in units], class_idx)
+        return [normalise_evidence(v) for v in maps]
 
     def evidence_for_heads(
         self, units: Sequence[Tensor], class_idx: Tensor, box: Tensor, seg: SegOutput

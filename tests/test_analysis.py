@@ -271,3 +271,14 @@ def test_label_components() -> None:
     labels, n = label_components(mask)
     assert n == 2 and labels.dtype == np.int32
     assert label_components(mask, connectivity=6)[1] == 3
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("peripheral_mm", -5.0), ("peripheral_mm", float("nan")), ("consolidation_hu", float("inf")),
+])
+def test_a_nonsense_band_or_threshold_is_refused(option: str, value: float) -> None:
+    """A negative band silently dropped lesions (their crops shrank to nothing)."""
+    volume = np.full((4, 16, 16), -800.0)
+    lung = np.ones(volume.shape, bool)
+    with pytest.raises(ValueError, match=option):
+        analyse_lesions(volume, lung, lung, (1.0, 1.0, 1.0), **{option: value})

@@ -205,6 +205,15 @@ def test_bad_input_is_refused(ckpt: Checkpoint) -> None:
         infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs[:, :32])
     with pytest.raises(NoLungsFound):
         infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=np.zeros_like(lungs))
+    # A caller's mask skips label_lungs' content checks: it must lie on air-filled lung
+    # of a volume in HU, and be binary.
+    not_hu = np.random.default_rng(0).uniform(0, 1, vol.shape).astype(np.float32)
+    with pytest.raises(NoLungsFound, match="not in HU"):
+        infer.analyse(not_hu, SPACING, checkpoint=ckpt, lung_mask=lungs)
+    with pytest.raises(NoLungsFound, match="not on the lungs"):
+        infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=~lungs & (vol > -200))
+    with pytest.raises(NotAVolume, match="not binary"):
+        infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs * 0.5)
     with pytest.raises(ValueError, match="threshold"):
         infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=1.0)
 

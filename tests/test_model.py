@@ -135,6 +135,20 @@ def test_classifier_logits_are_the_fc_of_the_pooled_units(pool: str) -> None:
         assert torch.allclose(out.logits, model.classifier.fc(pooled), atol=1e-6)
 
 
+def test_logits_and_evidence_stay_float32_under_autocast() -> None:
+    """On a GPU the model runs under bf16 autocast; the reported probabilities and the
+    shown evidence must not be bf16-rounded (a logit of 4 would move by 0.03)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.named("tiny", "cls")).eval()
+    _, x_cls, _ = inputs(model.config)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.classify(model.stem_c(x_cls), None)
+        evidence = model.evidence(out.units, evidence_class(out.logits))
+    assert out.logits.dtype == torch.float32
+    assert out.units[0].dtype == torch.bfloat16  # the rest of the subnet did run in bf16
+    assert all(v.dtype == torch.float32 for v in evidence)
+
+
 @pytest.mark.parametrize("seg_norm", ["affine", "group"])
 def test_lesion_output_depends_only_on_its_receptive_field(seg_norm: str) -> None:
     """With the per-channel affine of the named sizes, what a window holds far from a
