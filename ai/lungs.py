@@ -360,9 +360,16 @@ class _AirComponents:
         return layers
 
 
+BODY_COLUMN_SHARE = 0.25
+"""A column belongs to the body's left-right extent when it holds at least this share of
+the fullest column's body pixels: the CT table (a thin plate, often wider than the
+patient) does not, so a patient lying off the table's centre keeps their own middle."""
+
+
 def _body_middle(body: np.ndarray) -> np.ndarray:
     """Middle column of the body's left-right extent per slice (NaN on empty slices)."""
-    cols = body.any(axis=1)  # (S, W)
+    counts = np.count_nonzero(body, axis=1)  # (S, W): body pixels per column
+    cols = counts > BODY_COLUMN_SHARE * counts.max(axis=1, keepdims=True)
     has = cols.any(axis=1)
     first = np.argmax(cols, axis=1)
     last = cols.shape[1] - 1 - np.argmax(cols[:, ::-1], axis=1)

@@ -195,6 +195,27 @@ def test_slice_order_and_mirroring(phantoms: dict[str, Phantom]) -> None:
     assert dice(sides == LungSide.RIGHT, mirrored == LungSide.LEFT) >= 0.99
 
 
+def test_patient_off_centre_on_a_table_wider_than_the_body(
+    phantoms: dict[str, Phantom],
+) -> None:
+    """Patients often lie a few cm off the table's centre, and the table spans the field
+    of view: the body's middle (trachea seeding, the split of merged lungs, the sides)
+    must be the patient's, not the table's."""
+    p = phantoms["cap"]
+    shift = 16  # columns, about 2.5 cm
+    volume = np.full_like(p.volume_hu, -1000)
+    volume[:, :, shift:] = p.volume_hu[:, :, :-shift]
+    lungs = np.zeros_like(p.lung_mask)
+    lungs[:, :, shift:] = p.lung_mask[:, :, :-shift]
+    below_body = np.flatnonzero((volume > -500).any(axis=(0, 2)))[-1] + 2
+    volume[:, below_body : below_body + 4, :] = -150  # a table plate, edge to edge
+    result = label_lungs(volume, p.spacing_mm)
+    assert dice(result.mask, lungs) >= 0.95
+    right = np.nonzero(result.sides == LungSide.RIGHT)[2].mean()
+    left = np.nonzero(result.sides == LungSide.LEFT)[2].mean()
+    assert right < left
+
+
 # --------------------------------------------------------------------------- hand-built cases
 
 
