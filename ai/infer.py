@@ -80,6 +80,27 @@ class Prediction:
     evidence_map: np.ndarray | None
     evidence_class: Diagnosis | None
     timings: dict[str, float] = field(default_factory=dict)
+    diagnosis: Diagnosis | None = None
+    """`diagnose` of `probabilities` (with the thresholds `predict` was given)."""
+
+
+def diagnose(
+    probabilities: Sequence[float], disease_thresholds: Sequence[float] | None = None
+) -> Diagnosis:
+    """The diagnosis from the class probabilities (CLASS_NAMES order): the most probable
+    class; or, with `disease_thresholds` (COVID-19, CAP), a disease once its probability
+    reaches its threshold (the more probable one when both do), else non-pneumonia. The
+    thresholds set the operating point: below 0.5 a disease is called on less evidence
+    (more sensitive, less specific) than the arg-max would ask."""
+    if not disease_thresholds:
+        return Diagnosis(int(np.argmax(probabilities)))
+    diseases = (Diagnosis.COVID19, Diagnosis.CAP)
+    if len(disease_thresholds) != len(diseases):
+        raise ValueError(f"disease_thresholds {list(disease_thresholds)}: expected two values"
+                         " (COVID-19, CAP)")
+    called = [d for d, t in zip(diseases, disease_thresholds, strict=True)
+              if probabilities[d] >= t]
+    return max(called, key=lambda d: probabilities[d]) if called else Diagnosis.NON_PNEUMONIA
 
 
 @dataclass(frozen=True)
@@ -131,11 +152,13 @@ def analyse(
     peripheral_mm: float = DEFAULT_PERIPHERAL_MM,
     consolidation_hu: float = DEFAULT_CONSOLIDATION_HU,
     batch_size: int | None = None,
+    disease_thresholds: Sequence[float] | None = None,
 ) -> Analysis:
     """Analyse one CT volume (z, y, x) in HU with spacing (dz, dy, dx) mm.
 
     `checkpoint`: a `Checkpoint` from `load_model`, a path, or None for the shipped
     default (raises `WeightsMissing` when absent). `lung_mask` skips lung segmentation.
+    `disease_thresholds`: the operating point (`diagnose`); None: the arg-max.
     Bad input raises an `ai.errors.InputVolumeError` subclass that says why.
     """
     if not 0.0 < threshold < 1.0:
@@ -165,9 +188,10 @@ def analyse(
         lung = _check_lung_mask(lung_mask, volume_hu)
     timings["lungs"] = time.perf_counter() - t
 
-    pred = _predict(ckpt, volume_hu, lung, batch_size)
+    pred = _predict(ckpt, volume_hu, lung, batch_size, disease_thresholds)
     assert pred.lesion_probability is not None and pred.probabilities is not None
     assert pred.evidence_map is not None and pred.evidence_class is not None
+    assert pred.diagnosis is not None
     timings |= pred.timings
 
     t = time.perf_counter()
@@ -189,7 +213,7 @@ def analyse(
     timings["total"] = time.perf_counter() - t0
 
     probs = {name: float(p) for name, p in zip(CLASS_NAMES, pred.probabilities, strict=True)}
-    diagnosis = Diagnosis(int(np.argmax(pred.probabilities)))
+    diagnosis = pred.diagnosis
     log.info(
         "analysed %s volume: %s (p=%.3f), %d lesions, LVR %.4f, %.1f s",
         "x".join(map(str, volume_hu.shape)), CLASS_NAMES[diagnosis], probs[CLASS_NAMES[diagnosis]],
@@ -231,7 +255,8 @@ def predict(
 
 
 def _predict(
-    ckpt: Checkpoint, volume_hu: np.ndarray, lung: np.ndarray, batch_size: int | None
+    ckpt: Checkpoint, volume_hu: np.ndarray, lung: np.ndarray, batch_size: int | None,
+    disease_thresholds: Sequence[float] | None = None,
 ) -> Prediction:
     model, cfg, dev = ckpt.model, ckpt.preprocess, ckpt.device
     timings: dict[str, float] = {}
@@ -264,17 +289,20 @@ def _predict(
         timings["segmentation"] = _elapsed(t, dev)
 
         t = time.perf_counter()
-        probs = evidence = cls_idx = None
+        probs = evidence = cls_idx = diagnosis = None
         if model.classifier is not None:
             out = model.classify_scan(context)
             logits = out.logits.float()
             probs = torch.softmax(logits, 1)[0].cpu().numpy().astype(np.float64)
-            j = evidence_class(logits)
+            diagnosis = diagnose(probs, disease_thresholds)
+            # The evidence of the diagnosed disease; for non-pneumonia, of the likelier one.
+            j = (evidence_class(logits) if diagnosis == Diagnosis.NON_PNEUMONIA
+                 else torch.tensor([int(diagnosis)], device=logits.device))
             maps = model.evidence([u.float() for u in out.units], j)
             evidence = _evidence_to_native(maps, volume_hu.shape, cfg, lung)
             cls_idx = Diagnosis(int(j[0]))
         timings["classification"] = _elapsed(t, dev)
-    return Prediction(lesion_prob, probs, evidence, cls_idx, timings)
+    return Prediction(lesion_prob, probs, evidence, cls_idx, timings, diagnosis)
 
 
 # --------------------------------------------------------------------------- preprocessing

@@ -223,10 +223,20 @@ class AIConfig:
         "Lesion voxels at or above this HU count as consolidation, below as ground-glass.",
         -300.0,
     )
+    disease_thresholds: list[float] = _doc(
+        "Operating point: [COVID-19, CAP] probabilities from which a disease is called (the "
+        "more probable when both are reached), else non-pneumonia; empty: the most probable "
+        "class.", []
+    )
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"ai.device = {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if self.disease_thresholds and len(self.disease_thresholds) != 2:
+            raise ConfigError(f"ai.disease_thresholds = {self.disease_thresholds!r}: expected"
+                              " [] or two probabilities [COVID-19, CAP]")
+        for value in self.disease_thresholds:
+            _check_range("ai.disease_thresholds", value, 0.0, 1.0)
         _check_range("ai.peripheral_thickness_mm", self.peripheral_thickness_mm, 0.0, 100.0)
         _check_range("ai.min_lesion_volume_mm3", self.min_lesion_volume_mm3, 0.0, 1e6)
         _check_range("ai.consolidation_hu", self.consolidation_hu, -1000.0, 1000.0)

@@ -105,7 +105,7 @@ def analyse_volume(volume: CTVolume, settings: Settings, checkpoint: object) -> 
         volume.hu, volume.spacing_mm, checkpoint=checkpoint,  # type: ignore[arg-type]
         device=ai.device,
         min_lesion_mm3=ai.min_lesion_volume_mm3, peripheral_mm=ai.peripheral_thickness_mm,
-        consolidation_hu=ai.consolidation_hu,
+        consolidation_hu=ai.consolidation_hu, disease_thresholds=ai.disease_thresholds or None,
     )
 
 

@@ -42,6 +42,8 @@ def test_shipped_config_is_the_generated_default() -> None:
         ({"series": {"description_regex": "("}}, "series.description_regex"),
         ({"series": {"modalities": []}}, "series.modalities"),
         ({"ai": {"device": "tpu"}}, "ai.device"),
+        ({"ai": {"disease_thresholds": [0.3]}}, "ai.disease_thresholds = [0.3]: expected"),
+        ({"ai": {"disease_thresholds": [0.3, 1.5]}}, "ai.disease_thresholds = 1.5"),
         ({"destinations": [{"name": "p", "ae_title": "X", "host": "h"}]},
          "destinations[p].port is missing"),
         ({"destinations": [{"name": "", "ae_title": "X", "host": "h", "port": "4242"}]},

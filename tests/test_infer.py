@@ -193,6 +193,32 @@ def test_a_single_task_model_is_refused(tmp_path: Path) -> None:
     assert pred.lesion_probability.shape == vol.shape and pred.probabilities is None
 
 
+@pytest.mark.parametrize(("probabilities", "thresholds", "expected"), [
+    ((0.2, 0.3, 0.5), None, Diagnosis.NON_PNEUMONIA),  # the arg-max
+    ((0.2, 0.3, 0.5), (0.5, 0.5), Diagnosis.NON_PNEUMONIA),  # no disease reaches 0.5
+    ((0.35, 0.1, 0.55), (0.3, 0.5), Diagnosis.COVID19),  # a sensitive COVID-19 call
+    ((0.35, 0.4, 0.25), (0.3, 0.3), Diagnosis.CAP),  # both reached: the more probable
+    ((0.6, 0.3, 0.1), (0.7, 0.25), Diagnosis.CAP),  # COVID-19 below its own threshold
+])
+def test_the_diagnosis_follows_the_operating_point(
+    probabilities: tuple[float, ...], thresholds: tuple[float, float] | None,
+    expected: Diagnosis,
+) -> None:
+    assert infer.diagnose(probabilities, thresholds) == expected
+
+
+def test_analyse_calls_and_shows_the_disease_its_thresholds_call(ckpt: Checkpoint) -> None:
+    vol, lungs = chest()
+    default = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs)
+    # CAP from any probability, COVID-19 never: CAP is called, and its evidence shown.
+    cap = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs,
+                        disease_thresholds=(1.01, 0.0))
+    assert cap.diagnosis == Diagnosis.CAP and cap.evidence_class == Diagnosis.CAP
+    assert cap.probabilities == default.probabilities  # the operating point, not the model
+    with pytest.raises(ValueError, match="two values"):
+        infer.diagnose((0.2, 0.3, 0.5), (0.5,))
+
+
 def test_bad_input_is_refused(ckpt: Checkpoint) -> None:
     vol, lungs = chest()
     bad = vol.copy()
