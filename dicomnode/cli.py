@@ -133,7 +133,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
     try:
         counts = index.requeue_study_exports(
             args.study_uid, settings.export.give_up_after_seconds,
-            [d.name for d in settings.destinations],
+            {d.name: d.outputs for d in settings.destinations},
         )
     finally:
         index.close()
@@ -141,11 +141,12 @@ def cmd_resend(args: argparse.Namespace) -> int:
         print(f"{counts['sending']} deliver(y/ies) of study {args.study_uid} being sent now:"
               " left alone", file=sys.stderr)
     if counts["unconfigured"]:
-        print(f"{counts['unconfigured']} deliver(y/ies) of study {args.study_uid} are to"
+        print(f"{counts['unconfigured']} deliver(y/ies) of study {args.study_uid} were to"
               " destinations no longer configured: not queued", file=sys.stderr)
     if not counts["queued"]:
         if not any(counts.values()):
-            print(f"no deliveries recorded for study {args.study_uid}", file=sys.stderr)
+            print(f"nothing to resend for study {args.study_uid}: no results or deliveries"
+                  " recorded (or no destination configured)", file=sys.stderr)
         return 1
     print(f"{counts['queued']} deliver(y/ies) of study {args.study_uid} queued again; "
           "a running node sends them within seconds")

@@ -782,36 +782,53 @@ class StudyIndex:
             return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     def requeue_study_exports(
-        self, study_instance_uid: str, give_up_after_s: float, destinations: Sequence[str],
-        now: datetime | None = None,
+        self, study_instance_uid: str, give_up_after_s: float,
+        destinations: Mapping[str, Sequence[str]], now: datetime | None = None,
     ) -> dict[str, int]:
-        """`dicomnode resend`: deliver every export of a study to the configured
-        `destinations` again, from a fresh backoff. Returns counts: "queued", "sending"
-        (being sent now: left alone) and "unconfigured" (their destination is gone)."""
+        """`dicomnode resend`: deliver a study's results again to each configured
+        destination (name -> output kinds), as it is configured now, from a fresh backoff.
+
+        Per analysed job and destination, the outputs of the job's Result that the
+        destination takes (so a destination added since, or a changed `outputs` list, is
+        served); for a job without a Result (a failure notice), what it owed before. The
+        job's earlier deliveries to that destination are replaced by this one, unless one
+        is being sent right now (left alone). Returns counts: "queued", "sending" and
+        "unconfigured" (deliveries recorded for destinations no longer configured)."""
         now = now or utcnow()
         counts = {"queued": 0, "sending": 0, "unconfigured": 0}
         with self._write() as session:
-            exports = session.scalars(
-                select(Export)
-                .join(Job, Export.job_pk == Job.id)
+            jobs = session.scalars(
+                select(Job)
                 .join(Series, Job.series_pk == Series.id)
                 .join(Study, Series.study_pk == Study.id)
                 .where(Study.study_instance_uid == study_instance_uid)
+                .order_by(Job.id)
             ).all()
-            for export in exports:
-                if export.state == ExportState.SENDING:
-                    counts["sending"] += 1
-                    continue
-                if export.destination not in destinations:
-                    counts["unconfigured"] += 1
-                    continue
-                export.state = ExportState.PENDING
-                export.attempts = 0
-                export.next_attempt_at = now
-                export.give_up_at = now + timedelta(seconds=give_up_after_s)
-                export.last_error = ""
-                export.updated_at = now
-                counts["queued"] += 1
+            for job in jobs:
+                exports = session.scalars(select(Export).where(Export.job_pk == job.id)).all()
+                counts["unconfigured"] += sum(e.destination not in destinations
+                                              for e in exports)
+                result = session.scalar(select(Result).where(Result.job_pk == job.id))
+                for name, kinds in destinations.items():
+                    earlier = [e for e in exports if e.destination == name]
+                    if result is not None:
+                        paths = [p for kind in kinds for p in result.outputs.get(kind, ())]
+                    else:
+                        paths = list(dict.fromkeys(p for e in earlier for p in e.paths))
+                    if not paths:
+                        continue
+                    if any(e.state == ExportState.SENDING for e in earlier):
+                        counts["sending"] += 1
+                        continue
+                    for export in earlier:
+                        session.delete(export)
+                    session.add(Export(
+                        job_pk=job.id, destination=name, paths=paths,
+                        state=ExportState.PENDING, next_attempt_at=now,
+                        give_up_at=now + timedelta(seconds=give_up_after_s),
+                        created_at=now, updated_at=now,
+                    ))
+                    counts["queued"] += 1
         return counts
 
     def export_status(self, limit: int = 50) -> list[dict[str, Any]]:

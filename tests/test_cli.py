@@ -95,7 +95,7 @@ def test_resend_of_an_unknown_study(tmp_path: Path, capsys: pytest.CaptureFixtur
     Node(settings_from_mapping({"storage": {"data_dir": str(tmp_path / "data")}},
                                base_dir=tmp_path), analyse=False).index.close()
     assert main(["resend", "--config", str(config), "1.2.3"]) == 1
-    assert "no deliveries recorded for study 1.2.3" in capsys.readouterr().err
+    assert "nothing to resend for study 1.2.3" in capsys.readouterr().err
 
 
 def test_send_of_a_missing_path_and_a_bad_calling_aet_are_errors(

@@ -26,8 +26,8 @@ from dicomnode.export import Exporter, OutcomeNotRecorded, retry_delay
 from dicomnode.scp import instance_record
 from dicomnode.scu import store_outcome
 from storage.filestore import FileStore
-from storage.index import StudyIndex, utcnow
-from storage.models import ExportState
+from storage.index import ResultRecord, StudyIndex, utcnow
+from storage.models import CompletionRule, ExportState
 from tests.conftest import free_port, self_signed_certificate
 
 
@@ -191,7 +191,7 @@ def test_pending_delivery_survives_a_restart_and_resend_requeues(
         try:
             assert exporter_after.run_once() == ExportState.DONE
             study_uid = restarted.job_series(job_id)[0]
-            assert restarted.requeue_study_exports(study_uid, 60, ["pacs"]) == {
+            assert restarted.requeue_study_exports(study_uid, 60, {"pacs": ["seg"]}) == {
                 "queued": 1, "sending": 0, "unconfigured": 0}
             assert restarted.export_status()[0]["attempts"] == 0  # a fresh backoff
             assert exporter_after.run_once() == ExportState.DONE
@@ -278,7 +278,7 @@ def test_a_warning_status_is_delivered_and_a_refusal_is_not_retried(
 ) -> None:
     assert _deliver_to(setup, Destination(port, status=0xB000)) == ExportState.DONE
     exporter, index, job_id = setup
-    index.requeue_study_exports(index.job_series(job_id)[0], 60, ["pacs"])
+    index.requeue_study_exports(index.job_series(job_id)[0], 60, {"pacs": ["seg"]})
     pacs = Destination(port, status=0x0124).start()  # not authorised
     try:
         assert exporter.run_once() == ExportState.FAILED
@@ -426,3 +426,29 @@ def test_tls_settings_are_checked(tmp_path: Path) -> None:
                                                         "tls_ca": "ca.pem"}]}, base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"destinations\[pacs\].tls_ca / tls_cert / tls_key"):
         Exporter(settings, None, None)  # type: ignore[arg-type]
+
+
+def test_resend_serves_the_destinations_as_configured_now(
+    setup: tuple[Exporter, StudyIndex, int],
+) -> None:
+    """A destination added after the analysis, or a changed outputs list, gets the
+    study's results on `resend`; the job's earlier deliveries are replaced, not doubled."""
+    _, index, job_id = setup
+    index.complete_job(job_id, CompletionRule.QUIET, None, 1)
+    claim = index.claim_next_job("w")
+    assert claim is not None and claim.job_id == job_id
+    outputs = {"seg": ["seg.dcm"], "sr": ["sr.dcm"], "pdf": ["pdf.dcm"]}
+    record = ResultRecord(
+        diagnosis="CAP", probabilities={}, lvr=0.1, plr=0.2, lesion_count=1,
+        lesion_volume_ml=1.0, lung_volume_ml=10.0, analysis={}, model_name="",
+        model_version="", checkpoint_sha256="", timings={}, outputs=outputs,
+    )
+    assert index.record_result(job_id, claim.attempts, record) is not None
+    index.queue_export(job_id, "pacs", ["seg.dcm", "sr.dcm"], 60)
+    index.queue_export(job_id, "gone", ["seg.dcm"], 60)
+    study = index.job_series(job_id)[0]
+    counts = index.requeue_study_exports(
+        study, 60, {"pacs": ["seg", "sr", "pdf"], "archive": ["sr"]})
+    assert counts == {"queued": 2, "sending": 0, "unconfigured": 1}
+    rows = {(r["destination"], r["files"], r["state"]) for r in index.export_status()}
+    assert rows == {("pacs", 3, "pending"), ("archive", 1, "pending"), ("gone", 1, "pending")}
