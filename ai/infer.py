@@ -22,6 +22,7 @@ CUDA under autocast (bf16, else fp16).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -153,12 +154,14 @@ def analyse(
     consolidation_hu: float = DEFAULT_CONSOLIDATION_HU,
     batch_size: int | None = None,
     disease_thresholds: Sequence[float] | None = None,
+    mirror: bool = False,
 ) -> Analysis:
     """Analyse one CT volume (z, y, x) in HU with spacing (dz, dy, dx) mm.
 
     `checkpoint`: a `Checkpoint` from `load_model`, a path, or None for the shipped
     default (raises `WeightsMissing` when absent). `lung_mask` skips lung segmentation.
     `disease_thresholds`: the operating point (`diagnose`); None: the arg-max.
+    `mirror`: test-time mirroring of the segmentation (`_mirrored_segmentation`).
     Bad input raises an `ai.errors.InputVolumeError` subclass that says why.
     """
     if not 0.0 < threshold < 1.0:
@@ -189,6 +192,8 @@ def analyse(
     timings["lungs"] = time.perf_counter() - t
 
     pred = _predict(ckpt, volume_hu, lung, batch_size, disease_thresholds)
+    if mirror:
+        pred = _mirrored_segmentation(ckpt, volume_hu, lung, batch_size, pred)
     assert pred.lesion_probability is not None and pred.probabilities is not None
     assert pred.evidence_map is not None and pred.evidence_class is not None
     assert pred.diagnosis is not None
@@ -252,6 +257,24 @@ def predict(
     volume_hu = np.asarray(volume_hu)
     check_volume(volume_hu, spacing_mm, ckpt.preprocess)
     return _predict(ckpt, volume_hu, _check_lung_mask(lung_mask, volume_hu), batch_size)
+
+
+def _mirrored_segmentation(
+    ckpt: Checkpoint, volume_hu: np.ndarray, lung: np.ndarray, batch_size: int | None,
+    pred: Prediction,
+) -> Prediction:
+    """Test-time mirroring, as nnU-Net does by default: the lesion probability averaged
+    with that of the left-right mirrored scan (training mirrors scans too), at twice the
+    segmentation time; the classification stays that of the scan as it is."""
+    mirrored = _predict(ckpt, np.ascontiguousarray(volume_hu[:, :, ::-1]),
+                        np.ascontiguousarray(lung[:, :, ::-1]), batch_size)
+    assert pred.lesion_probability is not None and mirrored.lesion_probability is not None
+    probability = pred.lesion_probability + mirrored.lesion_probability[:, :, ::-1]
+    probability *= 0.5
+    timings = dict(pred.timings)
+    for stage in ("preprocess", "segmentation"):
+        timings[stage] += mirrored.timings[stage]
+    return dataclasses.replace(pred, lesion_probability=probability, timings=timings)
 
 
 def _predict(

@@ -223,6 +223,10 @@ class AIConfig:
         "Lesion voxels at or above this HU count as consolidation, below as ground-glass.",
         -300.0,
     )
+    mirror: bool = _doc(
+        "Test-time mirroring: average the lesion probability with that of the left-right "
+        "mirrored scan (twice the segmentation time; worth it on a GPU).", False
+    )
     disease_thresholds: list[float] = _doc(
         "Operating point: [COVID-19, CAP] probabilities from which a disease is called (the "
         "more probable when both are reached), else non-pneumonia; empty: the most probable "

@@ -106,6 +106,7 @@ def analyse_volume(volume: CTVolume, settings: Settings, checkpoint: object) -> 
         device=ai.device,
         min_lesion_mm3=ai.min_lesion_volume_mm3, peripheral_mm=ai.peripheral_thickness_mm,
         consolidation_hu=ai.consolidation_hu, disease_thresholds=ai.disease_thresholds or None,
+        mirror=ai.mirror,
     )
 
 

@@ -1020,7 +1020,7 @@ class _Overlay:
 
 
 def _case_result(
-    case: Case, ckpt: Checkpoint, truth_lungs: bool, threshold: float
+    case: Case, ckpt: Checkpoint, truth_lungs: bool, threshold: float, mirror: bool = False
 ) -> tuple[ScanResult, np.ndarray, float]:
     """Score one case: (result, predicted lesion mask, seconds of inference)."""
     assert case.lung_mask is not None
@@ -1030,7 +1030,7 @@ def _case_result(
     if ckpt.model_config.task == "joint":
         analysis = analyse(
             case.volume_hu, case.spacing_mm, checkpoint=ckpt, lung_mask=lung_in,
-            threshold=threshold,
+            threshold=threshold, mirror=mirror,
         )  # fmt: skip
         pred_mask, stats = analysis.lesion_mask, analysis.stats
         probabilities = tuple(analysis.probabilities[name] for name in CLASS_NAMES)
@@ -1091,6 +1091,7 @@ def evaluate(
     truth_lungs: bool = False,
     threshold: float = DEFAULT_THRESHOLD,
     overlays: int = 4,
+    mirror: bool = False,
 ) -> tuple[EvaluationSummary, str]:
     """Evaluate a checkpoint on every case of ``data``: (summary, Table II-style text).
 
@@ -1107,7 +1108,8 @@ def evaluate(
     skipped: dict[str, str] = {}
     for case in tqdm(cases, total=len(source), desc="evaluate", unit="scan", leave=False):
         try:
-            result, pred_mask, elapsed = _case_result(case, ckpt, truth_lungs, threshold)
+            result, pred_mask, elapsed = _case_result(case, ckpt, truth_lungs, threshold,
+                                                      mirror)
         except InputVolumeError as exc:  # the node would refuse this scan: say so, go on
             logger.warning("evaluate: %s skipped: %s", case.case_id, exc)
             skipped[case.case_id] = str(exc)
@@ -1130,6 +1132,7 @@ def evaluate(
             "data": list(data),
             "truth_lungs": truth_lungs,
             "threshold": threshold,
+            "mirror": mirror,
             "seconds_per_scan": float(np.mean(seconds)) if seconds else None,
             "skipped": skipped,
             "device": str(ckpt.device),
@@ -1431,6 +1434,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="lesion probability threshold (0.5)",
     )
     parser.add_argument("--overlays", type=int, default=4, help="example slices in the PNG")
+    parser.add_argument(
+        "--mirror",
+        action="store_true",
+        help="test-time mirroring of the segmentation, as [ai] mirror (joint models)",
+    )
 
 
 def run_evaluate_command(args: argparse.Namespace) -> int:
@@ -1439,7 +1447,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         _, table = evaluate(
             args.checkpoint, args.data, args.out, device=args.device, workers=args.workers,
             cache_dir=args.cache_dir, truth_lungs=args.truth_lungs, threshold=args.threshold,
-            overlays=args.overlays,
+            overlays=args.overlays, mirror=args.mirror,
         )  # fmt: skip
     except (DatasetError, ValueError, CheckpointError) as exc:
         logger.error("evaluate: %s", exc)
