@@ -22,6 +22,7 @@ from dicomnode.config import (
     render_config_toml,
 )
 from dicomnode.scu import Peer, PeerError, client_tls_context, echo, send
+from storage.errors import IndexUnavailable
 from storage.filestore import DataDirInUse
 
 logger = logging.getLogger("dicomnode")
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    except (ConnectionError, DataDirInUse) as exc:
+    except (ConnectionError, DataDirInUse, IndexUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a port in use, a data_dir that cannot be created ...

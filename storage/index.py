@@ -18,8 +18,10 @@ from typing import Any
 
 from sqlalchemy import Connection, Select, bindparam, create_engine, event, func, select, update
 from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.errors import IndexUnavailable
 from storage.models import (
     SCHEMA_VERSION,
     Base,
@@ -254,7 +256,10 @@ class StudyIndex:
         kwargs: dict[str, Any] = {}
         if self._sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        self.engine: Engine = create_engine(url, **kwargs)
+        try:
+            self.engine: Engine = create_engine(url, **kwargs)
+        except (ArgumentError, ImportError) as exc:  # a malformed URL, a missing driver
+            raise IndexUnavailable(f"cannot open the study index {url!r}: {exc}") from None
         if self._sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -264,7 +269,13 @@ class StudyIndex:
         self._latest_job_of_series = _DriverStatement(_LATEST_JOB_OF_SERIES, dialect)
         self._insert_instance = _DriverStatement(_INSERT_INSTANCE, dialect, _INSTANCE_COLUMNS)
         self._count_instance = _DriverStatement(_COUNT_INSTANCE, dialect)
-        self._prepare_schema()
+        try:
+            self._prepare_schema()
+        except OperationalError as exc:  # unreachable server, unwritable file ...
+            self.engine.dispose()
+            raise IndexUnavailable(
+                f"cannot open the study index {url!r}: {exc.orig or exc}"
+            ) from None
 
     def close(self) -> None:
         self.engine.dispose()

@@ -14,6 +14,8 @@ import pytest
 from dicomnode.cli import build_parser, main, setup_logging
 from dicomnode.config import render_config_toml, settings_from_mapping
 from dicomnode.service import Node
+from storage.errors import IndexUnavailable
+from storage.index import StudyIndex
 from tests.conftest import free_port
 
 COMMANDS = ["serve", "status", "echo", "send", "resend", "infer", "phantom", "train", "evaluate",
@@ -122,3 +124,14 @@ def test_a_lower_case_log_level_is_accepted() -> None:
     finally:
         for one, level in zip(loggers, levels, strict=True):
             one.setLevel(level)
+
+
+def test_an_index_that_cannot_be_opened_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[storage]\ndatabase_url = "postgresql+nodriver://u@127.0.0.1:1/db"\n')
+    assert main(["status", "--config", str(config)]) == 1
+    assert "cannot open the study index" in capsys.readouterr().err
+    with pytest.raises(IndexUnavailable, match="unable to open database file"):
+        StudyIndex(f"sqlite:///{tmp_path / 'missing-folder' / 'index.sqlite'}")
