@@ -46,7 +46,7 @@ _FIND_INSTANCE = select(Instance.path, Instance.sha256, Instance.size_bytes).whe
     Instance.sop_instance_uid == bindparam("uid")
 )
 _LATEST_JOB_OF_SERIES = (
-    select(Series.id, Job.state)
+    select(Series.id, Job.state, Series.image_type)
     .join(Job, Job.series_pk == Series.id)
     .where(Series.series_instance_uid == bindparam("series_uid"))
     .order_by(Job.id.desc())
@@ -247,6 +247,20 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(value.split("\\")) if value else ()
 
 
+def _is_localizer(image_type: Sequence[str]) -> bool:
+    return any(v.upper() == "LOCALIZER" for v in image_type)
+
+
+def _describe_by(series: Series, record: InstanceRecord) -> None:
+    """The instance-level attributes the series rules judge a series by (ImageType,
+    orientation, thickness): those of its first instance, or of its first slice when
+    that came after a localizer (a scanner that files the localizer, acquired first, in
+    the axial series would otherwise have the whole series skipped as a localizer)."""
+    series.image_type = "\\".join(record.image_type)
+    series.image_orientation = "\\".join(f"{v:.6g}" for v in record.image_orientation)
+    series.slice_thickness_mm = record.slice_thickness_mm
+
+
 class StudyIndex:
     """Open (creating or migrating) the index at a SQLAlchemy URL."""
 
@@ -370,6 +384,8 @@ class StudyIndex:
             if exists is not None:
                 return False
             series = self._series_for(session, record, now)
+            if _is_localizer(_split(series.image_type)) and not _is_localizer(record.image_type):
+                _describe_by(series, record)
             series.instance_count += 1
             series.last_received_at = now
             series.released_at = None
@@ -408,6 +424,8 @@ class StudyIndex:
                 )
                 if row is None or row[1] != JobState.COLLECTING:
                     return None
+                if _is_localizer(_split(row[2])) and not _is_localizer(record.image_type):
+                    return None  # the ORM path describes the series by this slice instead
                 series_pk = row[0]
                 self._insert_instance.execute(cursor, {
                     "sop_instance_uid": record.sop_instance_uid,
@@ -468,14 +486,12 @@ class StudyIndex:
             series_number=record.series_number,
             series_description=record.series_description,
             body_part_examined=record.body_part_examined,
-            image_type="\\".join(record.image_type),
-            image_orientation="\\".join(f"{v:.6g}" for v in record.image_orientation),
-            slice_thickness_mm=record.slice_thickness_mm,
             calling_aet=record.calling_aet,
             instance_count=0,
             first_received_at=now,
             last_received_at=now,
         )
+        _describe_by(series, record)
         session.add(series)
         return series
 

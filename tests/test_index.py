@@ -54,6 +54,31 @@ def test_instances_build_the_hierarchy_once(index: StudyIndex) -> None:
     assert index.series_instance_paths("1.2.3.4") == ["p/1", "p/2"]
 
 
+def test_a_series_that_begins_with_its_localizer_is_described_by_its_slices(
+    index: StudyIndex,
+) -> None:
+    """Some scanners file the localizer (acquired first) in the axial series: the series
+    rules must judge the series by its slices, not skip it as a localizer."""
+    scout = replace(record(1), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+                                image_orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0),
+                                slice_thickness_mm=None)
+    assert index.add_instance(scout, "p/1", 10, "sha1", now=T0)
+    [progress] = index.collecting_series()
+    assert "LOCALIZER" in progress.image_type
+    for n in (2, 3):
+        add(index, n, T0 + timedelta(seconds=n))
+        [progress] = index.collecting_series()
+        assert progress.image_type == ("ORIGINAL", "PRIMARY")
+        assert progress.image_orientation == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+        assert progress.slice_thickness_mm == 1.25
+        assert progress.instance_count == n
+    # A localizer later in the series changes nothing.
+    index.add_instance(replace(scout, sop_instance_uid="1.2.3.4.9"), "p/9", 10,
+                       "sha9", now=T0 + timedelta(seconds=9))
+    [progress] = index.collecting_series()
+    assert progress.image_type == ("ORIGINAL", "PRIMARY") and progress.instance_count == 4
+
+
 def test_the_c_store_fast_path_writes_rows_as_the_orm_does(index: StudyIndex) -> None:
     add(index, 1, T0)  # a new series: ORM
     # another instance of a collecting series: compiled driver statements, not the ORM
