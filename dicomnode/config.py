@@ -207,6 +207,10 @@ class SeriesConfig:
                 raise ConfigError(f"series.{key}: not a valid regular expression ({exc})") from None
 
 
+MIRROR_CHOICES = {"auto": None, "on": True, "off": False}
+"""`[ai] mirror` values and what `ai.infer.analyse(mirror=...)` gets for each."""
+
+
 @dataclass(frozen=True)
 class AIConfig:
     """[ai]: the model and its analysis."""
@@ -223,9 +227,10 @@ class AIConfig:
         "Lesion voxels at or above this HU count as consolidation, below as ground-glass.",
         -300.0,
     )
-    mirror: bool = _doc(
+    mirror: str = _doc(
         "Test-time mirroring: average the lesion probability with that of the left-right "
-        "mirrored scan (twice the segmentation time; worth it on a GPU).", False
+        "mirrored scan (better masks, twice the segmentation time): auto (on a GPU only), "
+        "on or off.", "auto"
     )
     disease_thresholds: list[float] = _doc(
         "Operating point: [COVID-19, CAP] probabilities from which a disease is called (the "
@@ -236,6 +241,8 @@ class AIConfig:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"ai.device = {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if self.mirror not in MIRROR_CHOICES:
+            raise ConfigError(f"ai.mirror = {self.mirror!r}: expected auto, on or off")
         if self.disease_thresholds and len(self.disease_thresholds) != 2:
             raise ConfigError(f"ai.disease_thresholds = {self.disease_thresholds!r}: expected"
                               " [] or two probabilities [COVID-19, CAP]")

@@ -26,7 +26,7 @@ from ai.errors import InputVolumeError
 from ai.infer import Analysis, analyse, load_model
 from ai.labels import CLASS_NAMES
 from dicomnode import __version__
-from dicomnode.config import Settings
+from dicomnode.config import MIRROR_CHOICES, Settings
 from dicomnode.export import Exporter
 from dicomnode.outputs import Provenance
 from dicomnode.outputs.key_images import build_key_images
@@ -106,7 +106,7 @@ def analyse_volume(volume: CTVolume, settings: Settings, checkpoint: object) -> 
         device=ai.device,
         min_lesion_mm3=ai.min_lesion_volume_mm3, peripheral_mm=ai.peripheral_thickness_mm,
         consolidation_hu=ai.consolidation_hu, disease_thresholds=ai.disease_thresholds or None,
-        mirror=ai.mirror,
+        mirror=MIRROR_CHOICES[ai.mirror],
     )
 
 

@@ -43,6 +43,7 @@ def test_shipped_config_is_the_generated_default() -> None:
         ({"series": {"modalities": []}}, "series.modalities"),
         ({"ai": {"device": "tpu"}}, "ai.device"),
         ({"ai": {"disease_thresholds": [0.3]}}, "ai.disease_thresholds = [0.3]: expected"),
+        ({"ai": {"mirror": "yes"}}, "ai.mirror = 'yes': expected auto, on or off"),
         ({"ai": {"disease_thresholds": [0.3, 1.5]}}, "ai.disease_thresholds = 1.5"),
         ({"destinations": [{"name": "p", "ae_title": "X", "host": "h"}]},
          "destinations[p].port is missing"),
