@@ -220,8 +220,9 @@ class AIConfig:
     peripheral_thickness_mm: float = _doc(
         "Thickness of the peripheral lung band for the PLR (paper eq. 1, sigma).", 10.0
     )
+    # ai.infer's default, with which the shipped weights were evaluated (docs/training.md).
     min_lesion_volume_mm3: float = _doc(
-        "Lesion components smaller than this are removed as noise.", 50.0
+        "Lesion components smaller than this are removed as noise.", 10.0
     )
     consolidation_hu: float = _doc(
         "Lesion voxels at or above this HU count as consolidation, below as ground-glass.",
