@@ -154,6 +154,48 @@ def cmd_resend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from storage.filestore import DataDirLock, FileStore
+    from storage.index import StudyIndex, utcnow
+
+    settings = _settings(args)
+    url = settings.database_url
+    if _missing_sqlite_index(url):
+        print(f"no index at {url}: nothing to purge", file=sys.stderr)
+        return 1
+    lock = DataDirLock(settings.data_dir)
+    lock.acquire()  # the node must be stopped: it may be writing what this deletes
+    try:
+        cutoff = utcnow() - timedelta(days=args.older_than)
+        filestore = FileStore(settings.data_dir)
+        index = StudyIndex(url)
+        try:
+            studies = index.idle_studies(cutoff)
+            aside = filestore.aside_files_before(cutoff)
+            files = [p for study in studies for p in study.paths] + aside
+            freed = 0
+            if not args.dry_run:
+                # Files first, then rows: a purge cut short leaves rows whose files are
+                # gone, which the next purge finds and finishes.
+                freed = filestore.remove(files)
+                index.delete_studies([study.study_instance_uid for study in studies])
+        finally:
+            index.close()
+    finally:
+        lock.release()
+    for study in studies:
+        print(f"{'would remove' if args.dry_run else 'removed'} study {study.study_instance_uid}"
+              f" (study date {study.study_date or '?'}, last activity"
+              f" {study.last_activity:%Y-%m-%d}, {len(study.paths)} instance(s))")
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(studies)} study(ies), {len(files)} file(s) ({len(aside)} set aside"
+          f" under conflicts/ and rejected/)" + ("" if args.dry_run else
+                                                 f", {freed / 1e6:.1f} MB freed"))
+    return 0
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     from dicomnode.offline import run_offline
 
@@ -161,6 +203,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
     setup_logging("WARNING" if not args.verbose else "INFO")
     return run_offline(args.paths, args.out, settings, checkpoint=args.checkpoint,
                        device=args.device, as_json=args.json)
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        days = -1.0
+    if not 0 < days < 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of days")
+    return days
 
 
 def _calling_aet(text: str) -> str:
@@ -295,6 +347,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("study_uid", metavar="STUDY_UID", help="StudyInstanceUID")
     p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser("purge", help="delete studies with no activity for a number of days",
+                       description="Delete every study (received instances, the node's "
+                                   "outputs, index rows) with nothing received, analysed or "
+                                   "delivered for --older-than days and no work in flight, and "
+                                   "files set aside under conflicts/ and rejected/ as old. "
+                                   "The node must be stopped.")
+    with_config(p)
+    p.add_argument("--older-than", type=_days, required=True, metavar="DAYS",
+                   help="days without activity (e.g. 30)")
+    p.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("infer", help="analyse DICOM files offline and write the results",
                        description="Run the node's pipeline on a folder of DICOM files without "

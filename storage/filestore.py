@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -206,6 +207,39 @@ class FileStore:
         if removed:
             logger.warning("removed %d half-written temp file(s) from %s", removed, self.tmp_dir)
         return removed
+
+    def remove(self, relpaths: Iterable[str]) -> int:
+        """Delete files (`dicomnode purge`), then the folders they leave empty; returns
+        the bytes freed. Files already gone are skipped."""
+        freed = 0
+        folders: set[Path] = set()
+        for relpath in relpaths:
+            path = self.root / relpath
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            folders.add(path.parent)
+        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+            while folder != self.root and folder.parent != self.root:  # keep instances/ ...
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty
+                    break
+                folder = folder.parent
+        return freed
+
+    def aside_files_before(self, cutoff: datetime) -> list[str]:
+        """Files under conflicts/ and rejected/ last changed before `cutoff` (UTC)."""
+        stamp = cutoff.replace(tzinfo=UTC).timestamp() if cutoff.tzinfo is None else (
+            cutoff.timestamp())
+        return sorted(
+            str(path.relative_to(self.root))
+            for kind in ("conflicts", "rejected")
+            for path in (self.root / kind).iterdir()
+            if path.is_file() and path.stat().st_mtime < stamp
+        )
 
     def free_bytes(self) -> int:
         """Free space on the data directory's file system."""

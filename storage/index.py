@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Select, bindparam, create_engine, event, func, select, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -205,6 +215,16 @@ class ResultRecord:
     checkpoint_sha256: str
     timings: dict[str, float]
     outputs: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class IdleStudy:
+    """A study with no activity since a cutoff (`StudyIndex.idle_studies`), its files."""
+
+    study_instance_uid: str
+    study_date: str
+    last_activity: datetime
+    paths: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -857,6 +877,66 @@ class StudyIndex:
                     ))
                     counts["queued"] += 1
         return counts
+
+    def idle_studies(self, inactive_since: datetime) -> list[IdleStudy]:
+        """Studies with nothing received, analysed or delivered since `inactive_since` and
+        no work in flight (a series collecting or waiting for AI, a delivery pending), with
+        their files (received instances and the node's outputs): what `dicomnode purge`
+        deletes."""
+        busy_jobs = (JobState.COLLECTING, JobState.COMPLETE, JobState.QUEUED,
+                     JobState.RUNNING)
+        busy_exports = (ExportState.PENDING, ExportState.SENDING)
+        active = (
+            select(Series.study_pk).where(Series.last_received_at >= inactive_since)
+            .union(
+                select(Series.study_pk).join(Job, Job.series_pk == Series.id).where(
+                    (Job.updated_at >= inactive_since) | Job.state.in_(busy_jobs)),
+                select(Series.study_pk).join(Job, Job.series_pk == Series.id)
+                .join(Export, Export.job_pk == Job.id).where(
+                    (Export.updated_at >= inactive_since) | Export.state.in_(busy_exports)),
+            )
+        )
+        with self._sessions() as session:
+            studies = session.execute(
+                select(Study.id, Study.study_instance_uid, Study.study_date,
+                       func.max(Series.last_received_at))
+                .join(Series, Series.study_pk == Study.id, isouter=True)
+                .where(Study.id.not_in(active))
+                .group_by(Study.id)
+                .order_by(Study.id)
+            ).all()
+            return [
+                IdleStudy(uid, study_date or "", last or inactive_since, tuple(session.scalars(
+                    select(Instance.path).join(Series, Instance.series_pk == Series.id)
+                    .where(Series.study_pk == study_pk)).all()))
+                for study_pk, uid, study_date, last in studies
+            ]
+
+    def delete_studies(self, study_instance_uids: Sequence[str]) -> int:
+        """Remove studies from the index with everything that hangs from them (series,
+        instances, jobs, results, deliveries; a patient left without studies); returns
+        how many were found. Their files are the caller's (`FileStore.remove`, first)."""
+        found = 0
+        with self._write() as session:
+            for uid in study_instance_uids:
+                row = session.execute(select(Study.id, Study.patient_pk).where(
+                    Study.study_instance_uid == uid)).first()
+                if row is None:
+                    continue
+                found += 1
+                study_pk, patient_pk = row
+                series = select(Series.id).where(Series.study_pk == study_pk)
+                jobs = select(Job.id).where(Job.series_pk.in_(series))
+                session.execute(delete(Export).where(Export.job_pk.in_(jobs)))
+                session.execute(delete(Result).where(Result.job_pk.in_(jobs)))
+                session.execute(delete(Job).where(Job.series_pk.in_(series)))
+                session.execute(delete(Instance).where(Instance.series_pk.in_(series)))
+                session.execute(delete(Series).where(Series.study_pk == study_pk))
+                session.execute(delete(Study).where(Study.id == study_pk))
+                if not session.scalar(select(Study.id).where(Study.patient_pk == patient_pk)
+                                      .limit(1)):
+                    session.execute(delete(Patient).where(Patient.id == patient_pk))
+        return found
 
     def export_status(self, limit: int = 50) -> list[dict[str, Any]]:
         """Exports not yet delivered, and the latest delivered ones, newest first."""

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from dicomnode.cli import build_parser, main, setup_logging
@@ -18,8 +19,8 @@ from storage.errors import IndexUnavailable
 from storage.index import StudyIndex
 from tests.conftest import free_port
 
-COMMANDS = ["serve", "status", "echo", "send", "resend", "infer", "phantom", "train", "evaluate",
-            "init-config"]
+COMMANDS = ["serve", "status", "echo", "send", "resend", "purge", "infer", "phantom", "train",
+            "evaluate", "init-config"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -135,3 +136,56 @@ def test_an_index_that_cannot_be_opened_is_a_one_line_error(
     assert "cannot open the study index" in capsys.readouterr().err
     with pytest.raises(IndexUnavailable, match="unable to open database file"):
         StudyIndex(f"sqlite:///{tmp_path / 'missing-folder' / 'index.sqlite'}")
+
+
+def test_purge_deletes_idle_studies_and_old_set_aside_files_with_the_node_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    from datetime import timedelta
+
+    from pydicom.data import get_testdata_file
+
+    from dicomnode.scp import instance_record
+    from storage.filestore import DataDirLock, FileStore
+    from storage.index import utcnow
+    from storage.models import CompletionRule
+
+    data = tmp_path / "data"
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{data}"\n')
+    filestore = FileStore(data)
+    index = StudyIndex(f"sqlite:///{data / 'index.sqlite'}")
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    record = instance_record(ds, str(ds.file_meta.TransferSyntaxUID), "CT")
+    relpath = filestore.instance_relpath(record.study_instance_uid,
+                                         record.series_instance_uid, record.sop_instance_uid)
+    filestore.write(relpath, b"x" * 1000)
+    long_ago = utcnow() - timedelta(days=60)
+    index.add_instance(record, relpath, 1000, "sha", now=long_ago)
+    [series] = index.collecting_series()
+    index.complete_job(series.job_id, CompletionRule.QUIET, "min_slices: 1 instances", 1,
+                       now=long_ago)
+    index.close()
+    old_reject = filestore.write_aside("rejected", "unparsed", b"junk")
+    os.utime(data / old_reject, (long_ago.timestamp(), long_ago.timestamp()))
+    new_reject = filestore.write_aside("rejected", "unparsed", b"junk")
+
+    node = DataDirLock(data)  # a running node holds the data directory
+    node.acquire()
+    try:
+        assert main(["purge", "--config", str(config), "--older-than", "30"]) == 1
+        assert "stop it first" in capsys.readouterr().err
+    finally:
+        node.release()
+    assert main(["purge", "--config", str(config), "--older-than", "30", "--dry-run"]) == 0
+    assert "would remove 1 study(ies), 2 file(s)" in capsys.readouterr().out
+    assert (data / relpath).exists() and (data / old_reject).exists()
+    assert main(["purge", "--config", str(config), "--older-than", "30"]) == 0
+    assert f"removed study {record.study_instance_uid}" in capsys.readouterr().out
+    assert not (data / relpath).exists() and not (data / relpath).parent.parent.exists()
+    assert not (data / old_reject).exists() and (data / new_reject).exists()
+    assert (data / "instances").is_dir()
+    index = StudyIndex(f"sqlite:///{data / 'index.sqlite'}")
+    assert index.counts()["studies"] == 0 and index.counts()["instances"] == 0
+    index.close()

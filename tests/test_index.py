@@ -297,3 +297,36 @@ def test_a_release_marks_a_series_only_if_that_association_sent_its_latest_insta
     index.mark_released({"1.2.3.4": T0 + timedelta(seconds=1)}, now=T0 + timedelta(seconds=3))
     (progress,) = index.collecting_series()
     assert progress.released_at == T0 + timedelta(seconds=3)
+
+
+def _analysed(index: StudyIndex, study: str, at: datetime, delivered: bool = True) -> int:
+    """A study of one series, analysed and its output queued (and delivered) at `at`."""
+    add(index, 1, at, series=f"{study}.1", study=study)
+    [progress] = [p for p in index.collecting_series() if p.study_instance_uid == study]
+    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1, now=at)
+    claim = index.claim_next_job("w", now=at)
+    assert claim is not None
+    index.finish_job(claim.job_id, claim.attempts, JobState.DONE, now=at)
+    export_id = index.queue_export(claim.job_id, "pacs", [f"out/{study}"], 60, now=at)
+    assert export_id is not None
+    if delivered:
+        assert index.claim_due_export(now=at) is not None
+        index.finish_export(export_id, now=at)
+    return claim.job_id
+
+
+def test_purge_removes_only_studies_idle_since_the_cutoff(index: StudyIndex) -> None:
+    old, recent = T0, T0 + timedelta(days=40)
+    _analysed(index, "9.1", old)  # idle for 40 days: goes
+    _analysed(index, "9.2", old, delivered=False)  # its delivery still pending: stays
+    _analysed(index, "9.3", recent)  # recent: stays
+    add(index, 1, old, series="9.4.1", study="9.4")  # still collecting: stays
+    cutoff = recent - timedelta(days=30)
+    [idle] = index.idle_studies(cutoff)
+    assert idle.study_instance_uid == "9.1" and idle.paths == ("p/1",)
+    assert index.counts()["studies"] == 4  # only listed
+    assert index.delete_studies(["9.1", "no.such.study"]) == 1
+    assert {r["study_instance_uid"] for r in index.series_status()} == {"9.2", "9.3", "9.4"}
+    assert index.counts()["patients"] == 1  # the patient has other studies
+    assert all(e["study_instance_uid"] != "9.1" for e in index.export_status())
+    assert index.idle_studies(cutoff) == []
