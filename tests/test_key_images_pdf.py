@@ -22,6 +22,7 @@ from dicomnode.outputs.key_images import (
     build_key_images,
     format_name,
     pick_key_slices,
+    slice_position,
 )
 from dicomnode.outputs.pdf import build_pdf_report
 from dicomnode.volume import CTVolume, read_series
@@ -138,6 +139,17 @@ def _with_issuer(volume: CTVolume) -> CTVolume:
 ])
 def test_names_are_shown_from_whichever_group_they_are_stored_in(name: str, shown: str) -> None:
     assert format_name(name) == shown
+
+
+def test_the_slice_is_located_by_z_on_axial_series_and_along_the_normal_otherwise(
+    covid: tuple[CTVolume, Analysis],
+) -> None:
+    volume, _ = covid
+    ds = volume.datasets[3]
+    assert slice_position(volume, 3)[1] == f"z {float(ds.ImagePositionPatient[2]):.1f} mm"
+    coronal = dataclasses.replace(volume, orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    y = float(ds.ImagePositionPatient[1])  # the normal of a coronal slice is -y ... +y
+    assert slice_position(coronal, 3)[1] in (f"location {y:.1f} mm", f"location {-y:.1f} mm")
 
 
 def test_without_lesions_one_key_image_at_the_largest_lung_slice(
