@@ -248,16 +248,22 @@ def predict(
     spacing_mm: Sequence[float],
     *,
     batch_size: int | None = None,
+    mirror: bool = False,
 ) -> Prediction:
     """Run the network of any task (joint, seg, cls) on one scan; also for evaluation.
 
     Returns the lesion probability on the native grid (zero outside the lungs) and the
-    class probabilities with the evidence map, whichever the model has.
+    class probabilities with the evidence map, whichever the model has. `mirror`: as in
+    `analyse`, for a model that segments.
     """
     _check_batch(batch_size)
     volume_hu = np.asarray(volume_hu)
     check_volume(volume_hu, spacing_mm, ckpt.preprocess)
-    return _predict(ckpt, volume_hu, _check_lung_mask(lung_mask, volume_hu), batch_size)
+    lung = _check_lung_mask(lung_mask, volume_hu)
+    pred = _predict(ckpt, volume_hu, lung, batch_size)
+    if mirror and pred.lesion_probability is not None:
+        pred = _mirrored_segmentation(ckpt, volume_hu, lung, batch_size, pred)
+    return pred
 
 
 def _mirrored_segmentation(

@@ -274,6 +274,10 @@ class PipelineConfig:
         True,
     )
     key_images: int = _doc("Key images: the slices with the largest lesion area.", 3)
+    sr_image_library: bool = _doc(
+        "Add the TID 1600 image library (an entry per CT image) to the SR: optional in "
+        "TID 1500 and slow to build (seconds per 300 slices).", False
+    )
     max_attempts: int = _doc(
         "Claims of one job before a crash of its AI worker (out of memory, say) fails it "
         "instead of queueing it again.", 2

@@ -138,7 +138,7 @@ def build_results(
     t = time.perf_counter()
     sr = build_report(
         volume.datasets, seg.dataset, seg.lesion_segments, analysis.stats, probabilities,
-        analysis.diagnosis, provenance,
+        analysis.diagnosis, provenance, image_library=options.sr_image_library,
     )
     timings["encode_sr"] = time.perf_counter() - t
     return {"seg": [seg.dataset], "sr": [sr]}, timings

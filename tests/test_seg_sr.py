@@ -227,6 +227,26 @@ def test_sr_is_valid_and_carries_the_result(
     assert container.ContentSequence[0].TextValue == RESEARCH_NOTICE
 
 
+def test_sr_with_the_tid_1600_image_library_lists_every_ct_image(
+    case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
+) -> None:
+    phantom, volume, stats = case
+    seg = build_segmentation(
+        volume.datasets, phantom.lung_mask, phantom.lesion_mask, stats.lesions, PROVENANCE
+    )
+    sr = build_report(volume.datasets, seg.dataset, seg.lesion_segments, stats,
+                      (0.8, 0.15, 0.05), Diagnosis.COVID19, PROVENANCE, image_library=True)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    [library] = [item for item in sr.ContentSequence
+                 if item.ConceptNameCodeSequence[0].CodeValue == "111028"]  # Image Library
+    images = {image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+              for group in library.ContentSequence for image in group.ContentSequence
+              if image.ValueType == "IMAGE"}
+    assert images == {ds.SOPInstanceUID for ds in volume.datasets}
+
+
 def test_failure_notice_is_a_valid_sr_that_says_why(
     case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
 ) -> None:

@@ -1036,7 +1036,7 @@ def _case_result(
         probabilities = tuple(analysis.probabilities[name] for name in CLASS_NAMES)
     else:  # single-task ablations: the network part they have, the same post-processing
         lung = case.lung_mask if truth_lungs else segment_lungs(case.volume_hu, case.spacing_mm)
-        pred = predict(ckpt, case.volume_hu, lung, case.spacing_mm)
+        pred = predict(ckpt, case.volume_hu, lung, case.spacing_mm, mirror=mirror)
         pred_mask, stats = np.zeros(case.volume_hu.shape, dtype=bool), None
         if pred.lesion_probability is not None:
             pred_mask = remove_small_components(

@@ -185,8 +185,12 @@ def build_report(
     provenance: Provenance,
     *,
     series_number: int = 9002,
+    image_library: bool = False,
 ) -> Dataset:
-    """The Comprehensive SR for one analysed series, referencing the CT and the SEG."""
+    """The Comprehensive SR for one analysed series, referencing the CT and the SEG.
+
+    `image_library`: add TID 1600 (an entry per CT image with its geometry), which some
+    SR consumers index images by; optional in TID 1500, and slow to build (highdicom)."""
     ct_series = str(source_images[0].SeriesInstanceUID)
     groups: list[object] = [_diagnosis_group(analysis, probabilities, diagnosis, provenance)]
     groups.append(_volume_group(
@@ -216,6 +220,7 @@ def build_report(
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
         imaging_measurements=groups,  # type: ignore[arg-type]
         title=codes.DCM.ImagingMeasurementReport,
+        referenced_images=list(source_images) if image_library else None,
     )
     report[0].ContentSequence.append(_research_notice())
     return _comprehensive_sr([*source_images, segmentation], report,
