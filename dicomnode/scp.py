@@ -239,53 +239,58 @@ class StorageSCP:
         lock = self._uid_locks[hash(sop_uid) % len(self._uid_locks)]
         try:
             with lock:
-                record = self._store(encoded, header, event.context.transfer_syntax,
-                                     calling_aet, relpath, earlier[0] if earlier else None)
+                record, indexed_at = self._store(
+                    encoded, header, event.context.transfer_syntax, calling_aet, relpath,
+                    earlier[0] if earlier else None)
         except Exception:
             logger.exception("C-STORE of %s failed to persist", sop_uid)
             return STATUS_OUT_OF_RESOURCES
-        sent[series_uid] = (record, utcnow())  # one association's C-STOREs come one at a time
+        # The index's own receive time (a re-sent duplicate: now): a release marks the
+        # series only if no other association indexed an instance of it after this one.
+        # One association's C-STOREs come one at a time.
+        sent[series_uid] = (record, indexed_at or utcnow())
         return STATUS_SUCCESS
 
     def _store(self, encoded: bytes, header: Dataset, transfer_syntax_uid: str,
                calling_aet: str, relpath: str, same_series: InstanceRecord | None
-               ) -> InstanceRecord:
+               ) -> tuple[InstanceRecord, datetime | None]:
         """New instance: exclusive create (the file system says whether the path is
         taken), then the row. Anything else takes `_store_again`. Returns the instance's
-        index record. (Writing in another thread while the record is extracted and the
-        bytes hashed saved nothing measurable once those took under 0.6 ms.)"""
+        index record and the index's receive time (None when nothing new was indexed).
+        (Writing in another thread while the record is extracted and the bytes hashed
+        saved nothing measurable once those took under 0.6 ms.)"""
         record = instance_record(header, transfer_syntax_uid, calling_aet, same_series)
         digest = hashlib.sha256(encoded).hexdigest()
         own = is_own_output(header)
         try:
-            size = self.filestore.create(relpath, encoded, exclusive=True)
+            size = self.filestore.create(relpath, encoded)
         except FileExistsError:
-            self._store_again(encoded, record, relpath, digest, own)
-            return record
-        if not self.index.add_instance(record, relpath, size, digest, node_output=own):
+            return record, self._store_again(encoded, record, relpath, digest, own)
+        indexed_at = self.index.add_instance(record, relpath, size, digest, node_output=own)
+        if indexed_at is None:
             known = self.index.find_instance(record.sop_instance_uid)
             if known is not None and known.path == relpath and known.sha256 == digest:
                 logger.warning("%s re-sent after its stored file was lost: written again",
                                record.sop_instance_uid)
             else:  # indexed under another study or series: keep the first
                 self._keep_conflict(record, self.filestore.set_aside(relpath, "conflicts"))
-        return record
+        return record, indexed_at
 
     def _store_again(
         self, encoded: bytes, record: InstanceRecord, relpath: str, digest: str, own: bool
-    ) -> None:
+    ) -> datetime | None:
         """The instance's path exists: an identical re-send (success, nothing new; a
         stored file that was damaged since is written again), a conflicting one (the
         first is kept, the second set aside), or a file no row points to (left by a
-        crash before indexing: replaced and indexed)."""
+        crash before indexing: replaced and indexed; its receive time is returned)."""
         known = self.index.find_instance(record.sop_instance_uid)
         if known is None:
-            size = self.filestore.create(relpath, encoded)
-            self.index.add_instance(record, relpath, size, digest, node_output=own)
-        elif known.sha256 == digest and self.filestore.size(known.path) != known.size_bytes:
+            size = self.filestore.write(relpath, encoded)
+            return self.index.add_instance(record, relpath, size, digest, node_output=own)
+        if known.sha256 == digest and self.filestore.size(known.path) != known.size_bytes:
             logger.warning("%s re-sent over a damaged stored file: written again",
                            record.sop_instance_uid)
-            self.filestore.create(known.path, encoded)
+            self.filestore.write(known.path, encoded)  # temp file, then rename: never cut
         elif known.sha256 == digest:
             logger.debug("duplicate of %s ignored (identical)", record.sop_instance_uid)
         else:

@@ -147,25 +147,28 @@ class FileStore:
         _fsync_dir(final.parent)
         return len(data)
 
-    def create(self, relpath: str, data: bytes, *, exclusive: bool = False) -> int:
-        """Durably write a file that is not indexed yet, in place, with one fsync.
-
-        `exclusive`: raise FileExistsError instead of replacing an existing file (the
-        file system's own existence check, for free with the create).
+    def create(self, relpath: str, data: bytes) -> int:
+        """Durably write a new file that is not indexed yet, in place, with one fsync;
+        FileExistsError when the path is taken (the file system's own existence check,
+        for free with the create: an existing file is never truncated, so nothing that
+        is indexed or being read can be cut).
 
         The C-STORE fast path: no temp file, rename or directory fsync. ext4 and XFS commit
-        a new file's directory entry with the fsync of the file itself. A crash mid-write
-        leaves a partial file that no index row points to; `StudyIndex` reconciliation
-        after an unclean shutdown re-indexes complete ones and sets broken ones aside.
+        a new file's directory entry with the fsync of the file itself. A write that fails
+        (disk full, I/O error) removes its partial file; a crash mid-write leaves one that
+        no index row points to, which `StudyIndex` reconciliation after an unclean
+        shutdown sets aside (complete ones are re-indexed).
         """
         final = self.root / relpath
         self._ensure_dir(final.parent)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-        fd = os.open(final, flags, 0o644)
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             _write_all_and_fsync(fd, data)
-        finally:
+        except BaseException:
             os.close(fd)
+            final.unlink(missing_ok=True)
+            raise
+        os.close(fd)
         return len(data)
 
     def instance_files(self) -> list[str]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Connection,
@@ -385,24 +385,26 @@ class StudyIndex:
         sha256: str,
         now: datetime | None = None,
         node_output: bool = False,
-    ) -> bool:
+    ) -> datetime | None:
         """Index a stored instance and move its series' Job back to collecting.
 
         `node_output` marks the node's own results: their series' job is skipped at once,
-        so the node never analyses what it produced. Returns False (and changes nothing)
-        when the SOP Instance UID is already indexed.
+        so the node never analyses what it produced. Returns the receive time written
+        (taken under the write lock, so instances of one series get increasing times in
+        the order they are indexed: `mark_released` relies on it), or None (and changes
+        nothing) when the SOP Instance UID is already indexed.
         """
-        now = now or utcnow()
         if not node_output:
             added = self._add_to_collecting_series(record, path, size_bytes, sha256, now)
             if added is not None:
-                return added
+                return added or None
         with self._write() as session:
+            now = now or utcnow()
             exists = session.scalar(
                 select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
             )
             if exists is not None:
-                return False
+                return None
             series = self._series_for(session, record, now)
             if _is_localizer(_split(series.image_type)) and not _is_localizer(record.image_type):
                 _describe_by(series, record)
@@ -427,15 +429,18 @@ class StudyIndex:
                 self._mark_own_output(session, series, now)
             else:
                 self._collect(session, series, now)
-        return True
+        return now
 
     def _add_to_collecting_series(
-        self, record: InstanceRecord, path: str, size_bytes: int, sha256: str, now: datetime
-    ) -> bool | None:
+        self, record: InstanceRecord, path: str, size_bytes: int, sha256: str,
+        now: datetime | None,
+    ) -> datetime | Literal[False] | None:
         """The common case in three compiled statements on a pooled driver cursor
         (`_DriverStatement`): another instance of a known series whose job is collecting.
-        None when the full ORM path is needed (new series, or a job to re-open)."""
+        Returns the receive time written, False when the UID is indexed already, None
+        when the full ORM path is needed (new series, or a job to re-open)."""
         with self._write_lock:
+            now = now or utcnow()
             connection = self.engine.raw_connection()  # pooled; back to the pool on close
             try:
                 cursor = connection.cursor()
@@ -462,7 +467,7 @@ class StudyIndex:
                 return False
             finally:
                 connection.close()  # the pool rolls back whatever was not committed
-        return True
+        return now
 
     def _mark_own_output(self, session: Session, series: Series, now: datetime) -> None:
         has_job = series.id is not None and session.scalar(

@@ -82,7 +82,7 @@ def test_a_series_that_begins_with_its_localizer_is_described_by_its_slices(
 def test_the_c_store_fast_path_writes_rows_as_the_orm_does(index: StudyIndex) -> None:
     add(index, 1, T0)  # a new series: ORM
     # another instance of a collecting series: compiled driver statements, not the ORM
-    assert index._add_to_collecting_series(record(2), "p/2", 10, "sha2", T0) is True
+    assert index._add_to_collecting_series(record(2), "p/2", 10, "sha2", T0) == T0
     with index.engine.connect() as conn:
         first, second = (dict(r._mapping) for r in conn.execute(
             text("SELECT * FROM instance ORDER BY id")))  # fmt: skip
@@ -330,3 +330,15 @@ def test_purge_removes_only_studies_idle_since_the_cutoff(index: StudyIndex) -> 
     assert index.counts()["patients"] == 1  # the patient has other studies
     assert all(e["study_instance_uid"] != "9.1" for e in index.export_status())
     assert index.idle_studies(cutoff) == []
+
+
+def test_add_instance_returns_the_receive_time_it_wrote(index: StudyIndex) -> None:
+    """The SCP keeps this time for its association's release: it must be the index's
+    own, taken under the write lock (a time taken before it let a release mark a series
+    that another association had just added to)."""
+    first = index.add_instance(record(1), "p/1", 10, "sha1")  # ORM path
+    second = index.add_instance(record(2), "p/2", 10, "sha2")  # compiled fast path
+    assert first is not None and second is not None and first <= second
+    [progress] = index.collecting_series()
+    assert progress.last_received_at == second
+    assert index.add_instance(record(2), "p/2", 10, "sha2") is None  # already indexed
