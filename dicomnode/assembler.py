@@ -23,9 +23,19 @@ logger = logging.getLogger(__name__)
 
 
 def completion_rule(
-    series: SeriesProgress, rules: SeriesConfig, now: datetime
+    series: SeriesProgress, rules: SeriesConfig, now: datetime,
+    started_at: datetime | None = None,
 ) -> CompletionRule | None:
-    """The rule under which the series is complete at `now`, or None while collecting."""
+    """The rule under which the series is complete at `now`, or None while collecting.
+
+    `started_at`: when the node started. A series that was collecting then, with nothing
+    received since, waits a quiet period from the start whatever its timers say: one
+    whose quiet period (or deadline) ran out while the node was down is not completed
+    the moment it starts, before its sender has had a chance to reconnect and go on."""
+    if started_at is not None and series.last_received_at < started_at:
+        if now - started_at < timedelta(seconds=rules.quiet_seconds):
+            return None
+        return CompletionRule.QUIET
     idle = now - series.last_received_at
     if now - series.collecting_since >= timedelta(seconds=rules.max_wait_seconds):
         return CompletionRule.MAX_WAIT
@@ -47,6 +57,7 @@ class SeriesAssembler:
         self.index = index
         self.rules = rules
         self.poll_seconds = poll_seconds
+        self.started_at = utcnow()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -55,7 +66,7 @@ class SeriesAssembler:
         now = now or utcnow()
         closed = 0
         for series in self.index.collecting_series():
-            rule = completion_rule(series, self.rules, now)
+            rule = completion_rule(series, self.rules, now, self.started_at)
             if rule is None:
                 continue
             reason = skip_reason(series, self.rules)

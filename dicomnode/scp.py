@@ -15,6 +15,7 @@ import io
 import logging
 import ssl
 import threading
+import time
 import warnings
 from dataclasses import replace
 from datetime import datetime
@@ -37,6 +38,9 @@ from storage.filestore import FileStore
 from storage.index import InstanceRecord, StudyIndex, utcnow
 
 logger = logging.getLogger(__name__)
+
+DRAIN_SECONDS = 10.0
+"""How long a stop lets associations in progress finish before it aborts them."""
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -210,10 +214,24 @@ class StorageSCP:
         logger.info("storage SCP %s listening on %s:%d%s", node.ae_title, node.host, self.port,
                     " (TLS)" if context else "")
 
-    def stop(self) -> None:
+    def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
+        """Stop listening, give the associations in progress `drain_seconds` to finish,
+        then abort the rest (their senders keep what was not acknowledged and send it
+        again): nothing is stored after the node's stop is recorded."""
         if self._server is not None:
-            self._server.shutdown()
+            self._server.shutdown()  # closes the listening socket only
             self._server = None
+        deadline = time.monotonic() + drain_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        remaining = self.ae.active_associations
+        if remaining:
+            logger.warning("stopping: %d association(s) still open after %.0f s: aborted",
+                           len(remaining), drain_seconds)
+        for assoc in remaining:
+            assoc.abort()
+        for assoc in remaining:
+            assoc.join(timeout=5)
 
     # -- event handlers ------------------------------------------------------------------
 

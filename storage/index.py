@@ -355,6 +355,13 @@ class StudyIndex:
             value = session.scalar(select(Meta.value).where(Meta.key == "clean_shutdown"))
             session.execute(Meta.__table__.delete().where(Meta.key == "clean_shutdown"))
             session.execute(Meta.__table__.insert().values(key="clean_shutdown", value="0"))
+        if self._sqlite:
+            # synchronous=NORMAL leaves a commit in the WAL, unsynced, until a checkpoint:
+            # after a power cut the "running" mark could be lost with the rows written
+            # since, and the next start would skip the reconciliation that re-indexes
+            # their acknowledged files. A checkpoint syncs it into the database first.
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)")
         return value == "1"
 
     def mark_clean_shutdown(self) -> None:

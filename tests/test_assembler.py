@@ -45,6 +45,15 @@ def test_release_shortens_the_wait_only_after_the_grace() -> None:
     assert completion_rule(stale, RULES, at(5)) is None
 
 
+def test_after_a_restart_the_quiet_period_counts_from_the_start() -> None:
+    """The node was down for an hour: the series is not completed the moment it starts
+    (its sender may reconnect and go on), but a quiet period later."""
+    started = at(3600)
+    assert completion_rule(series(), RULES, at(3601), started) is None
+    assert completion_rule(series(), RULES, at(3610), started) == CompletionRule.QUIET
+    assert completion_rule(series(), RULES, at(3601)) == CompletionRule.MAX_WAIT  # no start
+
+
 def test_max_wait_is_a_hard_deadline() -> None:
     busy = series(last_received_at=at(599))
     assert completion_rule(busy, RULES, at(599.5)) is None

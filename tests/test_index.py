@@ -342,3 +342,20 @@ def test_add_instance_returns_the_receive_time_it_wrote(index: StudyIndex) -> No
     [progress] = index.collecting_series()
     assert progress.last_received_at == second
     assert index.add_instance(record(2), "p/2", 10, "sha2") is None  # already indexed
+
+
+def test_the_running_mark_is_in_the_database_file_not_only_in_the_wal(tmp_path: Path) -> None:
+    """With synchronous=NORMAL a commit may wait in the WAL unsynced; the mark that makes
+    the next start reconcile the store after a power cut must not."""
+    import shutil
+    import sqlite3
+
+    index = StudyIndex(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    index.mark_clean_shutdown()
+    index.mark_running()
+    shutil.copy(tmp_path / "index.sqlite", tmp_path / "copy.sqlite")  # without its WAL
+    index.close()
+    conn = sqlite3.connect(tmp_path / "copy.sqlite")
+    [(value,)] = conn.execute("SELECT value FROM meta WHERE key = 'clean_shutdown'").fetchall()
+    conn.close()
+    assert value == "0"

@@ -490,3 +490,21 @@ def test_a_file_cut_short_is_told_from_a_complete_one(name: str) -> None:
     for cut in (size // 2, size - 4096, size - 600, size - 100, size - 131, size - 7, 1000):
         with pytest.raises(ValueError):
             read_complete_file(data[:cut])
+
+
+def test_stop_aborts_an_association_left_open_after_the_drain(
+    start_node: Callable[..., Node],
+) -> None:
+    """Stopping closes the port at once, lets open associations finish for a while,
+    then aborts them: nothing is stored after the node records its clean stop."""
+    node = start_node()
+    ae = AE(ae_title="SLOWSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    started = time.monotonic()
+    node.scp.stop(drain_seconds=0.5)
+    assert time.monotonic() - started < 5
+    assoc.join(timeout=5)
+    assert assoc.is_aborted
+    assert node.scp.ae.active_associations == []
