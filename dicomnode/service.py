@@ -47,10 +47,11 @@ class Node:
         self.filestore.clean_temp()
         if not self.index.mark_running():
             reconcile_store(self.filestore, self.index)
-        requeued = self.index.recover_after_restart()
-        if requeued:
-            logger.warning("%d job(s) interrupted by the last shutdown were queued again",
-                           requeued)
+        requeued, failed = self.index.recover_after_restart(
+            self.settings.pipeline.max_attempts)
+        if requeued or failed:
+            logger.warning("%d job(s) interrupted by the last shutdown queued again, %d"
+                           " failed (claimed max_attempts times)", requeued, failed)
         logger.info("index %s: %s", self.settings.database_url,
                     counts_line(self.index.counts()))
         self.scp.start()

@@ -135,7 +135,12 @@ class WorkerPool:
                     if self._stop.is_set():
                         return
                     logger.info("starting a new AI worker %s", name)
-                    self._spawn(name)
+                    try:
+                        self._spawn(name)
+                    except Exception:  # e.g. fork's ENOMEM right after an OOM kill
+                        worker.restart_at = time.monotonic() + MAX_RESTART_DELAY_SECONDS
+                        logger.exception("AI worker %s could not be started: next try in"
+                                         " %.0f s", name, MAX_RESTART_DELAY_SECONDS)
 
     def _bury(self, name: str, worker: _Worker) -> None:
         """A worker died: release its jobs, then schedule its replacement. If the index

@@ -25,6 +25,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    true,
     update,
 )
 from sqlalchemy.engine import Dialect, Engine
@@ -265,6 +266,28 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(value.split("\\")) if value else ()
+
+
+def _release_running(
+    session: Session, which: Any, cause: str, max_attempts: int, now: datetime
+) -> tuple[int, int]:
+    """Running jobs (those `which` selects) back to the queue, or failed once claimed
+    `max_attempts` times; returns (queued, failed)."""
+    queued = failed = 0
+    for job in session.scalars(
+        select(Job).where(Job.state == JobState.RUNNING, which).with_for_update()
+    ):
+        job.updated_at = now
+        if job.attempts >= max_attempts:
+            job.state = JobState.FAILED
+            job.reason = f"{cause} on each of {job.attempts} attempts"
+            job.finished_at = now
+            failed += 1
+        else:
+            job.state = JobState.QUEUED
+            job.reason = f"re-queued: {cause}"
+            queued += 1
+    return queued, failed
 
 
 def _is_localizer(image_type: Sequence[str]) -> bool:
@@ -981,29 +1004,18 @@ class StudyIndex:
         """The jobs a dead AI worker was running: queued again, or failed once they were
         claimed `max_attempts` times (a series that kills its worker, out of memory say,
         must not take every worker down in turn). Returns (queued, failed)."""
-        now = now or utcnow()
-        queued = failed = 0
         with self._write() as session:
-            for job in session.scalars(
-                select(Job).where(Job.state == JobState.RUNNING, Job.worker == worker)
-                .with_for_update()
-            ):
-                job.updated_at = now
-                if job.attempts >= max_attempts:
-                    job.state = JobState.FAILED
-                    job.reason = (f"the AI worker died on each of {job.attempts} attempts"
-                                  f" ({cause})")
-                    job.finished_at = now
-                    failed += 1
-                else:
-                    job.state = JobState.QUEUED
-                    job.reason = f"re-queued: the AI worker died ({cause})"
-                    queued += 1
-        return queued, failed
+            return _release_running(
+                session, Job.worker == worker, f"the AI worker died ({cause})",
+                max_attempts, now or utcnow())
 
-    def recover_after_restart(self, now: datetime | None = None) -> int:
+    def recover_after_restart(
+        self, max_attempts: int = 2, now: datetime | None = None
+    ) -> tuple[int, int]:
         """Return jobs interrupted while running, and exports interrupted while sending, to
-        their queues; returns how many jobs."""
+        their queues; a job already claimed `max_attempts` times fails instead (a series
+        that took the whole node down, out of memory say, must not do it again at every
+        start). Returns (queued, failed) jobs."""
         now = now or utcnow()
         with self._write() as session:
             session.execute(
@@ -1011,16 +1023,8 @@ class StudyIndex:
                 .where(Export.state == ExportState.SENDING)
                 .values(state=ExportState.PENDING, next_attempt_at=now, updated_at=now)
             )
-            result = session.execute(
-                update(Job)
-                .where(Job.state == JobState.RUNNING)
-                .values(
-                    state=JobState.QUEUED,
-                    reason="re-queued: interrupted by a restart",
-                    updated_at=now,
-                )
-            )
-        return result.rowcount or 0
+            return _release_running(session, true(), "interrupted by a restart",
+                                    max_attempts, now)
 
     def counts(self) -> dict[str, int]:
         """Totals for a one-line summary."""

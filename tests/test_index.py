@@ -209,7 +209,7 @@ def test_restart_requeues_running_jobs(tmp_path: Path) -> None:
     claimed = index.claim_next_job("w")
     index.close()
     reopened = StudyIndex(url)
-    assert reopened.recover_after_restart() == 1
+    assert reopened.recover_after_restart() == (1, 0)
     assert reopened.job_state(claimed.job_id)[0] == JobState.QUEUED
     again = reopened.claim_next_job("w")
     assert again is not None and again.attempts == 2
@@ -359,3 +359,22 @@ def test_the_running_mark_is_in_the_database_file_not_only_in_the_wal(tmp_path: 
     [(value,)] = conn.execute("SELECT value FROM meta WHERE key = 'clean_shutdown'").fetchall()
     conn.close()
     assert value == "0"
+
+
+def test_a_restart_fails_a_job_already_claimed_max_attempts_times(tmp_path: Path) -> None:
+    """A series that took the whole node down (the kernel killed the service for its
+    memory) must not do it again at every start."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    index = StudyIndex(url)
+    add(index, 1, T0)
+    [progress] = index.collecting_series()
+    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
+    for _ in range(2):  # claimed, the node dies, restarted: claimed again, dies again
+        assert index.claim_next_job("w") is not None
+        queued, failed = index.recover_after_restart(max_attempts=2)
+    index.close()
+    assert (queued, failed) == (0, 1)
+    index = StudyIndex(url)
+    state, reason = index.job_state(progress.job_id)
+    index.close()
+    assert state == JobState.FAILED and "interrupted by a restart on each of 2" in reason

@@ -224,7 +224,7 @@ def test_a_job_run_again_after_a_crash_sends_each_result_once(
     kept = {uid: node.index.find_instance(uid) for uid in first.values()}
     monkeypatch.undo()
 
-    assert node.index.recover_after_restart() == 1
+    assert node.index.recover_after_restart() == (1, 0)
     again = node.index.claim_next_job("test")
     assert again is not None and again.job_id == job.job_id and again.attempts == 2
     assert pipeline.run_job(again) == "done"
@@ -257,7 +257,7 @@ def test_an_orphaned_worker_of_a_killed_node_neither_records_nor_notifies(
     notify = dataclasses.replace(node.settings.pipeline, failure_notice=True)
     orphan = Pipeline(dataclasses.replace(node.settings, pipeline=notify), node.index,
                       node.filestore, node.exporter)
-    assert node.index.recover_after_restart() == 1
+    assert node.index.recover_after_restart() == (1, 0)
     new_claim = node.index.claim_next_job("worker-0")
     assert new_claim is not None and new_claim.attempts == 2
 
