@@ -72,15 +72,18 @@ class Exporter:
         # claims again until a restart).
         self._unrecorded: dict[str | None, tuple[int, str, datetime | None, datetime | None]] = {}
 
-    def queue(self, job_id: int, outputs: Mapping[str, Sequence[str]]) -> list[int]:
-        """Owe each destination the outputs it is configured for; returns the export ids."""
+    def queue(self, job_id: int, outputs: Mapping[str, Sequence[str]],
+              attempt: int | None = None) -> list[int]:
+        """Owe each destination the outputs it is configured for; returns the export ids.
+        `attempt`: the job's claim this comes from (see `StudyIndex.queue_export`)."""
         ids = []
         for destination in self.settings.destinations:
             paths = [p for kind in destination.outputs for p in outputs.get(kind, ())]
             if not paths:
                 continue
             export_id = self.index.queue_export(
-                job_id, destination.name, paths, self.settings.export.give_up_after_seconds
+                job_id, destination.name, paths, self.settings.export.give_up_after_seconds,
+                attempt=attempt,
             )
             if export_id is not None:  # None: all of them were queued before
                 ids.append(export_id)

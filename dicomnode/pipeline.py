@@ -271,7 +271,7 @@ class Pipeline:
         stored = {kind: [self.store_output(ds) for ds in datasets]
                   for kind, datasets in outputs.items()}
         timings["store"] = timings.get("store", 0.0) + time.perf_counter() - t
-        self.exporter.queue(job.job_id, stored)
+        self.exporter.queue(job.job_id, stored, attempt=job.attempts)
         return stored
 
     def _finish(self, job: ClaimedJob, state: JobState, reason: str = "") -> bool:
@@ -304,7 +304,8 @@ class Pipeline:
         notice = self.store_output(build_failure_notice(header, reason, provenance))
         for destination in self.settings.destinations:
             self.index.queue_export(job.job_id, destination.name, [notice],
-                                    self.settings.export.give_up_after_seconds)
+                                    self.settings.export.give_up_after_seconds,
+                                    attempt=job.attempts)
 
     def store_output(self, ds: Dataset) -> str:
         """Store an output like a received instance; returns its path in the file store.
@@ -356,7 +357,7 @@ def worker_threads(workers: int) -> int:
     return max(1, (cores or 1) // workers)
 
 
-def worker_main(settings: Settings, name: str, stop: EventType) -> None:
+def worker_main(settings: Settings, name: str, stop: EventType, node_pid: int) -> None:
     """Entry point of one AI worker process.
 
     Workers are processes, not threads of the receiving node: torch and the model (one to
@@ -371,13 +372,12 @@ def worker_main(settings: Settings, name: str, stop: EventType) -> None:
         import torch
 
         torch.set_num_threads(worker_threads(settings.pipeline.workers))
-    parent = os.getppid()
     filestore = FileStore(settings.data_dir)
     index = StudyIndex(settings.database_url)
     pipeline = Pipeline(settings, index, filestore, Exporter(settings, index, filestore))
     try:
         pipeline.warm_up()
-        pipeline.run_until(lambda: stop.is_set() or os.getppid() != parent, name)
+        pipeline.run_until(lambda: stop.is_set() or os.getppid() != node_pid, name)
     finally:
         index.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -41,9 +42,10 @@ def run_worker(settings: Settings, name: str, stop: EventType) -> None:
     """A worker's main: Ctrl-C in the node's terminal reaches the whole process group,
     but only the node acts on it (it sets `stop`, and the worker finishes its job)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    node = os.getppid()  # before the imports: a node that dies meanwhile is noticed
     from dicomnode.pipeline import worker_main
 
-    worker_main(settings, name, stop)
+    worker_main(settings, name, stop, node)
 
 
 def exit_cause(exitcode: int | None) -> str:

@@ -764,17 +764,24 @@ class StudyIndex:
 
     def queue_export(
         self, job_id: int, destination: str, paths: Sequence[str], give_up_after_s: float,
-        now: datetime | None = None,
+        now: datetime | None = None, attempt: int | None = None,
     ) -> int | None:
         """Owe a destination these output files; the exporter sends them together.
 
         Files this job already owes the destination, has delivered to it or has given up
         on (`dicomnode resend` re-queues those) are left out, so a job run again after a
         crash sends nothing twice (also when an orphaned worker of the crashed node
-        finishes the same job); None when nothing is left."""
+        finishes the same job); None when nothing is left. With `attempt`, only while
+        that claim of the job is the current one (running, or failed by it: its failure
+        notice): an orphaned worker's claim, superseded by a restart, queues nothing."""
         now = now or utcnow()
         with self._write() as session:
-            session.get(Job, job_id, with_for_update=True)  # one queue_export per job at a time
+            job = session.get(Job, job_id, with_for_update=True)  # one per job at a time
+            if attempt is not None and (
+                job is None or job.attempts != attempt
+                or job.state not in (JobState.RUNNING, JobState.FAILED)
+            ):
+                return None
             owed = {path for row in session.scalars(
                 select(Export.paths).where(Export.job_pk == job_id,
                                            Export.destination == destination)

@@ -378,3 +378,20 @@ def test_a_restart_fails_a_job_already_claimed_max_attempts_times(tmp_path: Path
     state, reason = index.job_state(progress.job_id)
     index.close()
     assert state == JobState.FAILED and "interrupted by a restart on each of 2" in reason
+
+
+def test_a_superseded_claim_queues_no_export(index: StudyIndex) -> None:
+    """An orphaned worker of a crashed node finishes its claim after a restarted node
+    queued (or re-claimed) the job: what it made must not go to the PACS."""
+    add(index, 1, T0)
+    [progress] = index.collecting_series()
+    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
+    orphan = index.claim_next_job("w")
+    assert orphan is not None
+    index.recover_after_restart()  # the node restarted: the job is queued again
+    assert index.queue_export(orphan.job_id, "pacs", ["a"], 60, attempt=orphan.attempts) is None
+    current = index.claim_next_job("w")
+    assert current is not None and current.attempts == orphan.attempts + 1
+    assert index.queue_export(orphan.job_id, "pacs", ["a"], 60, attempt=orphan.attempts) is None
+    assert index.queue_export(current.job_id, "pacs", ["a"], 60,
+                              attempt=current.attempts) is not None
