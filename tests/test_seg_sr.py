@@ -17,6 +17,7 @@ from dicomnode.outputs.seg import (
     FIRST_LESION_SEGMENT,
     LESIONS_SEGMENT,
     LUNG_SEGMENT,
+    SegmentationOutput,
     build_segmentation,
 )
 from dicomnode.outputs.sr import COVID19, DIAGNOSIS, LVR, PLR, PNEUMONIA, build_report
@@ -146,13 +147,18 @@ def test_seg_of_a_prone_series_maps_the_masks_back_to_the_stored_pixels(
     assert not np.array_equal(masks[..., 0] > 0, phantom.lung_mask)
 
 
+def _segmentation(case: tuple[Phantom, CTVolume, ScanAnalysis]) -> SegmentationOutput:
+    phantom, volume, stats = case
+    return build_segmentation(
+        volume.datasets, phantom.lung_mask, phantom.lesion_mask, stats.lesions, PROVENANCE
+    )
+
+
 def test_sr_is_valid_and_carries_the_result(
     case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
 ) -> None:
-    phantom, volume, stats = case
-    seg = build_segmentation(
-        volume.datasets, phantom.lung_mask, phantom.lesion_mask, stats.lesions, PROVENANCE
-    )
+    _, volume, stats = case
+    seg = _segmentation(case)
     diagnosis = Diagnosis.COVID19 if stats.lesion_count else Diagnosis.NON_PNEUMONIA
     probabilities = (0.8, 0.15, 0.05) if stats.lesion_count else (0.05, 0.05, 0.9)
     sr = build_report(
@@ -230,10 +236,8 @@ def test_sr_is_valid_and_carries_the_result(
 def test_sr_with_the_tid_1600_image_library_lists_every_ct_image(
     case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
 ) -> None:
-    phantom, volume, stats = case
-    seg = build_segmentation(
-        volume.datasets, phantom.lung_mask, phantom.lesion_mask, stats.lesions, PROVENANCE
-    )
+    _, volume, stats = case
+    seg = _segmentation(case)
     sr = build_report(volume.datasets, seg.dataset, seg.lesion_segments, stats,
                       (0.8, 0.15, 0.05), Diagnosis.COVID19, PROVENANCE, image_library=True)
     path = tmp_path / "sr.dcm"
