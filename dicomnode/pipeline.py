@@ -41,6 +41,9 @@ from storage.index import ClaimedJob, ResultRecord, StudyIndex
 from storage.models import JobState
 
 logger = logging.getLogger(__name__)
+RESULT_RETRY_SECONDS: tuple[float | None, ...] = (1.0, 4.0, 16.0, None)
+"""Waits between tries to record a job's result (the index busy or locked); None: the
+last try."""
 
 POLL_SECONDS = 0.5
 
@@ -256,8 +259,7 @@ class Pipeline:
         except Exception:  # the SEG and SR are already on their way: the job stands
             logger.exception("job %d: key images / PDF report failed; SEG and SR were sent",
                              job.job_id)
-        self.index.record_result(job.job_id, job.attempts,
-                                 result_record(analysis, stored, timings))
+        self._record_result(job, result_record(analysis, stored, timings))
         logger.info("job %d: series %s -> %s (LVR %.1f %%), %d lesion(s), %.1f s", job.job_id,
                     job.series_instance_uid, analysis.diagnosis.name, 100 * analysis.lvr,
                     len(analysis.lesions), time.perf_counter() - t0)
@@ -273,6 +275,21 @@ class Pipeline:
         timings["store"] = timings.get("store", 0.0) + time.perf_counter() - t
         self.exporter.queue(job.job_id, stored, attempt=job.attempts)
         return stored
+
+    def _record_result(self, job: ClaimedJob, record: ResultRecord) -> None:
+        """Record what the AI found, retried while the index is busy. The SEG and SR are
+        already on their way, so a result that cannot be recorded is logged and the job
+        still ends done: failing it would send a failure notice after the results."""
+        for delay in RESULT_RETRY_SECONDS:
+            try:
+                self.index.record_result(job.job_id, job.attempts, record)
+                return
+            except Exception:
+                if delay is None:
+                    logger.exception("job %d: its result could not be recorded (its outputs"
+                                     " were sent)", job.job_id)
+                    return
+                time.sleep(delay)
 
     def _finish(self, job: ClaimedJob, state: JobState, reason: str = "") -> bool:
         """Record the end of this claim; False when a restarted node queued the job again

@@ -245,6 +245,33 @@ def test_a_job_run_again_after_a_crash_sends_each_result_once(
         assert hashlib.sha256(node.filestore.read(path)).hexdigest() == stored.sha256
 
 
+def test_a_result_the_index_refuses_to_record_leaves_the_job_done_without_a_notice(
+    start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The SEG and SR are sent before the result is recorded: an index that stays locked
+    then must not turn the job into a failure (whose notice would contradict them)."""
+    node, pipeline, job = _queued_job_and_pipeline(start_node, tiny_checkpoint, pacs, tmp_path)
+    pipeline.settings = dataclasses.replace(
+        node.settings, pipeline=dataclasses.replace(node.settings.pipeline, failure_notice=True))
+    monkeypatch.setattr(pipeline_module, "RESULT_RETRY_SECONDS", (0.0, None))
+    tries = []
+
+    def locked(*args: object) -> None:
+        tries.append(args)
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(node.index, "record_result", locked)
+    assert pipeline.run_job(job) == "done"
+    assert len(tries) == 2
+    assert node.index.job_state(job.job_id)[0] == JobState.DONE
+    wait_for(lambda: len(pacs.received) >= 2, timeout=10)
+    time.sleep(0.5)
+    assert COMPREHENSIVE_SR in {ds.SOPClassUID for ds in pacs.received}
+    assert all("not analysed" not in str(ds.get("SeriesDescription", ""))
+               for ds in pacs.received)
+
+
 def test_an_orphaned_worker_of_a_killed_node_neither_records_nor_notifies(
     start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
