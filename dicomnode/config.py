@@ -278,6 +278,10 @@ class PipelineConfig:
         "Add the TID 1600 image library (an entry per CT image) to the SR: optional in "
         "TID 1500 and slow to build (seconds per 300 slices).", False
     )
+    job_timeout_seconds: float = _doc(
+        "An AI worker still on one job after this long is taken as hung: it is killed and "
+        "replaced, and the job counts an attempt.", 1800.0
+    )
     max_attempts: int = _doc(
         "Claims of one job before a crash of its AI worker (out of memory, say) fails it "
         "instead of queueing it again.", 2
@@ -286,6 +290,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         _check_range("pipeline.workers", self.workers, 0, 64)
         _check_range("pipeline.max_attempts", self.max_attempts, 1, 100)
+        _check_range("pipeline.job_timeout_seconds", self.job_timeout_seconds, 1.0, 86400.0)
         # Each segment adds up to a frame per slice: with empty frames kept, 50 segments of
         # a 300-slice 512 x 512 series are about 500 MB of SEG, as far as is sensible.
         _check_range("pipeline.max_lesion_segments", self.max_lesion_segments, 0, 50)

@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 
 from dicomnode.config import Settings
-from storage.index import StudyIndex
+from storage.index import StudyIndex, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ class _Worker:
     started_at: float = 0.0
     quick_deaths: int = 0
     restart_at: float = 0.0
+    hung_after: float | None = None
+    """Set when the watcher killed the worker for taking too long (the job's cause)."""
 
 
 class WorkerPool:
@@ -131,6 +133,8 @@ class WorkerPool:
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_SECONDS):
             for name, worker in self._workers.items():
+                if worker.process is not None and worker.process.is_alive():
+                    self._kill_if_hung(name, worker)
                 if worker.process is not None and not worker.process.is_alive():
                     self._bury(name, worker)
                 if worker.process is None and time.monotonic() >= worker.restart_at:
@@ -144,11 +148,30 @@ class WorkerPool:
                         logger.exception("AI worker %s could not be started: next try in"
                                          " %.0f s", name, MAX_RESTART_DELAY_SECONDS)
 
+    def _kill_if_hung(self, name: str, worker: _Worker) -> None:
+        """A worker on one job for longer than `job_timeout_seconds` (a hung GPU driver or
+        network file system): killed, so that `_bury` releases its job and replaces it."""
+        timeout = self.settings.pipeline.job_timeout_seconds
+        try:
+            since = self.index.running_since(name)
+        except Exception:  # the index busy: the next round looks again
+            return
+        if since is None or (utcnow() - since).total_seconds() < timeout:
+            return
+        assert worker.process is not None
+        logger.error("AI worker %s has run one job for over %.0f s: killed as hung", name,
+                     timeout)
+        worker.hung_after = timeout
+        worker.process.kill()
+        worker.process.join(timeout=10)
+
     def _bury(self, name: str, worker: _Worker) -> None:
         """A worker died: release its jobs, then schedule its replacement. If the index
         cannot be written now, the next round tries again (nothing is started before)."""
         assert worker.process is not None
         cause = exit_cause(worker.process.exitcode)
+        if worker.hung_after is not None:
+            cause = f"no result after {worker.hung_after:g} s, killed as hung"
         try:
             queued, failed = self.index.release_worker_jobs(
                 name, cause, self.settings.pipeline.max_attempts)
@@ -164,6 +187,7 @@ class WorkerPool:
             worker.quick_deaths += 1
             delay = min(MAX_RESTART_DELAY_SECONDS, 2.0 ** (worker.quick_deaths - 1))
         worker.process = None
+        worker.hung_after = None
         worker.restart_at = now + delay
         logger.error("AI worker %s died (%s): %d job(s) queued again, %d failed;"
                      " a new worker starts in %.0f s", name, cause, queued, failed, delay)

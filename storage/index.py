@@ -1005,6 +1005,12 @@ class StudyIndex:
 
     # -- restart and status ------------------------------------------------------------
 
+    def running_since(self, worker: str) -> datetime | None:
+        """When the job a worker is running was claimed (None when it runs none)."""
+        with self._sessions() as session:
+            return session.scalar(select(func.min(Job.started_at)).where(
+                Job.state == JobState.RUNNING, Job.worker == worker))
+
     def release_worker_jobs(
         self, worker: str, cause: str, max_attempts: int, now: datetime | None = None
     ) -> tuple[int, int]:

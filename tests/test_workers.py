@@ -24,6 +24,14 @@ def claim_and_die(settings: Settings, name: str, stop: EventType) -> None:
         time.sleep(0.05)
 
 
+def claim_and_hang(settings: Settings, name: str, stop: EventType) -> None:
+    """A worker stuck on its job (a hung GPU driver, a dead network file system)."""
+    index = StudyIndex(settings.database_url)
+    while index.claim_next_job(name) is None and not stop.is_set():
+        time.sleep(0.05)
+    stop.wait(3600)  # deaf to everything but the node's stop
+
+
 def wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -87,3 +95,23 @@ def test_ctrl_c_is_left_to_the_node(tmp_path: Path) -> None:
     finally:
         pool.stop()
     assert process.exitcode == 0
+
+
+def test_a_worker_stuck_on_a_job_is_killed_after_the_job_timeout(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path, pipeline={"workers": 1, "max_attempts": 1,
+                                                 "job_timeout_seconds": 1.5})
+    settings.data_dir.mkdir(parents=True)
+    index = StudyIndex(settings.database_url)
+    index.add_instance(InstanceRecord(
+        sop_instance_uid="1.2.3.4.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT"), "p/1", 10, "sha")
+    [progress] = index.collecting_series()
+    assert index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    pool = WorkerPool(settings, index, entry=claim_and_hang)
+    pool.start()
+    try:
+        wait_for(lambda: index.job_state(progress.job_id)[0] == JobState.FAILED, timeout=30)
+        assert "no result after 1.5 s, killed as hung" in index.job_state(progress.job_id)[1]
+    finally:
+        pool.stop()
