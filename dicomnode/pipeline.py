@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.synchronize import Event as EventType
 
 import numpy as np
 import pydicom
@@ -36,6 +35,7 @@ from dicomnode.outputs.sr import build_failure_notice, build_report
 from dicomnode.scp import instance_record
 from dicomnode.volume import CTVolume, SeriesRejected, read_series
 from dicomnode.warmup import self_test_analysis, self_test_volume
+from dicomnode.workers import StopFlag
 from storage.filestore import FileStore
 from storage.index import ClaimedJob, ResultRecord, StudyIndex
 from storage.models import JobState
@@ -374,7 +374,7 @@ def worker_threads(workers: int) -> int:
     return max(1, (cores or 1) // workers)
 
 
-def worker_main(settings: Settings, name: str, stop: EventType, node_pid: int) -> None:
+def worker_main(settings: Settings, name: str, stop: StopFlag, node_pid: int) -> None:
     """Entry point of one AI worker process.
 
     Workers are processes, not threads of the receiving node: torch and the model (one to

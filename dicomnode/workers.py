@@ -17,8 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Event as EventType
 
 from dicomnode.config import Settings
 from storage.index import StudyIndex, utcnow
@@ -35,10 +35,30 @@ MAX_RESTART_DELAY_SECONDS = 60.0
 STOP_GRACE_SECONDS = 120.0
 """How long a stop waits for the workers to finish their jobs, all of them together."""
 
-WorkerEntry = Callable[[Settings, str, EventType], None]
 
 
-def run_worker(settings: Settings, name: str, stop: EventType) -> None:
+class StopFlag:
+    """The node's request that its workers stop: one shared byte, without a lock. A
+    multiprocessing.Event has one, and a worker killed at the wrong moment (for memory,
+    or as hung) leaves it held or owes it a wake-up, so the node's stop hangs on set()."""
+
+    def __init__(self, context: SpawnContext) -> None:
+        self._value = context.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def clear(self) -> None:
+        self._value.value = 0
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+
+WorkerEntry = Callable[[Settings, str, StopFlag], None]
+
+
+def run_worker(settings: Settings, name: str, stop: StopFlag) -> None:
     """A worker's main: Ctrl-C in the node's terminal reaches the whole process group,
     but only the node acts on it (it sets `stop`, and the worker finishes its job)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -83,12 +103,14 @@ class WorkerPool:
         self.index = index
         self._entry = entry
         self._context = multiprocessing.get_context("spawn")  # no forked threads or locks
-        self._stop = self._context.Event()
+        self._stop = StopFlag(self._context)  # read by the workers
+        self._stopping = threading.Event()  # wakes the watcher
         self._workers: dict[str, _Worker] = {}
         self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
         self._stop.clear()
+        self._stopping.clear()
         self._workers = {f"worker-{i}": _Worker() for i in range(self.settings.pipeline.workers)}
         for name in self._workers:
             self._spawn(name)
@@ -103,6 +125,7 @@ class WorkerPool:
     def stop(self) -> None:
         """Let running jobs finish (a job cut short is re-queued at the next start)."""
         self._stop.set()
+        self._stopping.set()
         if self._watcher is not None:
             self._watcher.join()
             self._watcher = None
@@ -131,7 +154,7 @@ class WorkerPool:
         worker.started_at = time.monotonic()
 
     def _watch(self) -> None:
-        while not self._stop.wait(WATCH_SECONDS):
+        while not self._stopping.wait(WATCH_SECONDS):
             for name, worker in self._workers.items():
                 if worker.process is not None and worker.process.is_alive():
                     self._kill_if_hung(name, worker)

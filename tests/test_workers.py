@@ -5,17 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import time
-from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 from dicomnode.config import Settings
-from dicomnode.workers import WorkerPool, exit_cause
+from dicomnode.workers import StopFlag, WorkerPool, exit_cause
 from storage.index import InstanceRecord, StudyIndex
 from storage.models import CompletionRule, JobState
 from tests.conftest import node_settings
 
 
-def claim_and_die(settings: Settings, name: str, stop: EventType) -> None:
+def claim_and_die(settings: Settings, name: str, stop: StopFlag) -> None:
     """A worker that the out-of-memory killer takes down on every job it claims."""
     index = StudyIndex(settings.database_url)
     while not stop.is_set():
@@ -24,12 +23,13 @@ def claim_and_die(settings: Settings, name: str, stop: EventType) -> None:
         time.sleep(0.05)
 
 
-def claim_and_hang(settings: Settings, name: str, stop: EventType) -> None:
+def claim_and_hang(settings: Settings, name: str, stop: StopFlag) -> None:
     """A worker stuck on its job (a hung GPU driver, a dead network file system)."""
     index = StudyIndex(settings.database_url)
     while index.claim_next_job(name) is None and not stop.is_set():
         time.sleep(0.05)
-    stop.wait(3600)  # deaf to everything but the node's stop
+    while not stop.is_set():  # deaf to everything but the node's stop
+        time.sleep(0.05)
 
 
 def wait_for(predicate, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
