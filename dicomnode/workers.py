@@ -36,7 +36,6 @@ STOP_GRACE_SECONDS = 120.0
 """How long a stop waits for the workers to finish their jobs, all of them together."""
 
 
-
 class StopFlag:
     """The node's request that its workers stop: one shared byte, without a lock. A
     multiprocessing.Event has one, and a worker killed at the wrong moment (for memory,
