@@ -47,6 +47,18 @@ def ignores_sigint(pid: int) -> bool:
     return False
 
 
+def _index_with_a_queued_job(settings: Settings) -> tuple[StudyIndex, int]:
+    settings.data_dir.mkdir(parents=True)
+    index = StudyIndex(settings.database_url)
+    index.add_instance(InstanceRecord(
+        sop_instance_uid="1.2.3.4.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT"), "p/1", 10, "sha")
+    [progress] = index.collecting_series()
+    assert index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    return index, progress.job_id
+
+
 def test_exit_causes_in_words() -> None:
     assert exit_cause(-9) == "killed by SIGKILL (out of memory?)"
     assert exit_cause(-11) == "killed by SIGSEGV"
@@ -57,19 +69,12 @@ def test_a_worker_killed_on_a_job_is_replaced_and_the_job_failed_after_max_attem
     tmp_path: Path,
 ) -> None:
     settings = node_settings(tmp_path, pipeline={"workers": 1, "max_attempts": 2})
-    settings.data_dir.mkdir(parents=True)
-    index = StudyIndex(settings.database_url)
-    index.add_instance(InstanceRecord(
-        sop_instance_uid="1.2.3.4.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT"), "p/1", 10, "sha")
-    [progress] = index.collecting_series()
-    assert index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    index, job_id = _index_with_a_queued_job(settings)
     pool = WorkerPool(settings, index, entry=claim_and_die)
     pool.start()
     try:
-        wait_for(lambda: index.job_state(progress.job_id)[0] == JobState.FAILED)
-        state, reason = index.job_state(progress.job_id)
+        wait_for(lambda: index.job_state(job_id)[0] == JobState.FAILED)
+        state, reason = index.job_state(job_id)
         assert "on each of 2 attempts" in reason and "SIGKILL" in reason
         # and a third worker runs, waiting for the next job
         wait_for(lambda: (p := pool.processes()["worker-0"]) is not None and p.is_alive())
@@ -100,18 +105,11 @@ def test_ctrl_c_is_left_to_the_node(tmp_path: Path) -> None:
 def test_a_worker_stuck_on_a_job_is_killed_after_the_job_timeout(tmp_path: Path) -> None:
     settings = node_settings(tmp_path, pipeline={"workers": 1, "max_attempts": 1,
                                                  "job_timeout_seconds": 1.5})
-    settings.data_dir.mkdir(parents=True)
-    index = StudyIndex(settings.database_url)
-    index.add_instance(InstanceRecord(
-        sop_instance_uid="1.2.3.4.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
-        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT"), "p/1", 10, "sha")
-    [progress] = index.collecting_series()
-    assert index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    index, job_id = _index_with_a_queued_job(settings)
     pool = WorkerPool(settings, index, entry=claim_and_hang)
     pool.start()
     try:
-        wait_for(lambda: index.job_state(progress.job_id)[0] == JobState.FAILED, timeout=30)
-        assert "no result after 1.5 s, killed as hung" in index.job_state(progress.job_id)[1]
+        wait_for(lambda: index.job_state(job_id)[0] == JobState.FAILED, timeout=30)
+        assert "no result after 1.5 s, killed as hung" in index.job_state(job_id)[1]
     finally:
         pool.stop()
