@@ -185,11 +185,11 @@ def cmd_purge(args: argparse.Namespace) -> int:
             index.close()
     finally:
         lock.release()
-    for study in studies:
-        print(f"{'would remove' if args.dry_run else 'removed'} study {study.study_instance_uid}"
-              f" (study date {study.study_date or '?'}, last activity"
-              f" {study.last_activity:%Y-%m-%d}, {len(study.paths)} instance(s))")
     verb = "would remove" if args.dry_run else "removed"
+    for study in studies:
+        print(f"{verb} study {study.study_instance_uid} (study date {study.study_date or '?'},"
+              f" last activity {study.last_activity:%Y-%m-%d}, {len(study.paths)}"
+              " instance(s))")
     print(f"{verb} {len(studies)} study(ies), {len(files)} file(s) ({len(aside)} set aside"
           f" under conflicts/ and rejected/)" + ("" if args.dry_run else
                                                  f", {freed / 1e6:.1f} MB freed"))
@@ -228,10 +228,8 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
         raise ConfigError("--tls-cert and --tls-key: give both, or neither")
     if not (args.tls or args.tls_ca or args.tls_cert):
         return None
-    try:
-        return client_tls_context(args.tls_ca, args.tls_cert, args.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"--tls-ca / --tls-cert / --tls-key: cannot load: {exc}") from None
+    return client_tls_context(args.tls_ca, args.tls_cert, args.tls_key,
+                              "--tls-ca / --tls-cert / --tls-key")
 
 
 def cmd_echo(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from dicomnode.config import ConfigError, Destination, Settings
+from dicomnode.config import Destination, Settings
 from dicomnode.scu import Peer, client_tls_context, send
 from storage.filestore import FileStore
 from storage.index import ExportTask, StudyIndex, utcnow
@@ -35,17 +35,13 @@ def retry_delay(attempts: int, initial_s: float, max_s: float) -> float:
 
 
 def destination_tls(destination: Destination, base_dir: Path) -> ssl.SSLContext:
-    """The TLS context of a `tls = true` destination; a ConfigError naming the keys when
-    its files do not load."""
+    """The TLS context of a `tls = true` destination."""
     def path(value: str) -> Path | None:
         return base_dir / value if value else None
 
-    try:
-        return client_tls_context(path(destination.tls_ca), path(destination.tls_cert),
-                                  path(destination.tls_key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"destinations[{destination.name}].tls_ca / tls_cert / tls_key:"
-                          f" cannot load: {exc}") from None
+    return client_tls_context(path(destination.tls_ca), path(destination.tls_cert),
+                              path(destination.tls_key),
+                              f"destinations[{destination.name}].tls_ca / tls_cert / tls_key")
 
 
 class OutcomeNotRecorded(RuntimeError):

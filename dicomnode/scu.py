@@ -22,6 +22,8 @@ from pynetdicom import AE, Association, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
+from dicomnode.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
@@ -72,16 +74,20 @@ class SendReport:
         return not self.failed
 
 
-def client_tls_context(ca: Path | None = None, cert: Path | None = None,
-                       key: Path | None = None) -> ssl.SSLContext:
+def client_tls_context(ca: Path | None, cert: Path | None, key: Path | None,
+                       settings: str) -> ssl.SSLContext:
     """DICOM TLS towards a peer (PS3.15 B.1): its certificate verified against `ca` (the
     system's CAs when None) and its host name, TLS 1.2 or newer, with a client
-    certificate when the peer requires one."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                         cafile=str(ca) if ca else None)
+    certificate when the peer requires one. Files that do not load raise a ConfigError
+    naming the `settings` they came from."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                             cafile=str(ca) if ca else None)
+        if cert is not None and key is not None:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{settings}: cannot load: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert is not None and key is not None:
-        context.load_cert_chain(cert, key)
     return context
 
 
