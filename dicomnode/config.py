@@ -45,16 +45,12 @@ def _doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     return field(default=default, metadata={"doc": text}, **kwargs)
 
 
-def _check_ae_title(key: str, value: str) -> None:
+def check_ae_title(key: str, value: str) -> str:
+    """`value` when it is a valid AE title; a ConfigError naming `key` otherwise."""
     if not _AE_TITLE.match(value) or value.strip() == "":
         raise ConfigError(
             f"{key} = {value!r}: expected an AE title of 1-16 printable characters, no backslash"
         )
-
-
-def check_ae_title(key: str, value: str) -> str:
-    """`value` when it is a valid AE title; a ConfigError naming `key` otherwise."""
-    _check_ae_title(key, value)
     return value
 
 
@@ -100,9 +96,9 @@ class NodeConfig:
     log_level: str = _doc("Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
 
     def __post_init__(self) -> None:
-        _check_ae_title("node.ae_title", self.ae_title)
+        check_ae_title("node.ae_title", self.ae_title)
         for title in self.allowed_calling_aets:
-            _check_ae_title("node.allowed_calling_aets", title)
+            check_ae_title("node.allowed_calling_aets", title)
         _check_range("node.port", self.port, 0, 65535)
         _check_range("node.max_associations", self.max_associations, 1, 10_000)
         _check_range("node.acse_timeout_s", self.acse_timeout_s, 0.1)
@@ -340,7 +336,7 @@ class Destination:
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("destinations.name is empty: expected a short name")
-        _check_ae_title(f"destinations[{self.name}].ae_title", self.ae_title)
+        check_ae_title(f"destinations[{self.name}].ae_title", self.ae_title)
         if not self.host.strip():
             raise ConfigError(f"destinations[{self.name}].host is empty: expected a host name"
                               " or address")
