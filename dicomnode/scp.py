@@ -35,7 +35,7 @@ from dicomnode.config import ConfigError, NodeConfig, Settings
 from dicomnode.outputs import MANUFACTURER
 from dicomnode.volume import string_values
 from storage.filestore import FileStore
-from storage.index import InstanceRecord, StudyIndex, utcnow
+from storage.index import InstanceRecord, StudyIndex
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def instance_record(
     `same_series`: the record of an earlier instance; when it is of the same study and
     series, its patient, study and series attributes are taken rather than read again
     (the index keeps a series' first instance's anyway), which halves the work per
-    C-STORE of a series.
+    C-STORE of a series. ImageType, orientation and thickness are always read: a series
+    that starts with its localizer is described by its first slice after it.
     """
     study_instance_uid, series_instance_uid, sop_instance_uid = placing_uids(ds)
     if (
@@ -112,6 +113,9 @@ def instance_record(
             sop_instance_uid=sop_instance_uid,
             sop_class_uid=_text(ds, "SOPClassUID"),
             transfer_syntax_uid=transfer_syntax_uid,
+            image_type=string_values(ds, "ImageType"),
+            image_orientation=_numbers(ds, "ImageOrientationPatient"),
+            slice_thickness_mm=_number(ds, "SliceThickness", float),
             instance_number=_number(ds, "InstanceNumber", int),
             calling_aet=calling_aet,
         )
@@ -171,7 +175,7 @@ class StorageSCP:
         # Per open association (from EVT_ACCEPTED to its end), the latest record of each
         # series it sent and when it was stored: the series to signal on release, and the
         # attributes its next instances share.
-        self._assoc_series: dict[int, dict[str, tuple[InstanceRecord, datetime]]] = {}
+        self._assoc_series: dict[int, dict[str, tuple[InstanceRecord, datetime | None]]] = {}
         self._assoc_lock = threading.Lock()
         self.ae = self._make_ae(settings.node)
         self._server: ThreadedAssociationServer | None = None
@@ -263,10 +267,11 @@ class StorageSCP:
         except Exception:
             logger.exception("C-STORE of %s failed to persist", sop_uid)
             return STATUS_OUT_OF_RESOURCES
-        # The index's own receive time (a re-sent duplicate: now): a release marks the
-        # series only if no other association indexed an instance of it after this one.
-        # One association's C-STOREs come one at a time.
-        sent[series_uid] = (record, indexed_at or utcnow())
+        # The index's own receive time of the association's latest new instance of the
+        # series (None: it only re-sent stored ones): a release marks the series only if
+        # it indexed some and no other association indexed one after them. One
+        # association's C-STOREs come one at a time.
+        sent[series_uid] = (record, indexed_at or (earlier[1] if earlier else None))
         return STATUS_SUCCESS
 
     def _store(self, encoded: bytes, header: Dataset, transfer_syntax_uid: str,
@@ -345,7 +350,7 @@ class StorageSCP:
     def _on_released(self, event: evt.Event) -> None:
         with self._assoc_lock:
             sent = self._assoc_series.pop(id(event.assoc), {})
-        series = {uid: stored_at for uid, (_, stored_at) in sent.items()}
+        series = {uid: stored_at for uid, (_, stored_at) in sent.items() if stored_at}
         self.index.mark_released(series)
         if series:
             logger.info("association from %s released after sending %d series",

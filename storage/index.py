@@ -492,9 +492,11 @@ class StudyIndex:
                 })  # fmt: skip
                 self._count_instance.execute(cursor, {"pk": series_pk, "now": now})
                 connection.commit()
-            except self._dbapi_integrity_error:  # the UID is indexed already (UNIQUE)
+            except self._dbapi_integrity_error:
                 connection.rollback()
-                return False
+                if self.find_instance(record.sop_instance_uid) is None:
+                    raise  # another constraint: not a duplicate, so nothing acknowledged
+                return False  # the UID is indexed already (UNIQUE)
             finally:
                 connection.close()  # the pool rolls back whatever was not committed
         return now

@@ -395,3 +395,22 @@ def test_a_superseded_claim_queues_no_export(index: StudyIndex) -> None:
     assert index.queue_export(orphan.job_id, "pacs", ["a"], 60, attempt=orphan.attempts) is None
     assert index.queue_export(current.job_id, "pacs", ["a"], 60,
                               attempt=current.attempts) is not None
+
+
+def test_only_the_uid_constraint_reads_as_a_duplicate(
+    index: StudyIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any other integrity error on the fast path is raised (the SCP answers 0xA700), not
+    taken for an instance stored already (answered 0x0000 with nothing indexed)."""
+    import sqlite3
+
+    assert add(index, 1, T0)
+
+    def violate(*args: Any) -> None:
+        raise sqlite3.IntegrityError("FOREIGN KEY constraint failed")
+
+    monkeypatch.setattr(index._count_instance, "execute", violate)
+    with pytest.raises(sqlite3.IntegrityError):
+        add(index, 2, T0 + timedelta(seconds=1))
+    assert index.find_instance("1.2.3.4.2") is None
+    assert not add(index, 1, T0 + timedelta(seconds=2))  # a true duplicate still is one

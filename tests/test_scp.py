@@ -508,3 +508,43 @@ def test_stop_aborts_an_association_left_open_after_the_drain(
     assoc.join(timeout=5)
     assert assoc.is_aborted
     assert node.scp.ae.active_associations == []
+
+
+def test_a_series_sent_localizer_first_in_one_association_is_described_by_its_slices(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """The later instances of an association take their series' attributes from the
+    first one's record, but never its ImageType, orientation or thickness."""
+    node = start_node(series={"min_slices": 4})
+    files = write_ct_series(tmp_path / "ct", slices=4, size=32)
+    localizer = pydicom.dcmread(files[0])
+    localizer.SOPInstanceUID = generate_uid()
+    localizer.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    localizer.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    localizer.SliceThickness = 200
+    localizer.save_as(tmp_path / "localizer.dcm", enforce_file_format=True)
+    assoc = _open_association(node)
+    for path in [tmp_path / "localizer.dcm", *files]:
+        assert assoc.send_c_store(path).Status == 0
+    assoc.release()
+    assert _completes_after_release(node, grace_s=node.settings.series.release_grace_seconds)
+    row = _job(node)
+    assert row["state"] == JobState.QUEUED, row["reason"]
+
+
+def test_an_association_that_only_re_sends_stored_instances_signals_no_release(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """Another association is still sending the series: a re-send of one of its stored
+    instances, then a release, must not cut the series' wait short."""
+    node = start_node(series={"release_grace_seconds": 2, "min_slices": 4})
+    files = write_ct_series(tmp_path / "ct", slices=5, size=32)
+    sending = _open_association(node)
+    for path in files[:4]:
+        assert sending.send_c_store(path).Status == 0
+    assert send(files[:1], peer_of(node)).sent == 1  # a duplicate, then released
+    time.sleep(0.3)  # the SCP records a release in its own thread
+    assert node.assembler.check(now=utcnow() + timedelta(seconds=5)) == 0
+    assert _job(node)["state"] == JobState.COLLECTING
+    sending.release()
+    assert _completes_after_release(node, grace_s=2)
