@@ -12,23 +12,25 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import (
     Connection,
+    DateTime,
     Select,
     bindparam,
     create_engine,
     delete,
     event,
     func,
+    inspect,
     select,
     true,
     update,
 )
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -72,11 +74,17 @@ _COUNT_INSTANCE = (
     .values(released_at=None)
 )
 
-# Migrations from version N to N+1, applied in order on open. New tables need none
-# (create_all adds them); changed or added columns of existing tables do.
+# Migrations from version N to N+1, applied in order on open, in one transaction with
+# the version bump where the database has transactional DDL (SQLite, PostgreSQL). New
+# tables need none (create_all adds them); changed or added columns of existing tables
+# do. Each is idempotent: MySQL commits DDL on its own, so a migration cut short there
+# may have to run again over what it had done.
 def _add_collecting_since(conn: Connection) -> None:
-    conn.exec_driver_sql("ALTER TABLE job ADD COLUMN collecting_since DATETIME")
-    conn.exec_driver_sql("UPDATE job SET collecting_since = created_at")
+    if "collecting_since" not in {c["name"] for c in inspect(conn).get_columns("job")}:
+        column_type = DateTime().compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE job ADD COLUMN collecting_since {column_type}")
+    conn.exec_driver_sql("UPDATE job SET collecting_since = created_at "
+                         "WHERE collecting_since IS NULL")
 
 
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
@@ -135,8 +143,13 @@ class _DriverStatement:
         return tuple(v if p is None else p(v) for v, p in zip(row, self._result, strict=True))
 
 
-class SchemaVersionError(RuntimeError):
+class SchemaVersionError(IndexUnavailable):
     """The index was written by a newer dicomnode, or cannot be migrated."""
+
+
+def _in_memory(sqlite_url: URL) -> bool:
+    return (sqlite_url.database or "") in ("", ":memory:") or (
+        sqlite_url.query.get("mode") == "memory" or "mode=memory" in (sqlite_url.database or ""))
 
 
 def utcnow() -> datetime:
@@ -290,6 +303,37 @@ def _release_running(
     return queued, failed
 
 
+# The record's free-text fields and the columns that keep them. The files keep every value
+# as sent; the index keeps what fits, because PostgreSQL and MySQL refuse a longer value
+# (a SeriesDescription over LO's 64 characters is common) where SQLite ignores widths.
+_TEXT_COLUMNS = {
+    "patient_id": Patient.patient_id, "patient_name": Patient.patient_name,
+    "patient_birth_date": Patient.birth_date, "patient_sex": Patient.sex,
+    "study_date": Study.study_date, "study_time": Study.study_time,
+    "accession_number": Study.accession_number, "study_description": Study.study_description,
+    "modality": Series.modality, "series_description": Series.series_description,
+    "body_part_examined": Series.body_part_examined, "calling_aet": Series.calling_aet,
+}
+_TEXT_WIDTHS = {field: column.type.length for field, column in _TEXT_COLUMNS.items()}
+_IMAGE_TYPE_WIDTH: int = Series.image_type.type.length
+
+
+def fitted(record: InstanceRecord) -> InstanceRecord:
+    """`record` with each text value cut to its column's width (and ImageType to the
+    values that fit), so that any database keeps it."""
+    cut = {field: getattr(record, field)[:width] for field, width in _TEXT_WIDTHS.items()
+           if len(getattr(record, field)) > width}
+    if len("\\".join(record.image_type)) > _IMAGE_TYPE_WIDTH:
+        values: list[str] = []
+        while len("\\".join([*values, record.image_type[len(values)]])) <= _IMAGE_TYPE_WIDTH:
+            values.append(record.image_type[len(values)])
+        cut["image_type"] = tuple(values)
+    if not cut:
+        return record
+    logger.debug("%s: cut to fit the index: %s", record.sop_instance_uid, ", ".join(cut))
+    return replace(record, **cut)
+
+
 def _is_localizer(image_type: Sequence[str]) -> bool:
     return any(v.upper() == "LOCALIZER" for v in image_type)
 
@@ -317,6 +361,11 @@ class StudyIndex:
             self.engine: Engine = create_engine(url, **kwargs)
         except (ArgumentError, ImportError) as exc:  # a malformed URL, a missing driver
             raise IndexUnavailable(f"cannot open the study index {url!r}: {exc}") from None
+        if self._sqlite and _in_memory(self.engine.url):
+            raise IndexUnavailable(
+                f"the study index {url!r} is in memory: every connection would see its own "
+                "empty database and nothing would survive a restart; give a file path"
+            )
         if self._sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -353,7 +402,12 @@ class StudyIndex:
     # -- schema ------------------------------------------------------------------------
 
     def _prepare_schema(self) -> None:
+        """Create, check and migrate the schema in one transaction: a second process
+        opening the index at the same time (a CLI command while `serve` starts) waits,
+        then finds it done; one killed half-way leaves the old version whole."""
         with self.engine.begin() as conn:
+            if self._sqlite:  # the driver sends no BEGIN before DDL: it would autocommit
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
             Base.metadata.create_all(conn)
             row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
             version = int(row) if row is not None else SCHEMA_VERSION
@@ -424,6 +478,7 @@ class StudyIndex:
         the order they are indexed: `mark_released` relies on it), or None (and changes
         nothing) when the SOP Instance UID is already indexed.
         """
+        record = fitted(record)
         if not node_output:
             added = self._add_to_collecting_series(record, path, size_bytes, sha256, now)
             if added is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from sqlalchemy import text
 
 from dicomnode.cli import build_parser, main, setup_logging
 from dicomnode.config import render_config_toml, settings_from_mapping
@@ -136,6 +137,22 @@ def test_an_index_that_cannot_be_opened_is_a_one_line_error(
     assert "cannot open the study index" in capsys.readouterr().err
     with pytest.raises(IndexUnavailable, match="unable to open database file"):
         StudyIndex(f"sqlite:///{tmp_path / 'missing-folder' / 'index.sqlite'}")
+    config.write_text('[storage]\ndatabase_url = "sqlite://"\n')
+    assert main(["status", "--config", str(config)]) == 1
+    assert "is in memory" in capsys.readouterr().err
+
+
+def test_an_index_from_a_newer_dicomnode_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    StudyIndex(url).close()
+    with StudyIndex(url).engine.begin() as conn:
+        conn.execute(text("UPDATE meta SET value = '999' WHERE key = 'schema_version'"))
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndatabase_url = "{url}"\n')
+    assert main(["status", "--config", str(config)]) == 1
+    assert "newer than this dicomnode" in capsys.readouterr().err
 
 
 def test_purge_deletes_idle_studies_and_old_set_aside_files_with_the_node_stopped(

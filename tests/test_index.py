@@ -414,3 +414,60 @@ def test_only_the_uid_constraint_reads_as_a_duplicate(
         add(index, 2, T0 + timedelta(seconds=1))
     assert index.find_instance("1.2.3.4.2") is None
     assert not add(index, 1, T0 + timedelta(seconds=2))  # a true duplicate still is one
+
+
+def test_a_migration_cut_short_leaves_the_old_version_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed (here: failing) after its ALTER TABLE: the next open migrates again."""
+    import sqlite3
+
+    import storage.index as index_module
+
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    index = StudyIndex(url)
+    add(index, 1, T0)
+    with index.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE job DROP COLUMN collecting_since"))
+        conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+    index.close()
+    migrate = index_module.MIGRATIONS[2]
+
+    def cut_short(conn: Any) -> None:
+        migrate(conn)
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(index_module.MIGRATIONS, 2, cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        StudyIndex(url)
+    with sqlite3.connect(tmp_path / "index.sqlite") as conn:  # the ALTER rolled back too
+        assert "collecting_since" not in {row[1] for row in conn.execute("PRAGMA table_info(job)")}
+    monkeypatch.setitem(index_module.MIGRATIONS, 2, migrate)
+    migrated = StudyIndex(url)
+    assert migrated.schema_version() == SCHEMA_VERSION
+    assert migrated.collecting_series()[0].collecting_since == T0
+
+
+def test_a_migration_runs_again_over_its_own_column(tmp_path: Path) -> None:
+    """A database whose DDL commits on its own (MySQL) can be left with the column added
+    and the old version number."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    index = StudyIndex(url)
+    add(index, 1, T0)
+    with index.engine.begin() as conn:
+        conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
+    index.close()
+    assert StudyIndex(url).schema_version() == SCHEMA_VERSION
+
+
+def test_text_longer_than_its_column_is_cut_to_fit(index: StudyIndex) -> None:
+    """PostgreSQL and MySQL refuse a value over a column's width (SQLite would keep it):
+    a long SeriesDescription must not make every C-STORE of its series fail."""
+    long = replace(record(1), series_description="D" * 100, accession_number="A" * 20,
+                   image_type=("ORIGINAL", "PRIMARY", *(f"VALUE{i:02d}" for i in range(20))))
+    assert index.add_instance(long, "p/1", 10, "sha1", now=T0)
+    (row,) = index.series_status()
+    assert (row["series_description"], row["accession_number"]) == ("D" * 64, "A" * 16)
+    (progress,) = index.collecting_series()
+    assert progress.image_type[:3] == ("ORIGINAL", "PRIMARY", "VALUE00")
+    assert len("\\".join(progress.image_type)) <= 128
