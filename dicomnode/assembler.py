@@ -2,7 +2,8 @@
 
 Three rules, checked in this order, and the one that fired is recorded on the Job:
 the hard `max_wait_seconds` deadline from the start of the collecting pass (the first
-instance, or the late one that re-opened the series or began a new pass); the sending association
+instance, or the late one that re-opened the series or began a new pass; at the latest
+the node's start); the sending association
 was released and the series has been idle for `release_grace_seconds`; the series has
 been idle for `quiet_seconds`. Timers are the index's persisted timestamps, so they
 resume across a restart. A late instance re-opens the Job (see storage.index).
@@ -31,13 +32,18 @@ def completion_rule(
     `started_at`: when the node started. A series that was collecting then, with nothing
     received since, waits a quiet period from the start whatever its timers say: one
     whose quiet period (or deadline) ran out while the node was down is not completed
-    the moment it starts, before its sender has had a chance to reconnect and go on."""
+    the moment it starts, before its sender has had a chance to reconnect and go on. Nor
+    does the deadline count the time the node was down once the sender goes on: it runs
+    from the start for a series that was collecting then."""
     if started_at is not None and series.last_received_at < started_at:
         if now - started_at < timedelta(seconds=rules.quiet_seconds):
             return None
         return CompletionRule.QUIET
     idle = now - series.last_received_at
-    if now - series.collecting_since >= timedelta(seconds=rules.max_wait_seconds):
+    collecting_since = series.collecting_since
+    if started_at is not None:
+        collecting_since = max(collecting_since, started_at)
+    if now - collecting_since >= timedelta(seconds=rules.max_wait_seconds):
         return CompletionRule.MAX_WAIT
     if (
         series.released_at is not None

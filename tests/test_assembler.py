@@ -54,6 +54,18 @@ def test_after_a_restart_the_quiet_period_counts_from_the_start() -> None:
     assert completion_rule(series(), RULES, at(3601)) == CompletionRule.MAX_WAIT  # no start
 
 
+def test_after_a_restart_the_deadline_does_not_count_the_time_the_node_was_down() -> None:
+    """The sender goes on after the restart: its first new instance must not close the
+    series by a deadline that ran out while the node was down."""
+    started = at(3600)
+    going_on = series(last_received_at=at(3601))
+    assert completion_rule(going_on, RULES, at(3602), started) is None
+    assert completion_rule(going_on, RULES, at(3600 + 599), started) == CompletionRule.QUIET
+    busy = series(last_received_at=at(4199.5))
+    assert completion_rule(busy, RULES, at(4199.9), started) is None
+    assert completion_rule(busy, RULES, at(4200), started) == CompletionRule.MAX_WAIT
+
+
 def test_max_wait_is_a_hard_deadline() -> None:
     busy = series(last_received_at=at(599))
     assert completion_rule(busy, RULES, at(599.5)) is None
