@@ -577,6 +577,41 @@ def test_open_data_fills_lung_masks(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert source[1].lung_mask is not None and source[1].lung_mask.all()
 
 
+def test_a_scan_whose_lungs_are_refused_is_marked_and_training_draws_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One scan the segmenter refuses (lungs cut off) must not stop a training run over
+    thousands: it is marked once (and remembered), and its training samples come from
+    the next usable case."""
+    from ai.checkpoint import preprocess_config_for
+    from ai.errors import LungsCutOff
+    from ai.model import ModelConfig
+
+    volume, lesion = _volume()
+    _write_nifti(tmp_path / "a.nii.gz", volume, SPACING)
+    _write_nifti(tmp_path / "b.nii.gz", volume[::-1].copy(), SPACING)
+    _write_nifti(tmp_path / "m.nii.gz", lesion.astype(np.uint8), SPACING)
+    (tmp_path / "l.csv").write_text("case_id,label,image,lesion_mask\n"
+                                    "a,covid,a.nii.gz,m.nii.gz\nb,cap,b.nii.gz,m.nii.gz\n")
+    refused = _volume()[0][::-1]
+    calls = []
+
+    def segment(v: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+        calls.append(1)
+        if np.array_equal(v, refused):
+            raise LungsCutOff("the lungs reach the last slice")
+        return np.ones(v.shape, dtype=bool)
+
+    monkeypatch.setattr(LungMaskCache, "_segment", staticmethod(segment))
+    source = datasets.open_data(f"nifti:{tmp_path / 'l.csv'}", tmp_path / "cache")
+    assert source[0].refused == ""
+    assert source[1].refused == "the lungs reach the last slice"
+    assert source[1].refused == "the lungs reach the last slice" and len(calls) == 2  # cached
+    cfg = ModelConfig.named("tiny")
+    samples = TrainingSamples(source, preprocess_config_for(cfg), cfg.cls_input, seed=0)
+    assert samples[(0, 1)]["case_id"] == "a"
+
+
 def test_only_what_a_person_drew_is_truth_and_the_newest_seg_wins(tmp_path: Path) -> None:
     """A corrected copy of the node's SEG keeps its AUTOMATIC segments (false positives
     the radiologist removed from the MANUAL one among them); the node's own unreviewed

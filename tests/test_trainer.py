@@ -7,22 +7,27 @@ import csv
 import json
 import math
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
 
 from ai.checkpoint import file_sha256, load_checkpoint, preprocess_config_for
+from ai.errors import NoLungsFound
 from ai.model import ChannelAffine, ModelConfig, build_model
-from training.datasets import Augmentation, TrainingSamples, open_data
+from training.datasets import Augmentation, LungMaskCache, TrainingSamples, open_data
 from training.losses import LossConfig
 from training.trainer import (
     Batch,
+    EpochResult,
+    StageState,
     TrainConfig,
     Trainer,
     TrainStep,
     _collate,
     add_evaluate_arguments,
     add_train_arguments,
+    prepare_data,
     run_evaluate_command,
     run_train_command,
     scan_contexts,
@@ -33,6 +38,7 @@ torch.set_num_threads(1)
 TRAIN = "phantoms:covid=2,cap=1,normal=1,seed=500,size=64,slices=24"
 HELD_OUT = "phantoms:covid=1,cap=1,normal=1,seed=9000,size=64,slices=24"
 TOO_THIN = "phantoms:normal=1,seed=77,size=64,slices=8"  # fewer slices than the node takes
+NO_LUNGS = "phantoms:normal=1,seed=78,size=64,slices=24,lungs=node"  # the segmenter refuses
 TIMING = ("seconds", "data_seconds", "scans_per_second")
 
 
@@ -242,7 +248,9 @@ def _sources(cache: Path) -> tuple[object, object]:
     return open_data([TRAIN], cache), open_data([HELD_OUT], cache)
 
 
-def test_train_and_evaluate_commands_end_to_end(tmp_path: Path, cache: Path) -> None:
+def test_train_and_evaluate_commands_end_to_end(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     out = tmp_path / "run"
@@ -266,16 +274,22 @@ def test_train_and_evaluate_commands_end_to_end(tmp_path: Path, cache: Path) -> 
     assert torch.allclose(ckpt.model.cross_stitch.weight.detach().cpu(), torch.eye(2), atol=0.05)
     assert json.loads((out / "train_config.json").read_text())["size"] == "tiny"
 
+    def no_lungs(volume: object, spacing: object) -> None:
+        raise NoLungsFound("no aerated lung found")
+
+    monkeypatch.setattr(LungMaskCache, "_segment", staticmethod(no_lungs))
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)
     report = tmp_path / "eval"
     args = parser.parse_args(
         ["--checkpoint", str(out / "model.pt"), "--data", HELD_OUT, "--out", str(report),
-         "--data", TOO_THIN, "--device", "cpu", "--workers", "0", "--cache-dir", str(cache)]
+         "--data", TOO_THIN, "--data", NO_LUNGS, "--device", "cpu", "--workers", "0",
+         "--cache-dir", str(cache)]
     )  # fmt: skip
     assert run_evaluate_command(args) == 0
     result = json.loads((report / "evaluation.json").read_text())
-    assert list(result["skipped"]) == ["phantom-normal-77"]
+    assert result["skipped"] == {  # too thin for the node; lungs refused when the data loaded
+        "phantom-normal-77": ANY, "phantom-normal-78": "no aerated lung found"}
     summary = result["summary"]
     assert summary["n_scans"] == 3
     assert summary["classification"]["n"] == 3
@@ -320,6 +334,36 @@ def test_kfold_trains_every_fold(tmp_path: Path, cache: Path) -> None:
     report = json.loads((tmp_path / "folds.json").read_text())
     assert len(report["folds"]) == 2 and "val_score" in report["summary"]
     assert (tmp_path / "fold-1" / "model.pt").is_file()
+
+
+def test_an_unscored_validation_never_replaces_a_scored_best(tmp_path: Path, cache: Path) -> None:
+    """An epoch whose validation could not be scored (every scan refused) is no better
+    than the best one so far: stage1.pt keeps that one."""
+    tmp_path.mkdir(exist_ok=True)
+    trainer = Trainer(_config(tmp_path, cache, stage="1"), *_sources(cache))
+    optimiser = torch.optim.Adam(trainer.model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0)
+    state = StageState(stage=1)
+    result = EpochResult({"total": 1.0}, 1e-4, 1.0, 0.0, 1)
+    trainer._end_epoch(1, 0, state, result, {"val_score": math.nan}, optimiser, schedule)
+    assert load_checkpoint(tmp_path / "stage1.pt").metrics["epoch"] == 1  # none scored yet
+    scored = {"val_dsc": 0.5, "val_score": 0.5}
+    trainer._end_epoch(1, 1, state, result, scored, optimiser, schedule)
+    trainer._end_epoch(1, 2, state, result, {"val_score": math.nan}, optimiser, schedule)
+    assert load_checkpoint(tmp_path / "stage1.pt").metrics["epoch"] == 2
+
+
+def test_the_validation_split_does_not_follow_the_seed(cache: Path) -> None:
+    """Runs chained by --init with other seeds validate on the same cases."""
+    validated = [
+        prepare_data(_config(Path("unused"), cache, val_fraction=0.5, seed=seed))[1].indices
+        for seed in (0, 1, 2)
+    ]
+    assert validated[0] == validated[1] == validated[2]
+    other = prepare_data(_config(Path("unused"), cache, val_fraction=0.5, split_seed=4))[1]
+    assert sorted(other.indices) != sorted(validated[0])
+    with pytest.raises(ValueError, match="leave out val_data"):
+        _config(Path("unused"), cache, folds=2, val_data=[HELD_OUT])
 
 
 def test_bad_data_is_a_clean_error(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ai.errors import InputVolumeError
 from ai.labels import Diagnosis
 from ai.model import area_weights, linear_weights, paste_from_box
 from ai.preprocess import (
@@ -104,6 +105,9 @@ class Case:
     lesion_mask: np.ndarray
     lung_mask: np.ndarray | None = None
     label: Diagnosis | None = None
+    # Why the node would refuse this scan (its lungs could not be segmented), or "":
+    # evaluation and validation skip it and training draws another case instead.
+    refused: str = ""
 
     def __post_init__(self) -> None:
         shape = self.volume_hu.shape
@@ -166,6 +170,8 @@ class LungMaskCache:
         self.cache_dir = None if cache_dir is None else Path(cache_dir) / "lungs"
 
     def __call__(self, volume_hu: np.ndarray, spacing_mm: Spacing) -> np.ndarray:
+        """The lung mask; raises `InputVolumeError` (remembered too) when the segmenter
+        refuses the scan, as the node would."""
         import ai.lungs
 
         if self.cache_dir is None:
@@ -175,11 +181,20 @@ class LungMaskCache:
         digest.update(repr((volume_hu.shape, str(volume_hu.dtype), tuple(spacing_mm))).encode())
         digest.update(_module_hash(ai.lungs).encode())
         path = self.cache_dir / f"{digest.hexdigest()[:32]}.npz"
+        refusal = path.with_suffix(".refused.txt")
         if path.exists():
             with np.load(path) as data:
                 return _unpack(data["lung"], volume_hu.shape)
-        mask = self._segment(volume_hu, spacing_mm)
+        if refusal.exists():
+            raise InputVolumeError(refusal.read_text())
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            mask = self._segment(volume_hu, spacing_mm)
+        except InputVolumeError as exc:
+            tmp = refusal.with_name(f"{refusal.name}.{os.getpid()}.tmp")
+            tmp.write_text(str(exc))
+            os.replace(tmp, refusal)
+            raise
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
         np.savez_compressed(tmp, lung=_pack(mask))
         os.replace(tmp, path)  # atomic: concurrent workers never read half a file
@@ -205,7 +220,13 @@ class WithLungMasks:
     def __getitem__(self, index: int) -> Case:
         case = self.source[index]
         if case.lung_mask is None:
-            case.lung_mask = self.cache(case.volume_hu, case.spacing_mm)
+            try:
+                case.lung_mask = self.cache(case.volume_hu, case.spacing_mm)
+            except InputVolumeError as exc:
+                logger.warning("%s: refused, its lungs could not be segmented: %s",
+                               case.case_id, exc)
+                case.lung_mask = np.zeros(case.volume_hu.shape, dtype=bool)
+                case.refused = str(exc)
         return case
 
     def labels(self) -> list[Diagnosis | None]:
@@ -1004,7 +1025,7 @@ class TrainingSamples:
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
         rng = np.random.default_rng((self.seed, epoch, index))
-        case = self.source[index]
+        case = self._usable_case(index)
         if case.lung_mask is None:
             raise DatasetError(f"{case.case_id}: no lung mask (open the data with open_data)")
         cfg = self.preprocess
@@ -1047,6 +1068,15 @@ class TrainingSamples:
         if self.with_grid:
             sample["grid"] = grid_img
         return sample
+
+    def _usable_case(self, index: int) -> Case:
+        """The case at `index`, or when the node would refuse it, the next one that it
+        would not (the same for the same index, so samples stay keyed)."""
+        for step in range(len(self.source)):
+            case = self.source[(index + step) % len(self.source)]
+            if not case.refused:
+                return case
+        raise DatasetError("every training case is refused: no lungs could be segmented")
 
     def _sample_box(
         self,

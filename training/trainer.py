@@ -158,6 +158,7 @@ class TrainConfig:
     window_batch: int = 8
     val_every: int = 1
     seed: int = 0
+    split_seed: int = 0  # the validation split and folds: apart from `seed` (see --split-seed)
     patience: int = 5
     resume: bool = False
     cache_dir: Path | None = None
@@ -178,6 +179,8 @@ class TrainConfig:
             problems.append(f"val_fraction {self.val_fraction} must be in [0, 1)")
         if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
             problems.append(f"fold {self.fold} of {self.folds}: need folds >= 2, 0 <= fold < folds")
+        if self.folds and self.val_data:
+            problems.append("folds validate on a fold of the data: leave out val_data")
         if self.init_cls is not None and self.task == "seg":
             problems.append("init_cls: a segmentation-only model has no classification stream")
         if self.lr1 <= 0:
@@ -788,6 +791,8 @@ class Trainer:
         started = time.perf_counter()
         for case in iterate_cases(self.val_source, self.config.workers):
             assert case.lung_mask is not None
+            if case.refused:
+                continue  # WithLungMasks has said why
             try:
                 pred = predict(
                     ckpt,
@@ -852,9 +857,11 @@ class Trainer:
             state.best_score = max(score, state.best_score)
             state.bad_epochs = 0 if improved else state.bad_epochs + 1
         else:
-            # No validation at all, or a score-less one (no lesion, no label): the latest
-            # epoch is the best. Between --val-every validations nothing changes.
-            improved = self.val_source is None or bool(val)
+            # No validation at all, or a score-less one (no lesion, no label) while none
+            # has scored yet: the latest epoch is the best. Between --val-every
+            # validations nothing changes; a scored best is never replaced by an epoch
+            # that could not be scored (every validation scan refused).
+            improved = self.val_source is None or (bool(val) and state.best_score == -math.inf)
         patience = self.config.patience
         state.finished = state.epochs_done >= self._epochs(stage) or (
             patience > 0 and state.bad_epochs >= patience
@@ -958,11 +965,11 @@ def prepare_data(config: TrainConfig) -> tuple[CaseSource, CaseSource | None]:
     source = open_data(config.data, cache)
     labels = source.labels()
     if config.folds:
-        train_idx, val_idx = kfold_indices(labels, config.folds, config.fold, config.seed)
+        train_idx, val_idx = kfold_indices(labels, config.folds, config.fold, config.split_seed)
     elif config.val_data:
         return source, open_data(config.val_data, cache)
     elif config.val_fraction > 0:
-        train_idx, val_idx = split_indices(labels, config.val_fraction, config.seed)
+        train_idx, val_idx = split_indices(labels, config.val_fraction, config.split_seed)
     else:
         return source, None
     if not train_idx:
@@ -1107,6 +1114,9 @@ def evaluate(
     cases = iterate_cases(source, workers)
     skipped: dict[str, str] = {}
     for case in tqdm(cases, total=len(source), desc="evaluate", unit="scan", leave=False):
+        if case.refused:  # its lungs could not be segmented
+            skipped[case.case_id] = case.refused
+            continue
         try:
             result, pred_mask, elapsed = _case_result(case, ckpt, truth_lungs, threshold,
                                                       mirror)
@@ -1306,7 +1316,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=0,
-        help="model initialisation, splits and every random choice of a sample",
+        help="model initialisation and every random choice of a sample",
+    )
+    model.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="the --val-fraction split and the folds (0); apart from --seed, so that runs "
+        "chained by --init with other seeds validate on cases none of them trained on",
     )
     run = parser.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -1359,6 +1376,7 @@ def config_from_args(
         window_batch=args.window_batch,
         val_every=args.val_every,
         seed=args.seed,
+        split_seed=args.split_seed,
         patience=args.patience,
         resume=args.resume,
         cache_dir=args.cache_dir,
