@@ -36,7 +36,8 @@ SPACING_TOLERANCE_MM = 0.15
 0.1 mm, which makes the steps of a 0.625 mm series 0.6 or 0.7 mm."""
 AXIAL_MIN_NORMAL_Z = 0.8
 """|z| of the slice normal from which a series counts as axial (and is turned to the
-display convention)."""
+display convention); below it (tilted over 37 degrees: coronal, sagittal) it is refused,
+since the lung segmentation and the model read axial slices only."""
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 
 
@@ -259,8 +260,13 @@ def _display_flips(orientation: np.ndarray) -> tuple[bool, bool]:
     """(flip rows, flip columns) that turn an axial series to columns running towards
     the patient's left (+x) and rows towards the back (+y)."""
     row, column = orientation[:3], orientation[3:]
-    if abs(float(np.cross(row, column)[2])) < AXIAL_MIN_NORMAL_Z:
-        return False, False  # not axial: left as stored
+    normal_z = abs(float(np.cross(row, column)[2]))
+    if normal_z < AXIAL_MIN_NORMAL_Z:
+        tilt = np.degrees(np.arccos(min(1.0, normal_z)))
+        raise SeriesRejected(
+            f"slices are tilted {tilt:.0f} degrees from axial (a coronal, sagittal or"
+            " strongly oblique reconstruction): only axial chest CT can be analysed"
+        )
     if abs(row[0]) < abs(row[1]):
         raise SeriesRejected(
             "axial images turned by 90 degrees (rows run front to back): not supported;"
@@ -279,12 +285,29 @@ def _slice_hu(ds: Dataset) -> np.ndarray:
             f"pixel data of instance {ds.get('InstanceNumber', '?')} cannot be decoded "
             f"({ds.file_meta.TransferSyntaxUID.name}): {exc}"
         ) from exc
+    if stored.shape != (ds.Rows, ds.Columns):
+        raise SeriesRejected(
+            f"pixel data of instance {ds.get('InstanceNumber', '?')} decode to "
+            f"{stored.shape}, not Rows x Columns ({ds.Rows} x {ds.Columns})"
+        )
     slope, intercept = _rescale(ds)
     hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         hu[stored == padding] = PADDING_HU
     return hu
+
+
+def _one_per_instance(datasets: list[Dataset]) -> list[Dataset]:
+    """The first file of each SOP Instance UID: a folder holding a copy of some files
+    (the node's store never does) would otherwise read as duplicate slice positions."""
+    unique: dict[str, Dataset] = {}
+    for ds in datasets:
+        unique.setdefault(str(ds.get("SOPInstanceUID", "")) or str(ds.filename), ds)
+    if len(unique) < len(datasets):
+        logger.warning("%d file(s) repeat an instance of the series: read once",
+                       len(datasets) - len(unique))
+    return list(unique.values())
 
 
 def read_series(
@@ -299,7 +322,7 @@ def read_series(
     # slice at a time is decoded into the volume (a 1,200-slice 1024 x 1024 series holds
     # 2.5 GB of pixels, which must not all sit in memory beside its 5 GB float volume).
     datasets, left_out = _slices_of(
-        [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+        _one_per_instance([pydicom.dcmread(path, stop_before_pixels=True) for path in files])
     )
     if len(datasets) < max(min_slices, 2):
         aside = f" ({len(left_out)} other instance(s) are not CT slices)" if left_out else ""
@@ -314,6 +337,7 @@ def read_series(
         _check_same(datasets, keyword)
     _check_image_kind(datasets)
     orientation = _orientation(datasets)
+    flips = _display_flips(orientation)
     pixel_spacing = {tuple(_float_list(ds, "PixelSpacing", 2)) for ds in datasets}
     if len(pixel_spacing) > 1:
         raise SeriesRejected(f"PixelSpacing differs between slices ({sorted(pixel_spacing)[:3]})")
@@ -322,7 +346,6 @@ def read_series(
     normal = np.cross(orientation[:3], orientation[3:])
     dz = _slice_spacing(positions, distance, normal, spacing_tolerance)
     _acquisitions_apart(datasets, distance)
-    flips = _display_flips(orientation)
     if flips[0] != flips[1]:  # one flip reverses the normal: keep z ascending along it
         datasets, positions = datasets[::-1], positions[::-1]
 

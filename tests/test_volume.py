@@ -91,6 +91,29 @@ def test_duplicate_position_is_rejected(series: list[Path], tmp_path: Path) -> N
         read_series([*series, extra])
 
 
+def test_a_copy_of_a_file_is_read_once(series: list[Path], tmp_path: Path) -> None:
+    """A folder export holding some files twice (a copied subfolder)."""
+    copy = tmp_path / "copy.dcm"
+    copy.write_bytes(series[3].read_bytes())
+    assert read_series([*series, copy]).hu.shape[0] == len(series)
+
+
+def test_a_coronal_reconstruction_is_rejected(series: list[Path]) -> None:
+    for path in series:  # the slices' geometry as of a coronal stack
+        _edit(path, lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 0, -1]))
+    with pytest.raises(SeriesRejected, match="tilted 90 degrees from axial"):
+        read_series(series)
+
+
+def test_pixel_data_of_the_wrong_size_is_rejected(series: list[Path]) -> None:
+    def short(ds: pydicom.Dataset) -> None:
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+        ds.Rows = ds.Rows // 2
+    _edit(series[2], short)
+    with pytest.raises(SeriesRejected, match="Rows"):
+        read_series(series)
+
+
 def test_varying_spacing_is_rejected(series: list[Path], phantom: Phantom) -> None:
     by_z = sorted(series, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
     _edit(by_z[5], _shift(dz=0.3 * phantom.spacing_mm[0]))
