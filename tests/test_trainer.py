@@ -12,7 +12,7 @@ from unittest.mock import ANY
 import pytest
 import torch
 
-from ai.checkpoint import file_sha256, load_checkpoint, preprocess_config_for
+from ai.checkpoint import file_sha256, load_checkpoint, preprocess_config_for, save_checkpoint
 from ai.errors import NoLungsFound
 from ai.model import ChannelAffine, ModelConfig, build_model
 from training.datasets import Augmentation, LungMaskCache, TrainingSamples, open_data
@@ -234,6 +234,12 @@ def test_resume_continues_exactly(
     out = tmp_path / "parts"
     with pytest.raises(KeyboardInterrupt):
         Trainer(_config(out, cache, **settings), *_sources(cache)).run()
+    # killed after the next epoch wrote last.pt and before it wrote its resume state
+    ahead = load_checkpoint(out / "last.pt")
+    with torch.no_grad():
+        for parameter in ahead.model.parameters():
+            parameter.add_(0.01)
+    save_checkpoint(out / "last.pt", ahead.model, ahead.preprocess, ahead.provenance)
     with pytest.raises(KeyboardInterrupt):
         Trainer(_config(out, cache, resume=True, **settings), *_sources(cache)).run()
     parts = Trainer(_config(out, cache, resume=True, **settings), *_sources(cache)).run()

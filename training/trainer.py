@@ -891,8 +891,12 @@ class Trainer:
                         state.bad_epochs)  # fmt: skip
 
     def _save_state(self, state: StageState, optimiser: torch.optim.Adam, schedule: Any) -> None:
+        """Everything `--resume` needs, the weights included, in one atomically replaced
+        file: a run killed between writing last.pt and this file must not resume with
+        the weights of one epoch and the optimiser and schedule of the one before."""
         payload = {
             "state": asdict(state),
+            "model": self.model.state_dict(),
             "optimiser": optimiser.state_dict(),
             "schedule": schedule.state_dict(),
         }
@@ -907,7 +911,9 @@ class Trainer:
             return None
         saved = torch.load(path, map_location="cpu", weights_only=True)
         state = StageState(**saved["state"])
-        weights = load_checkpoint(self.out / LAST_FILE, "cpu").model.state_dict()
+        weights = saved.get("model")  # None: a run saved before the weights were kept here
+        if weights is None:
+            weights = load_checkpoint(self.out / LAST_FILE, "cpu").model.state_dict()
         self.model.load_state_dict(weights)
         logger.info(
             "resuming stage %d after epoch %d%s", state.stage, state.epochs_done,
