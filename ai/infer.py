@@ -155,6 +155,7 @@ def analyse(
     batch_size: int | None = None,
     disease_thresholds: Sequence[float] | None = None,
     mirror: bool | None = None,
+    overlap: float | None = None,
 ) -> Analysis:
     """Analyse one CT volume (z, y, x) in HU with spacing (dz, dy, dx) mm.
 
@@ -162,7 +163,9 @@ def analyse(
     default (raises `WeightsMissing` when absent). `lung_mask` skips lung segmentation.
     `disease_thresholds`: the operating point (`diagnose`); None: the arg-max.
     `mirror`: test-time mirroring of the segmentation (`_mirrored_segmentation`); None:
-    on a GPU only (on a CPU it doubles the longest stage).
+    on a GPU only (on a CPU it doubles the longest stage). `overlap`: the share of a
+    segmentation window that its neighbours cover too, blended (`with_overlap`); None:
+    `GPU_OVERLAP` on a GPU, the checkpoint's own (none for the shipped weights) on a CPU.
     Bad input raises an `ai.errors.InputVolumeError` subclass that says why.
     """
     if not 0.0 < threshold < 1.0:
@@ -175,6 +178,7 @@ def analyse(
     ckpt = load_model(checkpoint, device)
     if not isinstance(checkpoint, Checkpoint):
         timings["load"] = time.perf_counter() - t0
+    ckpt = with_overlap(ckpt, overlap)
     if ckpt.model_config.task != "joint":
         raise CheckpointError(
             f"{ckpt.path}: a single-task ({ckpt.model_config.task!r}) ablation model cannot "
@@ -249,14 +253,16 @@ def predict(
     *,
     batch_size: int | None = None,
     mirror: bool = False,
+    overlap: float | None = None,
 ) -> Prediction:
     """Run the network of any task (joint, seg, cls) on one scan; also for evaluation.
 
     Returns the lesion probability on the native grid (zero outside the lungs) and the
-    class probabilities with the evidence map, whichever the model has. `mirror`: as in
-    `analyse`, for a model that segments.
+    class probabilities with the evidence map, whichever the model has. `mirror` and
+    `overlap`: as in `analyse`, for a model that segments.
     """
     _check_batch(batch_size)
+    ckpt = with_overlap(ckpt, overlap)
     volume_hu = np.asarray(volume_hu)
     check_volume(volume_hu, spacing_mm, ckpt.preprocess)
     lung = _check_lung_mask(lung_mask, volume_hu)
@@ -264,6 +270,29 @@ def predict(
     if mirror and pred.lesion_probability is not None:
         pred = _mirrored_segmentation(ckpt, volume_hu, lung, batch_size, pred)
     return pred
+
+
+GPU_OVERLAP = 0.5
+"""Window overlap on a GPU when none is asked for: nnU-Net's default, at about 4 x the
+windows; on 2 CPU cores that would break the node's time target."""
+MAX_OVERLAP = 0.75
+"""Above this the windows multiply (64 x at 0.75) for no gain."""
+
+
+def with_overlap(ckpt: Checkpoint, overlap: float | None) -> Checkpoint:
+    """`ckpt` segmenting with windows that overlap by `overlap` of their size on every
+    axis (Gaussian-blended: the voxels near a window's border, where it sees the least
+    context, count least). None: `GPU_OVERLAP` on a GPU, else as trained."""
+    if overlap is None:
+        if ckpt.device.type != "cuda":
+            return ckpt
+        overlap = GPU_OVERLAP
+    if not 0.0 <= overlap <= MAX_OVERLAP:
+        raise ValueError(f"overlap {overlap} must be in [0, {MAX_OVERLAP}]")
+    if overlap == ckpt.preprocess.seg_overlap:
+        return ckpt
+    preprocess = dataclasses.replace(ckpt.preprocess, seg_overlap=overlap)
+    return dataclasses.replace(ckpt, preprocess=preprocess)
 
 
 def _mirrored_segmentation(

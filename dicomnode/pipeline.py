@@ -110,6 +110,7 @@ def analyse_volume(volume: CTVolume, settings: Settings, checkpoint: object) -> 
         min_lesion_mm3=ai.min_lesion_volume_mm3, peripheral_mm=ai.peripheral_thickness_mm,
         consolidation_hu=ai.consolidation_hu, disease_thresholds=ai.disease_thresholds or None,
         mirror=MIRROR_CHOICES[ai.mirror],
+        overlap=None if ai.window_overlap == "auto" else float(ai.window_overlap),
     )
 
 

@@ -52,7 +52,13 @@ from ai.checkpoint import (
     save_checkpoint,
 )
 from ai.errors import InputVolumeError
-from ai.infer import DEFAULT_MIN_LESION_MM3, DEFAULT_THRESHOLD, analyse, predict
+from ai.infer import (
+    DEFAULT_MIN_LESION_MM3,
+    DEFAULT_THRESHOLD,
+    analyse,
+    predict,
+    with_overlap,
+)
 from ai.labels import CLASS_NAMES, Diagnosis
 from ai.lungs import segment_lungs
 from ai.model import (
@@ -1043,13 +1049,14 @@ def _case_result(
     if ckpt.model_config.task == "joint":
         analysis = analyse(
             case.volume_hu, case.spacing_mm, checkpoint=ckpt, lung_mask=lung_in,
-            threshold=threshold, mirror=mirror,
+            threshold=threshold, mirror=mirror, overlap=ckpt.preprocess.seg_overlap,
         )  # fmt: skip
         pred_mask, stats = analysis.lesion_mask, analysis.stats
         probabilities = tuple(analysis.probabilities[name] for name in CLASS_NAMES)
     else:  # single-task ablations: the network part they have, the same post-processing
         lung = case.lung_mask if truth_lungs else segment_lungs(case.volume_hu, case.spacing_mm)
-        pred = predict(ckpt, case.volume_hu, lung, case.spacing_mm, mirror=mirror)
+        pred = predict(ckpt, case.volume_hu, lung, case.spacing_mm, mirror=mirror,
+                       overlap=ckpt.preprocess.seg_overlap)
         pred_mask, stats = np.zeros(case.volume_hu.shape, dtype=bool), None
         if pred.lesion_probability is not None:
             pred_mask = remove_small_components(
@@ -1105,14 +1112,19 @@ def evaluate(
     threshold: float = DEFAULT_THRESHOLD,
     overlays: int = 4,
     mirror: bool = False,
+    overlap: float | None = None,
 ) -> tuple[EvaluationSummary, str]:
     """Evaluate a checkpoint on every case of ``data``: (summary, Table II-style text).
 
     The node's own pipeline (``ai.infer.analyse``) runs on each scan, lung segmentation
     included unless ``truth_lungs``; the truth LVR and PLR come from ``ai.analysis`` on
     the true masks. With ``out``: evaluation.json and evaluation.png are written there.
+    ``mirror`` and ``overlap`` (None: the checkpoint's own, on any device) as in
+    ``analyse``.
     """
     ckpt = load_checkpoint(checkpoint, device)
+    if overlap is not None:
+        ckpt = with_overlap(ckpt, overlap)
     source = open_data(list(data), cache_dir or default_cache_dir())
     results: list[ScanResult] = []
     examples: list[_Overlay] = []
@@ -1149,6 +1161,7 @@ def evaluate(
             "truth_lungs": truth_lungs,
             "threshold": threshold,
             "mirror": mirror,
+            "window_overlap": ckpt.preprocess.seg_overlap,
             "seconds_per_scan": float(np.mean(seconds)) if seconds else None,
             "skipped": skipped,
             "device": str(ckpt.device),
@@ -1463,6 +1476,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="test-time mirroring of the segmentation, as [ai] mirror (joint models)",
     )
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        metavar="F",
+        help="segmentation windows overlapping by F, as [ai] window_overlap (default: the "
+        "checkpoint's own, 0 for the shipped weights)",
+    )
 
 
 def run_evaluate_command(args: argparse.Namespace) -> int:
@@ -1471,7 +1492,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
         _, table = evaluate(
             args.checkpoint, args.data, args.out, device=args.device, workers=args.workers,
             cache_dir=args.cache_dir, truth_lungs=args.truth_lungs, threshold=args.threshold,
-            overlays=args.overlays, mirror=args.mirror,
+            overlays=args.overlays, mirror=args.mirror, overlap=args.overlap,
         )  # fmt: skip
     except (DatasetError, ValueError, CheckpointError) as exc:
         logger.error("evaluate: %s", exc)
