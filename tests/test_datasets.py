@@ -631,3 +631,9 @@ def test_only_what_a_person_drew_is_truth_and_the_newest_seg_wins(tmp_path: Path
     source = scan_dicom_folder(tmp_path)
     assert len(source) == 1
     np.testing.assert_array_equal(source[0].lesion_mask, lesion)
+    # another vendor's automatic SEG, newer than the radiologist's: the radiologist's wins
+    vendor = _write_seg(tmp_path / "pat" / "vendor.dcm", ct, lesion | false_positive, None,
+                        "AUTOMATIC")
+    vendor.ContentDate, vendor.ContentTime = "20261202", "120000"
+    vendor.save_as(tmp_path / "pat" / "vendor.dcm")
+    np.testing.assert_array_equal(scan_dicom_folder(tmp_path)[0].lesion_mask, lesion)

@@ -775,7 +775,7 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
         raise DatasetError(f"dicom: {root} is not a folder")
     series: dict[str, list[Path]] = {}
     studies: dict[str, str] = {}
-    segs: list[tuple[Path, str]] = []
+    segs: list[tuple[Path, str, tuple[bool, str]]] = []  # path, series, (reviewed, time)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
@@ -789,15 +789,16 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
                 logger.info("%s: this node's own SEG, not reviewed: not truth", path)
             else:
                 stamp = str(ds.get("ContentDate", "")) + str(ds.get("ContentTime", ""))
-                segs.append((path, referenced, stamp))
+                segs.append((path, referenced, (_is_reviewed(ds), stamp)))
         elif str(ds.get("Modality", "")) == "CT":
             uid = str(ds.SeriesInstanceUID)
             series.setdefault(uid, []).append(path)
             studies[uid] = str(ds.get("StudyInstanceUID", ""))
-    newest: dict[str, tuple[Path, str, str]] = {}
-    for seg in segs:  # one case per CT series: its newest SEG
+    newest: dict[str, tuple[Path, str, tuple[bool, str]]] = {}
+    for seg in segs:  # one case per CT series: its newest SEG a person drew or edited, if any
         if seg[1] in newest:
-            logger.warning("CT series %s has several SEGs; the newest is truth, %s ignored",
+            logger.warning("CT series %s has several SEGs; the newest reviewed one (else the"
+                           " newest) is truth, %s ignored",
                            seg[1], min(seg, newest[seg[1]], key=lambda s: s[2])[0])
         if seg[1] not in newest or seg[2] >= newest[seg[1]][2]:
             newest[seg[1]] = seg
