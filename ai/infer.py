@@ -45,6 +45,7 @@ from ai.analysis import (
 from ai.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ai.errors import NoLungsFound, NotAVolume
 from ai.labels import CLASS_NAMES, Diagnosis
+from ai.limits import MAX_WINDOW_OVERLAP
 from ai.lungs import label_lungs
 from ai.model import UNIT_STRIDES, SegOutput, evidence_class
 from ai.preprocess import (
@@ -164,7 +165,7 @@ def analyse(
     `disease_thresholds`: the operating point (`diagnose`); None: the arg-max.
     `mirror`: test-time mirroring of the segmentation (`_mirrored_segmentation`); None:
     on a GPU only (on a CPU it doubles the longest stage). `overlap`: the share of a
-    segmentation window that its neighbours cover too, blended (`with_overlap`); None:
+    segmentation window that its neighbours cover too (`with_overlap`); None:
     `GPU_OVERLAP` on a GPU, the checkpoint's own (none for the shipped weights) on a CPU.
     Bad input raises an `ai.errors.InputVolumeError` subclass that says why.
     """
@@ -178,7 +179,7 @@ def analyse(
     ckpt = load_model(checkpoint, device)
     if not isinstance(checkpoint, Checkpoint):
         timings["load"] = time.perf_counter() - t0
-    ckpt = with_overlap(ckpt, overlap)
+    ckpt = with_overlap(ckpt, auto_overlap(ckpt) if overlap is None else overlap)
     if ckpt.model_config.task != "joint":
         raise CheckpointError(
             f"{ckpt.path}: a single-task ({ckpt.model_config.task!r}) ablation model cannot "
@@ -259,7 +260,8 @@ def predict(
 
     Returns the lesion probability on the native grid (zero outside the lungs) and the
     class probabilities with the evidence map, whichever the model has. `mirror` and
-    `overlap`: as in `analyse`, for a model that segments.
+    `overlap`: as in `analyse`, but off and as trained unless asked for (validation and
+    evaluation run as the weights were trained, on any device).
     """
     _check_batch(batch_size)
     ckpt = with_overlap(ckpt, overlap)
@@ -275,20 +277,24 @@ def predict(
 GPU_OVERLAP = 0.5
 """Window overlap on a GPU when none is asked for: nnU-Net's default, at about 4 x the
 windows; on 2 CPU cores that would break the node's time target."""
-MAX_OVERLAP = 0.75
-"""Above this the windows multiply (64 x at 0.75) for no gain."""
+
+
+def auto_overlap(ckpt: Checkpoint) -> float | None:
+    """`analyse`'s window overlap when none is asked for: `GPU_OVERLAP` on a GPU, else
+    None (as trained)."""
+    return GPU_OVERLAP if ckpt.device.type == "cuda" else None
 
 
 def with_overlap(ckpt: Checkpoint, overlap: float | None) -> Checkpoint:
     """`ckpt` segmenting with windows that overlap by `overlap` of their size on every
-    axis (Gaussian-blended: the voxels near a window's border, where it sees the least
-    context, count least). None: `GPU_OVERLAP` on a GPU, else as trained."""
+    axis (None: as trained), blended as the checkpoint says (Gaussian for the shipped
+    weights: the voxels near a window's border, where it sees the least context, count
+    least). The classifier reads the lesion map these windows make, so the class
+    probabilities can change too."""
     if overlap is None:
-        if ckpt.device.type != "cuda":
-            return ckpt
-        overlap = GPU_OVERLAP
-    if not 0.0 <= overlap <= MAX_OVERLAP:
-        raise ValueError(f"overlap {overlap} must be in [0, {MAX_OVERLAP}]")
+        return ckpt
+    if not 0.0 <= overlap <= MAX_WINDOW_OVERLAP:
+        raise ValueError(f"overlap {overlap} must be in [0, {MAX_WINDOW_OVERLAP}]")
     if overlap == ckpt.preprocess.seg_overlap:
         return ckpt
     preprocess = dataclasses.replace(ckpt.preprocess, seg_overlap=overlap)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ai.limits import MAX_WINDOW_OVERLAP
+
 __all__ = [
     "AIConfig",
     "ConfigError",
@@ -232,8 +234,9 @@ class AIConfig:
     )
     window_overlap: float | str = _doc(
         "Share of each segmentation window that its neighbours cover too, blended (better "
-        "masks; 0.5 takes about 4 x the segmentation time): auto (0.5 on a GPU, 0 on a "
-        "CPU) or a number from 0 to 0.75.", "auto"
+        "masks, and the classifier reads them; 0.5 takes about 4 x the segmentation "
+        "time): auto (0.5 on a GPU, 0 on a CPU) or a number from 0 to "
+        f"{MAX_WINDOW_OVERLAP}.", "auto"
     )
     disease_thresholds: list[float] = _doc(
         "Operating point: [COVID-19, CAP] probabilities from which a disease is called (the "
@@ -249,9 +252,9 @@ class AIConfig:
         if isinstance(self.window_overlap, str):
             if self.window_overlap != "auto":
                 raise ConfigError(f"ai.window_overlap = {self.window_overlap!r}: expected auto"
-                                  " or a number from 0 to 0.75")
+                                  f" or a number from 0 to {MAX_WINDOW_OVERLAP}")
         else:
-            _check_range("ai.window_overlap", self.window_overlap, 0.0, 0.75)
+            _check_range("ai.window_overlap", self.window_overlap, 0.0, MAX_WINDOW_OVERLAP)
         if self.disease_thresholds and len(self.disease_thresholds) != 2:
             raise ConfigError(f"ai.disease_thresholds = {self.disease_thresholds!r}: expected"
                               " [] or two probabilities [COVID-19, CAP]")

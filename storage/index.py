@@ -148,8 +148,11 @@ class SchemaVersionError(IndexUnavailable):
 
 
 def _in_memory(sqlite_url: URL) -> bool:
-    return (sqlite_url.database or "") in ("", ":memory:") or (
-        sqlite_url.query.get("mode") == "memory" or "mode=memory" in (sqlite_url.database or ""))
+    """An SQLite URL of an in-memory database: each connection of the pool would get its
+    own, empty one, and nothing would outlive the process."""
+    database = sqlite_url.database or ""
+    return (database == "" or ":memory:" in database or "mode=memory" in database
+            or sqlite_url.query.get("mode") == "memory")
 
 
 def utcnow() -> datetime:
@@ -402,9 +405,10 @@ class StudyIndex:
     # -- schema ------------------------------------------------------------------------
 
     def _prepare_schema(self) -> None:
-        """Create, check and migrate the schema in one transaction: a second process
-        opening the index at the same time (a CLI command while `serve` starts) waits,
-        then finds it done; one killed half-way leaves the old version whole."""
+        """Create, check and migrate the schema in one transaction: one killed half-way
+        leaves the old version whole. On SQLite a second process opening the index at
+        the same time (a CLI command while `serve` starts) waits, then finds it done; a
+        server database is best migrated by starting one process first."""
         with self.engine.begin() as conn:
             if self._sqlite:  # the driver sends no BEGIN before DDL: it would autocommit
                 conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -235,12 +235,14 @@ def test_mirroring_makes_the_segmentation_mirror_equivariant(ckpt: Checkpoint) -
 
 
 def test_overlapping_windows_are_blended_and_chosen_by_device(ckpt: Checkpoint) -> None:
-    """`overlap` lays more, overlapping windows over the scan; None keeps the checkpoint's
-    windows on a CPU and overlaps them by half on a GPU."""
+    """`overlap` lays more, overlapping windows over the scan; `analyse` without one keeps
+    the checkpoint's windows on a CPU and overlaps them by half on a GPU (`predict`, which
+    validation and evaluation use, keeps them everywhere)."""
     vol, lungs = chest(slices=40, size=64)
     assert infer.with_overlap(ckpt, None) is ckpt
-    on_gpu = infer.with_overlap(dataclasses.replace(ckpt, device=torch.device("cuda")), None)
-    assert on_gpu.preprocess.seg_overlap == infer.GPU_OVERLAP
+    assert infer.auto_overlap(ckpt) is None
+    on_gpu = dataclasses.replace(ckpt, device=torch.device("cuda"))
+    assert infer.auto_overlap(on_gpu) == infer.GPU_OVERLAP
     overlapping = infer.with_overlap(ckpt, 0.5)
     windows = [len(SlidingWindow(vol.shape, c.preprocess).boxes) for c in (ckpt, overlapping)]
     assert windows[1] > windows[0]
@@ -248,7 +250,6 @@ def test_overlapping_windows_are_blended_and_chosen_by_device(ckpt: Checkpoint) 
     blended = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, overlap=0.5)
     assert blended.lesion_mask.any() and not (blended.lesion_mask & ~lungs).any()
     assert not np.array_equal(blended.lesion_mask, plain.lesion_mask)
-    assert blended.timings["segmentation"] > plain.timings["segmentation"] * 0.8
     with pytest.raises(ValueError, match="overlap 0.9 must be in"):
         infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, overlap=0.9)
 

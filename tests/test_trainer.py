@@ -372,6 +372,15 @@ def test_the_validation_split_does_not_follow_the_seed(cache: Path) -> None:
         _config(Path("unused"), cache, folds=2, val_data=[HELD_OUT])
 
 
+def test_a_resumed_run_keeps_its_split(tmp_path: Path, cache: Path) -> None:
+    """A run saved before --split-seed existed split with --seed: resumed with another
+    split seed it would validate on cases it trained on."""
+    (tmp_path / "train_config.json").write_text(json.dumps({"seed": 3, "val_fraction": 0.5}))
+    with pytest.raises(ValueError, match="pass --split-seed 3"):
+        prepare_data(_config(tmp_path, cache, val_fraction=0.5, seed=3, resume=True))
+    assert prepare_data(_config(tmp_path, cache, val_fraction=0.5, split_seed=3, resume=True))
+
+
 def test_bad_data_is_a_clean_error(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)

@@ -971,8 +971,24 @@ class Trainer:
 # ---------------------------------------------------------------------- entry points
 
 
+def _check_resumed_split(config: TrainConfig) -> None:
+    """A resumed run must split its data as it did: another split would validate on
+    cases it trained on. Runs saved before `split_seed` existed split with `seed`."""
+    saved_path = Path(config.out) / "train_config.json"
+    if not (config.resume and saved_path.is_file()) or config.val_data:
+        return
+    if not (config.folds or config.val_fraction > 0):
+        return
+    saved = json.loads(saved_path.read_text())
+    split_seed = saved.get("split_seed", saved.get("seed", 0))
+    if split_seed != config.split_seed:
+        raise ValueError(f"--resume: {config.out} split its validation cases with seed "
+                         f"{split_seed}; pass --split-seed {split_seed}")
+
+
 def prepare_data(config: TrainConfig) -> tuple[CaseSource, CaseSource | None]:
     """(train, validation) sources: a k-fold split, ``--val-data``, or a held-out fraction."""
+    _check_resumed_split(config)
     cache = config.cache_dir or default_cache_dir()
     source = open_data(config.data, cache)
     labels = source.labels()
@@ -1055,8 +1071,7 @@ def _case_result(
         probabilities = tuple(analysis.probabilities[name] for name in CLASS_NAMES)
     else:  # single-task ablations: the network part they have, the same post-processing
         lung = case.lung_mask if truth_lungs else segment_lungs(case.volume_hu, case.spacing_mm)
-        pred = predict(ckpt, case.volume_hu, lung, case.spacing_mm, mirror=mirror,
-                       overlap=ckpt.preprocess.seg_overlap)
+        pred = predict(ckpt, case.volume_hu, lung, case.spacing_mm, mirror=mirror)
         pred_mask, stats = np.zeros(case.volume_hu.shape, dtype=bool), None
         if pred.lesion_probability is not None:
             pred_mask = remove_small_components(

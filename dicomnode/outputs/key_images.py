@@ -34,7 +34,6 @@ from dicomnode.outputs import (
     Provenance,
     series_description,
 )
-from dicomnode.volume import AXIAL_MIN_NORMAL_Z
 
 if TYPE_CHECKING:  # ai.infer pulls in torch; only its types are needed here
     from ai.infer import Analysis
@@ -241,16 +240,11 @@ def format_date(value: object) -> str:
 
 
 def slice_position(volume: CTVolume, z: int) -> tuple[str, str]:
-    """Where slice z is, as the viewer shows it: image number and table position (z) on
-    an axial series; on another, the position along the slice normal, as viewers show
-    a slice location (z barely changes across a coronal stack)."""
+    """Where slice z is, as the viewer shows it: image number and table position (z; the
+    node analyses axial series only, `volume.read_series`)."""
     ds = volume.datasets[z]
-    position = np.array([float(v) for v in ds.ImagePositionPatient])
-    normal = np.cross(volume.orientation[:3], volume.orientation[3:])
-    where = (f"z {position[2]:.1f} mm" if abs(normal[2]) >= AXIAL_MIN_NORMAL_Z
-             else f"location {float(position @ normal):.1f} mm")
     return (f"Image {ds.get('InstanceNumber', '?')} (slice {z + 1}/{len(volume.datasets)})",
-            where)
+            f"z {float(ds.ImagePositionPatient[2]):.1f} mm")
 
 
 def lesion_area_mm2(volume: CTVolume, analysis: Analysis, z: int) -> float:
