@@ -44,7 +44,7 @@ def test_default_checkpoint_is_a_trained_joint_lite_model(shipped: Checkpoint) -
     assert (shipped.model_config.name, shipped.model_config.task) == ("lite", "joint")
     assert shipped.metrics["stage"] == 2
     provenance = shipped.provenance
-    assert provenance.seed == 14 and provenance.data.startswith("phantoms:")  # recipe step 9
+    assert provenance.seed == 16 and provenance.data.startswith("phantoms:")  # recipe step 10
     assert " train " in provenance.command
     assert provenance.extra["train_config"]["size"] == "lite"
 
