@@ -169,6 +169,22 @@ def test_phantom_cache_round_trip(tmp_path: Path) -> None:
         assert case.spacing_mm == fresh.spacing_mm and case.label == fresh.label
 
 
+def test_the_phantom_cache_key_covers_the_code_that_made_the_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached cases are stored after `_generate`'s reordering, so a change to it, like
+    one to the generator, must miss the old entries."""
+    import training.phantoms
+
+    source = parse_data_spec("phantoms:normal=1,seed=7,size=64,slices=24", tmp_path)
+    monkeypatch.setattr(datasets, "_source_hash", lambda code: "same")
+    key = source._cache_path("normal", 7)
+    for changed in (datasets.PhantomSource._generate, training.phantoms):
+        monkeypatch.setattr(datasets, "_source_hash",
+                            lambda code, c=changed: "changed" if code is c else "same")
+        assert source._cache_path("normal", 7) != key
+
+
 def test_phantoms_can_carry_the_lungs_the_node_segments(tmp_path: Path) -> None:
     spec = "phantoms:covid=1,seed=7,size=64,slices=24"
     truth = open_data(spec, tmp_path)[0]

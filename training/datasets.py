@@ -150,9 +150,10 @@ def parse_label(text: str, where: str) -> Diagnosis | None:
 # --------------------------------------------------------------------- lung masks
 
 
-def _module_hash(module: Any) -> str:
-    """Short hash of a module's source: cache entries die when the algorithm changes."""
-    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:12]
+def _source_hash(code: Any) -> str:
+    """Hash of a module's or function's source: a cache entry made by other code is a
+    miss."""
+    return hashlib.sha256(inspect.getsource(code).encode()).hexdigest()[:12]
 
 
 def _pack(mask: np.ndarray) -> np.ndarray:
@@ -179,7 +180,7 @@ class LungMaskCache:
         digest = hashlib.sha256()
         digest.update(np.ascontiguousarray(volume_hu).tobytes())
         digest.update(repr((volume_hu.shape, str(volume_hu.dtype), tuple(spacing_mm))).encode())
-        digest.update(_module_hash(ai.lungs).encode())
+        digest.update(_source_hash(ai.lungs).encode())
         path = self.cache_dir / f"{digest.hexdigest()[:32]}.npz"
         refusal = path.with_suffix(".refused.txt")
         if path.exists():
@@ -399,7 +400,8 @@ class PhantomSource:
         import training.phantoms
 
         settings = (kind, seed, self.size, self.slices, self.slice_thickness_mm,
-                    self.pixel_spacing_mm, _module_hash(training.phantoms))  # fmt: skip
+                    self.pixel_spacing_mm, _source_hash(training.phantoms),
+                    _source_hash(PhantomSource._generate))  # fmt: skip
         key = hashlib.sha256(repr(settings).encode()).hexdigest()[:24]
         return Path(self.cache_dir) / "phantoms" / f"{kind}-{seed}-{key}.npz"
 
