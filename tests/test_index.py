@@ -270,14 +270,23 @@ def test_a_new_pass_waits_its_own_max_wait(index: StudyIndex) -> None:
     assert reopened.job_id == second_pass.job_id and reopened.collecting_since == later
 
 
-def test_migration_from_schema_2_starts_each_pass_at_its_job_creation(tmp_path: Path) -> None:
+def _index_at_schema_2(tmp_path: Path, drop_column: bool = True) -> str:
+    """The URL of an index with one instance, as schema version 2 left it (no
+    collecting_since column; `drop_column=False`: as a migration cut short on a database
+    that commits DDL on its own leaves it)."""
     url = f"sqlite:///{tmp_path / 'index.sqlite'}"
     index = StudyIndex(url)
     add(index, 1, T0)
     with index.engine.begin() as conn:
-        conn.execute(text("ALTER TABLE job DROP COLUMN collecting_since"))
+        if drop_column:
+            conn.execute(text("ALTER TABLE job DROP COLUMN collecting_since"))
         conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
     index.close()
+    return url
+
+
+def test_migration_from_schema_2_starts_each_pass_at_its_job_creation(tmp_path: Path) -> None:
+    url = _index_at_schema_2(tmp_path)
     migrated = StudyIndex(url)
     assert migrated.schema_version() == SCHEMA_VERSION
     (progress,) = migrated.collecting_series()
@@ -424,13 +433,7 @@ def test_a_migration_cut_short_leaves_the_old_version_whole(
 
     import storage.index as index_module
 
-    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
-    index = StudyIndex(url)
-    add(index, 1, T0)
-    with index.engine.begin() as conn:
-        conn.execute(text("ALTER TABLE job DROP COLUMN collecting_since"))
-        conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
-    index.close()
+    url = _index_at_schema_2(tmp_path)
     migrate = index_module.MIGRATIONS[2]
 
     def cut_short(conn: Any) -> None:
@@ -451,12 +454,7 @@ def test_a_migration_cut_short_leaves_the_old_version_whole(
 def test_a_migration_runs_again_over_its_own_column(tmp_path: Path) -> None:
     """A database whose DDL commits on its own (MySQL) can be left with the column added
     and the old version number."""
-    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
-    index = StudyIndex(url)
-    add(index, 1, T0)
-    with index.engine.begin() as conn:
-        conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
-    index.close()
+    url = _index_at_schema_2(tmp_path, drop_column=False)
     assert StudyIndex(url).schema_version() == SCHEMA_VERSION
 
 
