@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import DropIndex
 
 from storage.errors import IndexUnavailable
 from storage.models import (
@@ -87,9 +88,22 @@ def _add_collecting_since(conn: Connection) -> None:
                          "WHERE collecting_since IS NULL")
 
 
+def _patient_id_not_unique(conn: Connection) -> None:
+    """Version 4 lets studies without a PatientID have a Patient row each: the PatientID
+    index is no longer unique."""
+    (index,) = Patient.__table__.indexes  # the model's, as version 4 has it
+    found = {ix["name"]: ix for ix in inspect(conn).get_indexes("patient")}.get(index.name)
+    if found is not None and found["unique"]:
+        conn.execute(DropIndex(index))
+        found = None
+    if found is None:
+        index.create(conn)
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: None,  # 2 adds the result and export tables only
     2: _add_collecting_since,
+    3: _patient_id_not_unique,
 }
 OWN_OUTPUT = "output of this node (not analysed)"
 
@@ -578,7 +592,11 @@ class StudyIndex:
             select(Study).where(Study.study_instance_uid == record.study_instance_uid)
         )
         if study is None:
-            patient = session.scalar(select(Patient).where(Patient.patient_id == record.patient_id))
+            patient = None
+            if record.patient_id:  # without one, a study is its own patient
+                patient = session.scalar(
+                    select(Patient).where(Patient.patient_id == record.patient_id).limit(1)
+                )
             if patient is None:
                 patient = Patient(
                     patient_id=record.patient_id,

@@ -24,7 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped by every change to the tables; `storage.index` migrates or refuses older files."""
 
 UID = String(64)  # DICOM UI VR: at most 64 characters
@@ -74,7 +74,9 @@ class Meta(Base):
 class Patient(Base):
     __tablename__ = "patient"
     id: Mapped[int] = mapped_column(primary_key=True)
-    patient_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    # Not unique: studies without a PatientID (anonymised, some emergency workflows) each
+    # get their own row rather than one shared "" patient with the first one's name.
+    patient_id: Mapped[str] = mapped_column(String(64), index=True)
     patient_name: Mapped[str] = mapped_column(String(324), default="")
     birth_date: Mapped[str] = mapped_column(String(8), default="")
     sex: Mapped[str] = mapped_column(String(16), default="")

@@ -469,3 +469,24 @@ def test_text_longer_than_its_column_is_cut_to_fit(index: StudyIndex) -> None:
     (progress,) = index.collecting_series()
     assert progress.image_type[:3] == ("ORIGINAL", "PRIMARY", "VALUE00")
     assert len("\\".join(progress.image_type)) <= 128
+
+
+def test_studies_without_a_patient_id_are_not_one_patient(tmp_path: Path) -> None:
+    """Anonymised studies that lack PatientID keep their own names (status shows them);
+    an index of version 3, whose PatientID index was unique, is migrated to allow it."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    index = StudyIndex(url)
+    with index.engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_patient_patient_id"))
+        conn.execute(text("CREATE UNIQUE INDEX ix_patient_patient_id ON patient (patient_id)"))
+        conn.execute(text("UPDATE meta SET value = '3' WHERE key = 'schema_version'"))
+    index.close()
+    index = StudyIndex(url)
+    assert index.schema_version() == SCHEMA_VERSION
+    for n, name in ((1, "FIRST^ANON"), (2, "SECOND^ANON")):
+        anonymous = replace(record(n, series=f"1.2.3.{n}", study=f"1.2.{n}"), patient_id="",
+                            patient_name=name)
+        assert index.add_instance(anonymous, f"p/{n}", 10, "sha", now=T0)
+    index.add_instance(record(3, series="1.2.3.3", study="1.2.3"), "p/3", 10, "sha", now=T0)
+    index.add_instance(record(4, series="1.2.3.4", study="1.2.4"), "p/4", 10, "sha", now=T0)
+    assert index.counts()["patients"] == 3  # two without an ID, one PAT1 with two studies
