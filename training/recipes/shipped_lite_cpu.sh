@@ -92,27 +92,20 @@ python3 -m dicomnode train "${NODE_LUNGS[@]}" --seed 8 --out "$OUT/lite-cpu15" -
 python3 -m dicomnode train "${NODE_LUNGS[@]}" --seed 2 --out "$OUT/lite-cpu16" \
     --stage 2 --init "$OUT/lite-cpu15/model.pt" --cls-pool max --epochs2 2 --lr2 0 \
     --lr2-cls 2e-4 --val-every 1
-# 8
-python3 -m dicomnode train "${NODE_LUNGS[@]}" --seed 11 --out "$OUT/seg17" --task seg \
-    --stage 1 --init "$OUT/lite-cpu16/model.pt" --epochs1 10 --lr1 1.5e-4 \
-    --lr-affine-scale 20 --val-every 5
-python3 -m dicomnode train "${NODE_LUNGS[@]}" --seed 12 --out "$OUT/lite-cpu17" --stage 2 \
-    --init "$OUT/lite-cpu16/model.pt" --init "$OUT/seg17/model.pt" --cls-pool max \
-    --epochs2 2 --lr2 5e-5 --lr2-cls 2e-4 --val-every 1
-# 9
-python3 -m dicomnode train "${NODE_LUNGS[@]}" --seed 13 --out "$OUT/seg18" --task seg \
-    --stage 1 --init "$OUT/lite-cpu17/model.pt" --epochs1 20 --lr1 1.5e-4 \
-    --lr-affine-scale 20 --val-every 5
-python3 -m dicomnode train "${NODE_LUNGS[@]}" --seed 14 --out "$OUT/lite-cpu18" --stage 2 \
-    --init "$OUT/lite-cpu17/model.pt" --init "$OUT/seg18/model.pt" --cls-pool max \
-    --epochs2 2 --lr2 5e-5 --lr2-cls 2e-4 --val-every 1
-# 10
-python3 -m dicomnode train "${NODE_LUNGS[@]}" --seed 15 --out "$OUT/seg19" --task seg \
-    --stage 1 --init "$OUT/lite-cpu18/model.pt" --epochs1 20 --lr1 1.5e-4 \
-    --lr-affine-scale 20 --val-every 5
-python3 -m dicomnode train "${NODE_LUNGS[@]}" --seed 16 --out "$OUT/lite-cpu19" --stage 2 \
-    --init "$OUT/lite-cpu18/model.pt" --init "$OUT/seg19/model.pt" --cls-pool max \
-    --epochs2 2 --lr2 5e-5 --lr2-cls 2e-4 --val-every 1
+# 8-10: a round of the segmentation stream alone (from FROM's, EPOCHS at 1.5e-4, seed
+# SEED; its best validation epoch kept), then stage 2 of FROM with it (seed SEED + 1)
+segmenter_round() {
+    local from=$1 seg=$2 joint=$3 seed=$4 epochs=$5
+    python3 -m dicomnode train "${NODE_LUNGS[@]}" --seed "$seed" --out "$OUT/$seg" \
+        --task seg --stage 1 --init "$OUT/$from/model.pt" --epochs1 "$epochs" --lr1 1.5e-4 \
+        --lr-affine-scale 20 --val-every 5
+    python3 -m dicomnode train "${NODE_LUNGS[@]}" --seed $((seed + 1)) --out "$OUT/$joint" \
+        --stage 2 --init "$OUT/$from/model.pt" --init "$OUT/$seg/model.pt" --cls-pool max \
+        --epochs2 2 --lr2 5e-5 --lr2-cls 2e-4 --val-every 1
+}
+segmenter_round lite-cpu16 seg17 lite-cpu17 11 10  # 8
+segmenter_round lite-cpu17 seg18 lite-cpu18 13 20  # 9
+segmenter_round lite-cpu18 seg19 lite-cpu19 15 20  # 10
 for attempt in lite-cpu18 lite-cpu19; do  # the selection between attempts
     python3 -m dicomnode evaluate --checkpoint "$OUT/$attempt/model.pt" --data "$HELD_OUT" \
         --out "$OUT/$attempt/eval" --device cpu --workers 1
