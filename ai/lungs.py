@@ -11,19 +11,24 @@ Steps, on a working grid of about `working_spacing_mm` voxels for speed:
    bronchus stops where it opens into a lung. Orientation-agnostic (no head/feet guess).
 3. Lung parts that touch the image edge (border-connected in their slice) are put back when
    they overlap enclosed lung in the neighbouring slice, so a small field of view still works.
-4. 3D components: the largest, plus a second one on the other side of the body's middle. A
+4. Gas pockets: enclosed pure air (median below `min_lung_median_hu`) wide enough to hold a
+   disc of `gas_pocket_min_radius_mm`, with the pure air joined to it above and below its
+   footprint, is stomach or bowel gas: the gastric bubble under the left dome, which the
+   thin diaphragm's partial volume in a thick slice joins to the lung base. It is never
+   lung, and a hole in the lung around it (the stomach wall) is not filled in step 6.
+5. 3D components: the largest, plus a second one on the other side of the body's middle. A
    largest component lying on both sides is two merged lungs and is split at its narrowest.
-5. Per lung: a 3D closing and per-slice hole filling, so vessels, ground-glass and dense
+6. Per lung: a 3D closing and per-slice hole filling, so vessels, ground-glass and dense
    (consolidated, -70..140 HU) lesions at the pleura stay inside. Away from the mediastinum
    the closing radius is larger (`costal_closing_radius_mm`): a consolidation against the
    ribs leaves a wide bite in the aerated lung, while near the middle a large radius would
    take in the aorta, great vessels and hilum. Never between the two lungs. Known limit: a
    dense consolidation against the mediastinum looks like the mediastinum and may stay
    partly outside (a learned lung model is the upgrade path).
-6. Plausibility: enough lung volume with lung-like HU (else `NoLungsFound`); not too much lung
+7. Plausibility: enough lung volume with lung-like HU (else `NoLungsFound`); not too much lung
    surface on the field-of-view edge and lungs not cut by the scan range (else
    `LungsCutOff`).
-7. Full resolution: the working mask's interior is kept as is; its one-voxel boundary band is
+8. Full resolution: the working mask's interior is kept as is; its one-voxel boundary band is
    decided voxel by voxel by the air threshold (dense boundary voxels stay if the working
    grid had them as lung tissue).
 
@@ -82,6 +87,10 @@ class LungConfig:
     min_lung_volume_ml: less lung than this (both lungs) is `NoLungsFound`.
     min_lung_median_hu: a candidate whose median HU is below this is pure air (bowel gas,
         an air pocket, a pneumothorax), not aerated lung.
+    gas_pocket_min_radius_mm: enclosed pure air (median HU below `min_lung_median_hu`)
+        whose widest cross-section holds a disc of this radius is stomach or bowel gas,
+        never lung, even where a thick slice's partial volume joins it to a lung base;
+        narrower pockets (bronchi, small bullae) are left to the lung choice.
     second_lung_min_fraction: the second lung must have at least this fraction of the first.
     merged_min_fraction: a component with at least this fraction of its voxels on each side
         of the body middle is two merged lungs.
@@ -104,6 +113,7 @@ class LungConfig:
     airway_seed_depth_mm: float = 10.0
     min_lung_volume_ml: float = 150.0
     min_lung_median_hu: float = -975.0
+    gas_pocket_min_radius_mm: float = 8.0
     second_lung_min_fraction: float = 0.05
     merged_min_fraction: float = 0.2
     max_cut_fraction: float = 0.15
@@ -115,6 +125,7 @@ class LungConfig:
             "airway_max_area_mm2",
             "airway_max_offset_mm",
             "min_lung_volume_ml",
+            "gas_pocket_min_radius_mm",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -182,17 +193,18 @@ def label_lungs(
     comps = _AirComponents.of(air, grid)
     airway_ids = _track_airways(comps, grid, cfg)
     airway = comps.labels_mask(airway_ids)
+    gas = _gas_pockets(comps, hu, grid, cfg) & ~airway
     lung_ids = _rescue_cut_parts(comps, comps.enclosed & ~airway_ids)
-    candidates = comps.labels_mask(lung_ids) & ~_airway_footprint(airway)
+    candidates = comps.labels_mask(lung_ids) & ~_airway_footprint(airway) & ~gas
     try:
         sides, merged = _select_lungs(hu, candidates, comps.body_mid_x, grid, cfg)
     except NoLungsFound:
         _raise_if_lungs_cut_everywhere(hu, comps, grid, cfg)
         raise
-    sides = _close_and_fill(sides, airway, comps.body_mid_x, grid, cfg)
+    sides = _close_and_fill(sides, airway, gas, comps.body_mid_x, grid, cfg)
     outside = comps.labels_mask(comps.border & ~lung_ids)
     cut = _check_field_of_view(sides > 0, outside, grid.spacing, cfg)
-    full = _to_full_resolution(volume_hu, sides, air, airway, grid, cfg.air_hu)
+    full = _to_full_resolution(volume_hu, sides, air, airway | gas, grid, cfg.air_hu)
     log.debug(
         "lungs: %.2f s, working grid %s (factors %s), merged=%s, cut %.3f",
         time.perf_counter() - start,
@@ -454,6 +466,39 @@ def _airway_footprint(airway: np.ndarray) -> np.ndarray:
     return ndi.binary_dilation(shifted, structure=_PLANE4) | airway
 
 
+# --------------------------------------------------------------------------- gas pockets
+
+
+def _gas_pockets(comps: _AirComponents, hu: np.ndarray, grid: _Grid, cfg: LungConfig) -> np.ndarray:
+    """Voxels of stomach or bowel gas (bool mask): enclosed slice components of pure air
+    (median HU below `min_lung_median_hu`: no lung tissue in them), joined across slices,
+    whose widest cross-section holds a disc of `gas_pocket_min_radius_mm`. The gastric
+    bubble under the left dome is the usual one; across a thick slice the thin diaphragm
+    averages to air, so without this it joins the lung base, and its wall comes in with
+    the lung's hole filling."""
+    below = (hu < cfg.min_lung_median_hu).ravel()
+    pure_voxels = np.bincount(comps.labels.ravel()[below], minlength=comps.area.size)
+    pure = comps.enclosed & (2 * pure_voxels > comps.area)  # median below the threshold
+    voxels = comps.labels_mask(pure)
+    groups, n = ndi.label(voxels, structure=_FACE6)
+    _, dy, dx = grid.spacing
+    # In-plane depth: another slice is never nearer than the whole volume's extent.
+    far = float(sum(n_ * s for n_, s in zip(grid.shape, grid.spacing, strict=True)))
+    depth = ndi.distance_transform_edt(voxels, sampling=(far, dy, dx))
+    widest = ndi.maximum(depth, groups, index=np.arange(1, n + 1))
+    pocket = np.zeros(n + 1, dtype=bool)
+    pocket[1:] = np.asarray(widest) >= cfg.gas_pocket_min_radius_mm
+    if not pocket.any():
+        return np.zeros_like(voxels)
+    # Where the pocket narrows towards the dome, partial volume joins it to the lung in the
+    # slice too: it goes on through pure-air voxels above or below its own footprint.
+    seeds = pocket[groups]
+    allowed = (hu < cfg.min_lung_median_hu) & seeds.any(axis=0)
+    gas = ndi.binary_propagation(seeds, structure=_FACE6, mask=allowed | seeds)
+    log.debug("gas pockets: %d, %.1f mL", pocket.sum(), np.count_nonzero(gas) * grid.voxel_ml)
+    return gas
+
+
 # --------------------------------------------------------------------------- cut lungs
 
 
@@ -612,12 +657,15 @@ def _split_merged(part: np.ndarray, spacing: Sequence[float], mid: float) -> np.
 def _close_and_fill(
     sides: np.ndarray,
     airway: np.ndarray,
+    gas: np.ndarray,
     body_mid_x: np.ndarray,
     grid: _Grid,
     cfg: LungConfig,
 ) -> np.ndarray:
-    """Per lung: 3D closings (see the module docstring, step 5) and per-slice hole filling,
-    without the airways; a voxel both lungs claim stays with the lung that had it before."""
+    """Per lung: 3D closings (see the module docstring, step 6) and per-slice hole filling,
+    without the airways; a voxel both lungs claim stays with the lung that had it before.
+    A hole around a gas pocket (`_gas_pockets`) is the stomach or bowel under a dome seen
+    through the lung base: neither the closing nor the filling takes it."""
     out = np.zeros_like(sides)
     between = _between_lungs(sides)
     mid = np.where(np.isfinite(body_mid_x), body_mid_x, (sides.shape[2] - 1) / 2.0)
@@ -630,8 +678,9 @@ def _close_and_fill(
         if box is None:
             continue
         box, (near, far) = _closings(mask, box, grid.spacing, radii)
-        added = (near | far & costal[box[0], None, box[2]]) & ~between[box]
-        closed = _fill_holes_2d(added | mask[box])
+        abdominal = _holes_2d(mask[box]) & ~_holes_2d(mask[box], gas[box])
+        added = (near | far & costal[box[0], None, box[2]]) & ~between[box] & ~abdominal
+        closed = added | mask[box] | _holes_2d(added | mask[box], gas[box])
         region = out[box]
         claim = closed & ~airway[box] & ((region == 0) | (sides[box] == side))
         region[claim] = side
@@ -674,14 +723,17 @@ def _closings(
     return grown, closed
 
 
-def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
-    """Fill holes in every axial slice (a region not reaching the slice's border)."""
+def _holes_2d(mask: np.ndarray, gas: np.ndarray | None = None) -> np.ndarray:
+    """The holes of `mask` in every axial slice (regions not reaching the slice's border),
+    except those that hold some `gas`."""
     labels, n = ndi.label(~mask, structure=_PLANE4)
     border = np.zeros(n + 1, dtype=bool)
     for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
         border[face] = True
     border[0] = True
-    return mask | ~border[labels]
+    if gas is not None:
+        border[labels[gas]] = True
+    return ~border[labels]
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
@@ -810,13 +862,14 @@ def _to_full_resolution(
     volume_hu: np.ndarray,
     sides: np.ndarray,
     air: np.ndarray,
-    airway: np.ndarray,
+    not_lung_air: np.ndarray,
     grid: _Grid,
     air_hu: float,
 ) -> np.ndarray:
     """Side labels at full resolution: the working mask's interior as is, its boundary band
     (one working voxel inside and outside) by the full-resolution air threshold, except
-    boundary voxels that were dense lung tissue on the working grid (lesions, vessels)."""
+    boundary voxels that were dense lung tissue on the working grid (lesions, vessels) and
+    outer ones in `not_lung_air` (airways, gas pockets)."""
     full = np.zeros(grid.full_shape, dtype=np.uint8)
     box = _bbox(sides > 0)
     if box is None:
@@ -836,7 +889,7 @@ def _to_full_resolution(
         core = ndi.binary_erosion(mask, structure=structure, border_value=1)
         band_in = mask & ~core
         band_out = ndi.binary_dilation(mask, structure=structure) & ~mask & (sides[box] == 0)
-        band_out &= ~airway[box]
+        band_out &= ~not_lung_air[box]
         code[core | (band_in & ~air[box])] = 2 * (side - 1) + _SURE
         code[(band_in & air[box]) | band_out] = 2 * (side - 1) + _IF_AIR
     full_box = tuple(grid.full_slice(axis, sl) for axis, sl in enumerate(box))

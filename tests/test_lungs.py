@@ -250,6 +250,21 @@ def test_dense_consolidation_against_the_ribs_stays_in() -> None:
     assert np.count_nonzero(without & c.lesion) < 0.5 * np.count_nonzero(c.lesion)
 
 
+@pytest.mark.parametrize(("kind", "seed"), [("cap", 900013), ("covid", 900007)])
+def test_gastric_bubble_under_the_dome_stays_out(kind: str, seed: int) -> None:
+    """In these phantoms (5 mm slices) the stomach's gas bubble under the left dome joins
+    the lung base through the thin diaphragm's partial volume; it used to come into the left
+    lung with its wall (2,400-2,900 voxels of air outside the true lungs)."""
+    p = generate_phantom(kind, seed, size=256, slices=64)
+    mask = segment_lungs(p.volume_hu, p.spacing_mm)
+    air_outside_lungs = mask & ~p.lung_mask & (p.volume_hu < -700)
+    assert np.count_nonzero(air_outside_lungs) < 100
+    assert dice(mask, p.lung_mask) >= 0.99
+    without = LungConfig(gas_pocket_min_radius_mm=1000.0)  # no pocket is that wide
+    before = segment_lungs(p.volume_hu, p.spacing_mm, without) & ~p.lung_mask
+    assert np.count_nonzero(before & (p.volume_hu < -700)) > 2000
+
+
 def test_float64_and_int16_inputs_agree(chest: Chest) -> None:
     as_int = np.rint(chest.volume_hu).astype(np.int16)
     a = segment_lungs(as_int, chest.spacing_mm)
