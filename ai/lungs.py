@@ -12,10 +12,12 @@ Steps, on a working grid of about `working_spacing_mm` voxels for speed:
 3. Lung parts that touch the image edge (border-connected in their slice) are put back when
    they overlap enclosed lung in the neighbouring slice, so a small field of view still works.
 4. Gas pockets: enclosed pure air (median below `min_lung_median_hu`) wide enough to hold a
-   disc of `gas_pocket_min_radius_mm`, with the pure air joined to it above and below its
-   footprint, is stomach or bowel gas: the gastric bubble under the left dome, which the
-   thin diaphragm's partial volume in a thick slice joins to the lung base. It is never
-   lung, and a hole in the lung around it (the stomach wall) is not filled in step 6.
+   disc of `gas_pocket_min_radius_mm`, with no lung beyond it on the feet side, is stomach
+   or bowel gas: the gastric bubble under the left dome, which the thin diaphragm's
+   partial volume in a thick slice joins to the lung base. It is not lung, and a hole in
+   the lung around it (the stomach wall) is not filled in step 6. An air cavity inside a
+   lung has lung on both sides and stays (known limit: one at the very base of a lower
+   lobe, above the dome, may be taken for the stomach).
 5. 3D components: the largest, plus a second one on the other side of the body's middle. A
    largest component lying on both sides is two merged lungs and is split at its narrowest.
 6. Per lung: a 3D closing and per-slice hole filling, so vessels, ground-glass and dense
@@ -88,9 +90,9 @@ class LungConfig:
     min_lung_median_hu: a candidate whose median HU is below this is pure air (bowel gas,
         an air pocket, a pneumothorax), not aerated lung.
     gas_pocket_min_radius_mm: enclosed pure air (median HU below `min_lung_median_hu`)
-        whose widest cross-section holds a disc of this radius is stomach or bowel gas,
-        never lung, even where a thick slice's partial volume joins it to a lung base;
-        narrower pockets (bronchi, small bullae) are left to the lung choice.
+        whose widest cross-section holds a disc of about this radius, with no lung on its
+        feet side, is stomach or bowel gas, not lung, even where a thick slice's partial
+        volume joins it to a lung base; narrower pockets are left to the lung choice.
     second_lung_min_fraction: the second lung must have at least this fraction of the first.
     merged_min_fraction: a component with at least this fraction of its voxels on each side
         of the body middle is two merged lungs.
@@ -193,9 +195,10 @@ def label_lungs(
     comps = _AirComponents.of(air, grid)
     airway_ids = _track_airways(comps, grid, cfg)
     airway = comps.labels_mask(airway_ids)
-    gas = _gas_pockets(comps, hu, grid, cfg) & ~airway
     lung_ids = _rescue_cut_parts(comps, comps.enclosed & ~airway_ids)
-    candidates = comps.labels_mask(lung_ids) & ~_airway_footprint(airway) & ~gas
+    candidates = comps.labels_mask(lung_ids) & ~_airway_footprint(airway)
+    gas = _gas_pockets(comps, airway_ids, candidates, hu, grid, cfg)
+    candidates &= ~gas
     try:
         sides, merged = _select_lungs(hu, candidates, comps.body_mid_x, grid, cfg)
     except NoLungsFound:
@@ -469,34 +472,71 @@ def _airway_footprint(airway: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- gas pockets
 
 
-def _gas_pockets(comps: _AirComponents, hu: np.ndarray, grid: _Grid, cfg: LungConfig) -> np.ndarray:
-    """Voxels of stomach or bowel gas (bool mask): enclosed slice components of pure air
-    (median HU below `min_lung_median_hu`: no lung tissue in them), joined across slices,
-    whose widest cross-section holds a disc of `gas_pocket_min_radius_mm`. The gastric
-    bubble under the left dome is the usual one; across a thick slice the thin diaphragm
-    averages to air, so without this it joins the lung base, and its wall comes in with
-    the lung's hole filling."""
+def _gas_pockets(
+    comps: _AirComponents,
+    airway_ids: np.ndarray,
+    lung_air: np.ndarray,
+    hu: np.ndarray,
+    grid: _Grid,
+    cfg: LungConfig,
+) -> np.ndarray:
+    """Voxels of stomach or bowel gas under a lung base (bool mask).
+
+    A pocket is a group, joined across slices, of enclosed slice components of pure air
+    (median HU below `min_lung_median_hu`: no lung tissue in them) other than the tracked
+    airways, whose widest cross-section holds a disc of `gas_pocket_min_radius_mm`, and
+    with no lung beyond it on the feet side (the side away from the trachea; with no
+    trachea in the scan, no lung on both sides) in most of its footprint: an air cavity,
+    cyst or bulla inside a lung has lung above and below. The gastric bubble under the left
+    dome is the usual pocket: across a thick slice the thin diaphragm averages to air, so
+    without this it joins the lung base, and its wall comes in with the lung's hole
+    filling. Each pocket goes on through pure-air voxels above and below its footprint,
+    where it narrows towards the dome and partial volume joins it to the lung in-plane.
+    """
     below = (hu < cfg.min_lung_median_hu).ravel()
     pure_voxels = np.bincount(comps.labels.ravel()[below], minlength=comps.area.size)
-    pure = comps.enclosed & (2 * pure_voxels > comps.area)  # median below the threshold
-    voxels = comps.labels_mask(pure)
-    groups, n = ndi.label(voxels, structure=_FACE6)
+    pure = comps.enclosed & ~airway_ids & (2 * pure_voxels > comps.area)  # median below
     _, dy, dx = grid.spacing
-    # In-plane depth: another slice is never nearer than the whole volume's extent.
-    far = float(sum(n_ * s for n_, s in zip(grid.shape, grid.spacing, strict=True)))
-    depth = ndi.distance_transform_edt(voxels, sampling=(far, dy, dx))
-    widest = ndi.maximum(depth, groups, index=np.arange(1, n + 1))
-    pocket = np.zeros(n + 1, dtype=bool)
-    pocket[1:] = np.asarray(widest) >= cfg.gas_pocket_min_radius_mm
-    if not pocket.any():
-        return np.zeros_like(voxels)
-    # Where the pocket narrows towards the dome, partial volume joins it to the lung in the
-    # slice too: it goes on through pure-air voxels above or below its own footprint.
-    seeds = pocket[groups]
-    allowed = (hu < cfg.min_lung_median_hu) & seeds.any(axis=0)
-    gas = ndi.binary_propagation(seeds, structure=_FACE6, mask=allowed | seeds)
-    log.debug("gas pockets: %d, %.1f mL", pocket.sum(), np.count_nonzero(gas) * grid.voxel_ml)
+    wide = pure & (comps.area * dy * dx >= math.pi * cfg.gas_pocket_min_radius_mm**2)
+    gas = np.zeros(hu.shape, dtype=bool)
+    if not wide.any():
+        return gas
+    feet_last = _feet_at_end(comps.labels_mask(airway_ids))
+    groups, _ = ndi.label(comps.labels_mask(pure), structure=_FACE6)
+    objects = ndi.find_objects(groups)
+    pure_air = hu < cfg.min_lung_median_hu
+    for g in np.unique(groups[comps.labels_mask(wide)]):
+        box = objects[g - 1]
+        assert box is not None
+        member = groups[box] == g
+        widest = max(float(ndi.distance_transform_edt(plane, sampling=(dy, dx)).max())
+                     for plane in member if plane.any())
+        footprint = member.any(axis=0)
+        columns = (slice(None), box[1], box[2])
+        lung = lung_air[columns][:, footprint]
+        head_side, feet_side = lung[: box[0].start].any(axis=0), lung[box[0].stop :].any(axis=0)
+        if feet_last is None:
+            inside = head_side & feet_side
+        else:
+            inside = feet_side if feet_last else head_side
+        if widest < cfg.gas_pocket_min_radius_mm or 2 * inside.sum() > footprint.sum():
+            continue
+        seeds = np.zeros(lung_air[columns].shape, dtype=bool)
+        seeds[box[0]] = member
+        allowed = pure_air[columns] & footprint
+        gas[columns] |= ndi.binary_propagation(seeds, structure=_FACE6, mask=allowed | seeds)
+    if gas.any():
+        log.debug("gas pockets: %.1f mL", np.count_nonzero(gas) * grid.voxel_ml)
     return gas
+
+
+def _feet_at_end(airway: np.ndarray) -> bool | None:
+    """Whether the feet end is the last slice (the trachea lies at the head end); None
+    without a tracked airway."""
+    zs = np.flatnonzero(airway.any(axis=(1, 2)))
+    if zs.size == 0:
+        return None
+    return bool(zs.mean() < (airway.shape[0] - 1) / 2.0)
 
 
 # --------------------------------------------------------------------------- cut lungs
@@ -664,8 +704,10 @@ def _close_and_fill(
 ) -> np.ndarray:
     """Per lung: 3D closings (see the module docstring, step 6) and per-slice hole filling,
     without the airways; a voxel both lungs claim stays with the lung that had it before.
-    A hole around a gas pocket (`_gas_pockets`) is the stomach or bowel under a dome seen
-    through the lung base: neither the closing nor the filling takes it."""
+    A hole in a lung around a gas pocket (`_gas_pockets`) is the stomach or bowel under a
+    dome seen through the lung base: neither the closing nor the filling takes it. (Around
+    a tracked bronchus the same would keep its wall out, as the truth of the phantoms does;
+    the shipped weights, trained with the wall in, then mark the lung next to it.)"""
     out = np.zeros_like(sides)
     between = _between_lungs(sides)
     mid = np.where(np.isfinite(body_mid_x), body_mid_x, (sides.shape[2] - 1) / 2.0)
@@ -682,7 +724,7 @@ def _close_and_fill(
         added = (near | far & costal[box[0], None, box[2]]) & ~between[box] & ~abdominal
         closed = added | mask[box] | _holes_2d(added | mask[box], gas[box])
         region = out[box]
-        claim = closed & ~airway[box] & ((region == 0) | (sides[box] == side))
+        claim = closed & ~airway[box] & ~gas[box] & ((region == 0) | (sides[box] == side))
         region[claim] = side
     return out
 

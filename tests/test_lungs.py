@@ -19,7 +19,7 @@ from ai.errors import (
     NotAVolume,
     TooFewSlices,
 )
-from ai.lungs import LungConfig, LungSide, label_lungs, segment_lungs
+from ai.lungs import LungConfig, LungSide, _close_and_fill, _Grid, label_lungs, segment_lungs
 from training.phantoms import Phantom, generate_phantom
 
 AIR, LUNG, TISSUE, DENSE = -1000.0, -850.0, 40.0, 30.0
@@ -248,6 +248,43 @@ def test_dense_consolidation_against_the_ribs_stays_in() -> None:
         c.volume_hu, c.spacing_mm, LungConfig(closing_radius_mm=0, costal_closing_radius_mm=0)
     )
     assert np.count_nonzero(without & c.lesion) < 0.5 * np.count_nonzero(c.lesion)
+
+
+def test_air_cavity_inside_a_lung_stays_in() -> None:
+    """A 28 mm air cavity with a 6 mm wall in the middle of the right lung (an abscess, a
+    cyst, a bulla) is pure air as wide as a gas pocket, but it has lung above and below:
+    it and its wall stay lung."""
+    c = build_chest()
+    dz, d, _ = c.spacing_mm
+    z = ((np.arange(c.volume_hu.shape[0]) + 0.5) * dz)[:, None, None]
+    y = (np.arange(c.volume_hu.shape[1]) * d - 190.0)[None, :, None]
+    x = (np.arange(c.volume_hu.shape[2]) * d - 190.0)[None, None, :]
+    centre = (150.0, 0.0, -75.0)
+    cavity = _ellipsoid(z, y, x, centre, (20.0, 20.0, 20.0))
+    volume = c.volume_hu.copy()
+    volume[cavity] = TISSUE
+    volume[_ellipsoid(z, y, x, centre, (14.0, 14.0, 14.0))] = AIR
+    assert (c.sides[cavity] == LungSide.RIGHT).all()
+    mask = segment_lungs(volume, c.spacing_mm)
+    assert np.count_nonzero(mask & cavity) >= 0.95 * np.count_nonzero(cavity)
+
+
+def test_holes_around_gas_pockets_stay_open() -> None:
+    """In a slice, a hole in a lung is filled (a vessel, a dense lesion) unless it holds a
+    gas pocket: the stomach seen through the lung base, whose wall is not lung."""
+    sides = np.zeros((3, 40, 40), dtype=np.uint8)
+    sides[:, 5:35, 5:35] = LungSide.RIGHT
+    sides[:, 10:16, 10:16] = 0  # a vessel
+    sides[:, 22:30, 22:30] = 0  # the stomach: its wall around gas
+    gas = np.zeros(sides.shape, dtype=bool)
+    gas[:, 25:27, 25:27] = True
+    grid = _Grid((3, 40, 40), (1, 1, 1), (2.0, 2.0, 2.0))
+    no_closing = LungConfig(closing_radius_mm=0, costal_closing_radius_mm=0)
+    no_airway = np.zeros(sides.shape, dtype=bool)
+    out = _close_and_fill(sides, no_airway, gas, np.full(3, 20.0), grid, no_closing)
+    assert (out[:, 10:16, 10:16] == LungSide.RIGHT).all()
+    assert not out[:, 22:30, 22:30].any()
+    assert (out[sides > 0] == LungSide.RIGHT).all()
 
 
 @pytest.mark.parametrize(("kind", "seed"), [("cap", 900013), ("covid", 900007)])
