@@ -12,12 +12,14 @@ Steps, on a working grid of about `working_spacing_mm` voxels for speed:
 3. Lung parts that touch the image edge (border-connected in their slice) are put back when
    they overlap enclosed lung in the neighbouring slice, so a small field of view still works.
 4. Gas pockets: enclosed pure air (median below `min_lung_median_hu`) wide enough to hold a
-   disc of `gas_pocket_min_radius_mm`, with no lung beyond it on the feet side, is stomach
-   or bowel gas: the gastric bubble under the left dome, which the thin diaphragm's
-   partial volume in a thick slice joins to the lung base. It is not lung, and a hole in
-   the lung around it (the stomach wall) is not filled in step 6. An air cavity inside a
-   lung has lung on both sides and stays (known limit: one at the very base of a lower
-   lobe, above the dome, may be taken for the stomach).
+   disc of `gas_pocket_min_radius_mm`, with lung beyond it on the feet side under at most
+   half of its footprint, is stomach or bowel gas: the gastric bubble under the left
+   dome, which the thin diaphragm's partial volume in a thick slice joins to the lung
+   base. It is not lung, with the pure-air voxels joined to it above and below its
+   footprint, and a hole in the lung around it (the stomach wall) is not filled in step
+   6. An air cavity inside a lung has lung on both sides and stays. Known limits: a
+   cavity at the very base of a lower lobe, above the dome, may be taken for the stomach,
+   and so may emphysema below -975 HU touching a pocket's footprint.
 5. 3D components: the largest, plus a second one on the other side of the body's middle. A
    largest component lying on both sides is two merged lungs and is split at its narrowest.
 6. Per lung: a 3D closing and per-slice hole filling, so vessels, ground-glass and dense
@@ -90,9 +92,9 @@ class LungConfig:
     min_lung_median_hu: a candidate whose median HU is below this is pure air (bowel gas,
         an air pocket, a pneumothorax), not aerated lung.
     gas_pocket_min_radius_mm: enclosed pure air (median HU below `min_lung_median_hu`)
-        whose widest cross-section holds a disc of about this radius, with no lung on its
-        feet side, is stomach or bowel gas, not lung, even where a thick slice's partial
-        volume joins it to a lung base; narrower pockets are left to the lung choice.
+        whose widest cross-section holds a disc of about this radius, mostly without lung
+        on its feet side, is stomach or bowel gas, not lung, even where a thick slice's
+        partial volume joins it to a lung base; narrower pockets are left to the lung choice.
     second_lung_min_fraction: the second lung must have at least this fraction of the first.
     merged_min_fraction: a component with at least this fraction of its voxels on each side
         of the body middle is two merged lungs.
@@ -485,8 +487,8 @@ def _gas_pockets(
     A pocket is a group, joined across slices, of enclosed slice components of pure air
     (median HU below `min_lung_median_hu`: no lung tissue in them) other than the tracked
     airways, whose widest cross-section holds a disc of `gas_pocket_min_radius_mm`, and
-    with no lung beyond it on the feet side (the side away from the trachea; with no
-    trachea in the scan, no lung on both sides) in most of its footprint: an air cavity,
+    with lung beyond it on the feet side (the side away from the trachea; with no trachea
+    in the scan, lung on both sides) under at most half of its footprint: an air cavity,
     cyst or bulla inside a lung has lung above and below. The gastric bubble under the left
     dome is the usual pocket: across a thick slice the thin diaphragm averages to air, so
     without this it joins the lung base, and its wall comes in with the lung's hole
@@ -502,14 +504,17 @@ def _gas_pockets(
     if not wide.any():
         return gas
     feet_last = _feet_at_end(comps.labels_mask(airway_ids))
-    groups, _ = ndi.label(comps.labels_mask(pure), structure=_FACE6)
+    pure_voxels_mask = comps.labels_mask(pure)
+    lung_air = lung_air & ~pure_voxels_mask  # other gas (the colon under the stomach) is not lung
+    groups, _ = ndi.label(pure_voxels_mask, structure=_FACE6)
     objects = ndi.find_objects(groups)
     pure_air = hu < cfg.min_lung_median_hu
     for g in np.unique(groups[comps.labels_mask(wide)]):
         box = objects[g - 1]
         assert box is not None
         member = groups[box] == g
-        widest = max(float(ndi.distance_transform_edt(plane, sampling=(dy, dx)).max())
+        # Padded: the box's edge is the pocket's edge, not more of it.
+        widest = max(float(ndi.distance_transform_edt(np.pad(plane, 1), sampling=(dy, dx)).max())
                      for plane in member if plane.any())
         footprint = member.any(axis=0)
         columns = (slice(None), box[1], box[2])
