@@ -12,12 +12,13 @@ Steps, on a working grid of about `working_spacing_mm` voxels for speed:
 3. Lung parts that touch the image edge (border-connected in their slice) are put back when
    they overlap enclosed lung in the neighbouring slice, so a small field of view still works.
 4. Gas pockets: enclosed pure air (median below `min_lung_median_hu`) wide enough to hold a
-   disc of `gas_pocket_min_radius_mm`, with lung beyond it on the feet side under at most
-   half of its footprint, is stomach or bowel gas: the gastric bubble under the left
-   dome, which the thin diaphragm's partial volume in a thick slice joins to the lung
-   base. It is not lung, with the pure-air voxels joined to it above and below its
-   footprint, and a hole in the lung around it (the stomach wall) is not filled in step
-   6. An air cavity inside a lung has lung on both sides and stays. Known limits: a
+   disc of `gas_pocket_min_radius_mm`, with lung beyond it on the feet side (away from
+   the tracked trachea) under at most half of its footprint, is stomach or bowel gas: the
+   gastric bubble under the left dome, which the thin diaphragm's partial volume in a
+   thick slice joins to the lung base. It and the pure air joined to it above and below,
+   within its footprint, are not lung, and a hole in the lung around it (the stomach
+   wall) is not filled in step 6. An air cavity inside a lung has lung on both sides and
+   stays. Known limits: a
    cavity at the very base of a lower lobe, above the dome, may be taken for the stomach,
    and so may emphysema below -975 HU touching a pocket's footprint.
 5. 3D components: the largest, plus a second one on the other side of the body's middle. A
