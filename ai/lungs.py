@@ -726,9 +726,11 @@ def _close_and_fill(
         if box is None:
             continue
         box, (near, far) = _closings(mask, box, grid.spacing, radii)
-        abdominal = _holes_2d(mask[box]) & ~_holes_2d(mask[box], gas[box])
-        added = (near | far & costal[box[0], None, box[2]]) & ~between[box] & ~abdominal
-        closed = added | mask[box] | _holes_2d(added | mask[box], gas[box])
+        added = (near | far & costal[box[0], None, box[2]]) & ~between[box]
+        if gas[box].any():  # the closing keeps out of the holes around it too
+            added &= ~_holes_2d(mask[box], gas[box])[1]
+        holes, _ = _holes_2d(added | mask[box], gas[box])
+        closed = added | mask[box] | holes
         region = out[box]
         claim = closed & ~airway[box] & ~gas[box] & ((region == 0) | (sides[box] == side))
         region[claim] = side
@@ -771,17 +773,17 @@ def _closings(
     return grown, closed
 
 
-def _holes_2d(mask: np.ndarray, gas: np.ndarray | None = None) -> np.ndarray:
-    """The holes of `mask` in every axial slice (regions not reaching the slice's border),
-    except those that hold some `gas`."""
+def _holes_2d(mask: np.ndarray, gas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The holes of `mask` in every axial slice (regions not reaching the slice's border):
+    those without `gas`, and those that hold some."""
     labels, n = ndi.label(~mask, structure=_PLANE4)
-    border = np.zeros(n + 1, dtype=bool)
+    hole = np.ones(n + 1, dtype=bool)
     for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        border[face] = True
-    border[0] = True
-    if gas is not None:
-        border[labels[gas]] = True
-    return ~border[labels]
+        hole[face] = False
+    hole[0] = False
+    holds_gas = np.zeros(n + 1, dtype=bool)
+    holds_gas[labels[gas]] = True
+    return (hole & ~holds_gas)[labels], (hole & holds_gas)[labels]
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:

@@ -1137,9 +1137,7 @@ def evaluate(
     ``mirror`` and ``overlap`` (None: the checkpoint's own, on any device) as in
     ``analyse``.
     """
-    ckpt = load_checkpoint(checkpoint, device)
-    if overlap is not None:
-        ckpt = with_overlap(ckpt, overlap)
+    ckpt = with_overlap(load_checkpoint(checkpoint, device), overlap)
     source = open_data(list(data), cache_dir or default_cache_dir())
     results: list[ScanResult] = []
     examples: list[_Overlay] = []
