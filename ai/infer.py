@@ -306,16 +306,30 @@ def _mirrored_segmentation(
     pred: Prediction,
 ) -> Prediction:
     """Test-time mirroring, as nnU-Net does by default: the lesion probability averaged
-    with that of the left-right mirrored scan (training mirrors scans too), at twice the
-    segmentation time; the classification stays that of the scan as it is."""
-    mirrored = _predict(ckpt, np.ascontiguousarray(volume_hu[:, :, ::-1]),
-                        np.ascontiguousarray(lung[:, :, ::-1]), batch_size)
-    assert pred.lesion_probability is not None and mirrored.lesion_probability is not None
-    probability = pred.lesion_probability + mirrored.lesion_probability[:, :, ::-1]
-    probability *= 0.5
+    over the scan as it is, mirrored left-right, flipped along the slices, and both, at
+    four times the segmentation time; the classification stays that of the scan as it is.
+    Front-back is left out: scans reach the network supine.
+
+    Training mirrors left-right only, yet the flip along the slices helps more (on the
+    selection phantoms, DSC 76.6 % plain, 76.9 left-right, 77.6 slices, 77.9 all four).
+    The sum runs pairwise, (as is + left-right) + (slices + both), so that a scan flipped
+    either way gets exactly the flipped lesions."""
+    assert pred.lesion_probability is not None
     timings = dict(pred.timings)
-    for stage in ("preprocess", "segmentation"):
-        timings[stage] += mirrored.timings[stage]
+
+    def flipped(axes: tuple[int, ...]) -> np.ndarray:
+        mirrored = _predict(ckpt, np.ascontiguousarray(np.flip(volume_hu, axes)),
+                            np.ascontiguousarray(np.flip(lung, axes)), batch_size)
+        assert mirrored.lesion_probability is not None
+        for stage in ("preprocess", "segmentation"):
+            timings[stage] += mirrored.timings[stage]
+        return np.flip(mirrored.lesion_probability, axes)
+
+    probability = pred.lesion_probability + flipped((2,))
+    along_slices = flipped((0,))
+    along_slices += flipped((0, 2))
+    probability += along_slices
+    probability *= 0.25
     return dataclasses.replace(pred, lesion_probability=probability, timings=timings)
 
 

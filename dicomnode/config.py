@@ -228,9 +228,9 @@ class AIConfig:
         -300.0,
     )
     mirror: str = _doc(
-        "Test-time mirroring: average the lesion probability with that of the left-right "
-        "mirrored scan (better masks, twice the segmentation time): auto (on a GPU only), "
-        "on or off.", "auto"
+        "Test-time mirroring: average the lesion probability over the scan as it is, "
+        "mirrored left-right, flipped along its slices, and both (better masks, four times "
+        "the segmentation time): auto (on a GPU only), on or off.", "auto"
     )
     window_overlap: float | str = _doc(
         "Share of each segmentation window that its neighbours cover too, blended (better "
