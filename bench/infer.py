@@ -4,10 +4,13 @@ For each model size and slice count, a child process generates a 512 x 512 phant
 chest CT, loads a checkpoint (the shipped lite weights when present, else random
 weights of that size: the timing does not depend on the values), runs `analyse` once
 to warm up and once timed, and reports the stage times, peak RSS and, on CUDA, peak GPU
-memory. One process per case so each peak is its own.
+memory. One process per case so each peak is its own. `--tta auto` runs `analyse` with
+its device defaults (on a GPU: test-time mirroring and half-overlapping windows, 16 x
+the segmentation windows); `--tta off` as the weights were trained (the paper's timing).
 
     python3 bench/infer.py --out bench/results/infer-cpu.json
     python3 bench/infer.py --device cuda --sizes lite paper --out bench/results/infer-cuda.json
+    python3 bench/infer.py --device cuda --tta off --out bench/results/infer-cuda-plain.json
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import machine, write_report  # noqa: E402
 
 
-def run_case(size: str, slices: int, device: str, threads: int) -> dict[str, object]:
+def run_case(size: str, slices: int, device: str, threads: int, tta: str) -> dict[str, object]:
     import torch
 
     from ai.checkpoint import (
@@ -57,17 +60,22 @@ def run_case(size: str, slices: int, device: str, threads: int) -> dict[str, obj
     t = time.perf_counter()
     ckpt = load_checkpoint(weights, device)
     load_s = time.perf_counter() - t
-    analyse(phantom.volume_hu, phantom.spacing_mm, checkpoint=ckpt)  # warm-up
+    # None: analyse's device default; "off": no mirroring, the checkpoint's own windows
+    mirror = None if tta == "auto" else False
+    overlap = None if tta == "auto" else ckpt.preprocess.seg_overlap
+    analyse(phantom.volume_hu, phantom.spacing_mm, checkpoint=ckpt, mirror=mirror,
+            overlap=overlap)  # warm-up
     if ckpt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    result = analyse(phantom.volume_hu, phantom.spacing_mm, checkpoint=ckpt)
+    result = analyse(phantom.volume_hu, phantom.spacing_mm, checkpoint=ckpt, mirror=mirror,
+                     overlap=overlap)
     total_s = time.perf_counter() - t
     stages = {k: round(v, 3) for k, v in result.timings.items()}
     model_keys = [k for k in ("preprocess", "segmentation", "classification") if k in stages]
     return {
         "size": size, "slices": slices, "device": str(ckpt.device), "weights": source,
-        "threads": threads, "load_s": round(load_s, 3), "total_s": round(total_s, 3),
+        "threads": threads, "tta": tta, "load_s": round(load_s, 3), "total_s": round(total_s, 3),
         "model_s": round(sum(stages[k] for k in model_keys), 3), "stages_s": stages,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -82,18 +90,23 @@ def main() -> int:
     parser.add_argument("--slices", nargs="+", type=int, default=[120, 300])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tta", choices=["auto", "off"], default="auto",
+                        help="test-time mirroring and window overlap: analyse's device "
+                        "default (auto) or none (off)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "infer.json")
     parser.add_argument("--case", nargs=2, metavar=("SIZE", "SLICES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # child process: one measurement, JSON on stdout
-        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.device, args.threads)))
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.device, args.threads,
+                                  args.tta)))
         return 0
     cases = []
     for size in args.sizes:
         for slices in args.slices:
             child = subprocess.run(
                 [sys.executable, __file__, "--case", size, str(slices), "--device", args.device,
-                 "--threads", str(args.threads)], capture_output=True, text=True,
+                 "--threads", str(args.threads), "--tta", args.tta],
+                capture_output=True, text=True,
             )
             if child.returncode != 0:
                 cases.append({"size": size, "slices": slices, "error": child.stderr[-2000:]})
