@@ -98,9 +98,43 @@ def test_splits_are_stratified_disjoint_and_seeded() -> None:
         assert len(fold) == 11
     with pytest.raises(DatasetError):
         kfold_indices(labels, 3, 3, seed=0)
+    # one case per patient, named: the same splits as unnamed (runs resumed across keep theirs)
+    own = [f"p{i}" for i in range(33)]
+    assert split_indices(labels, 0.2, seed=1, patients=own) == (train, val)
+    assert kfold_indices(labels, 3, 1, seed=2, patients=own)[1] == folds[1]
+
+
+def test_splits_keep_each_patient_on_one_side() -> None:
+    """Several scans of one patient (follow-ups, a second reconstruction) are trained or
+    validated on together, never both; the class mix is kept as far as patients allow."""
+    labels = [Diagnosis(i % 3) for i in range(30)]
+    patients = [f"p{i // 3 * 3 + (i % 3 == 0)}" for i in range(30)]  # 1 or 2 scans each
+    patients[6:9] = ["twice"] * 3  # and one patient with three
+    for seed in range(5):
+        train, val = split_indices(labels, 0.3, seed=seed, patients=patients)
+        assert sorted(train + val) == list(range(30))
+        assert not {patients[i] for i in train} & {patients[i] for i in val}
+        assert 7 <= len(val) <= 11
+        sizes = []
+        for fold in range(3):
+            train, val = kfold_indices(labels, 3, fold, seed=seed, patients=patients)
+            assert not {patients[i] for i in train} & {patients[i] for i in val}
+            sizes.append(len(val))
+        assert sum(sizes) == 30 and max(sizes) - min(sizes) <= 3
+    with pytest.raises(DatasetError, match="3 cases of 2 patients do not fill 3 folds"):
+        kfold_indices([Diagnosis.CAP] * 3, 3, 0, seed=0, patients=["a", "a", "b"])
 
 
 # ----------------------------------------------------------------------------- NIfTI
+
+
+def test_nifti_cases_name_their_patient(tmp_path: Path) -> None:
+    """An optional patient_id column groups scans for the splits; empty: the case's own."""
+    (tmp_path / "labels.csv").write_text(
+        "case_id,label,image,lesion_mask,patient_id\n"
+        "a1,covid,a1.nii,a1_m.nii,A\na2,covid,a2.nii,a2_m.nii,A\nb,cap,b.nii,b_m.nii,\n"
+    )
+    assert NiftiSource.from_csv(tmp_path / "labels.csv").patients() == ["A", "A", "b"]
 
 
 def _write_nifti(path: Path, zyx: np.ndarray, spacing: tuple[float, float, float]) -> None:
@@ -128,6 +162,7 @@ def test_nifti_source_reads_pairs_in_the_dicom_frame(tmp_path: Path) -> None:
     source = parse_data_spec(f"nifti:{tmp_path / 'labels.csv'}")
     assert isinstance(source, NiftiSource)
     assert source.labels() == [Diagnosis.COVID19, None]
+    assert source.patients() == ["a", "b"]  # no patient_id column: each case its own
     for i in range(2):
         case = source[i]
         np.testing.assert_array_equal(case.volume_hu, volume)
@@ -332,6 +367,7 @@ def test_dicom_folder_with_seg_and_labels(tmp_path: Path) -> None:
     by_id = {source.case_ids()[i]: i for i in range(len(source))}
     assert source.labels()[by_id["pat1/ct"]] == Diagnosis.CAP
     assert source.labels()[by_id["pat2/ct"]] is None
+    assert source.patients() == ["P1", "P1"]  # the CT's PatientID: one patient, two scans
     case = source[by_id["pat1/ct"]]
     np.testing.assert_array_equal(case.volume_hu, volume)
     np.testing.assert_array_equal(case.lesion_mask, lesion)
@@ -423,6 +459,7 @@ def test_node_index_takes_reviewed_segs_only(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text(f"study,label\n{study},covid\n")
     source = parse_data_spec(f"index:{data},labels={tmp_path / 'labels.csv'}")
     assert len(source) == 1 and source.labels() == [Diagnosis.COVID19]
+    assert source.patients() == ["P1"]
     case = source[0]
     np.testing.assert_array_equal(case.lesion_mask, corrected)
     np.testing.assert_array_equal(case.volume_hu, volume)
@@ -492,6 +529,9 @@ class _OneCase:
         return [self.case.label]
 
     def case_ids(self) -> list[str]:
+        return ["toy"]
+
+    def patients(self) -> list[str]:
         return ["toy"]
 
 

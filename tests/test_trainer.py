@@ -15,7 +15,13 @@ import torch
 from ai.checkpoint import file_sha256, load_checkpoint, preprocess_config_for, save_checkpoint
 from ai.errors import NoLungsFound
 from ai.model import ChannelAffine, ModelConfig, build_model
-from training.datasets import Augmentation, LungMaskCache, TrainingSamples, open_data
+from training.datasets import (
+    Augmentation,
+    DatasetError,
+    LungMaskCache,
+    TrainingSamples,
+    open_data,
+)
 from training.losses import LossConfig
 from training.trainer import (
     Batch,
@@ -379,6 +385,20 @@ def test_a_resumed_run_keeps_its_split(tmp_path: Path, cache: Path) -> None:
     with pytest.raises(ValueError, match="pass --split-seed 3"):
         prepare_data(_config(tmp_path, cache, val_fraction=0.5, seed=3, resume=True))
     assert prepare_data(_config(tmp_path, cache, val_fraction=0.5, split_seed=3, resume=True))
+
+
+def test_a_resumed_run_validates_on_the_same_cases(tmp_path: Path, cache: Path) -> None:
+    """The validation cases are recorded; resumed on data that now splits otherwise (a
+    node index with more reviewed SEGs, another --val-data) the run stops, as it would
+    validate on cases it trained on."""
+    train, val = _sources(cache)
+    Trainer(_config(tmp_path, cache), train, val)._check_validation_cases()
+    assert json.loads((tmp_path / "validation_cases.json").read_text()) == sorted(
+        val.case_ids())
+    Trainer(_config(tmp_path, cache, resume=True), train, val)._check_validation_cases()
+    other = open_data(["phantoms:covid=1,cap=1,normal=1,seed=9001,size=64,slices=24"], cache)
+    with pytest.raises(DatasetError, match="validated on other cases .3 of today's are new"):
+        Trainer(_config(tmp_path, cache, resume=True), train, other).run()
 
 
 def test_bad_data_is_a_clean_error(tmp_path: Path) -> None:

@@ -136,6 +136,13 @@ class CaseSource(Protocol):
 
     def case_ids(self) -> list[str]: ...
 
+    def patients(self) -> list[str]:
+        """Whose scan each case is (the PatientID; the case id when unknown), without
+        loading volumes: a split keeps a patient's scans together, so that no patient is
+        both trained and validated on (a follow-up, or a second reconstruction of the
+        same scan, would flatter the validation)."""
+        ...
+
 
 def parse_label(text: str, where: str) -> Diagnosis | None:
     """A label cell: a name of :data:`LABEL_NAMES` or empty (unknown)."""
@@ -236,6 +243,9 @@ class WithLungMasks:
     def case_ids(self) -> list[str]:
         return self.source.case_ids()
 
+    def patients(self) -> list[str]:
+        return self.source.patients()
+
 
 # ----------------------------------------------------------------- combinators
 
@@ -260,6 +270,10 @@ class Subset:
     def case_ids(self) -> list[str]:
         ids = self.source.case_ids()
         return [ids[i] for i in self.indices]
+
+    def patients(self) -> list[str]:
+        patients = self.source.patients()
+        return [patients[i] for i in self.indices]
 
 
 @dataclass
@@ -286,49 +300,89 @@ class Concat:
     def case_ids(self) -> list[str]:
         return [i for s in self.sources for i in s.case_ids()]
 
+    def patients(self) -> list[str]:
+        return [p for s in self.sources for p in s.patients()]
 
-def _strata(labels: Sequence[Diagnosis | None]) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = {}
-    for i, label in enumerate(labels):
-        groups.setdefault(-1 if label is None else int(label), []).append(i)
-    return groups
+
+def _patient_strata(
+    labels: Sequence[Diagnosis | None], patients: Sequence[str] | None
+) -> dict[int, list[list[int]]]:
+    """Case indices grouped by patient (each case alone when ``patients`` is None), and
+    the groups by stratum: the label of the patient's first case (-1: unlabelled)."""
+    if patients is not None and len(patients) != len(labels):
+        raise DatasetError(f"{len(patients)} patients for {len(labels)} cases")
+    groups: dict[str, list[int]] = {}
+    for i in range(len(labels)):
+        groups.setdefault(str(i) if patients is None else patients[i], []).append(i)
+    strata: dict[int, list[list[int]]] = {}
+    for members in groups.values():
+        label = labels[members[0]]
+        strata.setdefault(-1 if label is None else int(label), []).append(members)
+    return strata
+
+
+def _shuffled(groups: list[list[int]], rng: np.random.Generator) -> list[list[int]]:
+    """The groups in a seeded random order (one `permutation` call per stratum, as the
+    splits of one case per patient have always drawn, so their seeds keep their splits)."""
+    return [groups[int(k)] for k in rng.permutation(len(groups))]
 
 
 def kfold_indices(
-    labels: Sequence[Diagnosis | None], folds: int, fold: int, seed: int
+    labels: Sequence[Diagnosis | None], folds: int, fold: int, seed: int,
+    patients: Sequence[str] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """(train, validation) indices of fold ``fold`` of ``folds``, stratified by label.
+    """(train, validation) indices of fold ``fold`` of ``folds``, stratified by label,
+    each patient's cases in one fold (``patients``: `CaseSource.patients`).
 
-    Each class is shuffled with ``seed`` and dealt round-robin to the folds, so every
-    fold keeps the class mix and the split is the same on every run and rank.
+    Each class's patients are shuffled with ``seed`` and dealt, largest first, to the
+    fold with the fewest cases so far (ties: round-robin), so every fold keeps the class
+    mix and the split is the same on every run and rank; with one case per patient this
+    is a plain round-robin deal.
     """
     if folds < 2 or not 0 <= fold < folds:
         raise DatasetError(f"fold {fold} of {folds}: need folds >= 2 and 0 <= fold < folds")
     rng = np.random.default_rng(seed)
     assignment = np.empty(len(labels), dtype=np.int64)
-    offset = 0
-    for _, members in sorted(_strata(labels).items()):
-        order = rng.permutation(members)
-        assignment[order] = (np.arange(len(order)) + offset) % folds
-        offset += len(order)
+    sizes = [0] * folds
+    turn = 0
+    for _, groups in sorted(_patient_strata(labels, patients).items()):
+        for members in sorted(_shuffled(groups, rng), key=len, reverse=True):
+            target = min(range(folds), key=lambda f: (sizes[f], (f - turn) % folds))
+            assignment[members] = target
+            sizes[target] += len(members)
+            turn = (target + 1) % folds
+    if min(sizes) == 0:
+        raise DatasetError(f"{len(labels)} cases of {_count_patients(labels, patients)} "
+                           f"patients do not fill {folds} folds")
     val = [i for i in range(len(labels)) if assignment[i] == fold]
     train = [i for i in range(len(labels)) if assignment[i] != fold]
     return train, val
 
 
 def split_indices(
-    labels: Sequence[Diagnosis | None], val_fraction: float, seed: int
+    labels: Sequence[Diagnosis | None], val_fraction: float, seed: int,
+    patients: Sequence[str] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """(train, validation) indices with about ``val_fraction`` of each class held out."""
+    """(train, validation) indices with about ``val_fraction`` of each class held out,
+    whole patients at a time (``patients``: `CaseSource.patients`): a shuffled patient
+    joins the validation while that brings its class nearer its share."""
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"validation fraction {val_fraction} must be in (0, 1)")
     rng = np.random.default_rng(seed)
     val: list[int] = []
-    for _, members in sorted(_strata(labels).items()):
-        n_val = round(len(members) * val_fraction)
-        val.extend(int(i) for i in rng.permutation(members)[:n_val])
+    for _, groups in sorted(_patient_strata(labels, patients).items()):
+        n_val = round(sum(map(len, groups)) * val_fraction)
+        taken = 0
+        for members in _shuffled(groups, rng):
+            if taken + len(members) / 2 < n_val:
+                val.extend(members)
+                taken += len(members)
     held = set(val)
     return [i for i in range(len(labels)) if i not in held], sorted(val)
+
+
+def _count_patients(labels: Sequence[Diagnosis | None], patients: Sequence[str] | None) -> int:
+    return len(labels) if patients is None else len(set(patients))
 
 
 # -------------------------------------------------------------------- phantoms
@@ -436,6 +490,9 @@ class PhantomSource:
     def case_ids(self) -> list[str]:
         return [f"phantom-{kind}-{seed}" for kind, seed in self.items]
 
+    def patients(self) -> list[str]:
+        return self.case_ids()  # every phantom is a patient of its own
+
 
 def _phantom_source(options: Mapping[str, str], cache_dir: Path | None) -> PhantomSource:
     known = set(PHANTOM_KINDS) | {
@@ -525,10 +582,11 @@ def _to_int16(volume: np.ndarray) -> np.ndarray:
 
 @dataclass
 class NiftiSource:
-    """Cases listed in a CSV: ``case_id,label,image,lesion_mask[,lung_mask]``.
+    """Cases listed in a CSV: ``case_id,label,image,lesion_mask[,lung_mask][,patient_id]``.
 
     Paths are relative to the CSV's folder unless absolute; ``label`` may be empty
-    (segmentation-only case), ``lung_mask`` empty or absent (computed).
+    (segmentation-only case), ``lung_mask`` empty or absent (computed), ``patient_id``
+    empty or absent (the case is a patient of its own).
     """
 
     rows: list[dict[str, str]]
@@ -584,6 +642,9 @@ class NiftiSource:
 
     def case_ids(self) -> list[str]:
         return [r["case_id"] for r in self.rows]
+
+    def patients(self) -> list[str]:
+        return [r.get("patient_id") or r["case_id"] for r in self.rows]
 
 
 # ----------------------------------------------------------------------- DICOM
@@ -717,6 +778,7 @@ class DicomCaseRef:
     seg_path: str
     label: Diagnosis | None
     keys: tuple[str, ...] = field(default_factory=tuple)
+    patient_id: str = ""  # the CT's PatientID; "": unknown
 
 
 @dataclass
@@ -737,6 +799,9 @@ class DicomSource:
 
     def case_ids(self) -> list[str]:
         return [r.case_id for r in self.refs]
+
+    def patients(self) -> list[str]:
+        return [r.patient_id or r.case_id for r in self.refs]
 
 
 def _apply_labels(refs: list[DicomCaseRef], labels: Mapping[str, Diagnosis | None]) -> None:
@@ -777,6 +842,7 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
         raise DatasetError(f"dicom: {root} is not a folder")
     series: dict[str, list[Path]] = {}
     studies: dict[str, str] = {}
+    patients: dict[str, str] = {}
     segs: list[tuple[Path, str, tuple[bool, str]]] = []  # path, series, (reviewed, time)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
@@ -796,6 +862,7 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
             uid = str(ds.SeriesInstanceUID)
             series.setdefault(uid, []).append(path)
             studies[uid] = str(ds.get("StudyInstanceUID", ""))
+            patients[uid] = str(ds.get("PatientID", "")).strip()
     newest: dict[str, tuple[Path, str, tuple[bool, str]]] = {}
     for seg in segs:  # one case per CT series: its newest SEG a person drew or edited, if any
         if seg[1] in newest:
@@ -812,7 +879,8 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
         folders = {p.parent for p in series[uid]}
         case_id = str(folders.pop().relative_to(root)) if len(folders) == 1 else uid
         files = [str(p) for p in series[uid]]
-        refs.append(DicomCaseRef(case_id, files, str(seg_path), None, (uid, studies[uid])))
+        refs.append(DicomCaseRef(case_id, files, str(seg_path), None, (uid, studies[uid]),
+                                 patients[uid]))
     if not refs:
         raise DatasetError(f"dicom: no CT series with a SEG under {root}")
     default_csv = root / "labels.csv"
@@ -869,7 +937,9 @@ def index_source(
                 continue
             seen.add(source)
             study = row["study_instance_uid"]
-            refs.append(DicomCaseRef(source, ct, str(seg_path), None, (study,)))
+            # the SEG's Patient module is its CT's (PS3.3 C.7.1.1)
+            patient = str(ds.get("PatientID", "")).strip()
+            refs.append(DicomCaseRef(source, ct, str(seg_path), None, (study,), patient))
     if not refs:
         raise DatasetError(f"no CT series with a reviewed (manual) SEG in {data_dir}")
     _apply_labels(refs, labels or {})

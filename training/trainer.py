@@ -108,6 +108,7 @@ STAGE_FILES = {1: "stage1.pt", 2: "stage2.pt"}
 FINAL_FILE = "model.pt"
 LAST_FILE = "last.pt"
 STATE_FILE = "train_state.pt"
+VALIDATION_FILE = "validation_cases.json"
 # Parameter-name prefixes of the classification stream (its own stage-2 rate, `lr2_cls`).
 C_STREAM = ("stem_c.", "classifier.")
 # What the classifier reads as its lesion map in stage 1 (docs/training.md, attempt 6).
@@ -533,6 +534,7 @@ class Trainer:
     def run(self) -> Path:
         """Train every requested stage (resuming where asked); returns the final model."""
         self.out.mkdir(parents=True, exist_ok=True)
+        self._check_validation_cases()
         if self.info.main:
             (self.out / "train_config.json").write_text(
                 json.dumps(self.config.to_dict(), indent=2) + "\n"
@@ -910,6 +912,25 @@ class Trainer:
         torch.save(payload, tmp)
         os.replace(tmp, self.out / STATE_FILE)
 
+    def _check_validation_cases(self) -> None:
+        """Record which cases validate the run; a resumed run must validate on the same
+        ones. Data that changed since (more reviewed SEGs in the node's index, another
+        `--val-data`) would otherwise split anew and validate on cases it trained on."""
+        path = self.out / VALIDATION_FILE
+        current = sorted(self.val_source.case_ids()) if self.val_source is not None else []
+        if self.config.resume and path.is_file():
+            saved = json.loads(path.read_text())
+            if saved != current:
+                new, gone = len(set(current) - set(saved)), len(set(saved) - set(current))
+                raise DatasetError(
+                    f"--resume: {self.out} validated on other cases ({new} of today's are "
+                    f"new, {gone} of its own are gone): resume with the data it started "
+                    "from, or train afresh"
+                )
+            return
+        if self.info.main:
+            path.write_text(json.dumps(current, indent=1) + "\n")
+
     def _load_resume(self) -> tuple[StageState, dict[str, Any]] | None:
         path = self.out / STATE_FILE
         if not path.is_file():
@@ -991,13 +1012,15 @@ def prepare_data(config: TrainConfig) -> tuple[CaseSource, CaseSource | None]:
     _check_resumed_split(config)
     cache = config.cache_dir or default_cache_dir()
     source = open_data(config.data, cache)
-    labels = source.labels()
+    labels, patients = source.labels(), source.patients()
     if config.folds:
-        train_idx, val_idx = kfold_indices(labels, config.folds, config.fold, config.split_seed)
+        train_idx, val_idx = kfold_indices(labels, config.folds, config.fold, config.split_seed,
+                                           patients)
     elif config.val_data:
         return source, open_data(config.val_data, cache)
     elif config.val_fraction > 0:
-        train_idx, val_idx = split_indices(labels, config.val_fraction, config.split_seed)
+        train_idx, val_idx = split_indices(labels, config.val_fraction, config.split_seed,
+                                           patients)
     else:
         return source, None
     if not train_idx:
