@@ -110,7 +110,9 @@ class Analysis:
     """Everything the node reports for one scan. Masks and maps are (z, y, x) like the input.
 
     lvr, plr: fractions in [0, 1]; plr is None without lesions (0 / 0). `stats` holds the
-    full per-scan summary (volumes, spread, density fractions) of `ai.analysis`.
+    full per-scan summary (volumes, spread, density fractions) of `ai.analysis`. `model`:
+    the checkpoint's `info` and how it ran (device, mirror, window_overlap, threshold),
+    since results differ with these.
     """
 
     lesion_mask: np.ndarray
@@ -198,7 +200,8 @@ def analyse(
     timings["lungs"] = time.perf_counter() - t
 
     pred = _predict(ckpt, volume_hu, lung, batch_size, disease_thresholds)
-    if mirror or (mirror is None and ckpt.device.type == "cuda"):
+    mirrored = bool(mirror or (mirror is None and ckpt.device.type == "cuda"))
+    if mirrored:
         pred = _mirrored_segmentation(ckpt, volume_hu, lung, batch_size, pred)
     assert pred.lesion_probability is not None and pred.probabilities is not None
     assert pred.evidence_map is not None and pred.evidence_class is not None
@@ -242,7 +245,10 @@ def analyse(
         lesions=stats.lesions,
         stats=stats,
         timings=timings,
-        model=ckpt.info | {"device": str(ckpt.device)},
+        model=ckpt.info | {
+            "device": str(ckpt.device), "mirror": mirrored,
+            "window_overlap": ckpt.preprocess.seg_overlap, "threshold": threshold,
+        },
     )
 
 

@@ -68,7 +68,33 @@ def node_provenance(settings: Settings, model: dict[str, object], job_key: str =
         model_version=model_version(model),
         station_name=settings.node.ae_title,
         job_key=job_key,
+        algorithm_parameters=algorithm_parameters(settings, model),
     )
+
+
+def algorithm_parameters(settings: Settings, model: dict[str, object]) -> dict[str, str]:
+    """How the numbers were made (`Provenance.algorithm_parameters`): how the model ran,
+    as `ai.infer.Analysis.model` records it (a GPU mirrors and overlaps windows by
+    default, a CPU does not), and the analysis settings of `[ai]`."""
+    ai = settings.ai
+    parameters: dict[str, str] = {}
+    if "device" in model:
+        parameters["device"] = str(model["device"])
+    if "mirror" in model:
+        parameters["test_time_mirroring"] = "on" if model["mirror"] else "off"
+    for key, name in (("window_overlap", "window_overlap"), ("threshold", "lesion_threshold")):
+        if key in model:
+            parameters[name] = f"{float(model[key]):g}"  # type: ignore[arg-type]
+    # no "," or "=" in a value: the SEG joins them as "key=value,key=value"
+    diseases = CLASS_NAMES[: len(ai.disease_thresholds)]
+    thresholds = "; ".join(
+        f"{name} {t:g}" for name, t in zip(diseases, ai.disease_thresholds, strict=True))
+    return parameters | {
+        "min_lesion_volume_mm3": f"{ai.min_lesion_volume_mm3:g}",
+        "peripheral_thickness_mm": f"{ai.peripheral_thickness_mm:g}",
+        "consolidation_hu": f"{ai.consolidation_hu:g}",
+        "disease_thresholds": thresholds or "most probable class",
+    }
 
 
 def job_key(job: ClaimedJob, *content: bytes | str) -> str:

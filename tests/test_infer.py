@@ -80,6 +80,9 @@ def test_outputs_have_the_contract_shapes_and_types(ckpt: Checkpoint) -> None:
     assert a.lvr == pytest.approx(a.lesion_mask.sum() / lungs.sum())
     assert {"preprocess", "lungs", "segmentation", "classification", "analysis"} <= set(a.timings)
     assert a.model["checkpoint_sha256"] == ckpt.sha256 and a.model["device"] == "cpu"
+    # how it ran, for the outputs' algorithm parameters: a CPU neither mirrors nor overlaps
+    assert (a.model["mirror"], a.model["window_overlap"], a.model["threshold"]) == (
+        False, 0.0, infer.DEFAULT_THRESHOLD)
 
 
 def test_masks_and_evidence_stay_inside_the_lungs(ckpt: Checkpoint) -> None:

@@ -26,7 +26,7 @@ from ai.infer import load_model
 from ai.model import ModelConfig, build_model
 from dicomnode.export import Exporter
 from dicomnode.offline import run_offline
-from dicomnode.pipeline import Pipeline, job_key, worker_threads
+from dicomnode.pipeline import Pipeline, algorithm_parameters, job_key, worker_threads
 from dicomnode.scu import Peer, send
 from dicomnode.service import Node
 from dicomnode.volume import SeriesRejected
@@ -360,6 +360,43 @@ def test_offline_infer_writes_every_output(tiny_checkpoint: Path, tmp_path: Path
     assert "seg.dcm" in names and "sr.dcm" in names and "pdf.dcm" in names
     assert any(n.startswith("key_images") for n in names)
     assert "LVR" in capsys.readouterr().out
+    # How the numbers were made travels with them (the SEG's and the SR's algorithm
+    # parameters): on a GPU the same weights mirror and overlap windows by default.
+    seg = pydicom.dcmread(folder / "seg.dcm")
+    [algorithm] = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence
+    parameters = dict(p.split("=") for p in algorithm.AlgorithmParameters.split(","))
+    assert parameters == {
+        "device": "cpu", "test_time_mirroring": "off", "window_overlap": "0",
+        "lesion_threshold": "0.5", "min_lesion_volume_mm3": "10",
+        "peripheral_thickness_mm": "10", "consolidation_hu": "-300",
+        "disease_thresholds": "most probable class",
+    }
+    sr = pydicom.dcmread(folder / "sr.dcm")
+    assert "test_time_mirroring=off" in _text_values(sr, "111002")
+
+
+def test_algorithm_parameters_say_how_the_model_ran() -> None:
+    """A GPU's defaults and an operating point, in values the SEG can join with "," and "="."""
+    from dicomnode.config import AIConfig, Settings
+
+    settings = Settings(ai=AIConfig(disease_thresholds=[0.3, 0.45]))
+    ran = {"device": "cuda:0", "mirror": True, "window_overlap": 0.5, "threshold": 0.5}
+    parameters = algorithm_parameters(settings, ran)
+    assert parameters["test_time_mirroring"] == "on" and parameters["window_overlap"] == "0.5"
+    assert parameters["device"] == "cuda:0"
+    assert parameters["disease_thresholds"] == "COVID-19 0.3; CAP 0.45"
+    assert not any(c in v for v in parameters.values() for c in ",=")
+    assert "device" not in algorithm_parameters(settings, {})  # a failure notice: no model run
+
+
+def _text_values(ds: pydicom.Dataset, code_value: str) -> list[str]:
+    """The TEXT values of every content item named `code_value`, at any depth."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        if item.ConceptNameCodeSequence[0].CodeValue == code_value:
+            found.append(str(item.TextValue))
+        found += _text_values(item, code_value)
+    return found
 
 
 def test_offline_infer_goes_on_after_a_series_that_breaks(

@@ -8,7 +8,7 @@ made it, with which model) lives in `Provenance`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -36,6 +36,10 @@ class Provenance:
     station_name: str = "DICOMNODE"
     job_key: str = ""
     """Names the job the outputs belong to; empty for an offline run (see `uid`)."""
+    algorithm_parameters: dict[str, str] = field(default_factory=dict)
+    """How the model ran and the analysis measured (device, test-time mirroring, lesion
+    threshold, ...): the same weights give other numbers with other settings. The SEG's
+    Algorithm Parameters (0066,0032) and the SR's TID 4019 parameters carry them."""
 
     def uid(self, *names: object) -> str:
         """The UID of one part of one output, e.g. `uid("seg", "instance")`.

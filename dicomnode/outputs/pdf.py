@@ -154,11 +154,16 @@ def _footer(fig: Figure, provenance: Provenance, analysis: Analysis, page: str) 
     model = f"Model: {provenance.algorithm_name} {provenance.model_version}".strip()
     model += f", trained {trained}" if trained else ""
     model += f", weights sha256 {checksum}" if checksum else ""
-    fig.text(LEFT, 0.075, textwrap.fill(DISCLAIMER, 120), fontsize=7.5, color="#8a1c00",
+    settings = ", ".join(f"{k.replace('_', ' ')} {v}"
+                         for k, v in provenance.algorithm_parameters.items())
+    fig.text(LEFT, 0.09, textwrap.fill(DISCLAIMER, 120), fontsize=7.5, color="#8a1c00",
              va="top")
-    fig.text(LEFT, 0.03, f"{model}. {provenance.software_versions[0]}.", fontsize=7,
+    fig.text(LEFT, 0.045, f"{model}. {provenance.software_versions[0]}.", fontsize=7,
              color="#555555")
-    fig.text(LEFT + WIDTH, 0.03, page, fontsize=7, color="#555555", ha="right")
+    if settings:  # the numbers depend on them (the SEG's algorithm parameters)
+        fig.text(LEFT, 0.037, textwrap.fill(f"Settings: {settings}.", 150), fontsize=6.5,
+                 color="#555555", va="top")
+    fig.text(LEFT + WIDTH, 0.045, page, fontsize=7, color="#555555", ha="right")
 
 
 def _first_page(volume: CTVolume, analysis: Analysis, provenance: Provenance) -> Figure:

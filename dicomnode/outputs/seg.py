@@ -67,6 +67,7 @@ def algorithm_identification(provenance: Provenance) -> hd.AlgorithmIdentificati
         name=provenance.algorithm_name,
         family=codes.cid7162.ArtificialIntelligence,
         version=provenance.model_version,
+        parameters=provenance.algorithm_parameters or None,
     )
 
 

@@ -69,8 +69,10 @@ SIDES = {"right": codes.SCT.Right, "left": codes.SCT.Left}
 
 
 def _algorithm(provenance: Provenance) -> hd.sr.AlgorithmIdentification:
+    parameters = [f"{k}={v}" for k, v in provenance.algorithm_parameters.items()]
     return hd.sr.AlgorithmIdentification(
-        name=provenance.algorithm_name, version=provenance.model_version
+        name=provenance.algorithm_name, version=provenance.model_version,
+        parameters=parameters or None,
     )
 
 
