@@ -71,13 +71,24 @@ class SeriesAssembler:
         """Close every series complete at `now`; returns how many were closed."""
         now = now or utcnow()
         closed = 0
-        for series in self.index.collecting_series():
+        decided_on: list[SeriesProgress] = []  # the series as each decision saw it, for the log
+
+        def decide(series: SeriesProgress) -> tuple[CompletionRule, str | None] | None:
+            decided_on.append(series)
             rule = completion_rule(series, self.rules, now, self.started_at)
-            if rule is None:
+            return None if rule is None else (rule, skip_reason(series, self.rules))
+
+        for series in self.index.collecting_series():
+            if completion_rule(series, self.rules, now, self.started_at) is None:
                 continue
-            reason = skip_reason(series, self.rules)
-            if not self.index.complete_job(series.job_id, rule, reason, series.instance_count, now):
-                continue  # an instance arrived meanwhile: look again next time
+            # Decided again on the series as it is under the write lock: an instance that
+            # arrived since the read may have ended its quiet period, and a deadline holds
+            # however fast instances keep arriving.
+            decision = self.index.close_collecting_job(series.job_id, decide, now)
+            if decision is None:
+                continue
+            rule, reason = decision
+            series = decided_on[-1]
             closed += 1
             if reason is None:
                 logger.info(

@@ -365,6 +365,25 @@ def _describe_by(series: Series, record: InstanceRecord) -> None:
     series.slice_thickness_mm = record.slice_thickness_mm
 
 
+def _progress(job_id: int, since: datetime, series: Series, study_uid: str) -> SeriesProgress:
+    """A collecting series as the assembler sees it, from its index row."""
+    return SeriesProgress(
+        job_id=job_id,
+        series_instance_uid=series.series_instance_uid,
+        study_instance_uid=study_uid,
+        modality=series.modality,
+        series_description=series.series_description,
+        body_part_examined=series.body_part_examined,
+        image_type=_split(series.image_type),
+        image_orientation=tuple(float(v) for v in _split(series.image_orientation)),
+        slice_thickness_mm=series.slice_thickness_mm,
+        instance_count=series.instance_count,
+        collecting_since=since,
+        last_received_at=series.last_received_at,
+        released_at=series.released_at,
+    )
+
+
 class StudyIndex:
     """Open (creating or migrating) the index at a SQLAlchemy URL."""
 
@@ -699,24 +718,7 @@ class StudyIndex:
                 .where(Job.state == JobState.COLLECTING)
                 .order_by(Job.id)
             ).all()
-        return [
-            SeriesProgress(
-                job_id=job_id,
-                series_instance_uid=s.series_instance_uid,
-                study_instance_uid=study_uid,
-                modality=s.modality,
-                series_description=s.series_description,
-                body_part_examined=s.body_part_examined,
-                image_type=_split(s.image_type),
-                image_orientation=tuple(float(v) for v in _split(s.image_orientation)),
-                slice_thickness_mm=s.slice_thickness_mm,
-                instance_count=s.instance_count,
-                collecting_since=since,
-                last_received_at=s.last_received_at,
-                released_at=s.released_at,
-            )
-            for job_id, since, s, study_uid in rows
-        ]
+        return [_progress(job_id, since, s, study_uid) for job_id, since, s, study_uid in rows]
 
     def complete_job(
         self,
@@ -728,16 +730,36 @@ class StudyIndex:
     ) -> bool:
         """Close a collecting job: queue it, or skip it with the rule that failed.
 
-        Refuses (returns False) when an instance arrived since the assembler looked, so a
+        Refuses (returns False) when an instance arrived since the caller looked, so a
         decision is never taken on a series that has grown in the meantime.
         """
+        def decide(series: SeriesProgress) -> tuple[CompletionRule, str | None] | None:
+            return (rule, skip_reason) if series.instance_count == expected_instance_count else None
+
+        return self.close_collecting_job(job_id, decide, now) is not None
+
+    def close_collecting_job(
+        self,
+        job_id: int,
+        decide: Callable[[SeriesProgress], tuple[CompletionRule, str | None] | None],
+        now: datetime | None = None,
+    ) -> tuple[CompletionRule, str | None] | None:
+        """Close a collecting job as `decide` says, on the series as it is under the
+        index's write lock: (rule, None) queues it, (rule, reason) skips it, None leaves
+        it collecting. Returns the decision applied. Deciding under the lock, not on an
+        earlier read, means a series that keeps growing still meets its deadline (a
+        decision taken on a read would be refused on every look)."""
         now = now or utcnow()
         with self._write() as session:
             job = session.get(Job, job_id)
             if job is None or job.state != JobState.COLLECTING:
-                return False
-            if job.series.instance_count != expected_instance_count:
-                return False
+                return None
+            series = job.series
+            decision = decide(_progress(job.id, job.collecting_since or job.created_at, series,
+                                        series.study.study_instance_uid))
+            if decision is None:
+                return None
+            rule, skip_reason = decision
             job.completion_rule = rule
             job.completed_at = now
             job.updated_at = now
@@ -747,7 +769,7 @@ class StudyIndex:
             else:
                 job.state = JobState.SKIPPED
                 job.reason = skip_reason
-        return True
+        return decision
 
     # -- queue for AI workers ----------------------------------------------------------
 

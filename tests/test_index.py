@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 
-from dicomnode.assembler import completion_rule
+from dicomnode.assembler import SeriesAssembler, completion_rule
 from dicomnode.config import SeriesConfig
 from storage.index import InstanceRecord, SchemaVersionError, StudyIndex
 from storage.models import SCHEMA_VERSION, CompletionRule, JobState
@@ -99,6 +99,39 @@ def test_complete_refuses_a_series_that_grew(index: StudyIndex) -> None:
     assert not index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
     assert index.complete_job(progress.job_id, CompletionRule.QUIET, None, 2)
     assert index.job_state(progress.job_id) == (JobState.QUEUED, "")
+
+
+def test_the_deadline_holds_while_instances_keep_arriving(
+    index: StudyIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The assembler decides again under the index's write lock: an instance that arrives
+    between its read and its close ends a quiet period the read saw, and yet a series
+    that grows like that on every look meets its max_wait deadline, judged on what it
+    holds by then (enough slices, where the read had too few)."""
+    rules = SeriesConfig(quiet_seconds=10, max_wait_seconds=60, min_slices=4)
+    assembler = SeriesAssembler(index, rules)
+    assembler.started_at = T0 - timedelta(hours=1)
+    read = index.collecting_series
+    arrivals = iter(range(2, 100))
+    clock = T0
+
+    def read_then_one_arrives() -> list[Any]:
+        progress = read()
+        add(index, next(arrivals), clock)
+        return progress
+
+    def check(seconds: float) -> int:
+        nonlocal clock
+        clock = T0 + timedelta(seconds=seconds)
+        return assembler.check(now=clock)
+
+    monkeypatch.setattr(index, "collecting_series", read_then_one_arrives)
+    add(index, 1, T0)
+    assert check(11) == 0  # quiet by the read, not by the index
+    assert check(40) == 0
+    assert check(61) == 1
+    [row] = index.series_status()
+    assert (row["state"], row["completion_rule"], row["instances"]) == ("queued", "max_wait", 4)
 
 
 def test_late_instance_reopens_or_starts_a_new_pass(index: StudyIndex) -> None:
