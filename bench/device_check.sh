@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 3-5 as one short run for the `device` tool (a lent machine
+# gives a session about 15 minutes in all; this takes about 5). Everything lands in
+# $OUT (the tool fetches it back): nvidia-smi and torch's view of the GPU, bench/infer.py
+# on the GPU with the test-time defaults (four-way mirroring, half-overlapping windows)
+# and without them (the paper's timing), and the shipped weights evaluated on the fresh
+# phantoms with the GPU default, as docs/training.md reports them from a CPU.
+#
+# The device image holds torch, numpy, scipy, tqdm and matplotlib, which is all that
+# ai/, training/phantoms.py, training/trainer.py's evaluation and bench/infer.py import,
+# so it runs from a bare copy of the working tree:
+#
+#   run(command="bash bench/device_check.sh", timeout_s=540)
+#
+# Locally, as a smoke test of the script itself (small and on the CPU):
+#   OUT=/tmp/check DEVICE=cpu SLICES=60 SIZES=lite FRESH=phantoms:covid=1,cap=1,normal=1,seed=950000,size=64,slices=24 \
+#       bash bench/device_check.sh
+set -u
+OUT=${OUT:?set OUT to a folder for the results}
+DEVICE=${DEVICE:-cuda}
+SLICES=${SLICES:-300}
+SIZES=${SIZES:-lite paper}
+FRESH=${FRESH:-phantoms:covid=10,cap=10,normal=10,seed=950000,size=256,slices=64}
+THREADS=$(nproc)
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD
+
+LOG=$OUT/log.txt  # one file: the tool fetches back at most 8
+
+step() {  # name, command...: run one check into the log, go on whatever it returns
+    local name=$1
+    shift
+    local started=$SECONDS
+    echo "=== $name" >>"$LOG"
+    "$@" >>"$LOG" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - started)) s" | tee -a "$LOG"
+}
+
+step gpu sh -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else None)"'
+# shellcheck disable=SC2086  # SIZES is a list
+step infer-plain python3 bench/infer.py --device "$DEVICE" --sizes $SIZES --slices "$SLICES" \
+    --threads "$THREADS" --tta off --out "$OUT/infer-$DEVICE-plain.json"
+# shellcheck disable=SC2086
+step infer-tta python3 bench/infer.py --device "$DEVICE" --sizes $SIZES --slices "$SLICES" \
+    --threads "$THREADS" --tta auto --out "$OUT/infer-$DEVICE-tta.json"
+step evaluate python3 -c '
+import argparse, sys
+from training.trainer import add_evaluate_arguments, run_evaluate_command
+parser = argparse.ArgumentParser()
+add_evaluate_arguments(parser)
+sys.exit(run_evaluate_command(parser.parse_args(sys.argv[1:])))
+' --checkpoint ai/weights/deepsc-lite.pt --data "$FRESH" --out "$OUT/fresh-gpu-default" \
+    --device "$DEVICE" --workers 8 --mirror --overlap 0.5 --cache-dir /tmp/dicomnode-cache
+tail -n 30 "$LOG"
