@@ -387,6 +387,16 @@ def test_a_resumed_run_keeps_its_split(tmp_path: Path, cache: Path) -> None:
     assert prepare_data(_config(tmp_path, cache, val_fraction=0.5, split_seed=3, resume=True))
 
 
+def test_a_split_that_holds_out_no_one_says_so(
+    cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four phantoms, a fifth of each class: none held out, and the log says so (with
+    anonymised data whose PatientID is one value for all, every case is one patient)."""
+    _, val = prepare_data(_config(Path("unused"), cache, val_fraction=0.2))
+    assert val is None
+    assert "holds out none of 4 cases of 4 patients" in caplog.text
+
+
 def test_a_resumed_run_validates_on_the_same_cases(tmp_path: Path, cache: Path) -> None:
     """The validation cases are recorded; resumed on data that now splits otherwise (a
     node index with more reviewed SEGs, another --val-data) the run stops, as it would

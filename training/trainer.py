@@ -1025,6 +1025,10 @@ def prepare_data(config: TrainConfig) -> tuple[CaseSource, CaseSource | None]:
         return source, None
     if not train_idx:
         raise DatasetError(f"no training cases left after holding out {len(val_idx)}")
+    if not val_idx:  # say so: the run then keeps its last epoch, not its best
+        logger.warning("--val-fraction %g holds out none of %d cases of %d patients: training"
+                       " without validation", config.val_fraction, len(labels),
+                       len(set(patients)))
     return Subset(source, train_idx), (Subset(source, val_idx) if val_idx else None)
 
 
