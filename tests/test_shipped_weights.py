@@ -49,9 +49,15 @@ def test_default_checkpoint_is_a_trained_joint_lite_model(shipped: Checkpoint) -
     assert provenance.extra["train_config"]["size"] == "lite"
 
 
+@pytest.mark.parametrize(("name", "test_time"), [
+    ("deepsc-lite.evaluation.json", (False, 0.0)),  # the CPU default
+    ("deepsc-lite.evaluation-gpu-default.json", (True, 0.5)),  # mirroring, overlap
+])
 def test_shipped_evaluation_is_of_these_weights_on_held_out_phantoms(
-    shipped: Checkpoint, evaluation: dict[str, Any]
+    shipped: Checkpoint, name: str, test_time: tuple[bool, float]
 ) -> None:
+    evaluation = json.loads(default_checkpoint_path().with_name(name).read_text())
+    assert (evaluation["mirror"], evaluation["window_overlap"]) == test_time
     assert evaluation["checkpoint"]["checkpoint_sha256"] == shipped.sha256
     config = shipped.provenance.extra["train_config"]
     trained_on = _phantom_items(config["data"] + config["val_data"])
