@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from ai.lungs import LungSide
+from ai.lungs import LungSide, bounding_box
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +108,6 @@ def _structure(connectivity: int) -> np.ndarray:
     return ndi.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """Tight slices around the True voxels, None if there are none (cheap: 1D reductions)."""
-    slices = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=other))
-        if hit.size == 0:
-            return None
-        slices.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(slices)  # type: ignore[return-value]
-
-
 def label_components(
     mask: np.ndarray, connectivity: int = DEFAULT_CONNECTIVITY
 ) -> tuple[np.ndarray, int]:
@@ -137,7 +125,7 @@ def remove_small_components(
     """The mask without 3D components smaller than `min_volume_mm3` (speckle from the model)."""
     mask = np.asarray(mask, dtype=bool)
     out = np.zeros_like(mask)
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None or min_volume_mm3 <= 0:
         return mask.copy()
     labels, n = label_components(mask[box], connectivity)
@@ -250,7 +238,7 @@ def analyse_lesions(
         consolidation_hu=float(consolidation_hu),
         connectivity=connectivity,
     )
-    box = _bbox(lesion)
+    box = bounding_box(lesion)
     if box is None:
         return ScanAnalysis(
             plr=None, lesion_count=0, spread_mm=None, ggo_fraction=None,

@@ -46,7 +46,7 @@ from ai.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ai.errors import NoLungsFound, NotAVolume
 from ai.labels import CLASS_NAMES, Diagnosis
 from ai.limits import MAX_WINDOW_OVERLAP
-from ai.lungs import label_lungs
+from ai.lungs import bounding_box, label_lungs
 from ai.model import UNIT_STRIDES, SegOutput, evidence_class
 from ai.preprocess import (
     PatchBox,
@@ -477,13 +477,17 @@ def _patch_box(row: Sequence[float], grid_shape: tuple[int, int, int]) -> PatchB
 
 
 def _to_native(prob_grid: Tensor, window: SlidingWindow, lung: np.ndarray) -> np.ndarray:
-    """Blended probability on the native grid (float32), zero outside the lungs; by slabs."""
-    out = np.empty(window.native_shape, dtype=np.float32)
-    for z0 in range(0, out.shape[0], SLAB):
-        sl = slice(z0, z0 + SLAB)
+    """Blended probability on the native grid (float32), zero outside the lungs; by slabs,
+    only over the slices with lung (a chest-abdomen scan's lower half is not resized)."""
+    out = np.zeros(window.native_shape, dtype=np.float32)
+    box = bounding_box(lung)
+    if box is None:
+        return out
+    for z0 in range(box[0].start, box[0].stop, SLAB):
+        sl = slice(z0, min(z0 + SLAB, box[0].stop))
         part = resize_inplane(prob_grid[sl], window.native_shape[1:]).clamp_(0.0, 1.0)
         out[sl] = part.cpu().numpy()
-    out *= lung
+        out[sl] *= lung[sl]
     return out
 
 
@@ -498,12 +502,17 @@ def _evidence_to_native(
     index stride * j (every stride-2 layer is centred), not at a cell-centre convention.
     """
     s, h, w = (int(n) for n in shape)
+    ev = np.zeros((s, h, w), dtype=np.float32)
+    box = bounding_box(lung)  # outside it the map is zero: not computed
+    if box is None:
+        return ev
+    zs, ys, xs = box
     n_cls, h_in, w_in = cfg.n_cls_slices, *cfg.cls_size
-    u_z = _slice_positions(s, n_cls)
-    u_y = (np.arange(h) + 0.5) * h_in / h - 0.5
-    u_x = (np.arange(w) + 0.5) * w_in / w - 0.5
+    u_z = _slice_positions(s, n_cls)[zs]
+    u_y = ((np.arange(h) + 0.5) * h_in / h - 0.5)[ys]
+    u_x = ((np.arange(w) + 0.5) * w_in / w - 0.5)[xs]
     dev = maps[0].device
-    total = torch.zeros((s, h * w), dtype=torch.float32, device=dev)
+    total = torch.zeros((u_z.size, u_y.size * u_x.size), dtype=torch.float32, device=dev)
     with torch.autocast(dev.type, enabled=False):  # float32 maps, whatever the caller runs
         for m, stride in zip(maps, UNIT_STRIDES, strict=True):
             v = m[0, 0].float()  # (d, hh, ww)
@@ -511,12 +520,15 @@ def _evidence_to_native(
                 _interp_matrix(u / stride, n, dev)
                 for u, n in zip((u_z, u_y, u_x), v.shape, strict=True)
             )
-            v = wy @ (v @ wx.T)  # (d, h, w)
+            v = wy @ (v @ wx.T)  # (d, box h, box w)
             total.addmm_(wz, v.reshape(v.shape[0], -1))
-    ev = total.reshape(s, h, w).cpu().numpy()
-    ev *= lung
-    peak = float(ev.max())
-    return ev / peak if peak > 0 else ev
+    block = total.reshape(u_z.size, u_y.size, u_x.size).cpu().numpy()
+    block *= lung[zs, ys, xs]
+    peak = float(block.max())
+    if peak > 0:
+        block /= peak
+    ev[zs, ys, xs] = block
+    return ev
 
 
 def _slice_positions(n_slices: int, n_sampled: int) -> np.ndarray:

@@ -722,7 +722,7 @@ def _close_and_fill(
     radii = (cfg.closing_radius_mm, cfg.costal_closing_radius_mm)
     for side in LungSide:
         mask = sides == side
-        box = _bbox(mask)
+        box = bounding_box(mask)
         if box is None:
             continue
         box, (near, far) = _closings(mask, box, grid.spacing, radii)
@@ -786,7 +786,9 @@ def _holes_2d(mask: np.ndarray, gas: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return (hole & ~holds_gas)[labels], (hole & holds_gas)[labels]
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Tight slices around the True voxels of a 3D mask, None if there are none (cheap:
+    1D reductions)."""
     box = []
     for axis in range(3):
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
@@ -921,7 +923,7 @@ def _to_full_resolution(
     boundary voxels that were dense lung tissue on the working grid (lesions, vessels) and
     outer ones in `not_lung_air` (airways, gas pockets)."""
     full = np.zeros(grid.full_shape, dtype=np.uint8)
-    box = _bbox(sides > 0)
+    box = bounding_box(sides > 0)
     if box is None:
         return full
     if grid.factors == (1, 1, 1):
