@@ -30,6 +30,7 @@ from dicomnode.outputs.seg import LESIONS_SEGMENT, LUNG_SEGMENT
 
 SERIES_DESCRIPTION = "AI report (DeepSC)"
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+ALGORITHM_PARAMETERS = "Algorithm parameters: "
 """TID 1500 row 12's container concept."""
 
 SCHEME = "99DCMNODE"
@@ -69,10 +70,8 @@ SIDES = {"right": codes.SCT.Right, "left": codes.SCT.Left}
 
 
 def _algorithm(provenance: Provenance) -> hd.sr.AlgorithmIdentification:
-    parameters = [f"{k}={v}" for k, v in provenance.algorithm_parameters.items()]
     return hd.sr.AlgorithmIdentification(
-        name=provenance.algorithm_name, version=provenance.model_version,
-        parameters=parameters or None,
+        name=provenance.algorithm_name, version=provenance.model_version
     )
 
 
@@ -224,23 +223,29 @@ def build_report(
         title=codes.DCM.ImagingMeasurementReport,
         referenced_images=list(source_images) if image_library else None,
     )
-    report[0].ContentSequence.append(_research_notice())
+    report[0].ContentSequence.append(_research_notice(provenance))
     return _comprehensive_sr([*source_images, segmentation], report,
                              series_description(SERIES_DESCRIPTION, source_images[0]),
                              provenance, series_number)
 
 
-def _research_notice() -> hd.sr.ContainerContentItem:
+def _research_notice(provenance: Provenance) -> hd.sr.ContainerContentItem:
     """TID 1500's Qualitative Evaluations container holding the research-use statement
     as a TEXT comment: the report must say, as every output does, that nobody reviewed
-    it (dicom_outputs.md)."""
+    it (dicom_outputs.md). A second comment gives the algorithm parameters (the SEG's
+    (0066,0032) value) once: in every measurement's TID 4019 they tripled the time to
+    build the report."""
+    comments = [RESEARCH_NOTICE]
+    if provenance.algorithm_parameters:
+        comments.append(ALGORITHM_PARAMETERS + ", ".join(
+            f"{k}={v}" for k, v in provenance.algorithm_parameters.items()))
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
     container.ContentSequence = [hd.sr.TextContentItem(
-        name=codes.DCM.Comment, value=RESEARCH_NOTICE,
+        name=codes.DCM.Comment, value=comment,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )]
+    ) for comment in comments]
     return container
 
 
