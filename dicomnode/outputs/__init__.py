@@ -39,7 +39,7 @@ class Provenance:
     algorithm_parameters: dict[str, str] = field(default_factory=dict)
     """How the model ran and the analysis measured (device, test-time mirroring, lesion
     threshold, ...): the same weights give other numbers with other settings. The SEG's
-    Algorithm Parameters (0066,0032) and the SR's TID 4019 parameters carry them."""
+    Algorithm Parameters (0066,0032), a comment in the SR and the PDF footer carry them."""
 
     def uid(self, *names: object) -> str:
         """The UID of one part of one output, e.g. `uid("seg", "instance")`.
