@@ -36,6 +36,9 @@
 # Then the evaluations (lungs from the node's own segmentation, as in service) on two
 # sets of 30 phantoms whose seeds training never saw: HELD_OUT chose between attempts
 # (so its numbers flatter the chosen one), FRESH was evaluated once, for the final report.
+# Their evaluation.json files ship as ai/weights/deepsc-lite.evaluation.json (fresh) and
+# deepsc-lite.evaluation-gpu-default.json (fresh-mirror-overlap: since session 16 the
+# four-way mirroring; 47 s per scan on 2 CPU cores).
 #
 #   bash training/recipes/shipped_lite_cpu.sh runs/     # again with RESUME=1 after a stop
 set -eu
