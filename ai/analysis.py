@@ -255,8 +255,8 @@ def analyse_lesions(
         slice(max(yb.start - ry, 0), min(yb.stop + ry, shape[1])),
         slice(max(xb.start - rx, 0), min(xb.stop + rx, shape[2])),
     )
-    band = _crop_band(lung, crop, spacing, peripheral_mm)
     les = lesion[crop]
+    band = _lesion_band(lung, les, crop, spacing, peripheral_mm, (ry, rx))
     labels, n = label_components(les, connectivity)
     offset = np.array([s.start for s in crop], dtype=float)
 
@@ -321,6 +321,34 @@ def analyse_lesions(
         lesions=tuple(lesions),
         **base,
     )
+
+
+def _lesion_band(
+    lung: np.ndarray,
+    les: np.ndarray,
+    crop: tuple[slice, slice, slice],
+    spacing: tuple[float, float, float],
+    thickness_mm: float,
+    margin: tuple[int, int],
+) -> np.ndarray:
+    """The peripheral band inside `crop`, right at the lesion voxels `les` (elsewhere it may
+    be False): each slice's band is computed only around that slice's lesions, widened by
+    `margin` pixels (more than the band is thick), which is all their band depends on."""
+    zc, yc, xc = crop
+    h, w = lung.shape[1:]
+    band = np.zeros(les.shape, dtype=bool)
+    for k in np.flatnonzero(les.any(axis=(1, 2))):
+        rows = np.flatnonzero(les[k].any(axis=1))
+        cols = np.flatnonzero(les[k].any(axis=0))
+        ys = slice(max(yc.start + int(rows[0]) - margin[0], 0),
+                   min(yc.start + int(rows[-1]) + 1 + margin[0], h))
+        xs = slice(max(xc.start + int(cols[0]) - margin[1], 0),
+                   min(xc.start + int(cols[-1]) + 1 + margin[1], w))
+        z = zc.start + int(k)
+        part = _crop_band(lung, (slice(z, z + 1), ys, xs), spacing, thickness_mm)
+        band[k, ys.start - yc.start : ys.stop - yc.start,
+             xs.start - xc.start : xs.stop - xc.start] = part[0]
+    return band
 
 
 def _crop_band(
