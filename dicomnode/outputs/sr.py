@@ -30,8 +30,10 @@ from dicomnode.outputs.seg import LESIONS_SEGMENT, LUNG_SEGMENT
 
 SERIES_DESCRIPTION = "AI report (DeepSC)"
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
-ALGORITHM_PARAMETERS = "Algorithm parameters: "
 """TID 1500 row 12's container concept."""
+ALGORITHM_PARAMETERS = "Algorithm parameters: "
+"""How the comment beside the research notice that gives `Provenance.algorithm_parameters`
+begins."""
 
 SCHEME = "99DCMNODE"
 CODING_SCHEME = hd.coding_schemes.CodingSchemeIdentificationItem(
