@@ -325,7 +325,8 @@ def _mirrored_segmentation(
 
     def flipped(axes: tuple[int, ...]) -> np.ndarray:
         mirrored = _predict(ckpt, np.ascontiguousarray(np.flip(volume_hu, axes)),
-                            np.ascontiguousarray(np.flip(lung, axes)), batch_size)
+                            np.ascontiguousarray(np.flip(lung, axes)), batch_size,
+                            classify=False)
         assert mirrored.lesion_probability is not None
         for stage in ("preprocess", "segmentation"):
             timings[stage] += mirrored.timings[stage]
@@ -341,8 +342,10 @@ def _mirrored_segmentation(
 
 def _predict(
     ckpt: Checkpoint, volume_hu: np.ndarray, lung: np.ndarray, batch_size: int | None,
-    disease_thresholds: Sequence[float] | None = None,
+    disease_thresholds: Sequence[float] | None = None, classify: bool = True,
 ) -> Prediction:
+    """One pass of the network over the scan; `classify=False` stops after the
+    segmentation (a mirrored pass, whose classification nobody reads)."""
     model, cfg, dev = ckpt.model, ckpt.preprocess, ckpt.device
     timings: dict[str, float] = {}
     cuda = dev.type == "cuda"
@@ -375,7 +378,7 @@ def _predict(
 
         t = time.perf_counter()
         probs = evidence = cls_idx = diagnosis = None
-        if model.classifier is not None:
+        if model.classifier is not None and classify:
             out = model.classify_scan(context)
             logits = out.logits.float()
             probs = torch.softmax(logits, 1)[0].cpu().numpy().astype(np.float64)
