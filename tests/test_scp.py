@@ -32,6 +32,7 @@ from dicomnode.scp import (
     STATUS_OUT_OF_RESOURCES,
     instance_record,
     read_complete_file,
+    read_header,
 )
 from dicomnode.scu import Peer, echo, send
 from dicomnode.service import Node
@@ -409,6 +410,45 @@ def test_malformed_optional_values_are_stored_and_indexed_as_absent(
     assert node.filestore.path(stored.path).read_bytes().endswith(ds.PixelData)
     record = instance_record(pydicom.dcmread(tmp_path / "odd.dcm"), "1.2.840.10008.1.2.1", "X")
     assert record.image_orientation == () and record.instance_number is None
+
+
+@pytest.mark.parametrize("encoding", ["explicit_le", "implicit_le", "big_endian", "deflated",
+                                      "jpeg_lossless_sv1"])
+def test_the_header_read_of_a_c_store_indexes_what_pydicom_reads(
+    ct_series_dir: Path, tmp_path: Path, encoding: str
+) -> None:
+    """`read_header` reads the data set after the file meta, in the context's transfer
+    syntax, and stops before the image; the indexed values are read from the raw bytes
+    (default-repertoire VRs) or decoded in the character set (names, descriptions). Both
+    must give what pydicom's full read gives."""
+    how, syntax = ((["dcmconv", "+tb"], "1.2.840.10008.1.2.2") if encoding == "big_endian"
+                   else ENCODINGS[encoding][:2])
+    ds = pydicom.dcmread(next(ct_series_dir.glob("*.dcm")))
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Müller^Jörg"
+    ds.StudyDescription = "Thorax – Lunge"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SliceThickness = "2.5 "
+    plain = tmp_path / "plain.dcm"
+    ds.save_as(plain, enforce_file_format=True)
+    encode(plain, tmp_path / "sent.dcm", how)
+    sent = (tmp_path / "sent.dcm").read_bytes()
+    full = pydicom.dcmread(tmp_path / "sent.dcm")
+    assert full.file_meta.TransferSyntaxUID == syntax
+    header = read_header(sent, syntax)
+    assert "PixelData" not in header
+    assert isinstance(header, pydicom.FileDataset) == (encoding == "deflated")  # dcmread
+    record = instance_record(header, syntax, "SENDER")
+    assert record == instance_record(full, syntax, "SENDER")
+    assert (record.patient_name, record.study_description) == ("Müller^Jörg", "Thorax – Lunge")
+    assert (record.sop_instance_uid, record.series_instance_uid, record.modality) == (
+        full.SOPInstanceUID, full.SeriesInstanceUID, full.Modality)
+    assert record.image_type == tuple(full.ImageType)
+    assert record.image_orientation == tuple(float(v) for v in full.ImageOrientationPatient)
+    assert record.slice_thickness_mm == 2.5
+    assert (record.instance_number, record.series_number) == (
+        full.InstanceNumber, full.SeriesNumber)
+    assert (record.study_date, record.patient_id) == (full.StudyDate, full.PatientID)
 
 
 def test_a_single_valued_image_type_is_one_value_not_its_letters(ct_series_dir: Path) -> None:
