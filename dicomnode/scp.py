@@ -15,10 +15,12 @@ import hashlib
 import io
 import logging
 import math
+import os
 import ssl
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -204,14 +206,27 @@ def read_header(encoded: bytes, transfer_syntax_uid: str) -> Dataset:
     from there in the context's transfer syntax, and stops before the image. Deflated
     data sets, and bytes without that group length, go through `dcmread`.
     """
-    syntax = UID(transfer_syntax_uid)
-    if (encoded[128:132] == b"DICM" and encoded[132:140] == _META_GROUP_LENGTH
-            and syntax.is_transfer_syntax and not syntax.is_deflated):
+    encoding = _dataset_encoding(transfer_syntax_uid)
+    if encoding and encoded[128:132] == b"DICM" and encoded[132:140] == _META_GROUP_LENGTH:
         stream = io.BytesIO(encoded)
         stream.seek(144 + int.from_bytes(encoded[140:144], "little"))
-        return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+        return read_dataset(stream, *encoding,
                             stop_when=lambda tag, vr, length: tag > _LAST_INDEXED_TAG)
     return dcmread(io.BytesIO(encoded), stop_before_pixels=True)
+
+
+@functools.cache
+def _dataset_encoding(transfer_syntax_uid: str) -> tuple[bool, bool] | None:
+    """(implicit VR, little endian) of a transfer syntax pydicom knows; None for deflate,
+    whose data set must be inflated first, and for private ones."""
+    syntax = UID(transfer_syntax_uid)
+    if not syntax.is_transfer_syntax or syntax.is_deflated:
+        return None
+    return syntax.is_implicit_VR, syntax.is_little_endian
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def tls_server_context(config: NodeConfig, base_dir: Path) -> ssl.SSLContext:
@@ -248,6 +263,10 @@ class StorageSCP:
         self._assoc_lock = threading.Lock()
         self.ae = self._make_ae(settings.node)
         self._server: ThreadedAssociationServer | None = None
+        # hashlib releases the GIL: each C-STORE's digest is made here while its file is
+        # written and fsynced (0.4 ms of 512 KB, in parallel with about 1 ms of I/O).
+        self._hasher = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                          thread_name_prefix="sha256")
 
     def _make_ae(self, config: NodeConfig) -> AE:
         ae = AE(ae_title=config.ae_title)
@@ -305,6 +324,7 @@ class StorageSCP:
             assoc.abort()
         for assoc in remaining:
             assoc.join(timeout=5)
+        self._hasher.shutdown()
 
     # -- event handlers ------------------------------------------------------------------
 
@@ -348,16 +368,15 @@ class StorageSCP:
                ) -> tuple[InstanceRecord, datetime | None]:
         """New instance: exclusive create (the file system says whether the path is
         taken), then the row. Anything else takes `_store_again`. Returns the instance's
-        index record and the index's receive time (None when nothing new was indexed).
-        (Writing in another thread while the record is extracted and the bytes hashed
-        saved nothing measurable once those took under 0.6 ms.)"""
+        index record and the index's receive time (None when nothing new was indexed)."""
+        hashing = self._hasher.submit(_sha256, encoded)
         record = instance_record(header, transfer_syntax_uid, calling_aet, same_series)
-        digest = hashlib.sha256(encoded).hexdigest()
         own = is_own_output(header)
         try:
             size = self.filestore.create(relpath, encoded)
         except FileExistsError:
-            return record, self._store_again(encoded, record, relpath, digest, own)
+            return record, self._store_again(encoded, record, relpath, hashing.result(), own)
+        digest = hashing.result()
         indexed_at = self.index.add_instance(record, relpath, size, digest, node_output=own)
         if indexed_at is None:
             known = self.index.find_instance(record.sop_instance_uid)
@@ -499,7 +518,7 @@ def reconcile_store(filestore: FileStore, index: StudyIndex) -> tuple[int, int]:
             logger.warning("unindexed partial file %s set aside as %s (%s)", relpath, aside, exc)
             broken += 1
             continue
-        index.add_instance(record, relpath, len(data), hashlib.sha256(data).hexdigest(),
+        index.add_instance(record, relpath, len(data), _sha256(data),
                            node_output=is_own_output(ds))
         recovered += 1
     if recovered or broken:
