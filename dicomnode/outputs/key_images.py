@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
-from matplotlib import font_manager
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -34,6 +33,7 @@ from dicomnode.outputs import (
     Provenance,
     series_description,
 )
+from dicomnode.outputs.fonts import PLACEHOLDER, base_font, font_runs
 
 if TYPE_CHECKING:  # ai.infer pulls in torch; only its types are needed here
     from ai.infer import Analysis
@@ -150,11 +150,25 @@ _TEXT_LOCK = threading.Lock()
 """FreeType faces are not safe to share between threads; text drawing is brief, so serialise it."""
 
 
-@lru_cache(maxsize=16)
-def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
-    """DejaVu Sans, shipped with matplotlib, so the look does not depend on the host."""
-    props = font_manager.FontProperties(family="DejaVu Sans", weight="bold" if bold else "normal")
-    return ImageFont.truetype(font_manager.findfont(props), size)
+@lru_cache(maxsize=32)
+def _font(size: int, path: str) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size)
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int,
+               bold: bool, colour: tuple[int, int, int]) -> None:
+    """`text` at xy (left, top), run by run in the fonts that have its characters
+    (`fonts.font_runs`: a name in Chinese, Japanese or Korean is not DejaVu Sans's), on
+    DejaVu Sans's baseline; the placeholder where no installed font has them."""
+    base = _font(size, base_font(bold))
+    runs = font_runs(text, bold)
+    if runs is None:
+        runs = [(PLACEHOLDER, base_font(bold))]
+    x, baseline = float(xy[0]), xy[1] + base.getmetrics()[0]
+    for segment, path in runs:
+        font = _font(size, path)
+        draw.text((x, baseline), segment, font=font, fill=colour, anchor="ls")
+        x += font.getlength(segment)
 
 
 def _wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
@@ -181,11 +195,12 @@ def annotate(image: np.ndarray, lines: Sequence[Line], diagnosis: Diagnosis) -> 
                "diagnosis": DIAGNOSIS_RGB[diagnosis]}
     with _TEXT_LOCK:
         for line in lines:
-            small = line.style in ("small", "notice")
-            font = _font(int(size * 0.85) if small else size, line.style in ("bold", "diagnosis"))
+            line_size = int(size * 0.85) if line.style in ("small", "notice") else size
+            bold = line.style in ("bold", "diagnosis")
+            font = _font(line_size, base_font(bold))
             colour = colours.get(line.style, TEXT_RGB)
             for part in _wrap(line.text, font, x1 - x0) or [""]:
-                draw.text((x0, y), part, font=font, fill=colour)
+                _draw_text(draw, (x0, y), part, line_size, bold, colour)
                 if line.value:
                     draw.text((x1, y), line.value, font=font, fill=colour, anchor="ra")
                 y += int(font.size * 1.3)
@@ -201,7 +216,7 @@ def mark_orientation(image: np.ndarray, letters: tuple[str, str]) -> np.ndarray:
              (opposite[column], (w // 2, 4), "mt"), (column, (w // 2, h - 4), "mb"))
     canvas = Image.fromarray(image)
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(10, h // 32), bold=True)
+    font = _font(max(10, h // 32), base_font(bold=True))
     with _TEXT_LOCK:
         for text, xy, anchor in marks:
             draw.text(xy, text, font=font, fill=TEXT_RGB, anchor=anchor, stroke_width=2,

@@ -31,6 +31,7 @@ from dicomnode.outputs import (
     Provenance,
     series_description,
 )
+from dicomnode.outputs.fonts import drawable
 from dicomnode.outputs.key_images import (
     format_date,
     format_name,
@@ -93,6 +94,9 @@ def _table(
     for (row, _), cell in table.get_celld().items():
         cell.set_edgecolor("#b0b0b0")
         cell.set_linewidth(0.5)
+        text, families = drawable(cell.get_text().get_text())  # names may be in any script
+        cell.get_text().set_text(text)
+        cell.get_text().set_fontfamily(families)
         if header is not None and row == 0:
             cell.set_facecolor("#e6e6e6")
             cell.get_text().set_fontweight("bold")
