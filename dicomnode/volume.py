@@ -12,6 +12,7 @@ mirrored, would otherwise have its lungs' sides swapped; the SEG maps its masks 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -232,9 +233,12 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
                 )
             value = default
         try:
-            values.append(float(value))
+            number = float(value)
         except (TypeError, ValueError):
             raise SeriesRejected(f"{keyword} is not numeric: {value!r}") from None
+        if not math.isfinite(number):
+            raise SeriesRejected(f"{keyword} is not a finite number: {value!r}")
+        values.append(number)
     return values[0], values[1]
 
 
@@ -291,7 +295,12 @@ def _slice_hu(ds: Dataset) -> np.ndarray:
             f"{stored.shape}, not Rows x Columns ({ds.Rows} x {ds.Columns})"
         )
     slope, intercept = _rescale(ds)
-    hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked on the next line
+        hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if not np.isfinite(hu).all():  # float pixel data, or a rescale beyond float32
+        raise SeriesRejected(
+            f"pixel data of instance {ds.get('InstanceNumber', '?')} decode to non-finite"
+            " values")
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         hu[stored == padding] = PADDING_HU
@@ -352,8 +361,6 @@ def read_series(
     hu = np.empty((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), np.float32)
     for z, ds in enumerate(datasets):
         hu[z] = flip_to_stored(_slice_hu(pydicom.dcmread(ds.filename))[None], flips)[0]
-    if not np.isfinite(hu).all():
-        raise SeriesRejected("pixel data decode to non-finite values")
     row_direction, column_direction = orientation[:3].copy(), orientation[3:].copy()
     origin = positions[0].copy()
     if flips[0]:

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import UID, JPEG2000Lossless, RLELossless, generate_uid
 
 from dicomnode.volume import SeriesRejected, read_series
@@ -150,9 +152,13 @@ def test_gantry_tilt_is_rejected(series: list[Path], phantom: Phantom) -> None:
         (lambda ds: delattr(ds, "RescaleIntercept"), "lacks RescaleIntercept"),
         (lambda ds: setattr(ds, "ConvolutionKernel", "BONE"), "ConvolutionKernel differs"),
         (lambda ds: setattr(ds, "ImageType", ["DERIVED", "SECONDARY"]), "ImageType differs"),
+        (lambda ds: ds.__setitem__(0x00281053, RawDataElement(
+            Tag(0x00281053), "DS", 4, b"NaN ", 0, False, True)),
+         "RescaleSlope is not a finite number"),
+        (lambda ds: setattr(ds, "RescaleSlope", "1e38"), "instance .* decode to non-finite"),
     ],
     ids=["orientation", "no-pixels", "columns", "multiframe", "pixel-spacing", "no-position",
-         "no-intercept", "kernel", "derived"],
+         "no-intercept", "kernel", "derived", "nan-slope", "overflow"],
 )
 def test_inconsistent_slice_is_rejected_by_name(
     series: list[Path], change: Callable[[pydicom.Dataset], None], reason: str
