@@ -6,11 +6,18 @@
 # and without them (the paper's timing), and the shipped weights evaluated on the fresh
 # phantoms with the GPU default, as docs/training.md reports them from a CPU.
 #
-# The device image holds torch, numpy, scipy, tqdm and matplotlib, which is all that
-# ai/, training/phantoms.py, training/trainer.py's evaluation and bench/infer.py import,
-# so it runs from a bare copy of the working tree:
+# The device image holds torch, numpy, scipy, tqdm, matplotlib, pillow and psutil, which
+# is all that ai/, training/phantoms.py, training/trainer.py's evaluation and
+# bench/infer.py import. The end-to-end benchmark (bench/e2e.py: the node itself, with a
+# pynetdicom PACS and `dicomnode send`, as there is no Orthanc or dcmtk there) needs the
+# DICOM packages too, carried as wheels in .whl/ (git-ignored; made here once with
+# pip download, as the device tool's README says, for cp312 manylinux x86_64:
+# pydicom==3.0.2 pynetdicom==3.0.4 highdicom==0.28.2 SQLAlchemy==2.1.9 pyjpegls==1.5.1,
+# about 12 MB):
 #
-#   run(command="bash bench/device_check.sh", timeout_s=540)
+#   run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
+#
+# Without .whl/ the end-to-end step is left out.
 #
 # Locally, as a smoke test of the script itself (small and on the CPU):
 #   OUT=/tmp/check DEVICE=cpu SLICES=60 SIZES=lite FRESH=phantoms:covid=1,cap=1,normal=1,seed=950000,size=64,slices=24 \
@@ -43,6 +50,12 @@ step infer-plain python3 bench/infer.py --device "$DEVICE" --sizes $SIZES --slic
 # shellcheck disable=SC2086
 step infer-tta python3 bench/infer.py --device "$DEVICE" --sizes $SIZES --slices "$SLICES" \
     --threads "$THREADS" --tta auto --out "$OUT/infer-$DEVICE-tta.json"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH=$PWD:/tmp/site
+    step e2e python3 bench/e2e.py --device "$DEVICE" --slices "$SLICES" --pacs pynetdicom \
+        --out "$OUT/e2e-$DEVICE.json"
+fi
 step evaluate python3 -c '
 import argparse, sys
 from training.trainer import add_evaluate_arguments, run_evaluate_command

@@ -1,10 +1,14 @@
-"""End-to-end benchmark: last instance acknowledged -> SR stored in Orthanc.
+"""End-to-end benchmark: last instance acknowledged -> SR stored in the PACS.
 
-Starts Orthanc (Debian package) and `dicomnode serve` on free ports, sends a phantom CT
-series (300 x 512 x 512 by default) with dcmtk `storescu`, and measures from the moment
-storescu returns (every instance acknowledged) to the moment Orthanc holds the SR. The
-split comes from the node's own Result row (volume load, AI stages, encoding of each
-output, storage) and the export row. Peak RSS of the node process from /proc.
+Starts a PACS and `dicomnode serve` on free ports, sends a phantom CT series (300 x 512
+x 512 by default), and measures from the moment the sender returns (every instance
+acknowledged) to the moment the PACS holds the SR. The split comes from the node's own
+Result row (volume load, AI stages, encoding of each output, storage) and the export
+row. Peak RSS of the node process from /proc.
+
+The PACS is Orthanc (Debian package) and the sender dcmtk `storescu`; on a host without
+them (the GPU machine of `bench/device_check.sh`), a pynetdicom Storage SCP that keeps
+what it receives and the node's own `dicomnode send`.
 
     python3 bench/e2e.py --out bench/results/e2e-cpu.json [--slices 300] [--quiet 10]
 """
@@ -36,11 +40,71 @@ from bench.common import (  # noqa: E402
 from storage.index import StudyIndex  # noqa: E402
 from training.phantoms import generate_phantom, write_dicom_series  # noqa: E402
 
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+STORESCU = "/usr/bin/storescu"
 
-def orthanc_series(http_port: int) -> list[str]:
-    url = f"http://127.0.0.1:{http_port}/series?expand"
-    with urllib.request.urlopen(url, timeout=5) as rsp:
-        return [s["MainDicomTags"].get("Modality", "") for s in json.load(rsp)]
+PYNETDICOM_PACS = """
+import os, sys
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+out, port = sys.argv[1], int(sys.argv[2])
+def on_store(event):
+    name = os.path.join(out, f"{event.dataset.Modality}-{event.request.AffectedSOPInstanceUID}")
+    with open(name + ".part", "wb") as f:
+        f.write(event.encoded_dataset())
+    os.replace(name + ".part", name + ".dcm")  # whole when it appears
+    return 0x0000
+ae = AE(ae_title="PACS")
+ae.maximum_pdu_size = 4194304
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store)])
+"""
+
+
+class Pacs:
+    """The destination: Orthanc, whose REST API lists the stored series' modalities, or
+    the pynetdicom SCP above, whose files are named by modality."""
+
+    def __init__(self, kind: str, work: Path) -> None:
+        self.kind, self.dicom_port, self.http_port = kind, free_port(), free_port()
+        self.ae_title = "ORTHANC" if kind == "orthanc" else "PACS"
+        self.folder = work / "pacs"
+        self.folder.mkdir()
+        if kind == "orthanc":
+            (work / "orthanc.json").write_text(json.dumps({
+                "Name": "bench", "StorageDirectory": str(self.folder),
+                "IndexDirectory": str(self.folder), "HttpPort": self.http_port,
+                "DicomPort": self.dicom_port, "DicomAet": self.ae_title,
+                "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": []}))
+            command = [ORTHANC, str(work / "orthanc.json")]
+        else:
+            command = [sys.executable, "-c", PYNETDICOM_PACS, str(self.folder),
+                       str(self.dicom_port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_listening(self.http_port if kind == "orthanc" else self.dicom_port)
+
+    def modalities(self) -> list[str]:
+        if self.kind != "orthanc":
+            return [p.name.split("-", 1)[0] for p in self.folder.glob("*.dcm")]
+        url = f"http://127.0.0.1:{self.http_port}/series?expand"
+        with urllib.request.urlopen(url, timeout=5) as rsp:
+            return [s["MainDicomTags"].get("Modality", "") for s in json.load(rsp)]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def send(files: list[Path], port: int) -> None:
+    """C-STORE the series in one association, released at the end (as a scanner does)."""
+    if Path(STORESCU).exists():
+        command = [STORESCU, "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)]
+    else:
+        command = [sys.executable, "-m", "dicomnode", "send", str(files[0].parent),
+                   f"DICOMNODE@127.0.0.1:{port}"]
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
 
 
 def main() -> int:
@@ -52,17 +116,14 @@ def main() -> int:
                         help="[series] release_grace_seconds")
     parser.add_argument("--checkpoint", default="", help="default: the shipped weights")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--pacs", choices=("orthanc", "pynetdicom"),
+                        default="orthanc" if Path(ORTHANC).exists() else "pynetdicom")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
     args = parser.parse_args()
-    orthanc_bin = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     with tempfile.TemporaryDirectory(prefix="dicomnode-e2e-") as tmp:
         work = Path(tmp)
-        http, dicom, port = free_port(), free_port(), free_port()
-        (work / "orthanc.json").write_text(json.dumps({
-            "Name": "bench", "StorageDirectory": str(work / "orthanc"),
-            "IndexDirectory": str(work / "orthanc"), "HttpPort": http, "DicomPort": dicom,
-            "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "Plugins": []}))
+        port = free_port()
+        pacs = Pacs(args.pacs, work)
         config = work / "node.toml"
         config.write_text(
             f'[node]\nhost = "127.0.0.1"\nport = {port}\n'
@@ -70,23 +131,20 @@ def main() -> int:
             f"[series]\nquiet_seconds = {args.quiet}\n"
             f"release_grace_seconds = {args.release_grace}\n"
             f'[ai]\ncheckpoint = "{args.checkpoint}"\ndevice = "{args.device}"\n'
-            f'[[destinations]]\nname = "orthanc"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
-            f'port = {dicom}\noutputs = ["seg", "sr", "key_images", "pdf"]\n')
+            f'[[destinations]]\nname = "{args.pacs}"\nae_title = "{pacs.ae_title}"\n'
+            f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+            'outputs = ["seg", "sr", "key_images", "pdf"]\n')
         phantom = generate_phantom("covid", 7, slices=args.slices, size=args.size)
         files = write_dicom_series(phantom, work / "ct")
-        orthanc = subprocess.Popen([orthanc_bin, str(work / "orthanc.json")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         log = (work / "node.log").open("wb")
         node = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config",
                                  str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
-            wait_listening(http)
             wait_listening(port)
             t0 = time.perf_counter()
-            subprocess.run(["/usr/bin/storescu", "-aec", "DICOMNODE", "127.0.0.1", str(port),
-                            *map(str, files)], check=True, capture_output=True)
+            send(files, port)
             acked = time.perf_counter()
-            while "SR" not in orthanc_series(http):
+            while "SR" not in pacs.modalities():
                 if node.poll() is not None or time.perf_counter() - acked > 900:
                     raise SystemExit((work / "node.log").read_text()[-3000:])
                 time.sleep(0.1)
@@ -97,8 +155,7 @@ def main() -> int:
         finally:
             node.terminate()
             node.wait(timeout=60)
-            orthanc.terminate()
-            orthanc.wait(timeout=30)
+            pacs.stop()
             log.close()
         index = StudyIndex(f"sqlite:///{work / 'data' / 'index.sqlite'}")
         [job] = [r for r in index.series_status() if r["modality"] == "CT"]
@@ -114,8 +171,9 @@ def main() -> int:
         "series": {"slices": args.slices, "size": args.size},
         "machine": machine(),
         "model": {"name": result.model_name, "version": result.model_version},
+        "pacs": args.pacs,
         "send_s": round(acked - t0, 2),
-        "ack_to_sr_in_orthanc_s": round(after_ack, 2),
+        "ack_to_sr_in_pacs_s": round(after_ack, 2),
         "completion_rule": job["completion_rule"],
         "completion_wait_s": wait,
         "after_completion_s": round(after_ack - wait, 2),
