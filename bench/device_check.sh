@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 3-5 as one short run for the `device` tool (a lent machine
-# gives a session about 15 minutes in all; this takes about 5). Everything lands in
+# gives a session about 15 minutes in all; this takes about 6). Everything lands in
 # $OUT (the tool fetches it back): nvidia-smi and torch's view of the GPU, bench/infer.py
 # on the GPU with the test-time defaults (four-way mirroring, half-overlapping windows)
-# and without them (the paper's timing), and the shipped weights evaluated on the fresh
-# phantoms with the GPU default, as docs/training.md reports them from a CPU.
+# and without them (the paper's timing), the end-to-end benchmark, and the shipped
+# weights evaluated on the fresh phantoms with the GPU default, as docs/training.md
+# reports them from a CPU.
 #
 # The device image holds torch, numpy, scipy, tqdm, matplotlib, pillow and psutil, which
 # is all that ai/, training/phantoms.py, training/trainer.py's evaluation and
 # bench/infer.py import. The end-to-end benchmark (bench/e2e.py: the node itself, with a
 # pynetdicom PACS and `dicomnode send`, as there is no Orthanc or dcmtk there) needs the
-# DICOM packages too, carried as wheels in .whl/ (git-ignored; made here once with
-# pip download, as the device tool's README says, for cp312 manylinux x86_64:
-# pydicom==3.0.2 pynetdicom==3.0.4 highdicom==0.28.2 SQLAlchemy==2.1.9 pyjpegls==1.5.1,
-# about 12 MB):
+# DICOM packages too, carried as wheels in .whl/ (git-ignored, about 12 MB), made here
+# once (the device's Python is 3.12):
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_17_x86_64 -d .whl pydicom==3.0.2 \
+#       pynetdicom==3.0.4 highdicom==0.28.2 SQLAlchemy==2.1.9 pyjpegls==1.5.1
+#
+# and then:
 #
 #   run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540)
 #
