@@ -319,6 +319,10 @@ def _one_per_instance(datasets: list[Dataset]) -> list[Dataset]:
     return list(unique.values())
 
 
+DEFER_BYTES = 4096
+"""Values longer than this (the pixel data) stay on disk until read."""
+
+
 def read_series(
     files: Iterable[Path], *, min_slices: int = 1, spacing_tolerance: float = 0.1
 ) -> CTVolume:
@@ -327,11 +331,12 @@ def read_series(
     `spacing_tolerance` is the largest relative departure of one slice step from the
     median step (0.1: 10 %).
     """
-    # Headers first: the geometry is checked before any pixels are read, and then one
-    # slice at a time is decoded into the volume (a 1,200-slice 1024 x 1024 series holds
-    # 2.5 GB of pixels, which must not all sit in memory beside its 5 GB float volume).
+    # Headers first, each file parsed once with its pixel data left on disk (deferred):
+    # the geometry is checked before any pixels are read, and then one slice at a time is
+    # read, decoded into the volume and dropped again (a 1,200-slice 1024 x 1024 series
+    # holds 2.5 GB of pixels, which must not all sit in memory beside its 5 GB volume).
     datasets, left_out = _slices_of(
-        _one_per_instance([pydicom.dcmread(path, stop_before_pixels=True) for path in files])
+        _one_per_instance([pydicom.dcmread(path, defer_size=DEFER_BYTES) for path in files])
     )
     if len(datasets) < max(min_slices, 2):
         aside = f" ({len(left_out)} other instance(s) are not CT slices)" if left_out else ""
@@ -360,7 +365,8 @@ def read_series(
 
     hu = np.empty((len(datasets), int(datasets[0].Rows), int(datasets[0].Columns)), np.float32)
     for z, ds in enumerate(datasets):
-        hu[z] = flip_to_stored(_slice_hu(pydicom.dcmread(ds.filename))[None], flips)[0]
+        hu[z] = flip_to_stored(_slice_hu(ds)[None], flips)[0]
+        del ds.PixelData  # and pydicom's cached array with it: the volume keeps headers
     row_direction, column_direction = orientation[:3].copy(), orientation[3:].copy()
     origin = positions[0].copy()
     if flips[0]:
