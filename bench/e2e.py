@@ -123,6 +123,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dicomnode-e2e-") as tmp:
         work = Path(tmp)
         port = free_port()
+        phantom = generate_phantom("covid", 7, slices=args.slices, size=args.size)
+        files = write_dicom_series(phantom, work / "ct")
         pacs = Pacs(args.pacs, work)
         config = work / "node.toml"
         config.write_text(
@@ -134,8 +136,6 @@ def main() -> int:
             f'[[destinations]]\nname = "{args.pacs}"\nae_title = "{pacs.ae_title}"\n'
             f'host = "127.0.0.1"\nport = {pacs.dicom_port}\n'
             'outputs = ["seg", "sr", "key_images", "pdf"]\n')
-        phantom = generate_phantom("covid", 7, slices=args.slices, size=args.size)
-        files = write_dicom_series(phantom, work / "ct")
         log = (work / "node.log").open("wb")
         node = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config",
                                  str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
