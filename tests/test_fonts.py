@@ -16,14 +16,12 @@ from fontTools.pens.ttGlyphPen import TTGlyphPen
 from matplotlib import font_manager
 from PIL import Image, ImageDraw
 
-from ai.analysis import analyse_lesions
 from ai.infer import Analysis
-from ai.labels import CLASS_NAMES, Diagnosis
-from dicomnode.outputs import Provenance, fonts
+from dicomnode.outputs import fonts
 from dicomnode.outputs.key_images import _draw_text, build_key_images
 from dicomnode.outputs.pdf import build_pdf_report
-from dicomnode.volume import CTVolume, read_series
-from training.phantoms import generate_phantom, write_dicom_series
+from dicomnode.volume import CTVolume
+from tests.test_key_images_pdf import PROVENANCE, _analysis, _volume_and_lungs
 
 HAN = "王小明"
 GLYPH_MISSING = r"Glyph \d+ .* missing from font"
@@ -101,28 +99,16 @@ def test_a_key_image_draws_the_glyphs_of_the_fallback_font(han_font: Path) -> No
 
 
 def _case(tmp: Path, name: str) -> tuple[CTVolume, Analysis]:
-    phantom = generate_phantom("covid", 21, slices=12, size=48)
-    volume = read_series(write_dicom_series(phantom, tmp))
+    """A scan without lesions whose patient name and study description are `name` and
+    Han characters (UTF-8)."""
+    volume, lung = _volume_and_lungs("normal", tmp)
     datasets = tuple(copy.deepcopy(ds) for ds in volume.datasets)
     for ds in datasets:
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.PatientName = name
         ds.StudyDescription = "胸部 CT"
-    volume = dataclasses.replace(volume, datasets=datasets)
-    lung = volume.hu < -500
-    lesion = np.zeros_like(lung)
-    stats = analyse_lesions(volume.hu, lesion, lung, volume.spacing_mm)
-    analysis = Analysis(
-        lesion_mask=lesion, lung_mask=lung,
-        probabilities=dict(zip(CLASS_NAMES, (0.1, 0.1, 0.8), strict=True)),
-        diagnosis=Diagnosis.NON_PNEUMONIA, evidence_map=np.zeros(lung.shape, np.float32),
-        evidence_class=Diagnosis.NON_PNEUMONIA, lvr=stats.lvr, plr=stats.plr,
-        lesions=stats.lesions, stats=stats, timings={}, model={"name": "test"})
-    return volume, analysis
-
-
-PROVENANCE = Provenance(device_uid="1.2.826.0.1.3680043.10.1011.1", model_name="lite",
-                        model_version="test")
+    return dataclasses.replace(volume, datasets=datasets), _analysis(volume, lung,
+                                                                     np.zeros_like(lung))
 
 
 def _pdf(volume: CTVolume, analysis: Analysis) -> bytes:
