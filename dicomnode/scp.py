@@ -31,7 +31,6 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.multival import MultiValue
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -40,6 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.config import ConfigError, NodeConfig, Settings
 from dicomnode.outputs import MANUFACTURER
+from dicomnode.volume import string_values, value_text
 from storage.filestore import FileStore
 from storage.index import InstanceRecord, StudyIndex
 
@@ -59,26 +59,6 @@ _DEFAULT_REPERTOIRE_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "
 bytes are their text in any character set."""
 
 
-def _value_text(ds: Dataset, keyword: str) -> str:
-    """The attribute's value as encoded text (values joined by backslashes), "" if absent.
-
-    For the default-repertoire VRs only. Read from the raw bytes as received, without
-    pydicom's conversion and validation: that conversion was a third of the work the node
-    does per C-STORE beyond storing the bytes.
-    """
-    element = ds.get_item(keyword)
-    if element is None:
-        return ""
-    if isinstance(element, RawDataElement):
-        return element.value.decode("ascii", "replace").strip(" \x00") if element.value else ""
-    value = element.value
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue | list | tuple):
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
-
-
 @functools.cache
 def _in_default_repertoire(keyword: str) -> bool:
     return dictionary_VR(keyword) in _DEFAULT_REPERTOIRE_VRS
@@ -86,22 +66,15 @@ def _in_default_repertoire(keyword: str) -> bool:
 
 def _text(ds: Dataset, keyword: str) -> str:
     if _in_default_repertoire(keyword):
-        return _value_text(ds, keyword)
+        return value_text(ds, keyword)
     value = ds.get(keyword, "")  # a name or description: decoded in its character set
     return "" if value is None else str(value).strip()
-
-
-def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
-    """A multi-valued attribute's values; a single value stays one value (ImageType
-    "DERIVED" alone, from a non-conformant sender, is not its letters)."""
-    text = _value_text(ds, keyword)
-    return tuple(v.strip() for v in text.split("\\")) if text else ()
 
 
 def _number(ds: Dataset, keyword: str, kind: type[int] | type[float]) -> Any:
     """A DS or IS value; None when absent or not a finite number (an IS must be whole)."""
     try:
-        number = float(_value_text(ds, keyword))
+        number = float(value_text(ds, keyword))
     except ValueError:
         return None
     if not math.isfinite(number) or (kind is int and not number.is_integer()):
@@ -128,7 +101,7 @@ def placing_uids(ds: Dataset) -> tuple[str, str, str]:
 
 def _numbers(ds: Dataset, keyword: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in _values(ds, keyword))
+        return tuple(float(v) for v in string_values(ds, keyword))
     except ValueError:
         return ()
 
@@ -159,7 +132,7 @@ def instance_record(
             sop_instance_uid=sop_instance_uid,
             sop_class_uid=_text(ds, "SOPClassUID"),
             transfer_syntax_uid=transfer_syntax_uid,
-            image_type=_values(ds, "ImageType"),
+            image_type=string_values(ds, "ImageType"),
             image_orientation=_numbers(ds, "ImageOrientationPatient"),
             slice_thickness_mm=_number(ds, "SliceThickness", float),
             instance_number=_number(ds, "InstanceNumber", int),
@@ -183,7 +156,7 @@ def instance_record(
         series_number=_number(ds, "SeriesNumber", int),
         series_description=_text(ds, "SeriesDescription"),
         body_part_examined=_text(ds, "BodyPartExamined"),
-        image_type=_values(ds, "ImageType"),
+        image_type=string_values(ds, "ImageType"),
         image_orientation=_numbers(ds, "ImageOrientationPatient"),
         slice_thickness_mm=_number(ds, "SliceThickness", float),
         instance_number=_number(ds, "InstanceNumber", int),
