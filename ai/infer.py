@@ -46,7 +46,7 @@ from ai.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from ai.errors import NoLungsFound, NotAVolume
 from ai.labels import CLASS_NAMES, Diagnosis
 from ai.limits import MAX_WINDOW_OVERLAP
-from ai.lungs import bounding_box, label_lungs
+from ai.lungs import Caveat, bounding_box, label_lungs
 from ai.model import UNIT_STRIDES, SegOutput, evidence_class
 from ai.preprocess import (
     PatchBox,
@@ -112,7 +112,8 @@ class Analysis:
     lvr, plr: fractions in [0, 1]; plr is None without lesions (0 / 0). `stats` holds the
     full per-scan summary (volumes, spread, density fractions) of `ai.analysis`. `model`:
     the checkpoint's `info` and how it ran (device, mirror, window_overlap, threshold),
-    since results differ with these.
+    since results differ with these. `caveats`: limits of the result that every report
+    of it must state (lungs clipped by the field of view or the scan range).
     """
 
     lesion_mask: np.ndarray
@@ -127,6 +128,7 @@ class Analysis:
     stats: ScanAnalysis
     timings: dict[str, float]
     model: dict[str, Any]
+    caveats: tuple[Caveat, ...] = ()
 
 
 # --------------------------------------------------------------------------- entry points
@@ -192,8 +194,10 @@ def analyse(
 
     t = time.perf_counter()
     sides = None
+    caveats: tuple[Caveat, ...] = ()
     if lung_mask is None:
-        sides = label_lungs(volume_hu, spacing).sides
+        lungs = label_lungs(volume_hu, spacing)
+        sides, caveats = lungs.sides, lungs.caveats
         lung = sides > 0
     else:
         lung = _check_lung_mask(lung_mask, volume_hu)
@@ -233,6 +237,8 @@ def analyse(
         "x".join(map(str, volume_hu.shape)), CLASS_NAMES[diagnosis], probs[CLASS_NAMES[diagnosis]],
         stats.lesion_count, stats.lvr, timings["total"],
     )  # fmt: skip
+    for caveat in caveats:
+        log.warning("analysis caveat: %s", caveat.detail)
     return Analysis(
         lesion_mask=lesion,
         lung_mask=lung,
@@ -249,6 +255,7 @@ def analyse(
             "device": str(ckpt.device), "mirror": mirrored,
             "window_overlap": ckpt.preprocess.seg_overlap, "threshold": threshold,
         },
+        caveats=caveats,
     )
 
 

@@ -32,7 +32,8 @@ Steps, on a working grid of about `working_spacing_mm` voxels for speed:
    partly outside (a learned lung model is the upgrade path).
 7. Plausibility: enough lung volume with lung-like HU (else `NoLungsFound`); not too much lung
    surface on the field-of-view edge and lungs not cut by the scan range (else
-   `LungsCutOff`).
+   `LungsCutOff`). Lungs clipped less than that are analysed with a `Caveat` that the
+   report carries: volumes and ratios then refer to the imaged part of the lungs.
 8. Full resolution: the working mask's interior is kept as is; its one-voxel boundary band is
    decided voxel by voxel by the air threshold (dense boundary voxels stay if the working
    grid had them as lung tissue).
@@ -105,6 +106,11 @@ class LungConfig:
     max_end_slice_fraction: the largest lung cross-section on the first or last slice, as a
         fraction of the largest on any slice, before `LungsCutOff`: the scan range must
         cover the lungs from the apices to (nearly) the bases.
+    caveat_cut_fraction, caveat_end_slice_fraction: above these (and up to the limits
+        above) the lungs are analysed with a `Caveat` that part of them may be missing. A
+        scan from apex to base has no lung on the image edge and little on its end slices
+        (the phantoms: 0.4-0.6 % of the surface, 7-12 % of the largest cross-section, in
+        the costophrenic recesses).
     """
 
     air_hu: float = -400.0
@@ -123,6 +129,8 @@ class LungConfig:
     merged_min_fraction: float = 0.2
     max_cut_fraction: float = 0.15
     max_end_slice_fraction: float = 0.5
+    caveat_cut_fraction: float = 0.03
+    caveat_end_slice_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         positive = (
@@ -150,10 +158,26 @@ class LungConfig:
             "merged_min_fraction",
             "max_cut_fraction",
             "max_end_slice_fraction",
+            "caveat_cut_fraction",
+            "caveat_end_slice_fraction",
         )
         for name in fractions:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} {getattr(self, name)} must be in [0, 1]")
+        for kind in ("cut_fraction", "end_slice_fraction"):
+            if getattr(self, f"caveat_{kind}") > getattr(self, f"max_{kind}"):
+                raise ValueError(f"caveat_{kind} {getattr(self, f'caveat_{kind}')} must not"
+                                 f" exceed max_{kind} {getattr(self, f'max_{kind}')}")
+
+
+@dataclass(frozen=True)
+class Caveat:
+    """A limit of a result that its reader must know (the analysis still ran)."""
+
+    short: str
+    """A few words, for a key image's text panel."""
+    detail: str
+    """What was measured and what it means, for the report."""
 
 
 @dataclass(frozen=True)
@@ -164,8 +188,12 @@ class LungSegmentation:
     """uint8 (z, y, x): 0 background, `LungSide.RIGHT` or `LungSide.LEFT`."""
     cut_fraction: float
     """Fraction of the lung surface on the field-of-view edge (0 for fully imaged lungs)."""
+    end_slice_fraction: float
+    """Lung cross-section on the first or last slice (the larger) over the largest."""
     merged: bool
     """The lungs touched (one air component) and were split."""
+    caveats: tuple[Caveat, ...] = ()
+    """Lungs clipped by the field of view or the scan range, within the limits."""
 
     @property
     def mask(self) -> np.ndarray:
@@ -209,17 +237,19 @@ def label_lungs(
         raise
     sides = _close_and_fill(sides, airway, gas, comps.body_mid_x, grid, cfg)
     outside = comps.labels_mask(comps.border & ~lung_ids)
-    cut = _check_field_of_view(sides > 0, outside, grid.spacing, cfg)
+    cut, end, caveats = _check_field_of_view(sides > 0, outside, grid.spacing, cfg)
     full = _to_full_resolution(volume_hu, sides, air, airway | gas, grid, cfg.air_hu)
     log.debug(
-        "lungs: %.2f s, working grid %s (factors %s), merged=%s, cut %.3f",
+        "lungs: %.2f s, working grid %s (factors %s), merged=%s, cut %.3f, end slice %.3f",
         time.perf_counter() - start,
         grid.shape,
         grid.factors,
         merged,
         cut,
+        end,
     )
-    return LungSegmentation(sides=full, cut_fraction=cut, merged=merged)
+    return LungSegmentation(sides=full, cut_fraction=cut, end_slice_fraction=end,
+                            merged=merged, caveats=caveats)
 
 
 # --------------------------------------------------------------------------- working grid
@@ -828,9 +858,10 @@ class _Cut:
 
 def _check_field_of_view(
     lung: np.ndarray, outside: np.ndarray, spacing: Sequence[float], cfg: LungConfig
-) -> float:
-    """Raise `LungsCutOff` when the field of view or the scan range clips the lungs; return
-    the fraction of the lung surface on the field-of-view edge."""
+) -> tuple[float, float, tuple[Caveat, ...]]:
+    """Raise `LungsCutOff` when the field of view or the scan range clips the lungs beyond
+    the limits; return the fraction of the lung surface on the field-of-view edge, the end
+    slices' share of the largest cross-section, and the caveats of a smaller clip."""
     cut = _cut_fraction(lung, outside, spacing)
     if cut.fraction > cfg.max_cut_fraction:
         raise LungsCutOff(
@@ -846,7 +877,22 @@ def _check_field_of_view(
             f" the largest lung cross-section (limit {100 * cfg.max_end_slice_fraction:.0f} %);"
             " lung volume, LVR and PLR would be wrong: send a series covering the whole chest"
         )
-    return cut.fraction
+    caveats = []
+    if cut.fraction > cfg.caveat_cut_fraction:
+        caveats.append(Caveat(
+            "Lungs touch the image edge: measures cover the imaged part",
+            f"The lungs touch the edge of the field of view ({100 * cut.fraction:.0f} % of"
+            f" the lung surface: {cut.describe()}); part of them may lie outside it. Lung"
+            " volume, lesion volume, LVR and PLR refer to the imaged part of the lungs.",
+        ))
+    if end > cfg.caveat_end_slice_fraction:
+        caveats.append(Caveat(
+            "Scan range may miss lung: measures cover the imaged part",
+            f"The scan range may not cover the whole lungs: an end slice holds"
+            f" {100 * end:.0f} % of the largest lung cross-section. Lung volume, lesion"
+            " volume, LVR and PLR refer to the imaged part of the lungs.",
+        ))
+    return cut.fraction, end, tuple(caveats)
 
 
 def _raise_if_lungs_cut_everywhere(

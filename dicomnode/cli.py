@@ -68,6 +68,7 @@ def _status_table(rows: list[dict[str, object]]) -> str:
             plr = "n/a" if result["plr"] is None else f"{100 * result['plr']:.0f}%"
             why = (f"{result['diagnosis']}, LVR {100 * result['lvr']:.1f}%, PLR {plr}, "
                    f"{result['lesion_count']} lesion(s)")
+            why += "".join(f"; {caveat['short']}" for caveat in result["caveats"])
         lines.append((str(r["last_received_at"])[:19], str(r["state"]), str(r["instances"]),
                       str(r["modality"]), str(r["study_date"]), str(r["accession_number"]),
                       str(r["series_description"])[:24], str(r["series_instance_uid"]), why))

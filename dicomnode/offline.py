@@ -108,6 +108,7 @@ def _analyse_series(
         "lvr_percent": round(100 * analysis.lvr, 2),
         "plr_percent": None if analysis.plr is None else round(100 * analysis.plr, 2),
         "lesions": len(analysis.lesions),
+        "caveats": [caveat.detail for caveat in analysis.caveats],
         "seconds": round(time.perf_counter() - t0, 2),
         "files": written,
     }
@@ -125,6 +126,7 @@ def _summary_line(s: dict[str, object]) -> str:
                       for k, v in s["probabilities"].items())  # type: ignore[attr-defined]
     plr = "n/a" if s["plr_percent"] is None else f"{s['plr_percent']}%"
     left_out = f" ({s['left_out']} non-slice instance(s) left out)" if s["left_out"] else ""
+    caveats = "".join(f"\n  caveat: {c}" for c in s["caveats"])  # type: ignore[attr-defined]
     return (f"{s['series_instance_uid']}: {s['diagnosis']} ({probs}); LVR {s['lvr_percent']}%, "
             f"PLR {plr}, {s['lesions']} lesion(s); {s['slices']} slices{left_out} in "
-            f"{s['seconds']} s")
+            f"{s['seconds']} s{caveats}")

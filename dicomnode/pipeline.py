@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pydicom
@@ -169,6 +169,7 @@ def build_results(
     sr = build_report(
         volume.datasets, seg.dataset, seg.lesion_segments, analysis.stats, probabilities,
         analysis.diagnosis, provenance, image_library=options.sr_image_library,
+        caveats=[caveat.detail for caveat in analysis.caveats],
     )
     timings["encode_sr"] = time.perf_counter() - t
     return {"seg": [seg.dataset], "sr": [sr]}, timings
@@ -439,7 +440,7 @@ def result_record(
         lesion_count=stats.lesion_count,
         lesion_volume_ml=stats.lesion_volume_ml,
         lung_volume_ml=stats.lung_volume_ml,
-        analysis=stats.to_dict(),
+        analysis=stats.to_dict() | {"caveats": [asdict(c) for c in analysis.caveats]},
         model_name=str(model.get("name", "")),
         model_version=model_version(model),
         checkpoint_sha256=str(model.get("checkpoint_sha256", "")),

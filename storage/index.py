@@ -1188,6 +1188,7 @@ def _series_row(
             "diagnosis": result.diagnosis, "probabilities": result.probabilities,
             "lvr": result.lvr, "plr": result.plr, "lesion_count": result.lesion_count,
             "model": f"{result.model_name} {result.model_version}",
+            "caveats": (result.analysis or {}).get("caveats", []),
         },
         "patient_id": patient.patient_id,
         "study_instance_uid": study.study_instance_uid,

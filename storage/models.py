@@ -174,7 +174,7 @@ class Result(Base):
     lesion_count: Mapped[int] = mapped_column(Integer)
     lesion_volume_ml: Mapped[float] = mapped_column(Float)
     lung_volume_ml: Mapped[float] = mapped_column(Float)
-    analysis: Mapped[dict] = mapped_column(JSON)  # ai.analysis.ScanAnalysis.to_dict()
+    analysis: Mapped[dict] = mapped_column(JSON)  # ScanAnalysis.to_dict() and "caveats"
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str] = mapped_column(String(64))
     checkpoint_sha256: Mapped[str] = mapped_column(String(64), default="")

@@ -22,6 +22,7 @@ from ai.checkpoint import (
 )
 from ai.errors import NoLungsFound, NonFiniteVoxels, NotAVolume, TooFewSlices
 from ai.labels import CLASS_NAMES, Diagnosis
+from ai.lungs import label_lungs
 from ai.model import ModelConfig, build_model
 from ai.preprocess import SlidingWindow, apply_lung_mask, normalise_hu, sample_cls_slices
 
@@ -305,3 +306,22 @@ def test_a_phantom_ct_end_to_end(ckpt: Checkpoint) -> None:
     assert a.lesion_mask.shape == p.volume_hu.shape
     assert not (a.lesion_mask & ~a.lung_mask).any()
     assert sum(a.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+    assert a.caveats == ()
+
+
+def test_lungs_clipped_by_the_scan_range_come_with_a_caveat(
+    ckpt: Checkpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caveat of `ai.lungs` reaches the Analysis (and the log); a caller's lung mask
+    has none, since its coverage was not measured."""
+    phantoms = pytest.importorskip("training.phantoms")
+    p = phantoms.generate_phantom("normal", 2, slices=48, size=64)
+    short = p.volume_hu[6:]
+    with caplog.at_level("WARNING", logger="ai.infer"):
+        a = infer.analyse(short, p.spacing_mm, checkpoint=ckpt)
+    [caveat] = a.caveats
+    assert caveat == label_lungs(short, p.spacing_mm).caveats[0]
+    assert "scan range may not cover the whole lungs" in caveat.detail
+    assert [r.getMessage() for r in caplog.records] == [f"analysis caveat: {caveat.detail}"]
+    given = infer.analyse(short, p.spacing_mm, checkpoint=ckpt, lung_mask=a.lung_mask)
+    assert given.caveats == ()

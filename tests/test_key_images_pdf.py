@@ -16,15 +16,17 @@ from scipy import ndimage as ndi
 from ai.analysis import analyse_lesions
 from ai.infer import Analysis
 from ai.labels import CLASS_NAMES, Diagnosis
+from ai.lungs import Caveat
 from dicomnode.outputs import Provenance
 from dicomnode.outputs.key_images import (
     SERIES_DESCRIPTION,
     build_key_images,
     format_name,
+    panel_lines,
     pick_key_slices,
     slice_position,
 )
-from dicomnode.outputs.pdf import build_pdf_report
+from dicomnode.outputs.pdf import _first_page, build_pdf_report
 from dicomnode.volume import CTVolume, read_series
 from tests.conftest import dciodvfy_errors
 from training.phantoms import generate_phantom, write_dicom_series
@@ -189,3 +191,28 @@ def test_pdf_report_is_valid_encapsulated_pdf(
     diagnosis = CLASS_NAMES[analysis.diagnosis].encode()
     assert b"/Subject (Diagnosis: " + diagnosis + b")" in pdf
 
+
+
+CAVEATS = (Caveat("Scan range may miss lung: measures cover the imaged part",
+                  "The scan range may not cover the whole lungs: an end slice holds 40 % of"
+                  " the largest lung cross-section."),)
+
+
+def test_a_caveat_is_shown_beside_the_numbers_it_qualifies(
+    covid: tuple[CTVolume, Analysis],
+) -> None:
+    volume, analysis = covid
+    analysis = dataclasses.replace(analysis, caveats=CAVEATS)
+    lines = panel_lines(volume, analysis, PROVENANCE, 8, 1, 2)
+    texts = [line.text for line in lines]
+    at = texts.index(CAVEATS[0].short)
+    assert texts[at - 1] == "Lesions" and lines[at].style == "notice"
+    assert CAVEATS[0].short not in [line.text for line in panel_lines(
+        volume, dataclasses.replace(analysis, caveats=()), PROVENANCE, 8, 1, 2)]
+
+    page = _first_page(volume, analysis, PROVENANCE)
+    [caveat] = [t for t in page.texts if t.get_text().startswith("Caveat: ")]
+    assert " ".join(caveat.get_text().split()) == "Caveat: " + CAVEATS[0].detail
+    headings = {t.get_text(): t.get_position()[1] for t in page.texts}
+    lesions = next(y for text, y in headings.items() if text.startswith("Lesions ("))
+    assert headings["Result"] > caveat.get_position()[1] > lesions

@@ -123,6 +123,7 @@ def test_phantom_lungs_match_ground_truth(phantoms: dict[str, Phantom], kind: st
     assert result.sides.shape == p.volume_hu.shape
     assert result.sides.dtype == np.uint8
     assert dice(result.mask, p.lung_mask) >= 0.95
+    assert result.caveats == (), "lungs imaged from apex to base need no caveat"
     # Phantom columns run from the patient's right to left, as DICOM axial images do.
     cols = np.arange(p.volume_hu.shape[2])
     right_x = cols[np.nonzero(result.sides == LungSide.RIGHT)[2]].mean()
@@ -183,6 +184,30 @@ def test_scan_range_cutting_through_the_lungs(phantoms: dict[str, Phantom]) -> N
     p = phantoms["normal"]
     with pytest.raises(LungsCutOff, match="scan range cuts through the lungs"):
         segment_lungs(p.volume_hu[20:], p.spacing_mm)
+
+
+def test_lungs_clipped_within_the_limits_are_analysed_with_a_caveat(
+    phantoms: dict[str, Phantom],
+) -> None:
+    """A scan range missing about 4 cm of one lung end (6 slices of 6.3 mm), or a field of
+    view 1 cm short of the lungs on each side: segmented, and the result says that its
+    volumes cover the imaged part only."""
+    p = phantoms["normal"]
+    short = label_lungs(p.volume_hu[6:], p.spacing_mm)
+    assert LungConfig().caveat_end_slice_fraction < short.end_slice_fraction
+    assert short.end_slice_fraction < LungConfig().max_end_slice_fraction
+    [caveat] = short.caveats
+    assert "scan range may not cover the whole lungs" in caveat.detail
+    assert f"{100 * short.end_slice_fraction:.0f} % of the largest" in caveat.detail
+    assert "LVR and PLR refer to the imaged part" in caveat.detail
+    x0, x1 = _lung_columns(p)
+    narrow = label_lungs(p.volume_hu[:, :, x0 + 4 : x1 - 4], p.spacing_mm)
+    assert LungConfig().caveat_cut_fraction < narrow.cut_fraction
+    [caveat] = narrow.caveats
+    assert "edge of the field of view" in caveat.detail and "first/last column" in caveat.detail
+    assert len(caveat.short) <= 60, "it fits a key image's panel on two lines"
+    strict = LungConfig(caveat_cut_fraction=0.0, caveat_end_slice_fraction=0.0)
+    assert len(label_lungs(p.volume_hu, p.spacing_mm, strict).caveats) == 2
 
 
 def test_slice_order_and_mirroring(phantoms: dict[str, Phantom]) -> None:
@@ -396,6 +421,8 @@ def test_error_hierarchy() -> None:
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="max_cut_fraction"):
         LungConfig(max_cut_fraction=1.5)
+    with pytest.raises(ValueError, match="caveat_end_slice_fraction 0.6 must not exceed"):
+        LungConfig(caveat_end_slice_fraction=0.6)
     with pytest.raises(ValueError, match="working_spacing_mm"):
         LungConfig(working_spacing_mm=0)
     with pytest.raises(ValueError, match="closing_radius_mm"):

@@ -133,6 +133,7 @@ def test_series_in_results_out(
     assert set(result.outputs) == {"seg", "sr", "key_images", "pdf"}
     shown = _job_rows(node, ct.SeriesInstanceUID)["result"]  # what `dicomnode status` shows
     assert shown["diagnosis"] == result.diagnosis and shown["lvr"] == result.lvr
+    assert shown["caveats"] == []  # lungs imaged from apex to base
     for uid in (seg.SeriesInstanceUID, sr.SeriesInstanceUID):  # outputs: stored, not analysed
         row = _job_rows(node, uid)
         assert (row["state"], row["reason"]) == ("skipped", OWN_OUTPUT)
@@ -377,6 +378,42 @@ def test_offline_infer_writes_every_output(tiny_checkpoint: Path, tmp_path: Path
     comments = [str(item.TextValue) for item in evaluations.ContentSequence]
     assert comments[1] == "Algorithm parameters: " + algorithm.AlgorithmParameters.replace(
         ",", ", ")
+
+
+def test_a_scan_range_short_of_the_lung_base_is_analysed_with_a_caveat(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last 3 of 24 slices (39 mm) left out: analysed, and the summary and the SR say
+    that the volumes cover the imaged part of the lungs."""
+    from dicomnode.config import Settings
+
+    files = write_ct_series(tmp_path / "in", slices=24, size=64, seed=7)
+    for path in files[-3:]:
+        path.unlink()
+    code = run_offline([tmp_path / "in"], tmp_path / "out", Settings(base_dir=tmp_path),
+                       checkpoint=tiny_checkpoint, device="cpu")
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "\n  caveat: The scan range may not cover the whole lungs" in out
+    [folder] = list((tmp_path / "out").iterdir())
+    sr = pydicom.dcmread(folder / "sr.dcm")
+    [evaluations] = [item for item in sr.ContentSequence
+                     if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    comments = [str(item.TextValue) for item in evaluations.ContentSequence]
+    assert comments[1].startswith("Caveat: The scan range may not cover the whole lungs")
+    assert comments[2].startswith("Algorithm parameters: ")
+
+
+def test_status_shows_a_results_caveats() -> None:
+    from dicomnode.cli import _status_table
+
+    row = {"reason": "", "completion_rule": "quiet", "last_received_at": "2026-12-01 10:00:00",
+           "state": "done", "instances": 21, "modality": "CT", "study_date": "20261201",
+           "accession_number": "A1", "series_description": "Chest", "series_instance_uid": "1.2",
+           "result": {"diagnosis": "COVID19", "lvr": 0.05, "plr": None, "lesion_count": 2,
+                      "caveats": [{"short": "Scan range may miss lung", "detail": "..."}]}}
+    assert _status_table([row]).splitlines()[1].endswith(
+        "COVID19, LVR 5.0%, PLR n/a, 2 lesion(s); Scan range may miss lung")
 
 
 def test_algorithm_parameters_say_how_the_model_ran() -> None:

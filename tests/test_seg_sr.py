@@ -20,7 +20,7 @@ from dicomnode.outputs.seg import (
     SegmentationOutput,
     build_segmentation,
 )
-from dicomnode.outputs.sr import COVID19, DIAGNOSIS, LVR, PLR, PNEUMONIA, build_report
+from dicomnode.outputs.sr import CAVEAT, COVID19, DIAGNOSIS, LVR, PLR, PNEUMONIA, build_report
 from dicomnode.volume import CTVolume, read_series
 from tests.conftest import dciodvfy_errors, store_prone
 from training.phantoms import Phantom, generate_phantom, write_dicom_series
@@ -231,6 +231,25 @@ def test_sr_is_valid_and_carries_the_result(
     [container] = [item for item in root if item.ConceptNameCodeSequence[0].CodeValue
                    == "C0034375"]
     assert container.ContentSequence[0].TextValue == RESEARCH_NOTICE
+    assert not [item for item in container.ContentSequence
+                if item.TextValue.startswith(CAVEAT)]
+
+
+def test_sr_states_each_caveat_beside_the_research_notice(
+    case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
+) -> None:
+    _, volume, stats = case
+    seg = _segmentation(case)
+    caveats = ["The lungs touch the edge of the field of view.", "The scan range is short."]
+    sr = build_report(volume.datasets, seg.dataset, seg.lesion_segments, stats,
+                      (0.8, 0.15, 0.05), Diagnosis.COVID19, PROVENANCE, caveats=caveats)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    [container] = [item for item in hd.sr.srread(path).ContentSequence
+                   if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    texts = [item.TextValue for item in container.ContentSequence]
+    assert texts[:3] == [RESEARCH_NOTICE, *(CAVEAT + c for c in caveats)]
 
 
 def test_sr_with_the_tid_1600_image_library_lists_every_ct_image(

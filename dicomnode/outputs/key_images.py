@@ -284,6 +284,7 @@ def panel_lines(
         Line("LVR (lesion / lung volume)", percent(analysis.lvr)),
         Line("PLR (peripheral lesions)", percent(analysis.plr)),
         Line("Lesions", f"{stats.lesion_count} ({stats.lesion_volume_ml:.1f} mL)"),
+        *(Line(caveat.short, style="notice") for caveat in analysis.caveats),
         Line(""),
         Line(f"Key image {rank} of {total}", style="bold"),
         Line(*slice_position(volume, z), style="dim"),

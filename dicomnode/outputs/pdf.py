@@ -68,6 +68,8 @@ LEFT, WIDTH = 0.08, 0.84
 ROW = 0.0185
 """Table row height as a fraction of the page height (about 15 pt)."""
 FONT = 8.5
+CAVEAT_LINE = 0.0135
+"""Height of a line of FONT-sized text as a fraction of the page height, with leading."""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -179,6 +181,10 @@ def _first_page(volume: CTVolume, analysis: Analysis, provenance: Provenance) ->
     top = _heading(fig, top, "Result")
     top = _table(fig, top, _summary(analysis), header=("Measure", "Value", "Definition"),
                  widths=(0.26, 0.16, 0.58))
+    for caveat in analysis.caveats:  # right under the numbers they qualify
+        text = textwrap.fill(f"Caveat: {caveat.detail}", 115)
+        fig.text(LEFT, top + 0.008, text, fontsize=FONT, color="#8a1c00", va="top")
+        top -= CAVEAT_LINE * (text.count("\n") + 1) + 0.006
     count = analysis.stats.lesion_count
     shown = min(count, MAX_LESION_ROWS)
     title = f"Lesions (largest {shown} of {count})" if count > shown else f"Lesions ({count})"

@@ -34,6 +34,8 @@ QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 ALGORITHM_PARAMETERS = "Algorithm parameters: "
 """How the comment beside the research notice that gives `Provenance.algorithm_parameters`
 begins."""
+CAVEAT = "Caveat: "
+"""How a comment that states a limit of the result (`ai.infer.Analysis.caveats`) begins."""
 
 SCHEME = "99DCMNODE"
 CODING_SCHEME = hd.coding_schemes.CodingSchemeIdentificationItem(
@@ -189,11 +191,13 @@ def build_report(
     *,
     series_number: int = 9002,
     image_library: bool = False,
+    caveats: Sequence[str] = (),
 ) -> Dataset:
     """The Comprehensive SR for one analysed series, referencing the CT and the SEG.
 
     `image_library`: add TID 1600 (an entry per CT image with its geometry), which some
-    SR consumers index images by; optional in TID 1500, and slow to build (highdicom)."""
+    SR consumers index images by; optional in TID 1500, and slow to build (highdicom).
+    `caveats`: limits of the result, each a comment beside the research notice."""
     ct_series = str(source_images[0].SeriesInstanceUID)
     groups: list[object] = [_diagnosis_group(analysis, probabilities, diagnosis, provenance)]
     groups.append(_volume_group(
@@ -225,19 +229,21 @@ def build_report(
         title=codes.DCM.ImagingMeasurementReport,
         referenced_images=list(source_images) if image_library else None,
     )
-    report[0].ContentSequence.append(_research_notice(provenance))
+    report[0].ContentSequence.append(_research_notice(provenance, caveats))
     return _comprehensive_sr([*source_images, segmentation], report,
                              series_description(SERIES_DESCRIPTION, source_images[0]),
                              provenance, series_number)
 
 
-def _research_notice(provenance: Provenance) -> hd.sr.ContainerContentItem:
+def _research_notice(
+    provenance: Provenance, caveats: Sequence[str] = ()
+) -> hd.sr.ContainerContentItem:
     """TID 1500's Qualitative Evaluations container holding the research-use statement
     as a TEXT comment: the report must say, as every output does, that nobody reviewed
-    it (dicom_outputs.md). A second comment gives the algorithm parameters (the SEG's
-    (0066,0032) value) once: in every measurement's TID 4019 they tripled the time to
-    build the report."""
-    comments = [RESEARCH_NOTICE]
+    it (dicom_outputs.md). Then one comment per caveat, and one that gives the algorithm
+    parameters (the SEG's (0066,0032) value) once: in every measurement's TID 4019 they
+    tripled the time to build the report."""
+    comments = [RESEARCH_NOTICE, *(CAVEAT + caveat for caveat in caveats)]
     if provenance.algorithm_parameters:
         comments.append(ALGORITHM_PARAMETERS + ", ".join(
             f"{k}={v}" for k, v in provenance.algorithm_parameters.items()))
