@@ -8,8 +8,10 @@ made it, with which model) lives in `Provenance`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from highdicom.enum import SpecificCharacterSetValues
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -20,6 +22,9 @@ MODEL_NAME = "DeepSC-COVID node"
 RESEARCH_NOTICE = (
     "Research use: AI result not reviewed by a radiologist; not for diagnosis without review."
 )
+UTF8 = "ISO_IR 192"
+MULTI_BYTE_EXTENSIONS = {"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"}
+"""PS3.3 C.12.1.1.2 Table C.12-4: these may not be the first of several values."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,54 @@ class Provenance:
     @property
     def algorithm_name(self) -> str:
         return self.model_name
+
+
+def _terms(value: object) -> list[str]:
+    if value is None:
+        return []
+    return [value.strip()] if isinstance(value, str) else [str(v).strip() for v in value]  # type: ignore[attr-defined]
+
+
+def output_character_set(value: object) -> str | list[str] | None:
+    """The Specific Character Set (0008,0005) an output of a CT with `value` is written in.
+
+    The CT's own, where highdicom (which copies it from the CT) accepts it; an equivalent
+    form where one exists (an empty first value is ISO 2022 IR 6, PS3.3 C.12.1.1.2; a lone
+    "ISO 2022 IR 100" is "ISO_IR 100"); else UTF-8, which holds any name. Without this,
+    a Japanese CT ("\\ISO 2022 IR 87") or a Korean one ("\\ISO 2022 IR 149") got no
+    outputs at all, not even the failure notice.
+    """
+    terms = _terms(value)
+    if terms and terms[0] == "":
+        terms[0] = "ISO 2022 IR 6"
+    if len(terms) == 1 and terms[0].startswith("ISO 2022 "):  # an extension term alone
+        terms = [] if terms[0] == "ISO 2022 IR 6" else [terms[0].replace("ISO 2022 IR ", "ISO_IR ")]
+    known = {s.value for s in SpecificCharacterSetValues}
+    if not terms:
+        return None
+    if all(t in known for t in terms):
+        if len(terms) == 1 and not terms[0].startswith("ISO 2022 "):
+            return terms[0]
+        if (len(terms) > 1 and all(t.startswith("ISO 2022 ") for t in terms)
+                and terms[0] not in MULTI_BYTE_EXTENSIONS):
+            return terms
+    return UTF8
+
+
+def adopt_output_character_set(datasets: Iterable[Dataset]) -> None:
+    """Give the source CT datasets (in memory; the stored files are untouched) the
+    character set their outputs are written in (`output_character_set`), decoding their
+    text in their own first. Builders call it: highdicom copies the names from them."""
+    for ds in datasets:
+        current = ds.get("SpecificCharacterSet")
+        target = output_character_set(current)
+        if _terms(target) == _terms(current):
+            continue
+        ds.decode()  # every text value to str, in the CT's character set
+        if target is None:
+            del ds.SpecificCharacterSet
+        else:
+            ds.SpecificCharacterSet = target
 
 
 def series_description(base: str, source: Dataset) -> str:

@@ -31,6 +31,7 @@ from dicomnode.outputs import (
     MODEL_NAME,
     RESEARCH_NOTICE,
     Provenance,
+    adopt_output_character_set,
     series_description,
 )
 from dicomnode.outputs.fonts import PLACEHOLDER, base_font, font_runs
@@ -368,6 +369,7 @@ def build_key_images(
     Instance 1 is the slice with the most lesion; without lesions a single image at the
     slice with the most lung still carries the diagnosis and the numbers.
     """
+    adopt_output_character_set(volume.datasets)
     slices = pick_key_slices(analysis.lesion_mask, analysis.lung_mask, volume.spacing_mm, count)
     series_uid = provenance.uid("key_images", "series")
     letters = orientation_letters(volume.orientation)

@@ -29,6 +29,7 @@ from dicomnode.outputs import (
     MODEL_NAME,
     RESEARCH_NOTICE,
     Provenance,
+    adopt_output_character_set,
     series_description,
 )
 from dicomnode.outputs.fonts import drawable
@@ -255,6 +256,7 @@ def build_pdf_report(
     volume: CTVolume, analysis: Analysis, provenance: Provenance, *, series_number: int = 9004
 ) -> Dataset:
     """Encapsulated PDF Storage in the CT's study, one new series (Modality DOC)."""
+    adopt_output_character_set(volume.datasets)
     source = volume.datasets[0]
     document = render_pdf(volume, analysis, provenance)
     now = datetime.datetime.now()

@@ -17,7 +17,13 @@ from pydicom.sr.codedict import codes
 from scipy import ndimage as ndi
 
 from ai.analysis import LesionStats, label_components
-from dicomnode.outputs import MANUFACTURER, MODEL_NAME, Provenance, series_description
+from dicomnode.outputs import (
+    MANUFACTURER,
+    MODEL_NAME,
+    Provenance,
+    adopt_output_character_set,
+    series_description,
+)
 from dicomnode.volume import flip_to_stored
 
 SERIES_DESCRIPTION = "AI lesions (DeepSC)"
@@ -137,6 +143,7 @@ def build_segmentation(
     viewers that misplace such SEGs (OHIF v2, older dcmjs). An empty lesion segment still
     gives a valid object.
     """
+    adopt_output_character_set(source_images)
     shape = (len(source_images), int(source_images[0].Rows), int(source_images[0].Columns))
     for name, mask in (("lung_mask", lung_mask), ("lesion_mask", lesion_mask)):
         if mask.shape != shape:
