@@ -122,6 +122,34 @@ def _exports_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def cmd_reanalyse(args: argparse.Namespace) -> int:
+    from storage.index import StudyIndex
+
+    settings = _settings(args)
+    url = settings.database_url
+    if _missing_sqlite_index(url):
+        print(f"no index at {url}: the node has not run with this configuration",
+              file=sys.stderr)
+        return 1
+    index = StudyIndex(url)
+    try:
+        queued, others = index.reanalyse(args.uid)
+    finally:
+        index.close()
+    for uid, state in others.items():
+        print(f"series {uid}: {state}, not queued (only done or failed series are)",
+              file=sys.stderr)
+    if not queued:
+        if not others:
+            print(f"no series or study {args.uid} in the index", file=sys.stderr)
+        return 1
+    for uid in queued:
+        print(f"series {uid}: queued for a new analysis")
+    print("a running node analyses them and sends the new results (new UIDs, beside any"
+          " earlier result)")
+    return 0
+
+
 def cmd_resend(args: argparse.Namespace) -> int:
     from storage.index import StudyIndex
 
@@ -346,6 +374,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("study_uid", metavar="STUDY_UID", help="StudyInstanceUID")
     p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser("reanalyse", help="analyse a study's or a series' CT again",
+                       description="Queue a new analysis of every series of a study (or of "
+                                   "one series) whose last analysis is done or failed: after a "
+                                   "model or GPU problem was fixed, or with new weights. A "
+                                   "running node analyses them and sends the new results, "
+                                   "under new UIDs, beside any earlier one.")
+    with_config(p)
+    p.add_argument("uid", metavar="UID", help="StudyInstanceUID or SeriesInstanceUID")
+    p.set_defaults(func=cmd_reanalyse)
 
     p = sub.add_parser("purge", help="delete studies with no activity for a number of days",
                        description="Delete every study (received instances, the node's "

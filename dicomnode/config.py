@@ -294,8 +294,9 @@ class PipelineConfig:
         "replaced, and the job counts an attempt.", 1800.0
     )
     max_attempts: int = _doc(
-        "Claims of one job before a crash of its AI worker (out of memory, say) fails it "
-        "instead of queueing it again.", 2
+        "Claims of one job before a crash of its AI worker (out of memory, say) or an "
+        "error of the node's own (not a rejected series) fails it instead of queueing it "
+        "again.", 2
     )
 
     def __post_init__(self) -> None:

@@ -46,6 +46,8 @@ RESULT_RETRY_SECONDS: tuple[float | None, ...] = (1.0, 4.0, 16.0, None)
 last try."""
 
 POLL_SECONDS = 0.5
+MODEL_RETRY_SECONDS = 30.0
+"""How often a worker whose model did not load tries again (jobs wait queued meanwhile)."""
 
 
 @dataclass
@@ -214,6 +216,8 @@ class Pipeline:
         self._load = checkpoint_loader or self._load_checkpoint
         self._checkpoint: object | None = None
         self._checkpoint_lock = threading.Lock()
+        self._next_load = 0.0
+        self._load_error = ""
         self.kinds = {"seg", "sr"} | {k for d in settings.destinations for k in d.outputs}
 
     def _load_checkpoint(self) -> object:
@@ -222,23 +226,41 @@ class Pipeline:
         return load_model(resolved, self.settings.ai.device)
 
     def checkpoint(self) -> object:
-        """The model, loaded once on first use (a missing file fails jobs, not the node)."""
+        """The model, loaded once on first use."""
         with self._checkpoint_lock:
             if self._checkpoint is None:
                 self._checkpoint = self._load()
             return self._checkpoint
 
-    def warm_up(self) -> None:
-        """Load the model and run every output encoder once on a made-up CT
-        (`dicomnode.warmup`), so that the first job pays for neither; what fails is logged
-        (jobs then fail with the reason, the worker keeps running)."""
-        t = time.perf_counter()
-        model = "model loaded"
+    def model_loaded(self) -> bool:
+        """Whether the model is loaded, trying to load it at most every
+        `MODEL_RETRY_SECONDS`. A worker claims no job without it: a checkpoint path with a
+        typo or a broken GPU driver keeps the series queued until it is fixed, instead of
+        failing each of them for good. A new reason is logged once, as an error."""
+        if self._checkpoint is not None:
+            return True
+        now = time.monotonic()
+        if now < self._next_load:
+            return False
+        self._next_load = now + MODEL_RETRY_SECONDS
         try:
             self.checkpoint()
         except Exception as exc:
-            logger.error("AI worker: the model did not load (jobs fail until it does): %s", exc)
-            model = "NO MODEL"
+            if str(exc) != self._load_error:
+                logger.error("AI worker: the model did not load (queued series wait; trying"
+                             " again every %.0f s): %s", MODEL_RETRY_SECONDS, exc)
+                self._load_error = str(exc)
+            return False
+        if self._load_error:
+            logger.info("AI worker: the model loaded; analysing the queued series")
+        return True
+
+    def warm_up(self) -> None:
+        """Load the model and run every output encoder once on a made-up CT
+        (`dicomnode.warmup`), so that the first job pays for neither; what fails is logged
+        (the worker keeps running, see `model_loaded`)."""
+        t = time.perf_counter()
+        model = "model loaded" if self.model_loaded() else "NO MODEL"
         try:
             volume = self_test_volume()
             build_outputs(volume, self_test_analysis(volume), self.settings, self.kinds)
@@ -256,9 +278,22 @@ class Pipeline:
             return self._fail(job, str(exc))
         except Exception as exc:  # a bug or a broken file must not stop the worker
             logger.exception("job %d (series %s) failed", job.job_id, job.series_instance_uid)
-            return self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
+            return self._retry_or_fail(job, f"internal error: {type(exc).__name__}: {exc}")
         self._finish(job, JobState.DONE)
         return JobState.DONE
+
+    def _retry_or_fail(self, job: ClaimedJob, reason: str) -> JobState:
+        """An error of the node's own (out of GPU memory, a storage read error, a bug), not
+        of the series: queued again until the job was claimed `max_attempts` times."""
+        state = self.index.retry_job(job.job_id, job.attempts, reason,
+                                     self.settings.pipeline.max_attempts)
+        if state == JobState.QUEUED:
+            logger.warning("job %d queued again (attempt %d of %d failed)", job.job_id,
+                           job.attempts, self.settings.pipeline.max_attempts)
+            return state
+        if state == JobState.FAILED:
+            self._notify_failure(job, self.index.job_state(job.job_id)[1])
+        return JobState.FAILED
 
     def _run(self, job: ClaimedJob) -> None:
         """Volume, analysis, then the SEG and SR, stored and queued for export before the
@@ -331,14 +366,16 @@ class Pipeline:
     def _fail(self, job: ClaimedJob, reason: str) -> JobState:
         logger.warning("job %d (series %s) failed: %s", job.job_id, job.series_instance_uid,
                        reason)
-        if not self._finish(job, JobState.FAILED, reason):
-            return JobState.FAILED  # no failure notice for an attempt that does not count
+        if self._finish(job, JobState.FAILED, reason):  # else the attempt does not count
+            self._notify_failure(job, reason)
+        return JobState.FAILED
+
+    def _notify_failure(self, job: ClaimedJob, reason: str) -> None:
         if self.settings.pipeline.failure_notice and self.settings.destinations:
             try:
                 self._send_failure_notice(job, reason)
             except Exception:
                 logger.exception("job %d: the failure notice could not be built", job.job_id)
-        return JobState.FAILED
 
     def _send_failure_notice(self, job: ClaimedJob, reason: str) -> None:
         paths = self.index.series_instance_paths(job.series_instance_uid)
@@ -383,6 +420,9 @@ class Pipeline:
         a claim; after one, the error ends the worker and its node's `WorkerPool` queues
         the job again and starts a new worker."""
         while not stop():
+            if not self.model_loaded():
+                time.sleep(POLL_SECONDS)
+                continue
             try:
                 job = self.index.claim_next_job(name)
             except Exception:

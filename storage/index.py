@@ -20,12 +20,14 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Select,
+    and_,
     bindparam,
     create_engine,
     delete,
     event,
     func,
     inspect,
+    or_,
     select,
     true,
     update,
@@ -1122,6 +1124,52 @@ class StudyIndex:
             return _release_running(
                 session, Job.worker == worker, f"the AI worker died ({cause})",
                 max_attempts, now or utcnow())
+
+    def retry_job(
+        self, job_id: int, attempt: int, cause: str, max_attempts: int,
+        now: datetime | None = None,
+    ) -> JobState | None:
+        """A claimed job that ended in an error of the node's own (not a rejected series):
+        queued again, or failed once claimed `max_attempts` times, like a job whose
+        worker died. Returns the new state; None when the job is no longer that claim
+        (see `finish_job`)."""
+        with self._write() as session:
+            queued, failed = _release_running(
+                session, and_(Job.id == job_id, Job.attempts == attempt), cause,
+                max_attempts, now or utcnow())
+        return JobState.QUEUED if queued else JobState.FAILED if failed else None
+
+    def reanalyse(
+        self, uid: str, now: datetime | None = None
+    ) -> tuple[list[str], dict[str, str]]:
+        """`dicomnode reanalyse`: queue a new analysis of each series of a study (or of
+        one series) whose latest job is done or failed, e.g. after a broken model or GPU
+        was fixed, or with new weights. The new job's outputs get new UIDs: a second
+        result beside the first. Series of the node's own outputs are left out. Returns
+        the series queued, and the others with their latest job's state."""
+        now = now or utcnow()
+        queued: list[str] = []
+        others: dict[str, str] = {}
+        with self._write() as session:
+            series_list = session.scalars(
+                select(Series).join(Study, Series.study_pk == Study.id)
+                .where(or_(Series.series_instance_uid == uid, Study.study_instance_uid == uid))
+                .order_by(Series.id)
+            ).all()
+            for series in series_list:
+                latest = session.scalar(select(Job).where(Job.series_pk == series.id)
+                                        .order_by(Job.id.desc()).limit(1))
+                state = latest.state if latest is not None else None
+                if latest is not None and latest.reason == OWN_OUTPUT:
+                    continue
+                if state not in (JobState.DONE, JobState.FAILED):
+                    others[series.series_instance_uid] = state.value if state else "no job"
+                    continue
+                session.add(Job(series=series, state=JobState.QUEUED, reason="reanalyse",
+                                created_at=now, updated_at=now, collecting_since=now,
+                                completed_at=now))
+                queued.append(series.series_instance_uid)
+        return queued, others
 
     def recover_after_restart(
         self, max_attempts: int = 2, now: datetime | None = None

@@ -20,8 +20,8 @@ from storage.errors import IndexUnavailable
 from storage.index import StudyIndex
 from tests.conftest import free_port
 
-COMMANDS = ["serve", "status", "echo", "send", "resend", "purge", "infer", "phantom", "train",
-            "evaluate", "init-config"]
+COMMANDS = ["serve", "status", "echo", "send", "resend", "reanalyse", "purge", "infer", "phantom",
+            "train", "evaluate", "init-config"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -206,3 +206,12 @@ def test_purge_deletes_idle_studies_and_old_set_aside_files_with_the_node_stoppe
     index = StudyIndex(f"sqlite:///{data / 'index.sqlite'}")
     assert index.counts()["studies"] == 0 and index.counts()["instances"] == 0
     index.close()
+
+
+def test_reanalyse_of_an_unknown_uid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
+    Node(settings_from_mapping({"storage": {"data_dir": str(tmp_path / "data")}},
+                               base_dir=tmp_path), analyse=False).index.close()
+    assert main(["reanalyse", "--config", str(config), "1.2.3"]) == 1
+    assert "no series or study 1.2.3 in the index" in capsys.readouterr().err

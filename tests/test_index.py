@@ -523,3 +523,42 @@ def test_studies_without_a_patient_id_are_not_one_patient(tmp_path: Path) -> Non
     index.add_instance(record(3, series="1.2.3.3", study="1.2.3"), "p/3", 10, "sha", now=T0)
     index.add_instance(record(4, series="1.2.3.4", study="1.2.4"), "p/4", 10, "sha", now=T0)
     assert index.counts()["patients"] == 3  # two without an ID, one PAT1 with two studies
+
+
+def test_an_internal_error_queues_the_job_again_until_max_attempts(index: StudyIndex) -> None:
+    add(index, 1, T0)
+    (progress,) = index.collecting_series()
+    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
+    first = index.claim_next_job("w")
+    assert first is not None
+    assert index.retry_job(first.job_id, first.attempts, "internal error: OSError: EIO",
+                           max_attempts=2) == JobState.QUEUED
+    assert index.job_state(first.job_id) == (JobState.QUEUED,
+                                             "re-queued: internal error: OSError: EIO")
+    second = index.claim_next_job("w")
+    assert second is not None and second.attempts == 2
+    assert index.retry_job(first.job_id, first.attempts, "stale", 2) is None  # not that claim
+    assert index.retry_job(second.job_id, second.attempts, "internal error: OSError: EIO",
+                           max_attempts=2) == JobState.FAILED
+    assert index.job_state(second.job_id) == (
+        JobState.FAILED, "internal error: OSError: EIO on each of 2 attempts")
+
+
+def test_reanalyse_queues_each_finished_series_of_a_study_again(index: StudyIndex) -> None:
+    for series in ("1.1", "1.2", "1.3"):
+        add(index, 1, T0, series=series)
+    for progress in index.collecting_series():
+        index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    done, failed = index.claim_next_job("w"), index.claim_next_job("w")
+    assert done is not None and failed is not None
+    index.finish_job(done.job_id, done.attempts, JobState.DONE)
+    index.finish_job(failed.job_id, failed.attempts, JobState.FAILED, "internal error: x")
+    queued, others = index.reanalyse("1.2.3")  # the study
+    assert queued == ["1.1", "1.2"] and others == {"1.3": "queued"}
+    rows = {r["series_instance_uid"]: r for r in index.series_status()}
+    assert rows["1.1"]["state"] == rows["1.2"]["state"] == "queued"
+    assert rows["1.1"]["job_id"] not in (done.job_id, failed.job_id)
+    again = index.claim_next_job("w")
+    assert again is not None and again.series_instance_uid == "1.3"  # the oldest queued first
+    assert index.reanalyse("1.1") == ([], {"1.1": "queued"})  # one series, already queued
+    assert index.reanalyse("9.9") == ([], {})

@@ -141,11 +141,10 @@ def test_series_in_results_out(
     assert len(pacs.received) == sum(len(v) for v in result.outputs.values())  # once each
 
 
-def _queued_job_and_pipeline(
+def _node_with_a_queued_job(
     start_node: Callable[..., Node], checkpoint: Path, pacs: Collector, tmp_path: Path
-) -> tuple[Node, Pipeline, ClaimedJob]:
-    """A node that receives and assembles only, a queued job, and an in-process pipeline
-    (the node's own workers are subprocesses, out of monkeypatch's reach)."""
+) -> tuple[Node, str]:
+    """A node that receives and assembles only, and the series of its queued job."""
     node = start_node(
         series={"quiet_seconds": 0.5, "release_grace_seconds": 0.2, "min_slices": 8},
         ai={"checkpoint": str(checkpoint), "device": "cpu", "min_lesion_volume_mm3": 0},
@@ -156,6 +155,15 @@ def _queued_job_and_pipeline(
     assert send(files, Peer("DICOMNODE", "127.0.0.1", node.scp.port)).sent == len(files)
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
     wait_for(lambda: _job_rows(node, series_uid)["state"] == "queued", timeout=30)
+    return node, series_uid
+
+
+def _queued_job_and_pipeline(
+    start_node: Callable[..., Node], checkpoint: Path, pacs: Collector, tmp_path: Path
+) -> tuple[Node, Pipeline, ClaimedJob]:
+    """A node that receives and assembles only, its queued job claimed, and an in-process
+    pipeline (the node's own workers are subprocesses, out of monkeypatch's reach)."""
+    node, _ = _node_with_a_queued_job(start_node, checkpoint, pacs, tmp_path)
     pipeline = Pipeline(node.settings, node.index, node.filestore, node.exporter)
     job = node.index.claim_next_job("test")
     assert job is not None
@@ -304,6 +312,69 @@ def test_an_orphaned_worker_of_a_killed_node_neither_records_nor_notifies(
     )
     assert node.index.record_result(orphan_claim.job_id, orphan_claim.attempts, found) is None
     assert node.index.result_for_job(orphan_claim.job_id) is None
+
+
+def test_an_internal_error_is_tried_again_then_fails_with_a_notice(
+    start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An error of the node's own (here a storage read error) is not the series' fault:
+    the job is queued again, and fails (with a notice) only after `max_attempts` claims."""
+    node, pipeline, first = _queued_job_and_pipeline(start_node, tiny_checkpoint, pacs, tmp_path)
+    notify = dataclasses.replace(node.settings.pipeline, failure_notice=True, max_attempts=2)
+    pipeline.settings = dataclasses.replace(node.settings, pipeline=notify)
+
+    def unreadable(*args: object, **kwargs: object) -> object:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(pipeline_module, "read_series", unreadable)
+    assert pipeline.run_job(first) == JobState.QUEUED
+    assert node.index.export_status() == []  # no notice yet
+    second = node.index.claim_next_job("test")
+    assert second is not None and second.job_id == first.job_id and second.attempts == 2
+    assert pipeline.run_job(second) == JobState.FAILED
+    state, reason = node.index.job_state(first.job_id)
+    assert state == JobState.FAILED
+    assert reason == "internal error: OSError: [Errno 5] Input/output error on each of 2 attempts"
+    wait_for(lambda: pacs.of_class(COMPREHENSIVE_SR), timeout=30)
+    [notice] = pacs.of_class(COMPREHENSIVE_SR)
+    assert "on each of 2 attempts" in notice.ContentSequence[0].TextValue
+
+
+def test_a_worker_without_its_model_leaves_the_series_queued_until_it_loads(
+    start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A checkpoint path with a typo, say: no job is claimed (none fails) until the model
+    loads; then the queued series are analysed."""
+    node, series_uid = _node_with_a_queued_job(start_node, tiny_checkpoint, pacs, tmp_path)
+    monkeypatch.setattr(pipeline_module, "MODEL_RETRY_SECONDS", 0.05)
+    fixed = threading.Event()
+    loads: list[bool] = []
+
+    def load() -> object:
+        loads.append(fixed.is_set())
+        if not fixed.is_set():
+            raise FileNotFoundError("checkpoint modle.pt not found")
+        return load_model(str(tiny_checkpoint), "cpu")
+
+    pipeline = Pipeline(node.settings, node.index, node.filestore, node.exporter,
+                        checkpoint_loader=load)
+    stop = threading.Event()
+    worker = threading.Thread(target=pipeline.run_until, args=(stop.is_set, "test"))
+    with caplog.at_level(logging.INFO, logger="dicomnode.pipeline"):
+        worker.start()
+        try:
+            wait_for(lambda: len(loads) >= 3, timeout=30)
+            assert _job_rows(node, series_uid)["state"] == "queued"
+            fixed.set()
+            wait_for(lambda: _job_rows(node, series_uid)["state"] == "done", timeout=120)
+        finally:
+            stop.set()
+            worker.join()
+    errors = [r for r in caplog.records if "the model did not load" in r.getMessage()]
+    assert len(errors) == 1 and "modle.pt" in errors[0].getMessage()  # once, not per retry
+    assert "the model loaded; analysing the queued series" in caplog.text
 
 
 def _claimed(completed_at: datetime) -> ClaimedJob:
