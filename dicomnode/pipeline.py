@@ -273,7 +273,8 @@ class Pipeline:
     def run_job(self, job: ClaimedJob) -> JobState:
         """Analyse one claimed job and record how it ended; never raises."""
         try:
-            self._run(job)
+            if self._run(job) == JobState.SUPERSEDED:
+                return JobState.SUPERSEDED
         except (SeriesRejected, InputVolumeError) as exc:
             return self._fail(job, str(exc))
         except Exception as exc:  # a bug or a broken file must not stop the worker
@@ -295,7 +296,7 @@ class Pipeline:
             self._notify_failure(job, self.index.job_state(job.job_id)[1])
         return JobState.FAILED
 
-    def _run(self, job: ClaimedJob) -> None:
+    def _run(self, job: ClaimedJob) -> JobState:
         """Volume, analysis, then the SEG and SR, stored and queued for export before the
         key images and PDF are rendered: the findings reach the PACS first (about a
         second sooner on a CPU, most of what is left after the AI on a GPU). A failure
@@ -312,6 +313,11 @@ class Pipeline:
         provenance = node_provenance(self.settings, analysis.model, key)
         results, encode_times = build_results(volume, analysis, self.settings, provenance)
         timings |= encode_times
+        if self.index.supersede_if_grown(job.job_id, job.attempts):
+            logger.info("job %d: series %s received more instances while it was analysed:"
+                        " this result is dropped, the new pass analyses the whole series",
+                        job.job_id, job.series_instance_uid)
+            return JobState.SUPERSEDED
         stored = self._store_and_queue(job, results, timings)
         try:
             views, view_times = build_views(
@@ -326,6 +332,7 @@ class Pipeline:
         logger.info("job %d: series %s -> %s (LVR %.1f %%), %d lesion(s), %.1f s", job.job_id,
                     job.series_instance_uid, analysis.diagnosis.name, 100 * analysis.lvr,
                     len(analysis.lesions), time.perf_counter() - t0)
+        return JobState.DONE
 
     def _store_and_queue(
         self, job: ClaimedJob, outputs: dict[str, list[Dataset]], timings: dict[str, float]
@@ -364,6 +371,13 @@ class Pipeline:
         return False
 
     def _fail(self, job: ClaimedJob, reason: str) -> JobState:
+        """A rejected series fails with its reason, unless it grew meanwhile (a part of a
+        series often has gaps): then the new pass decides, and no failure notice goes out."""
+        if self.index.supersede_if_grown(job.job_id, job.attempts):
+            logger.info("job %d: series %s received more instances while it was analysed;"
+                        " the new pass analyses the whole series (this part: %s)", job.job_id,
+                        job.series_instance_uid, reason)
+            return JobState.SUPERSEDED
         logger.warning("job %d (series %s) failed: %s", job.job_id, job.series_instance_uid,
                        reason)
         if self._finish(job, JobState.FAILED, reason):  # else the attempt does not count

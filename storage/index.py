@@ -1125,6 +1125,28 @@ class StudyIndex:
                 session, Job.worker == worker, f"the AI worker died ({cause})",
                 max_attempts, now or utcnow())
 
+    def supersede_if_grown(self, job_id: int, attempt: int, now: datetime | None = None) -> bool:
+        """End a claimed job as superseded when its series received instances since it was
+        claimed (they started a new pass: a running job is not re-opened), so that a result
+        of part of a series never reaches the PACS beside the whole one. Called before its
+        results are stored and exported. False when the series has not grown, or the job
+        is no longer that claim (see `finish_job`)."""
+        now = now or utcnow()
+        with self._write() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state != JobState.RUNNING or job.attempts != attempt:
+                return False
+            newer = session.scalar(select(Job.id).where(Job.series_pk == job.series_pk,
+                                                        Job.id > job.id).limit(1))
+            if newer is None:
+                return False
+            job.state = JobState.SUPERSEDED
+            job.reason = (f"superseded: instances arrived while it was analysed; job {newer}"
+                          " analyses the whole series")
+            job.finished_at = now
+            job.updated_at = now
+        return True
+
     def retry_job(
         self, job_id: int, attempt: int, cause: str, max_attempts: int,
         now: datetime | None = None,

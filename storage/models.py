@@ -44,6 +44,8 @@ class JobState(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    SUPERSEDED = "superseded"
+    """More instances arrived while it ran: its result went nowhere; a new pass has them."""
 
 
 class ExportState(enum.StrEnum):

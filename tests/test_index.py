@@ -562,3 +562,20 @@ def test_reanalyse_queues_each_finished_series_of_a_study_again(index: StudyInde
     assert again is not None and again.series_instance_uid == "1.3"  # the oldest queued first
     assert index.reanalyse("1.1") == ([], {"1.1": "queued"})  # one series, already queued
     assert index.reanalyse("9.9") == ([], {})
+
+
+def test_a_job_whose_series_grew_while_it_ran_is_superseded(index: StudyIndex) -> None:
+    add(index, 1, T0)
+    (progress,) = index.collecting_series()
+    index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    job = index.claim_next_job("w")
+    assert job is not None
+    assert not index.supersede_if_grown(job.job_id, job.attempts)  # nothing new
+    add(index, 2, T0)  # a late instance: a new pass
+    assert not index.supersede_if_grown(job.job_id, job.attempts + 1)  # not that claim
+    assert index.supersede_if_grown(job.job_id, job.attempts)
+    state, reason = index.job_state(job.job_id)
+    assert state == JobState.SUPERSEDED and "analyses the whole series" in reason
+    assert not index.finish_job(job.job_id, job.attempts, JobState.DONE)
+    [row] = index.series_status()
+    assert (row["state"], row["instances"]) == ("collecting", 2)  # the new pass is shown

@@ -142,9 +142,11 @@ def test_series_in_results_out(
 
 
 def _node_with_a_queued_job(
-    start_node: Callable[..., Node], checkpoint: Path, pacs: Collector, tmp_path: Path
-) -> tuple[Node, str]:
-    """A node that receives and assembles only, and the series of its queued job."""
+    start_node: Callable[..., Node], checkpoint: Path, pacs: Collector, tmp_path: Path,
+    held_back: int = 0,
+) -> tuple[Node, str, list[Path]]:
+    """A node that receives and assembles only, the series of its queued job, and the
+    last `held_back` files of the series, not sent."""
     node = start_node(
         series={"quiet_seconds": 0.5, "release_grace_seconds": 0.2, "min_slices": 8},
         ai={"checkpoint": str(checkpoint), "device": "cpu", "min_lesion_volume_mm3": 0},
@@ -152,10 +154,11 @@ def _node_with_a_queued_job(
                        "port": pacs.port, "outputs": ["seg", "sr", "key_images", "pdf"]}],
     )
     files = write_ct_series(tmp_path / "ct", slices=24, size=64, seed=8)
-    assert send(files, Peer("DICOMNODE", "127.0.0.1", node.scp.port)).sent == len(files)
+    sent, kept = files[: len(files) - held_back], files[len(files) - held_back:]
+    assert send(sent, Peer("DICOMNODE", "127.0.0.1", node.scp.port)).sent == len(sent)
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
     wait_for(lambda: _job_rows(node, series_uid)["state"] == "queued", timeout=30)
-    return node, series_uid
+    return node, series_uid, kept
 
 
 def _queued_job_and_pipeline(
@@ -163,7 +166,7 @@ def _queued_job_and_pipeline(
 ) -> tuple[Node, Pipeline, ClaimedJob]:
     """A node that receives and assembles only, its queued job claimed, and an in-process
     pipeline (the node's own workers are subprocesses, out of monkeypatch's reach)."""
-    node, _ = _node_with_a_queued_job(start_node, checkpoint, pacs, tmp_path)
+    node, _, _ = _node_with_a_queued_job(start_node, checkpoint, pacs, tmp_path)
     pipeline = Pipeline(node.settings, node.index, node.filestore, node.exporter)
     job = node.index.claim_next_job("test")
     assert job is not None
@@ -347,7 +350,7 @@ def test_a_worker_without_its_model_leaves_the_series_queued_until_it_loads(
 ) -> None:
     """A checkpoint path with a typo, say: no job is claimed (none fails) until the model
     loads; then the queued series are analysed."""
-    node, series_uid = _node_with_a_queued_job(start_node, tiny_checkpoint, pacs, tmp_path)
+    node, series_uid, _ = _node_with_a_queued_job(start_node, tiny_checkpoint, pacs, tmp_path)
     monkeypatch.setattr(pipeline_module, "MODEL_RETRY_SECONDS", 0.05)
     fixed = threading.Event()
     loads: list[bool] = []
@@ -375,6 +378,35 @@ def test_a_worker_without_its_model_leaves_the_series_queued_until_it_loads(
     errors = [r for r in caplog.records if "the model did not load" in r.getMessage()]
     assert len(errors) == 1 and "modle.pt" in errors[0].getMessage()  # once, not per retry
     assert "the model loaded; analysing the queued series" in caplog.text
+
+
+@pytest.mark.parametrize("outcome", ["analysed", "rejected"])
+def test_a_result_of_part_of_a_series_is_dropped_when_the_rest_arrives(
+    outcome: str, start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sender that paused: the series was complete by the rules and its job claimed when
+    the rest came. Neither the part's result nor its failure notice goes out; the new
+    pass analyses the whole series."""
+    node, series_uid, rest = _node_with_a_queued_job(start_node, tiny_checkpoint, pacs,
+                                                     tmp_path, held_back=8)
+    notify = dataclasses.replace(node.settings.pipeline, failure_notice=True)
+    pipeline = Pipeline(dataclasses.replace(node.settings, pipeline=notify), node.index,
+                        node.filestore, node.exporter)
+    part = node.index.claim_next_job("test")
+    assert part is not None
+    assert send(rest, Peer("DICOMNODE", "127.0.0.1", node.scp.port)).sent == len(rest)
+    wait_for(lambda: _job_rows(node, series_uid)["state"] == "collecting", timeout=30)
+    if outcome == "rejected":
+        def rejected(*args: object, **kwargs: object) -> object:
+            raise SeriesRejected("slices are missing")
+
+        monkeypatch.setattr(pipeline_module, "read_series", rejected)
+    assert pipeline.run_job(part) == JobState.SUPERSEDED
+    assert node.index.job_state(part.job_id)[0] == JobState.SUPERSEDED
+    assert node.index.result_for_job(part.job_id) is None
+    assert node.index.export_status() == [] and pacs.received == []
+    assert _job_rows(node, series_uid)["instances"] == 24
 
 
 def _claimed(completed_at: datetime) -> ClaimedJob:
