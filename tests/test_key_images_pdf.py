@@ -102,6 +102,9 @@ def test_key_images_are_valid_rgb_secondary_captures_in_the_ct_study(
     assert _sources(images, volume) == [8, 14, 18]
     ct = volume.datasets[0]
     assert len({ds.SeriesInstanceUID for ds in images}) == 1
+    # one series date and time, when its first image was made (series lists show them)
+    assert {(ds.SeriesDate, ds.SeriesTime) for ds in images} == {
+        (images[0].ContentDate, images[0].ContentTime)}
     for number, ds in enumerate(images, start=1):
         path = tmp_path / f"key{number}.dcm"
         ds.save_as(path, enforce_file_format=True)
@@ -178,6 +181,7 @@ def test_pdf_report_is_valid_encapsulated_pdf(
 
     back = pydicom.dcmread(path)
     assert back.SOPClassUID == EncapsulatedPDFStorage and back.Modality == "DOC"
+    assert (back.SeriesDate, back.SeriesTime) == (back.ContentDate, back.ContentTime)
     assert back.StudyInstanceUID == volume.datasets[0].StudyInstanceUID
     assert back.IssuerOfPatientID == "HOSPITAL-A"
     assert back.ConceptNameCodeSequence[0].CodeMeaning == "Diagnostic Imaging Report"

@@ -69,6 +69,8 @@ def test_seg_is_valid_and_reproduces_the_masks(
     path = tmp_path / "seg.dcm"
     out.dataset.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+    assert out.dataset.SeriesDate == out.dataset.ContentDate
+    assert out.dataset.SeriesTime == out.dataset.ContentTime
     segments = 2 + len(out.lesion_segments)
     dense = len(volume.datasets) * segments
     if omit_empty_frames:  # one frame per slice where a segment has voxels
@@ -176,6 +178,7 @@ def test_sr_is_valid_and_carries_the_result(
 
     sr = hd.sr.srread(path)
     assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    assert (sr.SeriesDate, sr.SeriesTime) == (sr.ContentDate, sr.ContentTime)
     assert sr.PreliminaryFlag == "PRELIMINARY"
     [study_group] = sr.content.get_image_measurement_groups()
     assert study_group.tracking_identifier == "AI diagnosis"

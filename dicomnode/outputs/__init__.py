@@ -8,7 +8,7 @@ made it, with which model) lives in `Provenance`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from highdicom.enum import SpecificCharacterSetValues
@@ -115,6 +115,19 @@ def adopt_output_character_set(datasets: Iterable[Dataset]) -> None:
             del ds.SpecificCharacterSet
         else:
             ds.SpecificCharacterSet = target
+
+
+def date_series(datasets: Sequence[Dataset]) -> None:
+    """Series Date and Time (General Series module, type 3) of a new output series: when
+    its first instance was made (Content Date and Time, else Instance Creation). Horos and
+    PACS series lists show and sort by them; without them the results' dates are blank."""
+    if not datasets:
+        return
+    first = datasets[0]
+    date = first.get("ContentDate") or first.InstanceCreationDate
+    time = first.get("ContentTime") or first.InstanceCreationTime
+    for ds in datasets:
+        ds.SeriesDate, ds.SeriesTime = date, time
 
 
 def series_description(base: str, source: Dataset) -> str:

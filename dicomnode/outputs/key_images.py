@@ -32,6 +32,7 @@ from dicomnode.outputs import (
     RESEARCH_NOTICE,
     Provenance,
     adopt_output_character_set,
+    date_series,
     series_description,
 )
 from dicomnode.outputs.fonts import PLACEHOLDER, base_font, font_runs
@@ -381,4 +382,5 @@ def build_key_images(
         images.append(_sc_image(volume, pixels, z, rank, series_uid, provenance, series_number))
     logger.debug("key images of series %s: slices %s", volume.datasets[0].SeriesInstanceUID,
                  slices)
+    date_series(images)
     return images

@@ -30,6 +30,7 @@ from dicomnode.outputs import (
     RESEARCH_NOTICE,
     Provenance,
     adopt_output_character_set,
+    date_series,
     series_description,
 )
 from dicomnode.outputs.fonts import drawable
@@ -306,5 +307,6 @@ def build_pdf_report(
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocumentLength = len(document)
     ds.EncapsulatedDocument = document + b"\0" * (len(document) % 2)
+    date_series([ds])
     logger.debug("PDF report for series %s: %d bytes", source.SeriesInstanceUID, len(document))
     return ds

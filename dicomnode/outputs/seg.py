@@ -22,6 +22,7 @@ from dicomnode.outputs import (
     MODEL_NAME,
     Provenance,
     adopt_output_character_set,
+    date_series,
     series_description,
 )
 from dicomnode.volume import flip_to_stored
@@ -215,4 +216,5 @@ def build_segmentation(
         series_description=series_description(SERIES_DESCRIPTION, source_images[0]),
         content_qualification="RESEARCH",
     )
+    date_series([seg])
     return SegmentationOutput(dataset=seg, lesion_segments=lesion_segments)

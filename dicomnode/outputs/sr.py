@@ -25,6 +25,7 @@ from dicomnode.outputs import (
     RESEARCH_NOTICE,
     Provenance,
     adopt_output_character_set,
+    date_series,
     series_description,
 )
 from dicomnode.outputs.seg import LESIONS_SEGMENT, LUNG_SEGMENT
@@ -264,7 +265,7 @@ def _comprehensive_sr(
     series_number: int,
 ) -> Dataset:
     """A new one-instance SR series: complete, preliminary (not final), unverified."""
-    return hd.sr.ComprehensiveSR(
+    sr = hd.sr.ComprehensiveSR(
         evidence=list(evidence),
         content=content,
         series_instance_uid=provenance.uid(description, "series"),
@@ -281,6 +282,8 @@ def _comprehensive_sr(
         software_versions=provenance.software_versions,
         device_serial_number=provenance.device_serial_number,
     )
+    date_series([sr])
+    return sr
 
 
 NOT_ANALYSED = Code("NOT-ANALYSED", SCHEME, "AI analysis not performed")
