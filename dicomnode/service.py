@@ -14,7 +14,7 @@ import threading
 from types import FrameType
 
 from dicomnode.assembler import SeriesAssembler
-from dicomnode.config import Settings
+from dicomnode.config import ConfigError, Settings
 from dicomnode.export import Exporter
 from dicomnode.scp import StorageSCP, reconcile_store
 from dicomnode.workers import WorkerPool
@@ -54,7 +54,19 @@ class Node:
                            " failed (claimed max_attempts times)", requeued, failed)
         logger.info("index %s: %s", self.settings.database_url,
                     counts_line(self.index.counts()))
-        self.scp.start()
+        try:
+            self.scp.start()
+        except (OSError, ConfigError) as exc:
+            # Nothing was received and recovery is done: the next start need not scan the
+            # whole store again, as it would after a crash.
+            self.index.mark_clean_shutdown()
+            self.index.close()
+            self.lock.release()
+            if isinstance(exc, OSError):
+                node = self.settings.node
+                raise OSError(exc.errno, f"the storage SCP cannot listen on {node.host}:"
+                              f"{node.port} ([node] host, port): {exc.strerror}") from exc
+            raise
         self.assembler.check()
         self.assembler.start()
         self.exporter.start()

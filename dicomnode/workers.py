@@ -129,7 +129,7 @@ class WorkerPool:
             self._watcher.join()
             self._watcher = None
         # One deadline for all workers, not 120 s each: they finish their jobs side by
-        # side, and systemd's TimeoutStopSec (150 s) must cover the whole stop.
+        # side, and systemd's TimeoutStopSec (200 s) must cover the whole stop.
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         processes = [w.process for w in self._workers.values() if w.process is not None]
         for process in processes:

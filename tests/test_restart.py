@@ -200,3 +200,27 @@ def test_a_second_node_on_the_same_data_directory_is_refused(tmp_path: Path) -> 
     second = Node(settings, analyse=False)  # free again once the first has stopped
     second.start()
     second.stop()
+
+
+def test_a_port_in_use_is_named_and_leaves_the_index_clean(tmp_path: Path) -> None:
+    """The start fails before anything is received: the next start must not scan the whole
+    store as after a crash, and the error names the setting to change."""
+    import socket
+
+    from dicomnode.service import Node
+    from tests.conftest import node_settings
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = node_settings(tmp_path, node={"host": "127.0.0.1", "port": port})
+        with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1:{port} \(\[node\] host,"
+                                          r" port\): Address already in use"):
+            Node(settings, analyse=False).start()
+    index = StudyIndex(settings.database_url)
+    assert index.mark_running(), "the failed start is recorded as a clean stop"
+    index.close()
+    node = Node(settings, analyse=False)  # the data directory's lock was released
+    node.start()
+    node.stop()
