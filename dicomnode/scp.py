@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -220,6 +221,25 @@ def tls_server_context(config: NodeConfig, base_dir: Path) -> ssl.SSLContext:
     return context
 
 
+def same_data_set(stored: bytes, received: bytes) -> bool:
+    """Whether two stored instances (file meta and data set) hold the same data set in
+    any transfer syntax: a PACS that sends a study again compressed, or in implicit VR,
+    sends nothing new, and must not fill conflicts/ with a copy of each instance. Pixel
+    data compare decoded (a lossy encoding differs), everything else element by element.
+    Only called when the bytes differ, so it may be slow."""
+    try:
+        first, second = (dcmread(io.BytesIO(data), force=True) for data in (stored, received))
+        if ("PixelData" in first) != ("PixelData" in second):
+            return False
+        if "PixelData" in first:
+            if not np.array_equal(first.pixel_array, second.pixel_array):
+                return False
+            del first.PixelData, second.PixelData
+        return first == second
+    except Exception:  # undecodable pixels, a broken file: not provably the same
+        return False
+
+
 class StorageSCP:
     """Receives instances into the file store and the index."""
 
@@ -377,6 +397,9 @@ class StorageSCP:
             self.filestore.write(known.path, encoded)  # temp file, then rename: never cut
         elif known.sha256 == digest:
             logger.debug("duplicate of %s ignored (identical)", record.sop_instance_uid)
+        elif same_data_set(self.filestore.read(known.path), encoded):
+            logger.debug("duplicate of %s ignored (the same data set in transfer syntax %s)",
+                         record.sop_instance_uid, record.transfer_syntax_uid)
         else:
             aside = self.filestore.write_aside("conflicts", record.sop_instance_uid, encoded)
             self._keep_conflict(record, aside)

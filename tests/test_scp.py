@@ -22,7 +22,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
-from pydicom.uid import JPEG2000Lossless, generate_uid
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
@@ -196,6 +196,14 @@ def test_duplicate_is_idempotent_and_conflict_is_kept_aside(
         pydicom.dcmread(files[0]).SOPInstanceUID).path).read_bytes()
     assert send(files, peer).sent == 2  # identical re-send: success, nothing new
     assert node.index.counts()["instances"] == 2
+    # the same data set again in another transfer syntax (a PACS that stores compressed):
+    # nothing new either, and no conflict copy
+    rle = pydicom.dcmread(files[0])
+    rle.compress(RLELossless, generate_instance_uid=False)
+    rle.save_as(tmp_path / "rle.dcm", enforce_file_format=True)
+    assert send([tmp_path / "rle.dcm"], peer).sent == 1
+    assert not (node.settings.data_dir / "conflicts").exists() or not any(
+        (node.settings.data_dir / "conflicts").iterdir())
     changed = pydicom.dcmread(files[0])
     changed.PatientComments = "edited after sending"
     changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
