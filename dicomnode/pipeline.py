@@ -28,7 +28,7 @@ from dicomnode import __version__
 from dicomnode.config import MIRROR_CHOICES, Settings
 from dicomnode.export import Exporter
 from dicomnode.outputs import Provenance
-from dicomnode.outputs.key_images import build_key_images
+from dicomnode.outputs.key_images import build_key_images, build_notice_image
 from dicomnode.outputs.pdf import build_pdf_report
 from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_failure_notice, build_report
@@ -392,14 +392,20 @@ class Pipeline:
                 logger.exception("job %d: the failure notice could not be built", job.job_id)
 
     def _send_failure_notice(self, job: ClaimedJob, reason: str) -> None:
+        """The SR notice to every destination, and the same text as an image to those
+        that take key images (viewers that show no free-form SR, OHIF, show that)."""
         paths = self.index.series_instance_paths(job.series_instance_uid)
         if not paths:
             return
         header = pydicom.dcmread(self.filestore.path(paths[0]), stop_before_pixels=True)
         provenance = node_provenance(self.settings, {}, job_key(job, "not analysed", reason))
         notice = self.store_output(build_failure_notice(header, reason, provenance))
+        image = None
+        if any("key_images" in d.outputs for d in self.settings.destinations):
+            image = self.store_output(build_notice_image(header, reason, provenance))
         for destination in self.settings.destinations:
-            self.index.queue_export(job.job_id, destination.name, [notice],
+            owed = [notice] + ([image] if image and "key_images" in destination.outputs else [])
+            self.index.queue_export(job.job_id, destination.name, owed,
                                     self.settings.export.give_up_after_seconds,
                                     attempt=job.attempts)
 

@@ -21,7 +21,9 @@ from dicomnode.outputs import Provenance
 from dicomnode.outputs.key_images import (
     SERIES_DESCRIPTION,
     build_key_images,
+    build_notice_image,
     format_name,
+    notice_lines,
     panel_lines,
     pick_key_slices,
     slice_position,
@@ -220,3 +222,24 @@ def test_a_caveat_is_shown_beside_the_numbers_it_qualifies(
     headings = {t.get_text(): t.get_position()[1] for t in page.texts}
     lesions = next(y for text, y in headings.items() if text.startswith("Lesions ("))
     assert headings["Result"] > caveat.get_position()[1] > lesions
+
+
+def test_the_failure_notice_as_an_image_says_why(
+    covid: tuple[CTVolume, Analysis], tmp_path: Path
+) -> None:
+    volume, _ = covid
+    header = volume.datasets[0]
+    image = build_notice_image(header, "no lungs found", PROVENANCE)
+    path = tmp_path / "notice.dcm"
+    image.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == SecondaryCaptureImageStorage
+    assert back.StudyInstanceUID == header.StudyInstanceUID
+    assert back.SeriesDescription == f"AI not analysed, image (DeepSC) S{header.SeriesNumber}"
+    assert back.PatientOrientation == "" and back.BurnedInAnnotation == "YES"
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    lines = [line.text for line in notice_lines(header, "no lungs found")]
+    assert "NOT ANALYSED" in lines and "Why: no lungs found" in lines
+    text = back.pixel_array.max(axis=2) > 100  # light text on the dark panel
+    assert text[: back.Rows // 2].any() and not text[-back.Rows // 4:].any()

@@ -443,6 +443,10 @@ def test_bad_series_fails_with_its_reason_and_keeps_the_data(
     wait_for(lambda: bool(pacs.of_class(COMPREHENSIVE_SR)))  # the failure notice
     [notice] = pacs.of_class(COMPREHENSIVE_SR)
     assert "slices are missing" in notice.ContentSequence[0].TextValue
+    wait_for(lambda: bool(pacs.of_class(SECONDARY_CAPTURE)))  # and as an image, for OHIF
+    [image] = pacs.of_class(SECONDARY_CAPTURE)
+    assert image.SeriesDescription.startswith("AI not analysed, image (DeepSC)")
+    assert image.StudyInstanceUID == notice.StudyInstanceUID
     assert not pacs.of_class(SEG)
     # and the node still analyses the next series
     good = write_ct_series(tmp_path / "good", slices=24, size=64, seed=6)

@@ -185,11 +185,13 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
 
 
 def annotate(image: np.ndarray, lines: Sequence[Line], diagnosis: Diagnosis) -> np.ndarray:
-    """The image with a text panel on its right; long lines wrap, the rest is cut off."""
+    """The image with a text panel on its right; long lines wrap, the rest is cut off. An
+    image of width 0 gives the panel alone."""
     h, w = image.shape[:2]
     panel_w = int(PANEL_FRACTION * h)
     canvas = Image.new("RGB", (w + panel_w, h), PANEL_RGB)
-    canvas.paste(Image.fromarray(image), (0, 0))
+    if w:
+        canvas.paste(Image.fromarray(image), (0, 0))
     draw = ImageDraw.Draw(canvas)
     size = max(10, h // 32)
     x0, x1, y = w + size, w + panel_w - size, size // 2
@@ -268,17 +270,22 @@ def lesion_area_mm2(volume: CTVolume, analysis: Analysis, z: int) -> float:
     return float(np.count_nonzero(analysis.lesion_mask[z])) * math.prod(volume.spacing_mm[1:])
 
 
-def panel_lines(
-    volume: CTVolume, analysis: Analysis, provenance: Provenance, z: int, rank: int, total: int
-) -> list[Line]:
-    """The burned-in text: identity, the diagnosis and numbers, where this slice is, notice."""
-    ds = volume.datasets[z]
-    stats = analysis.stats
-    lines = [
+def _identity_lines(ds: Dataset) -> list[Line]:
+    return [
         Line("DeepSC-COVID AI result", style="bold"),
         Line(format_name(ds.get("PatientName")), style="small"),
         Line(f"ID {ds.get('PatientID', '')}", format_date(ds.get("StudyDate")), style="small"),
         Line(""),
+    ]
+
+
+def panel_lines(
+    volume: CTVolume, analysis: Analysis, provenance: Provenance, z: int, rank: int, total: int
+) -> list[Line]:
+    """The burned-in text: identity, the diagnosis and numbers, where this slice is, notice."""
+    stats = analysis.stats
+    lines = [
+        *_identity_lines(volume.datasets[z]),
         Line(f"Diagnosis: {CLASS_NAMES[analysis.diagnosis]}", style="diagnosis"),
     ]
     lines += [Line(f"  {name}", percent(analysis.probabilities[name])) for name in CLASS_NAMES]
@@ -317,10 +324,14 @@ def _source_reference(ds: Dataset) -> Dataset:
 
 
 def _sc_image(
-    volume: CTVolume, pixels: np.ndarray, z: int, number: int, series_uid: str,
-    provenance: Provenance, series_number: int,
+    source: Dataset, pixels: np.ndarray, number: int, series_uid: str,
+    provenance: Provenance, series_number: int, *, orientation: Sequence[float] | None,
+    kind: str = "key_images", description: str = SERIES_DESCRIPTION,
+    derivation: str = "Lung window W1500 L-600 with AI lesion outline and evidence heat map",
 ) -> hd.sc.SCImage:
-    source = volume.datasets[z]
+    """A Secondary Capture image of `pixels` (RGB) made from the CT image `source`, in
+    patient coordinates; with `orientation` None (a text image), Patient Orientation
+    (0020,0020, type 2C) is present and empty: the picture has none."""
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=pixels,
@@ -329,12 +340,12 @@ def _sc_image(
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=series_uid,
         series_number=series_number,
-        sop_instance_uid=provenance.uid("key_images", "instance", number),
+        sop_instance_uid=provenance.uid(kind, "instance", number),
         instance_number=number,
         manufacturer=MANUFACTURER,
-        patient_orientation=orientation_letters(volume.orientation),
+        patient_orientation=orientation_letters(orientation or (1, 0, 0, 0, 1, 0)),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=series_description(SERIES_DESCRIPTION, source),
+        series_description=series_description(description, source),
         manufacturer_model_name=MODEL_NAME,
         software_versions=provenance.software_versions,
         device_serial_number=provenance.device_serial_number,
@@ -349,9 +360,9 @@ def _sc_image(
     sc.BurnedInAnnotation = "YES"  # patient name, ID and study date are in the panel
     sc.RecognizableVisualFeatures = "NO"
     sc.LossyImageCompression = "00"
-    sc.DerivationDescription = (
-        "Lung window W1500 L-600 with AI lesion outline and evidence heat map"
-    )
+    if orientation is None:
+        sc.PatientOrientation = ""
+    sc.DerivationDescription = derivation
     sc.SourceImageSequence = [_source_reference(source)]
     sc.ImageComments = RESEARCH_NOTICE
     return sc
@@ -379,8 +390,44 @@ def build_key_images(
         picture = mark_orientation(render_slice(volume, analysis, z), letters)
         lines = panel_lines(volume, analysis, provenance, z, rank, len(slices))
         pixels = annotate(picture, lines, analysis.diagnosis)
-        images.append(_sc_image(volume, pixels, z, rank, series_uid, provenance, series_number))
+        images.append(_sc_image(volume.datasets[z], pixels, rank, series_uid, provenance,
+                                series_number, orientation=volume.orientation))
     logger.debug("key images of series %s: slices %s", volume.datasets[0].SeriesInstanceUID,
                  slices)
     date_series(images)
     return images
+
+
+NOTICE_DESCRIPTION = "AI not analysed, image (DeepSC)"
+NOTICE_ROWS = 512
+
+
+def notice_lines(source_header: Dataset, reason: str) -> list[Line]:
+    what = (f"Series {source_header.get('SeriesNumber', '')}"
+            f" ({source_header.get('SeriesDescription', '')})")
+    return [
+        *_identity_lines(source_header),
+        Line("NOT ANALYSED", style="notice"),
+        Line(what),
+        Line(""),
+        Line(f"Why: {reason}", style="small"),
+        Line(""),
+        Line("There is no AI result for this series.", style="small"),
+    ]
+
+
+def build_notice_image(
+    source_header: Dataset, reason: str, provenance: Provenance, *, series_number: int = 9010
+) -> Dataset:
+    """The failure notice as a Secondary Capture image: the text of the SR notice
+    (`sr.build_failure_notice`) burned in, for viewers that show images but not a
+    free-form SR (OHIF lists such an SR as unsupported)."""
+    adopt_output_character_set([source_header])
+    pixels = annotate(np.zeros((NOTICE_ROWS, 0, 3), np.uint8),
+                      notice_lines(source_header, reason), Diagnosis.NON_PNEUMONIA)
+    image = _sc_image(source_header, pixels, 1, provenance.uid("notice_image", "series"),
+                      provenance, series_number, orientation=None, kind="notice_image",
+                      description=NOTICE_DESCRIPTION,
+                      derivation="Text: the series was not analysed, and why")
+    date_series([image])
+    return image
