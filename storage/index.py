@@ -229,6 +229,8 @@ class SeriesProgress:
     """Start of this collecting pass (the job's creation, or its re-opening)."""
     last_received_at: datetime
     released_at: datetime | None
+    sop_classes: tuple[str, ...] = ()
+    """The distinct SOP classes of its instances."""
 
 
 @dataclass(frozen=True)
@@ -367,7 +369,20 @@ def _describe_by(series: Series, record: InstanceRecord) -> None:
     series.slice_thickness_mm = record.slice_thickness_mm
 
 
-def _progress(job_id: int, since: datetime, series: Series, study_uid: str) -> SeriesProgress:
+def _sop_classes(session: Session, series_pks: Sequence[int]) -> dict[int, tuple[str, ...]]:
+    """The distinct SOP classes of each series' instances."""
+    found: dict[int, list[str]] = {pk: [] for pk in series_pks}
+    if series_pks:
+        for pk, sop_class in session.execute(
+            select(Instance.series_pk, Instance.sop_class_uid).distinct()
+            .where(Instance.series_pk.in_(series_pks))
+        ):
+            found[pk].append(sop_class)
+    return {pk: tuple(sorted(classes)) for pk, classes in found.items()}
+
+
+def _progress(job_id: int, since: datetime, series: Series, study_uid: str,
+              sop_classes: tuple[str, ...]) -> SeriesProgress:
     """A collecting series as the assembler sees it, from its index row."""
     return SeriesProgress(
         job_id=job_id,
@@ -383,6 +398,7 @@ def _progress(job_id: int, since: datetime, series: Series, study_uid: str) -> S
         collecting_since=since,
         last_received_at=series.last_received_at,
         released_at=series.released_at,
+        sop_classes=sop_classes,
     )
 
 
@@ -720,7 +736,9 @@ class StudyIndex:
                 .where(Job.state == JobState.COLLECTING)
                 .order_by(Job.id)
             ).all()
-        return [_progress(job_id, since, s, study_uid) for job_id, since, s, study_uid in rows]
+            classes = _sop_classes(session, [s.id for _, _, s, _ in rows])
+        return [_progress(job_id, since, s, study_uid, classes[s.id])
+                for job_id, since, s, study_uid in rows]
 
     def complete_job(
         self,
@@ -758,7 +776,8 @@ class StudyIndex:
                 return None
             series = job.series
             decision = decide(_progress(job.id, job.collecting_since or job.created_at, series,
-                                        series.study.study_instance_uid))
+                                        series.study.study_instance_uid,
+                                        _sop_classes(session, [series.id])[series.id]))
             if decision is None:
                 return None
             rule, skip_reason = decision

@@ -84,6 +84,11 @@ def test_max_wait_is_a_hard_deadline() -> None:
         ({"image_orientation": (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)}, "require_axial: slices are "
                                                                   "tilted 90 degrees"),
         ({"image_orientation": ()}, "require_axial: no usable ImageOrientationPatient"),
+        # one instance, no orientation of its own: the multi-frame rule speaks first
+        ({"sop_classes": ("1.2.840.10008.5.1.4.1.1.2.1",), "instance_count": 1,
+          "image_orientation": ()},
+         "multi-frame CT (Enhanced CT Image Storage) is not supported: have the scanner or"
+         " PACS send the series as CT Image Storage"),
     ],
 )
 def test_each_failing_rule_is_named(change: dict, rule: str) -> None:

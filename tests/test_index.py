@@ -579,3 +579,14 @@ def test_a_job_whose_series_grew_while_it_ran_is_superseded(index: StudyIndex) -
     assert not index.finish_job(job.job_id, job.attempts, JobState.DONE)
     [row] = index.series_status()
     assert (row["state"], row["instances"]) == ("collecting", 2)  # the new pass is shown
+
+
+def test_the_assembler_sees_each_sop_class_of_a_series(index: StudyIndex) -> None:
+    enhanced = "1.2.840.10008.5.1.4.1.1.2.1"
+    add(index, 1, T0)
+    index.add_instance(replace(record(2), sop_class_uid=enhanced), "p/2", 10, "sha2", now=T0)
+    (progress,) = index.collecting_series()
+    assert progress.sop_classes == tuple(sorted({record(1).sop_class_uid, enhanced}))
+    seen: list[tuple[str, ...]] = []
+    index.close_collecting_job(progress.job_id, lambda s: seen.append(s.sop_classes) or None)
+    assert seen == [progress.sop_classes]
