@@ -377,7 +377,9 @@ class StorageSCP:
                 logger.warning("%s re-sent after its stored file was lost: written again",
                                record.sop_instance_uid)
             else:  # indexed under another study or series: keep the first
-                self._keep_conflict(record, self.filestore.set_aside(relpath, "conflicts"))
+                # the file only: its folder may be taking another instance of the series
+                self.filestore.path(relpath).unlink(missing_ok=True)
+                self._keep_conflict(record, encoded)
         return record, indexed_at
 
     def _store_again(
@@ -401,26 +403,28 @@ class StorageSCP:
             logger.debug("duplicate of %s ignored (the same data set in transfer syntax %s)",
                          record.sop_instance_uid, record.transfer_syntax_uid)
         else:
-            aside = self.filestore.write_aside("conflicts", record.sop_instance_uid, encoded)
-            self._keep_conflict(record, aside)
+            self._keep_conflict(record, encoded)
 
-    @staticmethod
-    def _keep_conflict(record: InstanceRecord, aside: str) -> None:
-        logger.warning(
-            "conflict: %s re-sent by %s with different content; kept the first, "
-            "stored the second as %s",
-            record.sop_instance_uid,
-            record.calling_aet,
-            aside,
-        )
+    def _keep_conflict(self, record: InstanceRecord, encoded: bytes) -> None:
+        """The first copy stays; the other is kept aside once (a retrying sender's copies
+        are one)."""
+        aside, new = self.filestore.keep_aside("conflicts", record.sop_instance_uid, encoded)
+        if new:
+            logger.warning("conflict: %s re-sent by %s with different content; kept the"
+                           " first, stored the second as %s", record.sop_instance_uid,
+                           record.calling_aet, aside)
+        else:
+            logger.info("conflict: %s re-sent by %s again as %s", record.sop_instance_uid,
+                        record.calling_aet, aside)
 
     def _reject(self, encoded: bytes, calling_aet: str, exc: Exception) -> int:
         try:
-            aside = self.filestore.write_aside("rejected", "unparsed", encoded)
+            aside, new = self.filestore.keep_aside("rejected", "unparsed", encoded)
+            kept = f"kept as {aside}" if new else f"the same bytes as {aside}, rejected before"
         except Exception as write_exc:  # keep serving even if the evidence cannot be kept
-            aside = f"not kept ({write_exc})"
-        logger.error("C-STORE from %s rejected with 0xC000: %s (dataset kept as %s)",
-                     calling_aet, exc, aside)
+            kept = f"not kept ({write_exc})"
+        logger.error("C-STORE from %s rejected with 0xC000: %s (dataset %s)",
+                     calling_aet, exc, kept)
         return STATUS_CANNOT_UNDERSTAND
 
     def _on_accepted(self, event: evt.Event) -> None:

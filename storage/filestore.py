@@ -7,9 +7,12 @@ fsynced after it. Temp files left by a crash are removed by `clean_temp` at star
 Layout under the data directory::
 
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
-    conflicts/<SOPInstanceUID>.<utc-time>.<n>.dcm  same UID, different content (kept aside)
-    rejected/unparsed.<utc-time>.<n>.dcm           datasets that could not be parsed
+    conflicts/<SOPInstanceUID>.<sha256-16>.dcm     same UID, different content (kept aside)
+    rejected/unparsed.<sha256-16>.dcm              datasets that could not be parsed
     rejected/<SOPInstanceUID>.<utc-time>.<n>.dcm   files cut short by a crash
+
+Copies kept aside are named by their content (the first 16 hex digits of its SHA-256):
+a sender that retries sends the same bytes again, which keeps one copy, not one per try.
     tmp/                                           in-flight writes
     node.lock                                      held by the running node
 """
@@ -17,6 +20,7 @@ Layout under the data directory::
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import itertools
 import logging
 import os
@@ -184,12 +188,18 @@ class FileStore:
         _fsync_dir((self.root / target).parent)
         return target
 
-    def write_aside(self, kind: str, stem: str, data: bytes) -> str:
-        """Keep data that must not replace an instance (a conflict, an unparseable dataset)."""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")
-        relpath = f"{kind}/{stem}.{stamp}.{next(self._counter)}.dcm"
-        self.write(relpath, data)
-        return relpath
+    def keep_aside(self, kind: str, stem: str, data: bytes) -> tuple[str, bool]:
+        """Keep data that must not replace an instance (a conflict, an unparseable data
+        set), once per content: the same bytes again only touch the copy, so that purge,
+        which goes by a file's last change, counts from the last time it came. Returns its
+        path and whether it is new."""
+        relpath = f"{kind}/{stem}.{hashlib.sha256(data).hexdigest()[:16]}.dcm"
+        try:
+            os.utime(self.root / relpath)
+            return relpath, False
+        except FileNotFoundError:
+            self.write(relpath, data)
+            return relpath, True
 
     def size(self, relpath: str) -> int | None:
         """Size in bytes of a file, None if there is none."""

@@ -184,9 +184,12 @@ def test_purge_deletes_idle_studies_and_old_set_aside_files_with_the_node_stoppe
     index.complete_job(series.job_id, CompletionRule.QUIET, "min_slices: 1 instances", 1,
                        now=long_ago)
     index.close()
-    old_reject = filestore.write_aside("rejected", "unparsed", b"junk")
+    old_reject, _ = filestore.keep_aside("rejected", "unparsed", b"junk")
     os.utime(data / old_reject, (long_ago.timestamp(), long_ago.timestamp()))
-    new_reject = filestore.write_aside("rejected", "unparsed", b"junk")
+    new_reject, _ = filestore.keep_aside("rejected", "unparsed", b"other junk")
+    seen_again, _ = filestore.keep_aside("rejected", "unparsed", b"junk sent again")
+    os.utime(data / seen_again, (long_ago.timestamp(), long_ago.timestamp()))
+    assert filestore.keep_aside("rejected", "unparsed", b"junk sent again") == (seen_again, False)
 
     node = DataDirLock(data)  # a running node holds the data directory
     node.acquire()
@@ -202,6 +205,7 @@ def test_purge_deletes_idle_studies_and_old_set_aside_files_with_the_node_stoppe
     assert f"removed study {record.study_instance_uid}" in capsys.readouterr().out
     assert not (data / relpath).exists() and not (data / relpath).parent.parent.exists()
     assert not (data / old_reject).exists() and (data / new_reject).exists()
+    assert (data / seen_again).exists()  # sent again since: counts from then
     assert (data / "instances").is_dir()
     index = StudyIndex(f"sqlite:///{data / 'index.sqlite'}")
     assert index.counts()["studies"] == 0 and index.counts()["instances"] == 0

@@ -213,11 +213,14 @@ def test_duplicate_is_idempotent_and_conflict_is_kept_aside(
     assert node.filestore.path(stored.path).read_bytes() == first_bytes  # the first is kept
     (aside,) = (node.settings.data_dir / "conflicts").iterdir()
     assert pydicom.dcmread(aside).PatientComments == "edited after sending"
+    assert send([tmp_path / "changed.dcm"], peer).sent == 1  # a sender that retries:
+    assert list((node.settings.data_dir / "conflicts").iterdir()) == [aside]  # one copy
     # The same SOP Instance UID under another series: also a conflict, also kept aside,
     # and nothing is left in the instance tree that no row points to.
     moved = pydicom.dcmread(files[1])
     moved.SeriesInstanceUID = pydicom.uid.generate_uid()
     moved.save_as(tmp_path / "moved.dcm", enforce_file_format=True)
+    assert send([tmp_path / "moved.dcm"], peer).sent == 1
     assert send([tmp_path / "moved.dcm"], peer).sent == 1
     assert node.index.counts()["instances"] == 2
     assert len(list((node.settings.data_dir / "conflicts").iterdir())) == 2
@@ -265,6 +268,8 @@ def test_unparseable_dataset_is_refused_and_the_node_keeps_serving(
     no_series.save_as(tmp_path / "no_series.dcm", enforce_file_format=True)
     assert _raw_store(node, tmp_path / "no_series.dcm") == STATUS_CANNOT_UNDERSTAND
     assert len(list((node.settings.data_dir / "rejected").iterdir())) == 2  # kept as evidence
+    assert _raw_store(node, corrupt) == STATUS_CANNOT_UNDERSTAND  # sent again: one copy
+    assert len(list((node.settings.data_dir / "rejected").iterdir())) == 2
     assert _raw_store(node, good) == 0  # still serving
     assert node.index.counts()["instances"] == 1
 
