@@ -151,7 +151,9 @@ def cmd_reanalyse(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    from storage.index import StudyIndex
+    from datetime import timedelta
+
+    from storage.index import StudyIndex, utcnow
 
     settings = _settings(args)
     url = settings.database_url
@@ -159,28 +161,49 @@ def cmd_resend(args: argparse.Namespace) -> int:
         print(f"no index at {url}: the node has not run with this configuration",
               file=sys.stderr)
         return 1
+    if bool(args.study_uids) == args.failed or (args.since and not args.failed):
+        print("resend: name the studies (STUDY_UID ...) or give --failed [--since DAYS]",
+              file=sys.stderr)
+        return 2
     index = StudyIndex(url)
     try:
-        counts = index.requeue_study_exports(
-            args.study_uid, settings.export.give_up_after_seconds,
-            {d.name: d.outputs for d in settings.destinations},
-        )
+        studies = args.study_uids
+        if args.failed:
+            since = utcnow() - timedelta(days=args.since) if args.since else None
+            studies = index.studies_with_failed_exports(since)
+            if not studies:
+                print("no failed deliveries" + (f" in the last {args.since:g} days"
+                                                 if args.since else ""), file=sys.stderr)
+                return 1
+        queued = 0
+        for study_uid in studies:
+            counts = index.requeue_study_exports(
+                study_uid, settings.export.give_up_after_seconds,
+                {d.name: d.outputs for d in settings.destinations},
+            )
+            queued += counts["queued"]
+            _report_resend(study_uid, counts)
     finally:
         index.close()
+    if not queued:
+        return 1
+    print(f"{queued} deliver(y/ies) of {len(studies)} study(ies) queued again; a running"
+          " node sends them within seconds")
+    return 0
+
+
+def _report_resend(study_uid: str, counts: dict[str, int]) -> None:
     if counts["sending"]:
-        print(f"{counts['sending']} deliver(y/ies) of study {args.study_uid} being sent now:"
+        print(f"{counts['sending']} deliver(y/ies) of study {study_uid} being sent now:"
               " left alone", file=sys.stderr)
     if counts["unconfigured"]:
-        print(f"{counts['unconfigured']} deliver(y/ies) of study {args.study_uid} were to"
+        print(f"{counts['unconfigured']} deliver(y/ies) of study {study_uid} were to"
               " destinations no longer configured: not queued", file=sys.stderr)
-    if not counts["queued"]:
-        if not any(counts.values()):
-            print(f"nothing to resend for study {args.study_uid}: no results or deliveries"
-                  " recorded (or no destination configured)", file=sys.stderr)
-        return 1
-    print(f"{counts['queued']} deliver(y/ies) of study {args.study_uid} queued again; "
-          "a running node sends them within seconds")
-    return 0
+    if not any(counts.values()):
+        print(f"nothing to resend for study {study_uid}: no results or deliveries"
+              " recorded (or no destination configured)", file=sys.stderr)
+    elif counts["queued"]:
+        print(f"study {study_uid}: {counts['queued']} deliver(y/ies) queued again")
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -368,11 +391,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
         p.set_defaults(func=cmd_echo if name == "echo" else cmd_send)
 
-    p = sub.add_parser("resend", help="send a study's results to the destinations again",
-                       description="Queue every delivery of a study again (a running node "
-                                   "sends them).")
+    p = sub.add_parser("resend", help="send studies' results to the destinations again",
+                       description="Queue every delivery of the studies named, or of every "
+                                   "study with a failed delivery (--failed: after a PACS "
+                                   "outage), again; a running node sends them.")
     with_config(p)
-    p.add_argument("study_uid", metavar="STUDY_UID", help="StudyInstanceUID")
+    p.add_argument("study_uids", metavar="STUDY_UID", nargs="*", help="StudyInstanceUID")
+    p.add_argument("--failed", action="store_true",
+                   help="every study with a failed (given up or refused) delivery")
+    p.add_argument("--since", type=_days, metavar="DAYS",
+                   help="with --failed: only deliveries that failed in the last DAYS days")
     p.set_defaults(func=cmd_resend)
 
     p = sub.add_parser("reanalyse", help="analyse a study's or a series' CT again",

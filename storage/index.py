@@ -1102,6 +1102,22 @@ class StudyIndex:
                     session.execute(delete(Patient).where(Patient.id == patient_pk))
         return found
 
+    def studies_with_failed_exports(self, since: datetime | None = None) -> list[str]:
+        """Studies with a delivery that failed (given up, or refused for good), those that
+        failed at or after `since` when given: what `dicomnode resend --failed` sends
+        again after a PACS outage or a PACS-side configuration was fixed."""
+        query = (
+            select(Study.study_instance_uid).distinct()
+            .join(Series, Series.study_pk == Study.id)
+            .join(Job, Job.series_pk == Series.id)
+            .join(Export, Export.job_pk == Job.id)
+            .where(Export.state == ExportState.FAILED)
+        )
+        if since is not None:
+            query = query.where(Export.updated_at >= since)
+        with self._sessions() as session:
+            return sorted(session.scalars(query))
+
     def export_status(self, limit: int = 50) -> list[dict[str, Any]]:
         """Exports not yet delivered, and the latest delivered ones, newest first."""
         with self._sessions() as session:

@@ -159,6 +159,44 @@ def test_permanent_rejection_fails_at_once(
     assert pacs.received == []
 
 
+def test_resend_failed_queues_every_study_whose_delivery_failed(
+    setup: tuple[Exporter, StudyIndex, int], port: int, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The PACS refused the node (its AE title was not configured there); once that is
+    fixed, one command sends everything that failed, without knowing the studies."""
+    from dicomnode.cli import main
+
+    exporter, index, job_id = setup
+    study_uid = index.job_series(job_id)[0]
+    exporter.queue(job_id, {"seg": index.series_instance_paths(index.job_series(job_id)[1])})
+    refusing = Destination(port, calling_aets=["SOMEONE"]).start()
+    try:
+        assert exporter.run_once() == ExportState.FAILED
+    finally:
+        refusing.stop()
+    assert index.studies_with_failed_exports() == [study_uid]
+    assert index.studies_with_failed_exports(since=utcnow() + timedelta(hours=1)) == []
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[storage]\ndata_dir = "{exporter.settings.data_dir}"\n'
+        f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+        f'port = {port}\noutputs = ["seg", "sr"]\n')
+    assert main(["resend", "--config", str(config)]) == 2  # neither studies nor --failed
+    assert main(["resend", "--config", str(config), study_uid, "--failed"]) == 2
+    capsys.readouterr()
+    assert main(["resend", "--config", str(config), "--failed", "--since", "1"]) == 0
+    assert "1 deliver(y/ies) of 1 study(ies) queued again" in capsys.readouterr().out
+    pacs = Destination(port).start()
+    try:
+        assert exporter.run_once() == ExportState.DONE
+    finally:
+        pacs.stop()
+    assert len(pacs.received) == 1
+    assert main(["resend", "--config", str(config), "--failed"]) == 1
+    assert "no failed deliveries" in capsys.readouterr().err
+
+
 def test_gives_up_after_the_deadline(setup: tuple[Exporter, StudyIndex, int]) -> None:
     exporter, index, job_id = setup
     paths = index.series_instance_paths(index.job_series(job_id)[1])
