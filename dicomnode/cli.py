@@ -96,12 +96,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         counts, rows = index.counts(), index.series_status(limit=args.limit)
         exports = index.export_status(limit=args.limit)
+        problem = index.model_problem()
     finally:
         index.close()
     if args.json:
-        print(json.dumps({"counts": counts, "series": rows, "exports": exports}, indent=2))
+        print(json.dumps({"counts": counts, "series": rows, "exports": exports,
+                          "model_problem": None if problem is None else {
+                              "since": problem[0].isoformat(), "reason": problem[1]}},
+                         indent=2))
     else:
         print(counts_line(counts))
+        if problem is not None:
+            print(f"AI: the model has not loaded since {problem[0].isoformat()[:19]} UTC"
+                  f" (queued series wait; the workers try every 30 s): {problem[1]}")
         if rows:
             print(_status_table(rows))
         if exports:

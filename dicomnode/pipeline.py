@@ -250,10 +250,18 @@ class Pipeline:
                 logger.error("AI worker: the model did not load (queued series wait; trying"
                              " again every %.0f s): %s", MODEL_RETRY_SECONDS, exc)
                 self._load_error = str(exc)
+                self._report_model_problem(str(exc))
             return False
         if self._load_error:
             logger.info("AI worker: the model loaded; analysing the queued series")
+        self._report_model_problem(None)  # also a problem left by an earlier run
         return True
+
+    def _report_model_problem(self, problem: str | None) -> None:
+        try:
+            self.index.set_model_problem(problem)
+        except Exception:  # the log has it; a busy index must not stop the worker
+            logger.exception("AI worker: could not record the model's state in the index")
 
     def warm_up(self) -> None:
         """Load the model and run every output encoder once on a made-up CT

@@ -298,6 +298,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _put_meta(session: Session, key: str, value: str | None) -> None:
+    session.execute(Meta.__table__.delete().where(Meta.key == key))
+    if value is not None:
+        session.execute(Meta.__table__.insert().values(key=key, value=value))
+
+
 def _split(value: str) -> tuple[str, ...]:
     return tuple(value.split("\\")) if value else ()
 
@@ -485,8 +491,7 @@ class StudyIndex:
         cleanly (False after a crash, kill -9 or power loss, or on a new index)."""
         with self._write() as session:
             value = session.scalar(select(Meta.value).where(Meta.key == "clean_shutdown"))
-            session.execute(Meta.__table__.delete().where(Meta.key == "clean_shutdown"))
-            session.execute(Meta.__table__.insert().values(key="clean_shutdown", value="0"))
+            _put_meta(session, "clean_shutdown", "0")
         if self._sqlite:
             # synchronous=NORMAL leaves a commit in the WAL, unsynced, until a checkpoint:
             # after a power cut the "running" mark could be lost with the rows written
@@ -498,8 +503,23 @@ class StudyIndex:
 
     def mark_clean_shutdown(self) -> None:
         with self._write() as session:
-            session.execute(Meta.__table__.delete().where(Meta.key == "clean_shutdown"))
-            session.execute(Meta.__table__.insert().values(key="clean_shutdown", value="1"))
+            _put_meta(session, "clean_shutdown", "1")
+
+    def set_model_problem(self, problem: str | None, now: datetime | None = None) -> None:
+        """Why the AI workers' model does not load (None: it loads), for `dicomnode
+        status`: the workers are other processes, and their log may not be at hand."""
+        with self._write() as session:
+            _put_meta(session, "model_problem",
+                      None if problem is None else f"{(now or utcnow()).isoformat()} {problem}")
+
+    def model_problem(self) -> tuple[datetime, str] | None:
+        """Since when, and why, the model does not load; None when it does."""
+        with self._sessions() as session:
+            value = session.scalar(select(Meta.value).where(Meta.key == "model_problem"))
+        if value is None:
+            return None
+        since, _, problem = value.partition(" ")
+        return datetime.fromisoformat(since), problem
 
     def indexed_paths(self) -> set[str]:
         with self._sessions() as session:

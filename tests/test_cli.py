@@ -219,3 +219,19 @@ def test_reanalyse_of_an_unknown_uid(tmp_path: Path, capsys: pytest.CaptureFixtu
                                base_dir=tmp_path), analyse=False).index.close()
     assert main(["reanalyse", "--config", str(config), "1.2.3"]) == 1
     assert "no series or study 1.2.3 in the index" in capsys.readouterr().err
+
+
+def test_status_says_when_the_model_does_not_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
+    node = Node(settings_from_mapping({"storage": {"data_dir": str(tmp_path / "data")}},
+                                      base_dir=tmp_path), analyse=False)
+    node.index.set_model_problem("checkpoint weights/modle.pt not found")
+    node.index.close()
+    assert main(["status", "--config", str(config)]) == 0
+    assert "AI: the model has not loaded since" in capsys.readouterr().out
+    assert main(["status", "--config", str(config), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["model_problem"]
+    assert shown["reason"] == "checkpoint weights/modle.pt not found"

@@ -370,8 +370,11 @@ def test_a_worker_without_its_model_leaves_the_series_queued_until_it_loads(
         try:
             wait_for(lambda: len(loads) >= 3, timeout=30)
             assert _job_rows(node, series_uid)["state"] == "queued"
+            problem = node.index.model_problem()  # what `dicomnode status` shows
+            assert problem is not None and "checkpoint modle.pt not found" in problem[1]
             fixed.set()
             wait_for(lambda: _job_rows(node, series_uid)["state"] == "done", timeout=120)
+            assert node.index.model_problem() is None
         finally:
             stop.set()
             worker.join()
