@@ -1,5 +1,5 @@
-"""The `dicomnode` command line: serve, status, echo, send, infer, resend, phantom, train,
-evaluate, init-config."""
+"""The `dicomnode` command line: serve, status, echo, send, resend, reanalyse, purge, infer,
+phantom, train, evaluate, init-config."""
 
 from __future__ import annotations
 

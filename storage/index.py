@@ -1019,7 +1019,9 @@ class StudyIndex:
         """`dicomnode resend`: deliver a study's results again to each configured
         destination (name -> output kinds), as it is configured now, from a fresh backoff.
 
-        Per analysed job and destination, the outputs of the job's Result that the
+        Per series, its latest job with a result or deliveries (a series analysed again
+        has its latest result sent, not the earlier ones too), and per destination: the
+        outputs of the job's Result that the
         destination takes (so a destination added since, or a changed `outputs` list, is
         served); for a job without a Result (a failure notice), what it owed before. The
         job's earlier deliveries to that destination are replaced by this one, unless one
@@ -1035,7 +1037,12 @@ class StudyIndex:
                 .where(Study.study_instance_uid == study_instance_uid)
                 .order_by(Job.id)
             ).all()
+            latest: dict[int, Job] = {}  # per series, its latest job with something to send
             for job in jobs:
+                if (session.scalar(select(Export.id).where(Export.job_pk == job.id).limit(1))
+                        or session.scalar(select(Result.id).where(Result.job_pk == job.id))):
+                    latest[job.series_pk] = job
+            for job in latest.values():
                 exports = session.scalars(select(Export).where(Export.job_pk == job.id)).all()
                 counts["unconfigured"] += sum(e.destination not in destinations
                                               for e in exports)

@@ -2,8 +2,9 @@
 
 Patient -> Study -> Series -> Instance mirror the DICOM query/retrieve levels with the
 attributes a PACS administrator filters on. A Job is one pass of a series through the
-node (collecting -> complete -> queued/skipped -> running -> done/failed); a late
-instance re-opens the series' current Job, or starts a new one once analysis has begun.
+node (collecting -> complete -> queued/skipped -> running -> done/failed/superseded); a
+late instance re-opens the series' current Job, or starts a new one once analysis has
+begun (the running one then ends superseded); `dicomnode reanalyse` starts one too.
 """
 
 from __future__ import annotations

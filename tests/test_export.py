@@ -8,6 +8,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from dicomnode.scp import instance_record
 from dicomnode.scu import store_outcome
 from storage.filestore import FileStore
 from storage.index import ResultRecord, StudyIndex, utcnow
-from storage.models import CompletionRule, ExportState
+from storage.models import CompletionRule, ExportState, JobState
 from tests.conftest import free_port, self_signed_certificate
 
 
@@ -490,3 +491,13 @@ def test_resend_serves_the_destinations_as_configured_now(
     assert counts == {"queued": 2, "sending": 0, "unconfigured": 1}
     rows = {(r["destination"], r["files"], r["state"]) for r in index.export_status()}
     assert rows == {("pacs", 3, "pending"), ("archive", 1, "pending"), ("gone", 1, "pending")}
+    # analysed again (new weights, say): resend sends the series' latest result only
+    assert index.finish_job(job_id, claim.attempts, JobState.DONE)
+    assert index.reanalyse(study)[0] == [index.job_series(job_id)[1]]
+    again = index.claim_next_job("w")
+    assert again is not None and again.job_id != job_id
+    newer = replace(record, outputs={"seg": ["seg2.dcm"], "sr": ["sr2.dcm"]})
+    assert index.record_result(again.job_id, again.attempts, newer) is not None
+    assert index.requeue_study_exports(study, 60, {"pacs": ["seg", "sr"]})["queued"] == 1
+    [latest] = [r for r in index.export_status() if r["job_id"] == again.job_id]
+    assert (latest["destination"], latest["files"]) == ("pacs", 2)
