@@ -5,7 +5,12 @@ is classical and replaceable (`segment_lungs` is the one entry point the rest of
 Steps, on a working grid of about `working_spacing_mm` voxels for speed:
 
 1. Air is HU < `air_hu`. Per axial slice, air connected to the image border is outside the
-   body; the rest is enclosed (lungs, airways, bowel gas).
+   body; the rest is enclosed (lungs, airways, bowel gas). Voxels below `outside_fov_hu`
+   lie outside the reconstruction's (round) field of view: they are not air, and air
+   touching them touches the image border, so a lung that reaches the circle is a lung cut
+   by the image edge (step 3), not part of the air around the patient. Known limit: a
+   scanner that stores plain air (-1024) outside the circle and declares no Pixel Padding
+   Value makes the circle look like that air; a lung reaching it is then lost or refused.
 2. Trachea and main bronchi: small enclosed air regions near the left-right middle of the
    body at either end of the scan, tracked slice by slice inwards while they stay small; a
    bronchus stops where it opens into a lung. Orientation-agnostic (no head/feet guess).
@@ -100,6 +105,9 @@ class LungConfig:
     second_lung_min_fraction: the second lung must have at least this fraction of the first.
     merged_min_fraction: a component with at least this fraction of its voxels on each side
         of the body middle is two merged lungs.
+    outside_fov_hu: voxels below this are outside the field of view (scanners store -2048
+        or -3024 there; `dicomnode.volume` writes a declared Pixel Padding Value as -3024;
+        air is about -1000).
     max_cut_fraction: the largest fraction of the lung surface that may lie on the edge of
         the field of view (image border, first/last slice, or outside air) before
         `LungsCutOff`: lung volumes and ratios would be wrong beyond that.
@@ -114,6 +122,7 @@ class LungConfig:
     """
 
     air_hu: float = -400.0
+    outside_fov_hu: float = -1500.0
     working_spacing_mm: float = 2.0
     closing_radius_mm: float = 10.0
     costal_closing_radius_mm: float = 20.0
@@ -222,8 +231,9 @@ def label_lungs(
     start = time.perf_counter()
     grid = _Grid.for_volume(volume_hu.shape, spacing, cfg.working_spacing_mm)
     hu = grid.downsample(volume_hu)
-    air = hu < cfg.air_hu
-    comps = _AirComponents.of(air, grid)
+    outside_fov = hu < cfg.outside_fov_hu
+    air = (hu < cfg.air_hu) & ~outside_fov
+    comps = _AirComponents.of(air, grid, outside_fov)
     airway_ids = _track_airways(comps, grid, cfg)
     airway = comps.labels_mask(airway_ids)
     lung_ids = _rescue_cut_parts(comps, comps.enclosed & ~airway_ids)
@@ -236,9 +246,11 @@ def label_lungs(
         _raise_if_lungs_cut_everywhere(hu, comps, grid, cfg)
         raise
     sides = _close_and_fill(sides, airway, gas, comps.body_mid_x, grid, cfg)
-    outside = comps.labels_mask(comps.border & ~lung_ids)
+    sides[outside_fov] = 0
+    outside = comps.labels_mask(comps.border & ~lung_ids) | outside_fov
     cut, end, caveats = _check_field_of_view(sides > 0, outside, grid.spacing, cfg)
-    full = _to_full_resolution(volume_hu, sides, air, airway | gas, grid, cfg.air_hu)
+    full = _to_full_resolution(volume_hu, sides, air, airway | gas, grid, cfg.air_hu,
+                               cfg.outside_fov_hu)
     log.debug(
         "lungs: %.2f s, working grid %s (factors %s), merged=%s, cut %.3f, end slice %.3f",
         time.perf_counter() - start,
@@ -343,7 +355,8 @@ class _AirComponents:
         return out
 
     @classmethod
-    def of(cls, air: np.ndarray, grid: _Grid) -> _AirComponents:
+    def of(cls, air: np.ndarray, grid: _Grid, outside_fov: np.ndarray) -> _AirComponents:
+        """`outside_fov`: voxels outside the field of view, which count as image border."""
         labels, n = ndi.label(air, structure=_PLANE4)
         s, h, w = labels.shape
         flat = labels.ravel()
@@ -359,6 +372,8 @@ class _AirComponents:
         border = np.zeros(n + 1, dtype=bool)
         for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
             border[face] = True
+        if outside_fov.any():
+            border[labels[ndi.binary_dilation(outside_fov, structure=_PLANE4)]] = True
         border[0] = False
         # Overlaps between consecutive slices: a sparse (label, label) count matrix, whose
         # construction sums duplicates in linear time.
@@ -384,7 +399,7 @@ class _AirComponents:
             edge_a=overlaps.row.astype(np.int64),
             edge_b=overlaps.col.astype(np.int64),
             edge_n=overlaps.data,
-            body_mid_x=_body_middle(~(air & border[labels])),
+            body_mid_x=_body_middle(~(air & border[labels]) & ~outside_fov),
         )
 
     def labels_mask(self, selected: np.ndarray) -> np.ndarray:
@@ -851,7 +866,7 @@ class _Cut:
             ("first/last column", self.columns),
             ("first/last row", self.rows),
             ("first/last slice", self.slices),
-            ("air outside the body", self.outside_air),
+            ("air outside the body or the field of view", self.outside_air),
         )
         return ", ".join(f"{name} {100 * v / self.total:.0f} %" for name, v in parts if v)
 
@@ -963,11 +978,13 @@ def _to_full_resolution(
     not_lung_air: np.ndarray,
     grid: _Grid,
     air_hu: float,
+    outside_fov_hu: float,
 ) -> np.ndarray:
     """Side labels at full resolution: the working mask's interior as is, its boundary band
-    (one working voxel inside and outside) by the full-resolution air threshold, except
-    boundary voxels that were dense lung tissue on the working grid (lesions, vessels) and
-    outer ones in `not_lung_air` (airways, gas pockets)."""
+    (one working voxel inside and outside) by the full-resolution air threshold (air, not
+    outside the field of view), except boundary voxels that were dense lung tissue on the
+    working grid (lesions, vessels) and outer ones in `not_lung_air` (airways, gas
+    pockets)."""
     full = np.zeros(grid.full_shape, dtype=np.uint8)
     box = bounding_box(sides > 0)
     if box is None:
@@ -996,6 +1013,7 @@ def _to_full_resolution(
         idx = grid.upsample_index(axis, sl.start, sl.stop) - box[axis].start
         up = up.take(idx, axis=axis)
     up <<= 1
-    up |= volume_hu[full_box] < air_hu
+    hu = volume_hu[full_box]
+    up |= (hu < air_hu) & (hu >= outside_fov_hu)
     full[full_box] = _DECODE.ravel().take(up)
     return full

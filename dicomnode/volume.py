@@ -32,8 +32,11 @@ ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between direction cosines still counted as the same orientation."""
 TILT_TOLERANCE_DEG = 1.0
 """Largest angle between the stacking direction and the slice normal (gantry tilt)."""
-PADDING_HU = -1024.0
-"""HU given to PixelPaddingValue voxels (outside the reconstruction circle): air."""
+PADDING_HU = -3024.0
+"""HU given to PixelPaddingValue voxels (outside the reconstruction circle), as most
+scanners store them without a padding value: far below air, so that `ai.lungs` tells the
+field of view's edge from the air around the patient (a lung that reaches the circle is
+cut by the field of view, not joined to that air)."""
 SPACING_TOLERANCE_MM = 0.15
 """Slice steps may always differ by this much: positions are often written rounded to
 0.1 mm, which makes the steps of a 0.625 mm series 0.6 or 0.7 mm."""

@@ -172,6 +172,39 @@ def test_small_field_of_view_touching_the_lungs(phantoms: dict[str, Phantom]) ->
     assert 0.0 < result.cut_fraction < LungConfig().max_cut_fraction
 
 
+def _round_field_of_view(p: Phantom, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """The phantom as reconstructed in a circle of `radius` pixels (outside it -3024 HU,
+    as scanners and `dicomnode.volume` store it), and the circle."""
+    n = p.volume_hu.shape[1]
+    lo = n // 2 - radius
+    crop = np.s_[:, lo : lo + 2 * radius, lo : lo + 2 * radius]
+    y, x = np.mgrid[: 2 * radius, : 2 * radius] - (radius - 0.5)
+    inside = y**2 + x**2 <= radius**2
+    volume = p.volume_hu[crop].astype(np.float32)
+    volume[:, ~inside] = -3024.0
+    return volume, inside
+
+
+def test_a_round_field_of_view_that_reaches_the_lungs(phantoms: dict[str, Phantom]) -> None:
+    """Outside the circle is not air around the patient: a lung that reaches it is a lung
+    cut by the field of view (was: joined to that air and dropped, silently)."""
+    p = phantoms["covid"]
+    n = p.volume_hu.shape[1]
+    y, x = np.mgrid[:n, :n] - (n - 1) / 2
+    lung_radius = float(np.hypot(y, x)[p.lung_mask.any(axis=0)].max())
+    for radius, caveat in ((int(lung_radius) + 3, False), (int(lung_radius) - 1, True),
+                           (int(lung_radius) - 5, True)):
+        volume, inside = _round_field_of_view(p, radius)
+        lo = n // 2 - radius
+        truth = p.lung_mask[:, lo : lo + 2 * radius, lo : lo + 2 * radius] & inside
+        result = label_lungs(volume, p.spacing_mm)
+        assert dice(result.mask, truth) >= 0.95, radius
+        assert not result.mask[:, ~inside].any()
+        assert bool(result.caveats) == caveat, (radius, result.cut_fraction)
+        if caveat:
+            assert "the field of view" in result.caveats[0].detail
+
+
 def test_field_of_view_cutting_through_the_lungs(phantoms: dict[str, Phantom]) -> None:
     p = phantoms["covid"]
     x0, x1 = _lung_columns(p)

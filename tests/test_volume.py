@@ -13,7 +13,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import UID, JPEG2000Lossless, RLELossless, generate_uid
 
-from dicomnode.volume import SeriesRejected, read_series
+from ai.lungs import LungConfig
+from dicomnode.volume import PADDING_HU, SeriesRejected, read_series
 from tests.conftest import store_flipped, store_prone
 from training.phantoms import Phantom, generate_phantom, write_dicom_series
 
@@ -58,7 +59,9 @@ def test_compressed_series_decodes_to_the_same_volume(series: list[Path], syntax
     assert np.array_equal(read_series(series).hu, reference.hu)
 
 
-def test_pixel_padding_becomes_air(series: list[Path]) -> None:
+def test_pixel_padding_is_marked_outside_the_field_of_view(series: list[Path]) -> None:
+    """Far below air, as scanners store it without a padding value: ai.lungs tells the
+    round field of view's edge from the air around the patient by it."""
     def pad_corner(ds: pydicom.Dataset) -> None:
         pixels = ds.pixel_array.copy()
         pixels[0, 0] = 0
@@ -69,7 +72,8 @@ def test_pixel_padding_becomes_air(series: list[Path]) -> None:
     volume = read_series(series)
     z = [ds.SOPInstanceUID for ds in volume.datasets].index(
         pydicom.dcmread(series[0]).SOPInstanceUID)
-    assert volume.hu[z, 0, 0] == -1024.0
+    assert volume.hu[z, 0, 0] == PADDING_HU == -3024.0
+    assert LungConfig().outside_fov_hu > PADDING_HU
 
 
 def _shift(dx: float = 0.0, dz: float = 0.0) -> Callable[[pydicom.Dataset], None]:
