@@ -185,13 +185,19 @@ def _check_image_kind(datasets: Sequence[Dataset]) -> None:
 
 
 def _orientation(datasets: Sequence[Dataset]) -> np.ndarray:
+    """The series' direction cosines, each made a unit vector: written with few decimals
+    (0.996\\0.087\\0 ...) they are a little short, which would read as a gantry tilt."""
     first = _float_list(datasets[0], "ImageOrientationPatient", 6)
     for ds in datasets[1:]:
         if np.abs(_float_list(ds, "ImageOrientationPatient", 6) - first).max() > (
             ORIENTATION_TOLERANCE
         ):
             raise SeriesRejected("mixed slice orientations (ImageOrientationPatient differs)")
-    return first
+    row, column = first[:3], first[3:]
+    if not (np.linalg.norm(row) > 0.5 and np.linalg.norm(column) > 0.5):
+        raise SeriesRejected(f"ImageOrientationPatient {list(first)} is not two direction"
+                             " cosines")
+    return np.concatenate([row / np.linalg.norm(row), column / np.linalg.norm(column)])
 
 
 def _sort_along_normal(

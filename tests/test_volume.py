@@ -143,6 +143,22 @@ def test_gantry_tilt_is_rejected(series: list[Path], phantom: Phantom) -> None:
         read_series(series)
 
 
+def test_direction_cosines_written_with_few_decimals_are_not_a_tilt(
+    series: list[Path],
+) -> None:
+    """A 5 degree in-plane rotation written with 3 decimals: the vectors are 0.9998 long,
+    which once read as a gantry tilt of 1.7 degrees."""
+    rotated = [0.996, 0.087, 0.0, -0.087, 0.996, 0.0]
+    for path in series:
+        _edit(path, lambda ds: setattr(ds, "ImageOrientationPatient", rotated))
+    volume = read_series(series)
+    assert np.allclose(np.linalg.norm(np.reshape(volume.orientation, (2, 3)), axis=1), 1.0)
+    for path in series:
+        _edit(path, lambda ds: setattr(ds, "ImageOrientationPatient", [0, 0, 0, 0, 1, 0]))
+    with pytest.raises(SeriesRejected, match="is not two direction cosines"):
+        read_series(series)
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
