@@ -644,7 +644,8 @@ def _select_lungs(
         raise NoLungsFound(
             f"no lung-like air region found (largest: {largest}; at least"
             f" {cfg.min_lung_volume_ml:.0f} mL of air below {cfg.air_hu:.0f} HU enclosed by the"
-            " body is needed): is this a chest CT in HU?"
+            " body is needed): is this a chest CT in HU, and of a patient older than an"
+            " infant (the model is meant for adults)?"
         )
     first = lung_like[0]
     box = objects[first - 1]
