@@ -173,6 +173,9 @@ class LungConfig:
         for name in fractions:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} {getattr(self, name)} must be in [0, 1]")
+        if not self.outside_fov_hu < self.air_hu:
+            raise ValueError(f"outside_fov_hu {self.outside_fov_hu} must be below air_hu"
+                             f" {self.air_hu}")
         for kind in ("cut_fraction", "end_slice_fraction"):
             if getattr(self, f"caveat_{kind}") > getattr(self, f"max_{kind}"):
                 raise ValueError(f"caveat_{kind} {getattr(self, f'caveat_{kind}')} must not"

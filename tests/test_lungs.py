@@ -456,6 +456,8 @@ def test_config_is_validated() -> None:
         LungConfig(max_cut_fraction=1.5)
     with pytest.raises(ValueError, match="caveat_end_slice_fraction 0.6 must not exceed"):
         LungConfig(caveat_end_slice_fraction=0.6)
+    with pytest.raises(ValueError, match="outside_fov_hu -300.0 must be below air_hu"):
+        LungConfig(outside_fov_hu=-300.0)
     with pytest.raises(ValueError, match="working_spacing_mm"):
         LungConfig(working_spacing_mm=0)
     with pytest.raises(ValueError, match="closing_radius_mm"):

@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -601,3 +602,13 @@ def test_an_association_that_only_re_sends_stored_instances_signals_no_release(
     assert _job(node)["state"] == JobState.COLLECTING
     sending.release()
     assert _completes_after_release(node, grace_s=2)
+
+
+def test_the_receiving_process_does_not_load_torch_or_highdicom() -> None:
+    """The Storage SCP's process stays small (docs/benchmarks.md: ingest peak RSS): the
+    model and the output encoders run in the AI workers. highdicom alone added 20 MB
+    and slowed every C-STORE (a larger heap for the garbage collector to walk)."""
+    code = ("import sys; import dicomnode.service; "
+            "print(sorted(m for m in ('torch', 'highdicom') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "[]", result.stderr

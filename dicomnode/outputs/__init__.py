@@ -7,11 +7,11 @@ made it, with which model) lives in `Provenance`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from highdicom.enum import SpecificCharacterSetValues
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -69,6 +69,15 @@ class Provenance:
         return self.model_name
 
 
+@functools.cache
+def _highdicom_character_sets() -> frozenset[str]:
+    # Imported here, not with the package: the SCP imports it, and highdicom's tables
+    # would cost the receiving process 20 MB.
+    from highdicom.enum import SpecificCharacterSetValues
+
+    return frozenset(s.value for s in SpecificCharacterSetValues)
+
+
 def _terms(value: object) -> list[str]:
     if value is None:
         return []
@@ -89,7 +98,7 @@ def output_character_set(value: object) -> str | list[str] | None:
         terms[0] = "ISO 2022 IR 6"
     if len(terms) == 1 and terms[0].startswith("ISO 2022 "):  # an extension term alone
         terms = [] if terms[0] == "ISO 2022 IR 6" else [terms[0].replace("ISO 2022 IR ", "ISO_IR ")]
-    known = {s.value for s in SpecificCharacterSetValues}
+    known = _highdicom_character_sets()
     if not terms:
         return None
     if all(t in known for t in terms):
