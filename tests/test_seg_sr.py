@@ -71,6 +71,9 @@ def test_seg_is_valid_and_reproduces_the_masks(
     assert dciodvfy_errors(path) == []
     assert out.dataset.SeriesDate == out.dataset.ContentDate
     assert out.dataset.SeriesTime == out.dataset.ContentTime
+    # every segment its own colour: a viewer that merges them still tells lesions apart
+    colours = [tuple(s.RecommendedDisplayCIELabValue) for s in out.dataset.SegmentSequence]
+    assert len(set(colours)) == len(colours)
     segments = 2 + len(out.lesion_segments)
     dense = len(volume.datasets) * segments
     if omit_empty_frames:  # one frame per slice where a segment has voxels

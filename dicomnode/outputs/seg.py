@@ -33,7 +33,19 @@ LESIONS_SEGMENT = 2
 FIRST_LESION_SEGMENT = 3
 LUNG_COLOUR = hd.color.CIELabColor(60.0, -40.0, 30.0)  # green
 LESION_COLOUR = hd.color.CIELabColor(55.0, 75.0, 60.0)  # red
-SINGLE_LESION_COLOUR = hd.color.CIELabColor(80.0, 5.0, 80.0)  # yellow
+SINGLE_LESION_COLOURS = tuple(hd.color.CIELabColor.from_rgb(*rgb) for rgb in (
+    (255, 220, 0),  # yellow
+    (255, 140, 0),  # orange
+    (230, 0, 230),  # magenta
+    (40, 90, 255),  # blue
+    (150, 80, 255),  # violet
+    (255, 150, 190),  # pink
+    (160, 110, 40),  # brown
+    (180, 190, 0),  # olive
+))
+"""Lesion k's colour, in turn: viewers that merge overlapping segments into one label map
+(OHIF) show each lesion apart. Not the lungs' green, the lesions' red or the key images'
+cyan."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +202,7 @@ def build_segmentation(
                 codes.SCT.MorphologicallyAbnormalStructure,
                 codes.SCT.Lesion,
                 provenance,
-                SINGLE_LESION_COLOUR,
+                SINGLE_LESION_COLOURS[offset % len(SINGLE_LESION_COLOURS)],
                 f"Lesion {stats.index}",
             )
         )
