@@ -134,6 +134,8 @@ def test_nifti_cases_name_their_patient(tmp_path: Path) -> None:
         "case_id,label,image,lesion_mask,patient_id\n"
         "a1,covid,a1.nii,a1_m.nii,A\na2,covid,a2.nii,a2_m.nii,A\nb,cap,b.nii,b_m.nii,\n"
     )
+    for name in ("a1", "a1_m", "a2", "a2_m", "b", "b_m"):
+        (tmp_path / f"{name}.nii").touch()  # opening checks that the files exist
     assert NiftiSource.from_csv(tmp_path / "labels.csv").patients() == ["A", "A", "b"]
 
 
@@ -259,6 +261,65 @@ def test_nifti_masks_must_share_the_image_grid_and_images_be_hu(tmp_path: Path) 
         source[2]
 
 
+def test_nifti_inputs_that_would_train_wrongly_are_refused(tmp_path: Path) -> None:
+    """Numeric labels (data sets disagree on what 0 means), a label map or a soft mask as
+    the lesion mask, a file without an orientation, a file that is not there (found at
+    open, not hours into a run), a case listed twice; an Excel CSV's BOM is fine."""
+    volume, lesion = _volume()
+    _write_nifti(tmp_path / "a.nii.gz", volume, SPACING)
+    _write_nifti(tmp_path / "a_mask.nii.gz", lesion.astype(np.uint8), SPACING)
+    _write_nifti(tmp_path / "labels_map.nii.gz", lesion.astype(np.uint8) * 3, SPACING)
+    _write_nifti(tmp_path / "soft.nii.gz", lesion.astype(np.float32) * 0.5, SPACING)
+    bare = nib.Nifti1Image(np.transpose(volume, (2, 1, 0)), None)
+    bare.header.set_qform(None, code=0)
+    bare.header.set_sform(None, code=0)
+    nib.save(bare, str(tmp_path / "bare.nii.gz"))
+    header = "case_id,label,image,lesion_mask\n"
+    csv_path = tmp_path / "labels.csv"
+
+    def source(rows: str, prefix: str = "") -> NiftiSource:
+        csv_path.write_text(prefix + header + rows, encoding="utf-8")
+        return NiftiSource.from_csv(csv_path)
+
+    with pytest.raises(DatasetError, match="numbers are refused"):
+        source("a,0,a.nii.gz,a_mask.nii.gz\n")
+    with pytest.raises(DatasetError, match=r"no such file \['gone.nii.gz'\]"):
+        source("a,covid,gone.nii.gz,a_mask.nii.gz\n")
+    with pytest.raises(DatasetError, match="case_id 'a' again"):
+        source("a,covid,a.nii.gz,a_mask.nii.gz\na,cap,a.nii.gz,a_mask.nii.gz\n")
+    cases = source("a,covid,a.nii.gz,a_mask.nii.gz\nm,covid,a.nii.gz,labels_map.nii.gz\n"
+                   "s,covid,a.nii.gz,soft.nii.gz\nb,covid,bare.nii.gz,a_mask.nii.gz\n",
+                   prefix="\ufeff")  # Excel's byte order mark
+    assert cases[0].lesion_mask.sum() == lesion.sum()
+    with pytest.raises(DatasetError, match="must hold 0 and 1 only, found 0, 3"):
+        cases[1]
+    with pytest.raises(DatasetError, match="must hold 0 and 1 only, found 0, 0.5"):
+        cases[2]
+    with pytest.raises(DatasetError, match="neither qform nor sform is set"):
+        cases[3]
+    # as training and evaluation open them: the broken cases are refused (skipped, and
+    # named), so that one of five hundred does not end a run hours in
+    wrapped = open_data(f"nifti:{csv_path}", tmp_path / "cache")
+    assert not wrapped[0].refused.startswith("cannot be loaded")  # (too few slices here)
+    assert wrapped[1].refused.startswith("cannot be loaded: ")
+    assert "must hold 0 and 1 only" in wrapped[1].refused
+    assert wrapped[1].label == Diagnosis.COVID19
+
+
+def test_labels_csv_rows_are_checked(tmp_path: Path) -> None:
+    from training.datasets import read_labels_csv
+
+    path = tmp_path / "labels.csv"
+    path.write_text("case_id,label\nx,covid\ny\n")
+    with pytest.raises(DatasetError, match=r"labels.csv:3: expected 'case_id,label'"):
+        read_labels_csv(path)
+    path.write_text("case_id,label\nx,covid\nx,cap\n")
+    with pytest.raises(DatasetError, match="'x' labelled twice, differently"):
+        read_labels_csv(path)
+    path.write_text("\ufeffcase_id,label\nx,covid\nx,covid\n", encoding="utf-8")
+    assert read_labels_csv(path) == {"x": Diagnosis.COVID19}
+
+
 def test_nifti_csv_errors(tmp_path: Path) -> None:
     (tmp_path / "l.csv").write_text("case_id,label,image\nx,covid,x.nii\n")
     with pytest.raises(DatasetError, match="missing"):
@@ -375,6 +436,23 @@ def test_dicom_folder_with_seg_and_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(case.lung_mask, lung)
     assert case.spacing_mm == pytest.approx(SPACING)
     assert source[by_id["pat2/ct"]].lung_mask is None
+
+
+def test_series_sharing_a_folder_are_cases_by_their_uid(tmp_path: Path) -> None:
+    """A flat export (every file of a study in one folder): case ids by folder would all
+    be '.', and labels, results and the resume check could not tell the cases apart."""
+    volume, lesion = _volume()
+    flat = tmp_path / "export"
+    flat.mkdir()
+    uids = []
+    for n in range(2):
+        ct = _write_ct(tmp_path / f"tmp{n}", volume, generate_uid())
+        for path in ct:
+            path.rename(flat / f"s{n}_{path.name}")
+        ct = sorted(flat.glob(f"s{n}_*.dcm"))
+        _write_seg(flat / f"seg{n}.dcm", ct, lesion, None, "MANUAL")
+        uids.append(str(pydicom.dcmread(ct[0]).SeriesInstanceUID))
+    assert sorted(scan_dicom_folder(flat).case_ids()) == sorted(uids)
 
 
 def test_a_lung_segment_in_legacy_snomed_rt_codes_is_lung(tmp_path: Path) -> None:

@@ -60,20 +60,20 @@ logger = logging.getLogger(__name__)
 Spacing = tuple[float, float, float]
 
 LABEL_NAMES: dict[str, Diagnosis] = {
-    "0": Diagnosis.COVID19,
     "covid": Diagnosis.COVID19,
     "covid19": Diagnosis.COVID19,
     "covid-19": Diagnosis.COVID19,
-    "1": Diagnosis.CAP,
     "cap": Diagnosis.CAP,
     "pneumonia": Diagnosis.CAP,
-    "2": Diagnosis.NON_PNEUMONIA,
     "normal": Diagnosis.NON_PNEUMONIA,
     "non-pneumonia": Diagnosis.NON_PNEUMONIA,
     "nonpneumonia": Diagnosis.NON_PNEUMONIA,
     "none": Diagnosis.NON_PNEUMONIA,
 }
-"""Spellings accepted in label CSVs (case-insensitive); an empty cell is 'unknown'."""
+"""Spellings accepted in label CSVs (case-insensitive); an empty cell is 'unknown'. No
+numbers: public sets mean 0 = normal (MosMedData's CT-0) or 0 = negative, 1 = COVID-19,
+and a silent mapping to the model's class order would train every normal scan as
+COVID-19."""
 
 PHANTOM_KINDS: dict[str, Diagnosis] = {
     "covid": Diagnosis.COVID19,
@@ -105,8 +105,9 @@ class Case:
     lesion_mask: np.ndarray
     lung_mask: np.ndarray | None = None
     label: Diagnosis | None = None
-    # Why the node would refuse this scan (its lungs could not be segmented), or "":
-    # evaluation and validation skip it and training draws another case instead.
+    # Why the node would refuse this scan (its lungs could not be segmented), or why it
+    # cannot be loaded, or "": evaluation and validation skip it and training draws
+    # another case instead.
     refused: str = ""
 
     def __post_init__(self) -> None:
@@ -150,7 +151,10 @@ def parse_label(text: str, where: str) -> Diagnosis | None:
     if not key:
         return None
     if key not in LABEL_NAMES:
-        raise DatasetError(f"{where}: unknown label {text!r}; use one of {sorted(LABEL_NAMES)}")
+        hint = (" (numbers are refused: data sets disagree on what 0, 1 and 2 mean; write"
+                " the class names)" if key.isdigit() else "")
+        raise DatasetError(f"{where}: unknown label {text!r}{hint}; use one of"
+                           f" {sorted(LABEL_NAMES)}")
     return LABEL_NAMES[key]
 
 
@@ -181,6 +185,7 @@ class LungMaskCache:
         """The lung mask; raises `InputVolumeError` (remembered too) when the segmenter
         refuses the scan, as the node would."""
         import ai.lungs
+        import ai.preprocess
 
         if self.cache_dir is None:
             return self._segment(volume_hu, spacing_mm)
@@ -188,6 +193,7 @@ class LungMaskCache:
         digest.update(np.ascontiguousarray(volume_hu).tobytes())
         digest.update(repr((volume_hu.shape, str(volume_hu.dtype), tuple(spacing_mm))).encode())
         digest.update(_source_hash(ai.lungs).encode())
+        digest.update(_source_hash(ai.preprocess).encode())  # its checks refuse scans too
         path = self.cache_dir / f"{digest.hexdigest()[:32]}.npz"
         refusal = path.with_suffix(".refused.txt")
         if path.exists():
@@ -226,7 +232,14 @@ class WithLungMasks:
         return len(self.source)
 
     def __getitem__(self, index: int) -> Case:
-        case = self.source[index]
+        try:
+            case = self.source[index]
+        except (DatasetError, OSError) as exc:  # one broken case must not end a long run
+            case_id = self.source.case_ids()[index]
+            logger.warning("%s: refused, it cannot be loaded: %s", case_id, exc)
+            empty = np.zeros((1, 1, 1), dtype=bool)
+            return Case(case_id, np.zeros((1, 1, 1), np.float32), (1.0, 1.0, 1.0), empty,
+                        empty, self.source.labels()[index], f"cannot be loaded: {exc}")
         if case.lung_mask is None:
             try:
                 case.lung_mask = self.cache(case.volume_hu, case.spacing_mm)
@@ -539,7 +552,17 @@ def _nifti_zyx(path: Path) -> tuple[np.ndarray, Spacing, np.ndarray]:
     """
     import nibabel as nib
 
-    image = nib.as_closest_canonical(nib.load(str(path)))
+    try:
+        loaded = nib.load(str(path))
+    except (OSError, nib.filebasedimages.ImageFileError) as exc:
+        raise DatasetError(f"{path}: cannot read the NIfTI file: {exc}") from exc
+    header = loaded.header
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        raise DatasetError(
+            f"{path}: neither qform nor sform is set (codes 0), so its orientation is"
+            " unknown and the image could load mirrored; write it with an affine (e.g."
+            " nibabel's set_qform/set_sform, code 1)")
+    image = nib.as_closest_canonical(loaded)
     data = np.asarray(image.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
@@ -549,6 +572,19 @@ def _nifti_zyx(path: Path) -> tuple[np.ndarray, Spacing, np.ndarray]:
     volume = np.transpose(data, (2, 1, 0))[:, ::-1, ::-1]
     spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
     return np.ascontiguousarray(volume), spacing, np.asarray(image.affine)
+
+
+def _binary_mask(mask: np.ndarray, path: Path) -> np.ndarray:
+    """A 0/1 mask as booleans. Other values are refused, not taken as > 0: a label map
+    (COVID-19-CT-Seg's lung_and_infection: 1, 2 lungs, 3 infection) would make the lungs
+    the lesion, and a resampled or probability mask would grow by its soft border."""
+    values = np.unique(mask)
+    if not np.all(np.isin(values, (0, 1))):
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (" ..." if values.size > 6 else "")
+        raise DatasetError(
+            f"{path}: a mask must hold 0 and 1 only, found {shown}; for a label map, write"
+            " the lesion label as a 0/1 mask; for a soft mask, threshold it")
+    return mask.astype(bool)
 
 
 def _same_grid(image: Path, image_affine: np.ndarray, mask: Path, mask_affine: np.ndarray
@@ -596,22 +632,32 @@ class NiftiSource:
     def from_csv(cls, path: str | Path) -> NiftiSource:
         path = Path(path)
         try:
-            with path.open(newline="") as handle:
+            with path.open(newline="", encoding="utf-8-sig") as handle:  # Excel's BOM too
                 rows = [
                     {k.strip(): (v or "").strip() for k, v in row.items() if k}
                     for row in csv.DictReader(handle)
                 ]
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise DatasetError(f"nifti: cannot read {path}: {exc}") from exc
+        source = cls(rows, path.parent)
         required = ("case_id", "label", "image", "lesion_mask")
+        seen: set[str] = set()
         for number, row in enumerate(rows, start=2):
             missing = [k for k in required if k not in row or (k != "label" and not row[k])]
             if missing:
                 raise DatasetError(f"{path}:{number}: missing {missing}")
             parse_label(row["label"], f"{path}:{number}")
+            if row["case_id"] in seen:
+                raise DatasetError(f"{path}:{number}: case_id {row['case_id']!r} again")
+            seen.add(row["case_id"])
+            # checked now: a missing file found at load time ends a run hours in
+            absent = [row[k] for k in ("image", "lesion_mask", "lung_mask")
+                      if row.get(k) and not source._path(row[k]).is_file()]
+            if absent:
+                raise DatasetError(f"{path}:{number}: no such file {absent}")
         if not rows:
             raise DatasetError(f"{path}: no cases")
-        return cls(rows, path.parent)
+        return source
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -631,7 +677,7 @@ class NiftiSource:
                 continue
             mask, _, mask_affine = _nifti_zyx(self._path(row[key]))
             _same_grid(image_path, affine, self._path(row[key]), mask_affine)
-            masks.append(mask > 0)
+            masks.append(_binary_mask(mask, self._path(row[key])))
         lesion, lung = masks
         assert lesion is not None
         label = parse_label(row["label"], row["case_id"])
@@ -758,15 +804,23 @@ def read_labels_csv(path: str | Path) -> dict[str, Diagnosis | None]:
     """``key,label`` rows (header required; the key column may be named anything)."""
     path = Path(path)
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
-            rows = [r for r in reader if r]
-    except OSError as exc:
+            rows = [(reader.line_num, r) for r in reader if r]
+    except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read labels {path}: {exc}") from exc
     if header is None or len(header) < 2:
         raise DatasetError(f"{path}: expected a header 'case_id,label'")
-    return {r[0].strip(): parse_label(r[1], f"{path}:{r[0]}") for r in rows}
+    labels: dict[str, Diagnosis | None] = {}
+    for line, row in rows:
+        if len(row) < 2:
+            raise DatasetError(f"{path}:{line}: expected 'case_id,label', got {row!r}")
+        key, label = row[0].strip(), parse_label(row[1], f"{path}:{line}")
+        if key in labels and labels[key] != label:
+            raise DatasetError(f"{path}:{line}: {key!r} labelled twice, differently")
+        labels[key] = label
+    return labels
 
 
 @dataclass
@@ -827,8 +881,10 @@ def _apply_labels(refs: list[DicomCaseRef], labels: Mapping[str, Diagnosis | Non
 def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) -> DicomSource:
     """Every SEG under ``root`` paired with the CT series it references.
 
-    Case id = the CT series' folder relative to ``root`` (its SeriesInstanceUID when
-    the series is spread over several folders). Labels come from ``labels_csv`` (default
+    Case id = the CT series' folder relative to ``root``; its SeriesInstanceUID when the
+    series is spread over several folders or shares its folder with another CT series
+    (a flat PACS export), so that no two cases share an id. Labels come from
+    ``labels_csv`` (default
     ``root/labels.csv`` when present), keyed by case id, SeriesInstanceUID or
     StudyInstanceUID; cases without a label train the segmentation only.
     """
@@ -871,13 +927,18 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
                            seg[1], min(seg, newest[seg[1]], key=lambda s: s[2])[0])
         if seg[1] not in newest or seg[2] >= newest[seg[1]][2]:
             newest[seg[1]] = seg
+    series_in_folder: dict[Path, int] = {}
+    for paths in series.values():
+        for folder in {p.parent for p in paths}:
+            series_in_folder[folder] = series_in_folder.get(folder, 0) + 1
     refs = []
     for seg_path, uid, _ in newest.values():
         if uid not in series:
             logger.warning("%s: referenced CT series %s not found under %s", seg_path, uid, root)
             continue
         folders = {p.parent for p in series[uid]}
-        case_id = str(folders.pop().relative_to(root)) if len(folders) == 1 else uid
+        own_folder = len(folders) == 1 and series_in_folder[next(iter(folders))] == 1
+        case_id = str(folders.pop().relative_to(root)) if own_folder else uid
         files = [str(p) for p in series[uid]]
         refs.append(DicomCaseRef(case_id, files, str(seg_path), None, (uid, studies[uid]),
                                  patients[uid]))

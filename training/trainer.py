@@ -1190,7 +1190,8 @@ def evaluate(
     label = model_label(ckpt)
     table = format_table(summary, label=label)
     if skipped:
-        table += f"\nSkipped (the node refuses them): {', '.join(sorted(skipped))}"
+        table += (f"\nSkipped (the node refuses them, or they cannot be loaded):"
+                  f" {', '.join(sorted(skipped))}")
     logger.info("evaluated %s on %d scans, %.2f s per scan", label, len(results),
                 float(np.mean(seconds)) if seconds else math.nan)  # fmt: skip
     if out is not None:
