@@ -365,7 +365,8 @@ def _write_ct(folder: Path, volume: np.ndarray, study: str, reverse: bool = Fals
 
 
 def _write_seg(
-    path: Path, ct_paths: list[Path], lesion: np.ndarray, lung: np.ndarray | None, algorithm: str,
+    path: Path, ct_paths: list[Path], lesion: np.ndarray | None, lung: np.ndarray | None,
+    algorithm: str,
     automatic_extra: np.ndarray | None = None, fractional: bool = False,
     lung_codes: tuple[Code, Code] = (codes.SCT.AnatomicalStructure, codes.SCT.Lung),
 ) -> hd.seg.Segmentation:
@@ -374,7 +375,7 @@ def _write_seg(
     frames = [round((float(d.ImagePositionPatient[2]) - 30.0) / SPACING[0]) for d in sources]
     masks, descriptions = [], []
     segments = [("Lesions", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion,
-                 lesion)]  # fmt: skip
+                  lesion)] if lesion is not None else []  # fmt: skip
     if lung is not None:
         segments.append(("Lungs", *lung_codes, lung))
     kinds = [algorithm] * len(segments)
@@ -436,6 +437,31 @@ def test_dicom_folder_with_seg_and_labels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(case.lung_mask, lung)
     assert case.spacing_mm == pytest.approx(SPACING)
     assert source[by_id["pat2/ct"]].lung_mask is None
+
+
+def test_scans_labelled_normal_need_no_lesion_segment(tmp_path: Path) -> None:
+    """A team's normal scans have no SEG, or one with the lungs only: labelled normal,
+    they are cases with an empty lesion mask (without them the classifier could not
+    learn 'no pneumonia' from DICOM data); unlabelled or labelled diseased, they are not."""
+    volume, lesion = _volume()
+    lung = np.zeros_like(lesion)
+    lung[:, 2:30, 2:45] = True
+    _write_ct(tmp_path / "normal" / "ct", volume, generate_uid())
+    ct_lungs = _write_ct(tmp_path / "lungs_only" / "ct", volume, generate_uid())
+    _write_seg(tmp_path / "lungs_only" / "seg.dcm", ct_lungs, None, lung, "MANUAL")
+    _write_ct(tmp_path / "unlabelled" / "ct", volume, generate_uid())
+    (tmp_path / "labels.csv").write_text(
+        "key,label\nnormal/ct,normal\nlungs_only/ct,normal\n")
+    source = scan_dicom_folder(tmp_path)
+    assert sorted(source.case_ids()) == ["lungs_only/ct", "normal/ct"]
+    for i in range(len(source)):
+        case = source[i]
+        assert case.label == Diagnosis.NON_PNEUMONIA and not case.lesion_mask.any()
+        assert (case.lung_mask is not None) == (case.case_id == "lungs_only/ct")
+    (tmp_path / "labels.csv").write_text("key,label\nnormal/ct,normal\nlungs_only/ct,cap\n")
+    source = scan_dicom_folder(tmp_path)
+    with pytest.raises(DatasetError, match="SEG has no lesion segment"):
+        source[source.case_ids().index("lungs_only/ct")]
 
 
 def test_series_sharing_a_folder_are_cases_by_their_uid(tmp_path: Path) -> None:

@@ -768,10 +768,18 @@ def _union(seg: Any, volume: CTVolume, numbers: Sequence[int]) -> np.ndarray:
 def case_from_dicom(
     case_id: str, ct_paths: Sequence[str | Path], seg_path: str | Path, label: Diagnosis | None
 ) -> Case:
-    """A case from a CT series and a SEG that references it (lesion and optional lung)."""
+    """A case from a CT series and a SEG that references it (lesion and optional lung).
+    A scan labelled normal needs no SEG (`seg_path` empty) or lesion segment: its truth is
+    an empty lesion mask."""
     import highdicom as hd
 
     volume = load_ct_series(ct_paths)
+    normal = label == Diagnosis.NON_PNEUMONIA
+    if not str(seg_path):
+        if not normal:
+            raise DatasetError(f"{case_id}: no SEG, and not labelled normal")
+        empty = np.zeros(volume.hu.shape, dtype=bool)
+        return Case(case_id, _to_int16(volume.hu), volume.spacing_mm, empty, None, label)
     seg = hd.seg.segread(str(seg_path))
     referenced = {uid for _, _, uid in seg.get_source_image_uids()}
     if not referenced & {str(ds.SOPInstanceUID) for ds in volume.datasets}:
@@ -780,9 +788,11 @@ def case_from_dicom(
             " reconstruction of the series?): its masks would be empty"
         )
     lesion_numbers, lung_numbers = _segment_kinds(seg)
-    if not lesion_numbers:
-        raise DatasetError(f"{seg_path}: SEG has no lesion segment")
-    lesion = _union(seg, volume, lesion_numbers)
+    if not lesion_numbers and not normal:
+        raise DatasetError(f"{seg_path}: SEG has no lesion segment (and the scan is not"
+                           " labelled normal)")
+    lesion = (_union(seg, volume, lesion_numbers) if lesion_numbers
+              else np.zeros(volume.hu.shape, dtype=bool))
     lung = _union(seg, volume, lung_numbers) if lung_numbers else None
     return Case(case_id, _to_int16(volume.hu), volume.spacing_mm, lesion, lung, label)
 
@@ -869,7 +879,7 @@ def _apply_labels(refs: list[DicomCaseRef], labels: Mapping[str, Diagnosis | Non
         used.update(k for k in (ref.case_id, *ref.keys) if k in labels)
     unused = sorted(set(labels) - used)
     if unused:
-        logger.warning("labels: %d row(s) match no case with a SEG (by case id, series or"
+        logger.warning("labels: %d row(s) match no case (by case id, series or"
                        " study UID): %s%s", len(unused), ", ".join(unused[:5]),
                        " ..." if len(unused) > 5 else "")
     unlabelled = sum(ref.label is None for ref in refs)
@@ -879,7 +889,8 @@ def _apply_labels(refs: list[DicomCaseRef], labels: Mapping[str, Diagnosis | Non
 
 
 def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) -> DicomSource:
-    """Every SEG under ``root`` paired with the CT series it references.
+    """Every SEG under ``root`` paired with the CT series it references, and every CT
+    series labelled normal (no SEG needed: its truth is an empty lesion mask).
 
     Case id = the CT series' folder relative to ``root``; its SeriesInstanceUID when the
     series is spread over several folders or shares its folder with another CT series
@@ -931,23 +942,33 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
     for paths in series.values():
         for folder in {p.parent for p in paths}:
             series_in_folder[folder] = series_in_folder.get(folder, 0) + 1
+
+    def case_id_of(uid: str) -> str:
+        folders = {p.parent for p in series[uid]}
+        own_folder = len(folders) == 1 and series_in_folder[next(iter(folders))] == 1
+        return str(folders.pop().relative_to(root)) if own_folder else uid
+
     refs = []
     for seg_path, uid, _ in newest.values():
         if uid not in series:
             logger.warning("%s: referenced CT series %s not found under %s", seg_path, uid, root)
             continue
-        folders = {p.parent for p in series[uid]}
-        own_folder = len(folders) == 1 and series_in_folder[next(iter(folders))] == 1
-        case_id = str(folders.pop().relative_to(root)) if own_folder else uid
         files = [str(p) for p in series[uid]]
-        refs.append(DicomCaseRef(case_id, files, str(seg_path), None, (uid, studies[uid]),
-                                 patients[uid]))
-    if not refs:
-        raise DatasetError(f"dicom: no CT series with a SEG under {root}")
+        refs.append(DicomCaseRef(case_id_of(uid), files, str(seg_path), None,
+                                 (uid, studies[uid]), patients[uid]))
     default_csv = root / "labels.csv"
     csv_path = labels_csv or (default_csv if default_csv.exists() else None)
+    labels = read_labels_csv(csv_path) if csv_path is not None else {}
+    # A scan without disease needs no SEG: one labelled normal is a case as it is.
+    for uid in sorted(set(series) - set(newest)):
+        case_id = case_id_of(uid)
+        if any(labels.get(k) == Diagnosis.NON_PNEUMONIA for k in (case_id, uid, studies[uid])):
+            refs.append(DicomCaseRef(case_id, [str(p) for p in series[uid]], "", None,
+                                     (uid, studies[uid]), patients[uid]))
+    if not refs:
+        raise DatasetError(f"dicom: no CT series with a SEG (or labelled normal) under {root}")
     if csv_path is not None:
-        _apply_labels(refs, read_labels_csv(csv_path))
+        _apply_labels(refs, labels)
     return DicomSource(refs)
 
 
