@@ -526,7 +526,7 @@ def test_label_rows_that_match_no_case_are_reported(
     with caplog.at_level(logging.WARNING, logger="training.datasets"):
         source = scan_dicom_folder(tmp_path)
     assert source.labels() == [Diagnosis.CAP]
-    assert "1 row(s) match no case with a SEG" in caplog.text and "pat1/c" in caplog.text
+    assert "1 row(s) match no case (by case id" in caplog.text and "pat1/c" in caplog.text
 
 
 def test_a_seg_drawn_on_a_prone_series_lands_on_the_volume(tmp_path: Path) -> None:
