@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,19 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def machine() -> dict[str, Any]:
+    """What ran the benchmark, GPUs included (by nvidia-smi, where there is one)."""
     return {"cpus": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "gpus": _gpus()}
+
+
+def _gpus() -> list[str]:
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:

@@ -39,34 +39,39 @@ export PYTHONPATH=$PWD
 
 LOG=$OUT/log.txt  # one file: the tool fetches back at most 8
 
-step() {  # name, command...: run one check into the log, go on whatever it returns
-    local name=$1
-    shift
+step() {  # name, seconds, command...: one check into the log, cut at its time limit
+    local name=$1 limit=$2
+    shift 2
     local started=$SECONDS
     echo "=== $name" >>"$LOG"
-    "$@" >>"$LOG" 2>&1
-    echo "=== $name: exit $? after $((SECONDS - started)) s" | tee -a "$LOG"
+    # timeout signals the whole process group: a node, its AI worker and its PACS too
+    timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - started)) s (limit $limit s)" | tee -a "$LOG"
+    return $rc
 }
 
-step gpu sh -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else None)"'
+# Most important first (a step cut short still leaves the earlier ones' files): the GPU,
+# the paper's model time (issue 3), the end to end (issue 5), then the rest.
+step gpu 60 sh -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else None)"'
 # shellcheck disable=SC2086  # SIZES is a list
-step infer-plain python3 bench/infer.py --device "$DEVICE" --sizes $SIZES --slices "$SLICES" \
-    --threads "$THREADS" --tta off --out "$OUT/infer-$DEVICE-plain.json"
-# shellcheck disable=SC2086
-step infer-tta python3 bench/infer.py --device "$DEVICE" --sizes $SIZES --slices "$SLICES" \
-    --threads "$THREADS" --tta auto --out "$OUT/infer-$DEVICE-tta.json"
+step infer-plain 120 python3 bench/infer.py --device "$DEVICE" --sizes $SIZES \
+    --slices "$SLICES" --threads "$THREADS" --tta off --out "$OUT/infer-$DEVICE-plain.json"
 if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH=$PWD:/tmp/site
-    step e2e python3 bench/e2e.py --device "$DEVICE" --slices "$SLICES" --pacs pynetdicom \
-        --out "$OUT/e2e-$DEVICE.json"
+    step pip 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site
+    step e2e 150 python3 bench/e2e.py --device "$DEVICE" --slices "$SLICES" \
+        --pacs pynetdicom --out "$OUT/e2e-$DEVICE.json"
 fi
-step evaluate python3 -c '
+# shellcheck disable=SC2086
+step infer-tta 120 python3 bench/infer.py --device "$DEVICE" --sizes $SIZES \
+    --slices "$SLICES" --threads "$THREADS" --tta auto --out "$OUT/infer-$DEVICE-tta.json"
+step evaluate 150 python3 -c '
 import argparse, sys
 from training.trainer import add_evaluate_arguments, run_evaluate_command
 parser = argparse.ArgumentParser()
 add_evaluate_arguments(parser)
 sys.exit(run_evaluate_command(parser.parse_args(sys.argv[1:])))
-' --checkpoint ai/weights/deepsc-lite.pt --data "$FRESH" --out "$OUT/fresh-gpu-default" \
+' --checkpoint ai/weights/deepsc-lite.pt --data "$FRESH" --out "$OUT/fresh-$DEVICE-default" \
     --device "$DEVICE" --workers 8 --mirror --overlap 0.5 --cache-dir /tmp/dicomnode-cache
 tail -n 30 "$LOG"

@@ -34,7 +34,7 @@ from dicomnode.outputs.seg import build_segmentation
 from dicomnode.outputs.sr import build_failure_notice, build_report
 from dicomnode.scp import instance_record
 from dicomnode.volume import CTVolume, SeriesRejected, read_series
-from dicomnode.warmup import self_test_analysis, self_test_volume
+from dicomnode.warmup import self_test_analysis, self_test_volume, warm_model
 from dicomnode.workers import StopFlag
 from storage.filestore import FileStore
 from storage.index import ClaimedJob, ResultRecord, StudyIndex
@@ -264,11 +264,17 @@ class Pipeline:
             logger.exception("AI worker: could not record the model's state in the index")
 
     def warm_up(self) -> None:
-        """Load the model and run every output encoder once on a made-up CT
-        (`dicomnode.warmup`), so that the first job pays for neither; what fails is logged
-        (the worker keeps running, see `model_loaded`)."""
+        """Load the model (on a GPU, run it once too) and run every output encoder once on
+        a made-up CT (`dicomnode.warmup`), so that the first job pays for none of it; what
+        fails is logged (the worker keeps running, see `model_loaded`)."""
         t = time.perf_counter()
         model = "model loaded" if self.model_loaded() else "NO MODEL"
+        if self._checkpoint is not None:
+            try:
+                if warm_model(self._checkpoint):
+                    model += ", GPU warmed up"
+            except Exception:  # the first job would meet the same error, with its reason
+                logger.exception("AI worker: the model's warm-up pass on the GPU failed")
         try:
             volume = self_test_volume()
             build_outputs(volume, self_test_analysis(volume), self.settings, self.kinds)

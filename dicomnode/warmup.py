@@ -71,3 +71,24 @@ def self_test_analysis(volume: CTVolume) -> Analysis:
         lesions=stats.lesions, stats=stats, timings={},
         model={"name": "self-test", "checkpoint_sha256": ""},
     )  # fmt: skip
+
+
+def warm_model(checkpoint: object) -> bool:
+    """On a GPU, run the network once on a made-up scan: CUDA's first passes (kernel
+    selection, the allocator's pools) take seconds that the first patient would pay.
+    On a CPU there is nothing to warm. Returns whether it ran."""
+    device = getattr(checkpoint, "device", None)
+    if getattr(device, "type", "cpu") != "cuda":
+        return False
+    from ai.infer import predict
+
+    predict(checkpoint, *warm_up_scan(), mirror=True)  # type: ignore[arg-type]
+    return True
+
+
+def warm_up_scan() -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """A made-up scan the network accepts (lung density in a lung mask): HU, lungs, mm."""
+    volume = np.full((24, 128, 128), -850.0, dtype=np.float32)
+    lung = np.zeros(volume.shape, dtype=bool)
+    lung[:, 16:112, 16:112] = True
+    return volume, lung, (5.0, 2.5, 2.5)

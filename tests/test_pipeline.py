@@ -621,3 +621,26 @@ def test_worker_warm_up_without_weights_logs_and_goes_on(
 def test_cpu_workers_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert [worker_threads(n) for n in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+
+
+def test_the_model_is_warmed_up_on_a_gpu_only(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA's first passes take seconds the first patient would pay; a CPU has none."""
+    import ai.infer
+    from dicomnode.warmup import warm_model, warm_up_scan
+
+    ckpt = load_model(str(tiny_checkpoint), "cpu")
+    calls: list[tuple[tuple[int, ...], bool]] = []
+
+    def predict(checkpoint: object, volume: Any, lung: Any, spacing: Any, **kw: Any) -> None:
+        calls.append((volume.shape, kw.get("mirror", False)))
+
+    monkeypatch.setattr(ai.infer, "predict", predict)
+    assert not warm_model(ckpt) and calls == []
+    on_gpu = dataclasses.replace(ckpt, device=torch.device("cuda", 0))
+    assert warm_model(on_gpu)
+    assert calls == [((24, 128, 128), True)]  # the GPU default: mirrored
+    real = ai.infer.Prediction  # and the made-up scan is one the network accepts
+    monkeypatch.undo()
+    assert isinstance(ai.infer.predict(ckpt, *warm_up_scan()), real)

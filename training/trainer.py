@@ -1206,6 +1206,8 @@ def evaluate(
             "seconds_per_scan": float(np.mean(seconds)) if seconds else None,
             "skipped": skipped,
             "device": str(ckpt.device),
+            "gpu": (torch.cuda.get_device_name(ckpt.device) if ckpt.device.type == "cuda"
+                    else None),
             "summary": summary.to_dict(),
         }
         (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
