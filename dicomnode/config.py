@@ -318,7 +318,9 @@ class ExportConfig:
     give_up_after_seconds: float = _doc(
         "Stop retrying a delivery this long after it was queued (it is then failed).", 86400.0
     )
-    timeout_seconds: float = _doc("Network timeout of an export association.", 60.0)
+    timeout_seconds: float = _doc(
+        "Network timeout of an export association: the connect, each answer, and a peer "
+        "that stops reading; a C-STORE's answer gets 1 s more per MB of its file.", 60.0)
 
     def __post_init__(self) -> None:
         # At least a second between tries: 0 would reconnect to a PACS that is down in a

@@ -150,7 +150,7 @@ class Exporter:
             return self._finish(claimed_for, task.export_id)
         _, first_reason = undelivered[0]
         error = f"{len(undelivered)} of {len(task.paths)} file(s) not delivered: {first_reason}"
-        if report.permanent:
+        if report.permanent and not report.transient:
             logger.error("export %d to %s failed, not retried: %s",
                          task.export_id, destination.name, error)
             return self._finish(claimed_for, task.export_id, error, None, now or utcnow())

@@ -27,6 +27,8 @@ from dicomnode.config import ConfigError
 logger = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
+UPLOAD_BYTES_PER_S = 1_000_000
+"""The slowest link a C-STORE is given time for: a 300 MB SEG gets 300 s more to arrive."""
 RETRYABLE_FAILURES = frozenset({0x0110, 0x0210, 0x0213})
 """C-STORE failures that may pass on a later try (PS3.7 C.4: processing failure,
 duplicate invocation, resource limitation), besides 0xA7xx (out of resources). Every
@@ -68,6 +70,10 @@ class SendReport:
     """A failure that retrying will not fix: a permanent association rejection, a
     presentation context the peer does not accept, or a C-STORE failure status outside
     RETRYABLE_FAILURES."""
+    transient: bool = False
+    """A failure that a retry may fix (no response, an association lost or not made, a
+    retryable status): a delivery with one is retried even when another file of it was
+    refused for good, or that file's neighbours would be lost."""
 
     @property
     def ok(self) -> bool:
@@ -207,10 +213,17 @@ def _send_batch(
     if not assoc.is_established:
         reason, permanent = _association_failure(assoc, peer)
         report.permanent |= permanent
+        report.transient |= not permanent
         report.failed.extend((path, reason) for path, _, _ in batch)
         return
+    # pynetdicom leaves the connected socket without a timeout: a peer that stops reading
+    # would block a write, and with it this destination's sender, for good.
+    assoc.dul.socket.socket.settimeout(timeout_s)
     try:
         for position, (path, sop_class, syntax) in enumerate(batch):
+            # The response wait starts once the whole file is queued: give it the time a
+            # slow link (1 MB/s) takes to carry the file, on top of the peer's own.
+            assoc.dimse_timeout = timeout_s + path.stat().st_size / UPLOAD_BYTES_PER_S
             try:
                 status = _store(assoc, path, syntax)
             except ValueError as exc:  # no accepted presentation context for this file
@@ -226,9 +239,11 @@ def _send_batch(
                 report.sent += 1
                 continue
             report.permanent |= permanent
+            report.transient |= not permanent
             report.failed.append((path, "no response" if code is None else f"status 0x{code:04X}"))
             if not assoc.is_established:
                 report.failed.extend((p, "association lost") for p, _, _ in batch[position + 1:])
+                report.transient = True
                 return
     finally:
         if assoc.is_established:

@@ -7,15 +7,17 @@ import hashlib
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -37,7 +39,8 @@ class Destination:
 
     def __init__(self, port: int, calling_aets: list[str] | None = None,
                  syntaxes: list[str] | None = None, sop_class: str = CTImageStorage,
-                 status: int = 0x0000) -> None:
+                 status: int | list[int] = 0x0000) -> None:
+        """`status`: the answer to every C-STORE, or one per C-STORE in turn."""
         self.port = port
         self.status = status
         self.received: list[str] = []
@@ -51,7 +54,7 @@ class Destination:
     def _on_store(self, event: evt.Event) -> int:
         with self._lock:
             self.received.append(str(event.request.AffectedSOPInstanceUID))
-        return self.status
+            return self.status.pop(0) if isinstance(self.status, list) else self.status
 
     def start(self, tls: ssl.SSLContext | None = None) -> Destination:
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
@@ -326,6 +329,33 @@ def test_a_warning_status_is_delivered_and_a_refusal_is_not_retried(
     assert "status 0x0124" in index.export_status()[0]["last_error"]
 
 
+def test_a_refusal_beside_a_transient_failure_is_retried(
+    setup: tuple[Exporter, StudyIndex, int], port: int
+) -> None:
+    """The PACS refuses one file for good (0xC000) and is out of resources for the next
+    (0xA700): failing the delivery at once would lose the second file."""
+    exporter, index, job_id = setup
+    [path] = index.series_instance_paths(index.job_series(job_id)[1])
+    second = pydicom.dcmread(exporter.filestore.path(path))
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    exporter.filestore.write("outputs/second.dcm", _encode(second))
+    exporter.queue(job_id, {"seg": [path, "outputs/second.dcm"]})
+    pacs = Destination(port, status=[0xC000, 0xA700]).start()
+    try:
+        assert exporter.run_once() == ExportState.PENDING  # retried, not failed
+    finally:
+        pacs.stop()
+    assert "2 of 2 file(s) not delivered" in index.export_status()[0]["last_error"]
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def test_an_unreadable_output_is_not_counted_as_delivered(
     setup: tuple[Exporter, StudyIndex, int], port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -501,3 +531,82 @@ def test_resend_serves_the_destinations_as_configured_now(
     assert index.requeue_study_exports(study, 60, {"pacs": ["seg", "sr"]})["queued"] == 1
     [latest] = [r for r in index.export_status() if r["job_id"] == again.job_id]
     assert (latest["destination"], latest["files"]) == ("pacs", 2)
+
+
+def _big_file(path: Path) -> Path:
+    """A 20 MB Secondary Capture image (a large SEG's size)."""
+    import numpy as np
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "OT"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 4000, 5000, 1, (
+        "MONOCHROME2")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.zeros((4000, 5000), np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _slow_pacs(port: int, on_data: Callable[[evt.Event], None]) -> Any:
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_DATA_RECV, on_data), (evt.EVT_C_STORE, lambda event: 0x0000)])
+
+
+def test_a_peer_that_stops_reading_does_not_block_its_sender(
+    tmp_path: Path, port: int
+) -> None:
+    """A PACS frozen with its TCP connection up (a full disk, a suspended VM) stops
+    reading mid-file: the send ends, to be retried, instead of blocking the destination's
+    sender for good (pynetdicom leaves the connected socket without a timeout)."""
+    from dicomnode.scu import Peer, send
+
+    big = _big_file(tmp_path / "big.dcm")
+    thawed, packets = threading.Event(), [0]
+
+    def freeze(event: evt.Event) -> None:
+        packets[0] += 1
+        if packets[0] > 3:
+            thawed.wait(60)
+
+    server = _slow_pacs(port, freeze)
+    done: dict[str, object] = {}
+    sender = threading.Thread(target=lambda: done.update(
+        report=send([big], Peer("PACS", "127.0.0.1", port), timeout_s=2)))
+    try:
+        sender.start()
+        sender.join(30)
+        assert not sender.is_alive(), "the sender is still blocked"
+    finally:
+        thawed.set()
+        sender.join(30)
+        server.shutdown()
+    report = done["report"]
+    assert report.sent == 0 and report.transient and not report.permanent  # type: ignore[attr-defined]
+
+
+def test_a_large_file_on_a_slow_link_gets_the_time_to_arrive(tmp_path: Path, port: int) -> None:
+    """The response wait starts once the file is queued: a 20 MB file that takes longer
+    than the timeout to cross the link is still delivered (was: 'no response', sent again
+    and again until given up, though the PACS had stored it)."""
+    from dicomnode.scu import Peer, send
+
+    big = _big_file(tmp_path / "big.dcm")
+    server = _slow_pacs(port, lambda event: time.sleep(0.01))
+    try:
+        started = time.monotonic()
+        report = send([big], Peer("PACS", "127.0.0.1", port), timeout_s=2)
+        took = time.monotonic() - started
+    finally:
+        server.shutdown()
+    assert took > 2, f"the link was not slow enough to test this ({took:.1f} s)"
+    assert report.sent == 1 and not report.failed
