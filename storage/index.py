@@ -25,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exists,
     func,
     inspect,
     or_,
@@ -34,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, Dialect, Engine
 from sqlalchemy.exc import ArgumentError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 from sqlalchemy.schema import DropIndex
 
 from storage.errors import IndexUnavailable
@@ -101,6 +102,15 @@ def _patient_id_not_unique(conn: Connection) -> None:
     if found is None:
         index.create(conn)
 
+
+_EARLIER = aliased(Export)
+_EXPORT_IN_TURN = ~exists().where(
+    _EARLIER.job_pk == Export.job_pk, _EARLIER.destination == Export.destination,
+    _EARLIER.id < Export.id,
+    _EARLIER.state.in_((ExportState.PENDING, ExportState.SENDING)),
+)
+"""A job's deliveries to one destination go in the order they were queued: its SEG and
+SR (queued first) before its key images and PDF, also when the first are in backoff."""
 
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: None,  # 2 adds the result and export tables only
@@ -945,9 +955,11 @@ class StudyIndex:
         self, now: datetime | None = None, destination: str | None = None
     ) -> ExportTask | None:
         """Atomically take the oldest pending export (to `destination`, or to any) whose
-        retry time has come."""
+        retry time has come, and that no earlier delivery of its job to its destination
+        is still waiting for (`_EXPORT_IN_TURN`)."""
         now = now or utcnow()
-        due = [Export.state == ExportState.PENDING, Export.next_attempt_at <= now]
+        due = [Export.state == ExportState.PENDING, Export.next_attempt_at <= now,
+               _EXPORT_IN_TURN]
         if destination is not None:
             due.append(Export.destination == destination)
         with self._write() as session:
@@ -971,7 +983,7 @@ class StudyIndex:
         with self._sessions() as session:
             return session.scalar(
                 select(func.min(Export.next_attempt_at)).where(
-                    Export.state == ExportState.PENDING
+                    Export.state == ExportState.PENDING, _EXPORT_IN_TURN
                 )
             )
 

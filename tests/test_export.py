@@ -610,3 +610,28 @@ def test_a_large_file_on_a_slow_link_gets_the_time_to_arrive(tmp_path: Path, por
         server.shutdown()
     assert took > 2, f"the link was not slow enough to test this ({took:.1f} s)"
     assert report.sent == 1 and not report.failed
+
+
+def test_a_jobs_later_deliveries_wait_for_its_first(
+    setup: tuple[Exporter, StudyIndex, int],
+) -> None:
+    """The SEG and SR are queued first; in backoff, they still reach the PACS before the
+    key images and PDF, which are due sooner."""
+    _, index, job_id = setup
+    now = utcnow()
+    first = index.queue_export(job_id, "pacs", ["seg.dcm", "sr.dcm"], 3600)
+    views = index.queue_export(job_id, "pacs", ["key.dcm", "pdf.dcm"], 3600)
+    other = index.queue_export(job_id, "archive", ["pdf.dcm"], 3600)
+    assert first is not None and views is not None and other is not None
+    task = index.claim_due_export(now + timedelta(seconds=1), destination="pacs")
+    assert task is not None and task.export_id == first
+    index.finish_export(first, "no response", now + timedelta(minutes=5), now)  # backoff
+    later = now + timedelta(minutes=1)
+    assert index.claim_due_export(later, destination="pacs") is None  # views wait
+    assert index.claim_due_export(later, destination="archive") is not None  # not others
+    assert index.next_export_due() == now + timedelta(minutes=5)  # no wake-up for views
+    task = index.claim_due_export(now + timedelta(minutes=6), destination="pacs")
+    assert task is not None and task.export_id == first
+    index.finish_export(first, now=now + timedelta(minutes=6))
+    task = index.claim_due_export(now + timedelta(minutes=6), destination="pacs")
+    assert task is not None and task.export_id == views
