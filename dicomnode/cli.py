@@ -11,7 +11,7 @@ import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomnode import __version__
 from dicomnode.config import (
@@ -24,6 +24,9 @@ from dicomnode.config import (
 from dicomnode.scu import Peer, PeerError, client_tls_context, echo, send
 from storage.errors import IndexUnavailable
 from storage.filestore import DataDirInUse
+
+if TYPE_CHECKING:  # storage.index pulls in SQLAlchemy: imported where it is used
+    from storage.index import StudyIndex
 
 logger = logging.getLogger("dicomnode")
 
@@ -129,16 +132,23 @@ def _exports_table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def cmd_reanalyse(args: argparse.Namespace) -> int:
+def _existing_index(settings: Settings) -> StudyIndex | None:
+    """The node's index, or None (said on stderr) when the node never ran with these
+    settings: opening a SQLite file that is not there would create an empty one."""
     from storage.index import StudyIndex
 
-    settings = _settings(args)
     url = settings.database_url
     if _missing_sqlite_index(url):
         print(f"no index at {url}: the node has not run with this configuration",
               file=sys.stderr)
+        return None
+    return StudyIndex(url)
+
+
+def cmd_reanalyse(args: argparse.Namespace) -> int:
+    index = _existing_index(_settings(args))
+    if index is None:
         return 1
-    index = StudyIndex(url)
     try:
         queued, others = index.reanalyse(args.uid)
     finally:
@@ -160,19 +170,16 @@ def cmd_reanalyse(args: argparse.Namespace) -> int:
 def cmd_resend(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from storage.index import StudyIndex, utcnow
+    from storage.index import utcnow
 
-    settings = _settings(args)
-    url = settings.database_url
-    if _missing_sqlite_index(url):
-        print(f"no index at {url}: the node has not run with this configuration",
-              file=sys.stderr)
-        return 1
     if bool(args.study_uids) == args.failed or (args.since and not args.failed):
         print("resend: name the studies (STUDY_UID ...) or give --failed [--since DAYS]",
               file=sys.stderr)
         return 2
-    index = StudyIndex(url)
+    settings = _settings(args)
+    index = _existing_index(settings)
+    if index is None:
+        return 1
     try:
         studies = args.study_uids
         if args.failed:
