@@ -93,11 +93,18 @@ def test_heavy_commands_load_only_when_run() -> None:
     assert result.stdout.strip() == "False", result.stderr
 
 
-def test_resend_of_an_unknown_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _config_of_a_node_that_ran(tmp_path: Path) -> tuple[Path, StudyIndex]:
+    """A config file and the index its node made (open: the caller closes it)."""
     config = tmp_path / "node.toml"
     config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
-    Node(settings_from_mapping({"storage": {"data_dir": str(tmp_path / "data")}},
-                               base_dir=tmp_path), analyse=False).index.close()
+    node = Node(settings_from_mapping({"storage": {"data_dir": str(tmp_path / "data")}},
+                                      base_dir=tmp_path), analyse=False)
+    return config, node.index
+
+
+def test_resend_of_an_unknown_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config, index = _config_of_a_node_that_ran(tmp_path)
+    index.close()
     assert main(["resend", "--config", str(config), "1.2.3"]) == 1
     assert "nothing to resend for study 1.2.3" in capsys.readouterr().err
 
@@ -213,10 +220,8 @@ def test_purge_deletes_idle_studies_and_old_set_aside_files_with_the_node_stoppe
 
 
 def test_reanalyse_of_an_unknown_uid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "node.toml"
-    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
-    Node(settings_from_mapping({"storage": {"data_dir": str(tmp_path / "data")}},
-                               base_dir=tmp_path), analyse=False).index.close()
+    config, index = _config_of_a_node_that_ran(tmp_path)
+    index.close()
     assert main(["reanalyse", "--config", str(config), "1.2.3"]) == 1
     assert "no series or study 1.2.3 in the index" in capsys.readouterr().err
 
@@ -224,12 +229,9 @@ def test_reanalyse_of_an_unknown_uid(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_status_says_when_the_model_does_not_load(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = tmp_path / "node.toml"
-    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
-    node = Node(settings_from_mapping({"storage": {"data_dir": str(tmp_path / "data")}},
-                                      base_dir=tmp_path), analyse=False)
-    node.index.set_model_problem("checkpoint weights/modle.pt not found")
-    node.index.close()
+    config, index = _config_of_a_node_that_ran(tmp_path)
+    index.set_model_problem("checkpoint weights/modle.pt not found")
+    index.close()
     assert main(["status", "--config", str(config)]) == 0
     assert "AI: the model has not loaded since" in capsys.readouterr().out
     assert main(["status", "--config", str(config), "--json"]) == 0

@@ -12,7 +12,7 @@ from sqlalchemy import event, text
 
 from dicomnode.assembler import SeriesAssembler, completion_rule
 from dicomnode.config import SeriesConfig
-from storage.index import InstanceRecord, SchemaVersionError, StudyIndex
+from storage.index import ClaimedJob, InstanceRecord, SchemaVersionError, StudyIndex
 from storage.models import SCHEMA_VERSION, CompletionRule, JobState
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
@@ -525,12 +525,18 @@ def test_studies_without_a_patient_id_are_not_one_patient(tmp_path: Path) -> Non
     assert index.counts()["patients"] == 3  # two without an ID, one PAT1 with two studies
 
 
-def test_an_internal_error_queues_the_job_again_until_max_attempts(index: StudyIndex) -> None:
+def _claimed_job(index: StudyIndex) -> ClaimedJob:
+    """One instance's series, complete, queued and claimed by a worker."""
     add(index, 1, T0)
     (progress,) = index.collecting_series()
-    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
-    first = index.claim_next_job("w")
-    assert first is not None
+    index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    job = index.claim_next_job("w")
+    assert job is not None
+    return job
+
+
+def test_an_internal_error_queues_the_job_again_until_max_attempts(index: StudyIndex) -> None:
+    first = _claimed_job(index)
     assert index.retry_job(first.job_id, first.attempts, "internal error: OSError: EIO",
                            max_attempts=2) == JobState.QUEUED
     assert index.job_state(first.job_id) == (JobState.QUEUED,
@@ -565,11 +571,7 @@ def test_reanalyse_queues_each_finished_series_of_a_study_again(index: StudyInde
 
 
 def test_a_job_whose_series_grew_while_it_ran_is_superseded(index: StudyIndex) -> None:
-    add(index, 1, T0)
-    (progress,) = index.collecting_series()
-    index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
-    job = index.claim_next_job("w")
-    assert job is not None
+    job = _claimed_job(index)
     assert not index.supersede_if_grown(job.job_id, job.attempts)  # nothing new
     add(index, 2, T0)  # a late instance: a new pass
     assert not index.supersede_if_grown(job.job_id, job.attempts + 1)  # not that claim
