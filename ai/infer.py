@@ -213,9 +213,11 @@ def analyse(
     timings |= pred.timings
 
     t = time.perf_counter()
-    lesion = remove_small_components(
-        (pred.lesion_probability > threshold) & lung, spacing, min_lesion_mm3
-    )
+    candidate = pred.lesion_probability > threshold
+    candidate &= lung
+    pred = dataclasses.replace(pred, lesion_probability=None)  # freed: the largest array
+    lesion = remove_small_components(candidate, spacing, min_lesion_mm3)
+    del candidate
     timings["segmentation"] += time.perf_counter() - t
     t = time.perf_counter()
     stats = analyse_lesions(
@@ -381,6 +383,7 @@ def _predict(
         lesion_prob = None
         if acc is not None:
             lesion_prob = _to_native(acc.result(), window, lung)
+            del acc  # the blended grid's sums: not held while the classifier runs
         timings["segmentation"] = _elapsed(t, dev)
 
         t = time.perf_counter()
@@ -504,7 +507,9 @@ def _to_native(prob_grid: Tensor, window: SlidingWindow, lung: np.ndarray) -> np
 def _evidence_to_native(
     maps: Sequence[Tensor], shape: tuple[int, ...], cfg: PreprocessConfig, lung: np.ndarray
 ) -> np.ndarray:
-    """Mean of the per-unit evidence masks on the native grid, in the lungs, scaled to [0, 1].
+    """Mean of the per-unit evidence masks on the native grid, in the lungs, scaled to [0, 1];
+    float16 (a heat map to show, in half the memory of float32: 335 MB less for a
+    640 x 512 x 512 scan), made by slabs of slices so that no float32 copy of it exists.
 
     Each unit map is interpolated linearly at the true position of every native voxel: the
     classification input's slices are the eq.-12 sample and its rows / columns a resize,
@@ -512,7 +517,7 @@ def _evidence_to_native(
     index stride * j (every stride-2 layer is centred), not at a cell-centre convention.
     """
     s, h, w = (int(n) for n in shape)
-    ev = np.zeros((s, h, w), dtype=np.float32)
+    ev = np.zeros((s, h, w), dtype=np.float16)
     box = bounding_box(lung)  # outside it the map is zero: not computed
     if box is None:
         return ev
@@ -522,22 +527,26 @@ def _evidence_to_native(
     u_y = ((np.arange(h) + 0.5) * h_in / h - 0.5)[ys]
     u_x = ((np.arange(w) + 0.5) * w_in / w - 0.5)[xs]
     dev = maps[0].device
-    total = torch.zeros((u_z.size, u_y.size * u_x.size), dtype=torch.float32, device=dev)
     with torch.autocast(dev.type, enabled=False):  # float32 maps, whatever the caller runs
+        inplane, along_z = [], []  # per unit: the map resized in-plane, its slice weights
         for m, stride in zip(maps, UNIT_STRIDES, strict=True):
             v = m[0, 0].float()  # (d, hh, ww)
             wz, wy, wx = (
                 _interp_matrix(u / stride, n, dev)
                 for u, n in zip((u_z, u_y, u_x), v.shape, strict=True)
             )
-            v = wy @ (v @ wx.T)  # (d, box h, box w)
-            total.addmm_(wz, v.reshape(v.shape[0], -1))
-    block = total.reshape(u_z.size, u_y.size, u_x.size).cpu().numpy()
-    block *= lung[zs, ys, xs]
-    peak = float(block.max())
-    if peak > 0:
-        block /= peak
-    ev[zs, ys, xs] = block
+            inplane.append((wy @ (v @ wx.T)).reshape(v.shape[0], -1))  # (d, box h * box w)
+            along_z.append(wz)
+        peak = 0.0
+        for z0 in range(0, u_z.size, SLAB):
+            rows = slice(z0, min(z0 + SLAB, u_z.size))
+            total = sum(wz[rows] @ v for wz, v in zip(along_z, inplane, strict=True))
+            block = total.reshape(-1, u_y.size, u_x.size).cpu().numpy()
+            block *= lung[zs.start + rows.start : zs.start + rows.stop, ys, xs]
+            peak = max(peak, float(np.float16(block.max())))  # as stored: max 1.0 exactly
+            ev[zs.start + rows.start : zs.start + rows.stop, ys, xs] = block
+    if peak > 0:  # by torch: numpy's float16 arithmetic is 40 times slower
+        torch.from_numpy(ev).div_(peak)
     return ev
 
 

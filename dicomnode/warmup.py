@@ -66,7 +66,7 @@ def self_test_analysis(volume: CTVolume) -> Analysis:
     return Analysis(
         lesion_mask=lesion, lung_mask=lung,
         probabilities=dict.fromkeys(CLASS_NAMES, 1 / len(CLASS_NAMES)),
-        diagnosis=Diagnosis.COVID19, evidence_map=lesion.astype(np.float32),
+        diagnosis=Diagnosis.COVID19, evidence_map=lesion.astype(np.float16),
         evidence_class=Diagnosis.COVID19, lvr=stats.lvr, plr=stats.plr,
         lesions=stats.lesions, stats=stats, timings={},
         model={"name": "self-test", "checkpoint_sha256": ""},

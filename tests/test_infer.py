@@ -69,7 +69,7 @@ def test_outputs_have_the_contract_shapes_and_types(ckpt: Checkpoint) -> None:
     assert a.lesion_mask.shape == vol.shape and a.lesion_mask.dtype == bool
     assert a.lung_mask.shape == vol.shape and a.lung_mask.dtype == bool
     assert np.array_equal(a.lung_mask, lungs)
-    assert a.evidence_map.shape == vol.shape and a.evidence_map.dtype == np.float32
+    assert a.evidence_map.shape == vol.shape and a.evidence_map.dtype == np.float16
     assert a.evidence_map.min() >= 0.0 and a.evidence_map.max() == pytest.approx(1.0)
     assert list(a.probabilities) == list(CLASS_NAMES)
     assert sum(a.probabilities.values()) == pytest.approx(1.0, abs=1e-6)
