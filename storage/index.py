@@ -770,24 +770,6 @@ class StudyIndex:
         return [_progress(job_id, since, s, study_uid, classes[s.id])
                 for job_id, since, s, study_uid in rows]
 
-    def complete_job(
-        self,
-        job_id: int,
-        rule: CompletionRule,
-        skip_reason: str | None,
-        expected_instance_count: int,
-        now: datetime | None = None,
-    ) -> bool:
-        """Close a collecting job: queue it, or skip it with the rule that failed.
-
-        Refuses (returns False) when an instance arrived since the caller looked, so a
-        decision is never taken on a series that has grown in the meantime.
-        """
-        def decide(series: SeriesProgress) -> tuple[CompletionRule, str | None] | None:
-            return (rule, skip_reason) if series.instance_count == expected_instance_count else None
-
-        return self.close_collecting_job(job_id, decide, now) is not None
-
     def close_collecting_job(
         self,
         job_id: int,

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from dicomnode.config import Settings, settings_from_mapping
 from dicomnode.service import Node
+from storage.index import CompletionRule, SeriesProgress, StudyIndex
 
 REQUIRE_TOOLS = os.environ.get("DICOMNODE_REQUIRE_TOOLS") == "1"
 """CI sets this: a missing dcmtk or dicom3tools then fails the tests instead of skipping."""
@@ -155,3 +157,19 @@ def self_signed_certificate(tmp_path: Path) -> tuple[Path, Path]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def complete_job(
+    index: StudyIndex,
+    job_id: int,
+    rule: CompletionRule,
+    skip_reason: str | None,
+    expected_instance_count: int,
+    now: datetime | None = None,
+) -> bool:
+    """Close a collecting job as the assembler would: queue it (no reason) or skip it;
+    refused (False) when the series no longer holds `expected_instance_count` instances."""
+    def decide(series: SeriesProgress) -> tuple[CompletionRule, str | None] | None:
+        return (rule, skip_reason) if series.instance_count == expected_instance_count else None
+
+    return index.close_collecting_job(job_id, decide, now) is not None

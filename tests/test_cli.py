@@ -18,7 +18,7 @@ from dicomnode.config import render_config_toml, settings_from_mapping
 from dicomnode.service import Node
 from storage.errors import IndexUnavailable
 from storage.index import StudyIndex
-from tests.conftest import free_port
+from tests.conftest import complete_job, free_port
 
 COMMANDS = ["serve", "status", "echo", "send", "resend", "reanalyse", "purge", "infer", "phantom",
             "train", "evaluate", "init-config"]
@@ -188,7 +188,7 @@ def test_purge_deletes_idle_studies_and_old_set_aside_files_with_the_node_stoppe
     long_ago = utcnow() - timedelta(days=60)
     index.add_instance(record, relpath, 1000, "sha", now=long_ago)
     [series] = index.collecting_series()
-    index.complete_job(series.job_id, CompletionRule.QUIET, "min_slices: 1 instances", 1,
+    complete_job(index, series.job_id, CompletionRule.QUIET, "min_slices: 1 instances", 1,
                        now=long_ago)
     index.close()
     old_reject, _ = filestore.keep_aside("rejected", "unparsed", b"junk")

@@ -31,7 +31,7 @@ from dicomnode.scu import store_outcome
 from storage.filestore import FileStore
 from storage.index import ResultRecord, StudyIndex, utcnow
 from storage.models import CompletionRule, ExportState, JobState
-from tests.conftest import free_port, self_signed_certificate
+from tests.conftest import complete_job, free_port, self_signed_certificate
 
 
 class Destination:
@@ -503,7 +503,7 @@ def test_resend_serves_the_destinations_as_configured_now(
     """A destination added after the analysis, or a changed outputs list, gets the
     study's results on `resend`; the job's earlier deliveries are replaced, not doubled."""
     _, index, job_id = setup
-    index.complete_job(job_id, CompletionRule.QUIET, None, 1)
+    complete_job(index, job_id, CompletionRule.QUIET, None, 1)
     claim = index.claim_next_job("w")
     assert claim is not None and claim.job_id == job_id
     outputs = {"seg": ["seg.dcm"], "sr": ["sr.dcm"], "pdf": ["pdf.dcm"]}

@@ -14,6 +14,7 @@ from dicomnode.assembler import SeriesAssembler, completion_rule
 from dicomnode.config import SeriesConfig
 from storage.index import ClaimedJob, InstanceRecord, SchemaVersionError, StudyIndex
 from storage.models import SCHEMA_VERSION, CompletionRule, JobState
+from tests.conftest import complete_job
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
 
@@ -96,8 +97,8 @@ def test_complete_refuses_a_series_that_grew(index: StudyIndex) -> None:
     add(index, 1, T0)
     (progress,) = index.collecting_series()
     add(index, 2, T0)
-    assert not index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
-    assert index.complete_job(progress.job_id, CompletionRule.QUIET, None, 2)
+    assert not complete_job(index, progress.job_id, CompletionRule.QUIET, None, 1)
+    assert complete_job(index, progress.job_id, CompletionRule.QUIET, None, 2)
     assert index.job_state(progress.job_id) == (JobState.QUEUED, "")
 
 
@@ -137,12 +138,12 @@ def test_the_deadline_holds_while_instances_keep_arriving(
 def test_late_instance_reopens_or_starts_a_new_pass(index: StudyIndex) -> None:
     add(index, 1, T0)
     (first,) = index.collecting_series()
-    index.complete_job(first.job_id, CompletionRule.QUIET, "min_slices: too few", 1)
+    complete_job(index, first.job_id, CompletionRule.QUIET, "min_slices: too few", 1)
     add(index, 2, T0)  # skipped series re-opened by a late instance
     (again,) = index.collecting_series()
     assert again.job_id == first.job_id
     assert index.series_status()[0]["reopen_count"] == 1
-    index.complete_job(first.job_id, CompletionRule.QUIET, None, 2)
+    complete_job(index, first.job_id, CompletionRule.QUIET, None, 2)
     claimed = index.claim_next_job("w1")
     assert claimed is not None and claimed.job_id == first.job_id
     add(index, 3, T0)  # analysis already started: a new pass, the running job is untouched
@@ -155,7 +156,7 @@ def test_queue_claims_oldest_first_and_finishes(index: StudyIndex) -> None:
     for series in ("1.1", "1.2"):
         add(index, 1, T0, series=series)
     for progress in index.collecting_series():
-        index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+        complete_job(index, progress.job_id, CompletionRule.RELEASE, None, 1)
     a, b = index.claim_next_job("w"), index.claim_next_job("w")
     assert a and b and (a.series_instance_uid, b.series_instance_uid) == ("1.1", "1.2")
     assert index.claim_next_job("w") is None
@@ -202,7 +203,7 @@ def queued_jobs(url: str, *series: str) -> StudyIndex:
     for uid in series:
         add(index, 1, T0, series=uid)
     for progress in index.collecting_series():
-        index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+        complete_job(index, progress.job_id, CompletionRule.RELEASE, None, 1)
     return index
 
 
@@ -238,7 +239,7 @@ def test_restart_requeues_running_jobs(tmp_path: Path) -> None:
     index = StudyIndex(url)
     add(index, 1, T0)
     (progress,) = index.collecting_series()
-    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
+    complete_job(index, progress.job_id, CompletionRule.QUIET, None, 1)
     claimed = index.claim_next_job("w")
     index.close()
     reopened = StudyIndex(url)
@@ -272,7 +273,7 @@ def test_sqlite_runs_in_wal_mode(index: StudyIndex) -> None:
 def test_status_rows_carry_state_and_reason(index: StudyIndex) -> None:
     add(index, 1, T0)
     (progress,) = index.collecting_series()
-    index.complete_job(progress.job_id, CompletionRule.MAX_WAIT, "modalities: MR", 1)
+    complete_job(index, progress.job_id, CompletionRule.MAX_WAIT, "modalities: MR", 1)
     (row,) = index.series_status()
     assert (row["state"], row["reason"], row["completion_rule"]) == (
         "skipped", "modalities: MR", "max_wait")
@@ -285,7 +286,7 @@ def test_a_new_pass_waits_its_own_max_wait(index: StudyIndex) -> None:
     closed at once by a max_wait counted from the series' first instance."""
     add(index, 1, T0)
     (progress,) = index.collecting_series()
-    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1, now=T0)
+    complete_job(index, progress.job_id, CompletionRule.QUIET, None, 1, now=T0)
     job = index.claim_next_job("w")
     assert job is not None and index.finish_job(job.job_id, job.attempts, JobState.DONE)
     late = T0 + timedelta(hours=1)
@@ -296,7 +297,7 @@ def test_a_new_pass_waits_its_own_max_wait(index: StudyIndex) -> None:
     rules = SeriesConfig(quiet_seconds=10, release_grace_seconds=2, max_wait_seconds=600)
     assert completion_rule(second_pass, rules, late + timedelta(seconds=1)) is None
     # and a late instance that re-opens a queued job starts its pass anew too
-    index.complete_job(second_pass.job_id, CompletionRule.QUIET, None, 2, now=late)
+    complete_job(index, second_pass.job_id, CompletionRule.QUIET, None, 2, now=late)
     later = late + timedelta(hours=1)
     add(index, 3, later)
     (reopened,) = index.collecting_series()
@@ -345,7 +346,7 @@ def _analysed(index: StudyIndex, study: str, at: datetime, delivered: bool = Tru
     """A study of one series, analysed and its output queued (and delivered) at `at`."""
     add(index, 1, at, series=f"{study}.1", study=study)
     [progress] = [p for p in index.collecting_series() if p.study_instance_uid == study]
-    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1, now=at)
+    complete_job(index, progress.job_id, CompletionRule.QUIET, None, 1, now=at)
     claim = index.claim_next_job("w", now=at)
     assert claim is not None
     index.finish_job(claim.job_id, claim.attempts, JobState.DONE, now=at)
@@ -410,7 +411,7 @@ def test_a_restart_fails_a_job_already_claimed_max_attempts_times(tmp_path: Path
     index = StudyIndex(url)
     add(index, 1, T0)
     [progress] = index.collecting_series()
-    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
+    complete_job(index, progress.job_id, CompletionRule.QUIET, None, 1)
     for _ in range(2):  # claimed, the node dies, restarted: claimed again, dies again
         assert index.claim_next_job("w") is not None
         queued, failed = index.recover_after_restart(max_attempts=2)
@@ -427,7 +428,7 @@ def test_a_superseded_claim_queues_no_export(index: StudyIndex) -> None:
     queued (or re-claimed) the job: what it made must not go to the PACS."""
     add(index, 1, T0)
     [progress] = index.collecting_series()
-    index.complete_job(progress.job_id, CompletionRule.QUIET, None, 1)
+    complete_job(index, progress.job_id, CompletionRule.QUIET, None, 1)
     orphan = index.claim_next_job("w")
     assert orphan is not None
     index.recover_after_restart()  # the node restarted: the job is queued again
@@ -529,7 +530,7 @@ def _claimed_job(index: StudyIndex) -> ClaimedJob:
     """One instance's series, complete, queued and claimed by a worker."""
     add(index, 1, T0)
     (progress,) = index.collecting_series()
-    index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    complete_job(index, progress.job_id, CompletionRule.RELEASE, None, 1)
     job = index.claim_next_job("w")
     assert job is not None
     return job
@@ -554,7 +555,7 @@ def test_reanalyse_queues_each_finished_series_of_a_study_again(index: StudyInde
     for series in ("1.1", "1.2", "1.3"):
         add(index, 1, T0, series=series)
     for progress in index.collecting_series():
-        index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+        complete_job(index, progress.job_id, CompletionRule.RELEASE, None, 1)
     done, failed = index.claim_next_job("w"), index.claim_next_job("w")
     assert done is not None and failed is not None
     index.finish_job(done.job_id, done.attempts, JobState.DONE)

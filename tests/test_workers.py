@@ -11,7 +11,7 @@ from dicomnode.config import Settings
 from dicomnode.workers import StopFlag, WorkerPool, exit_cause
 from storage.index import InstanceRecord, StudyIndex
 from storage.models import CompletionRule, JobState
-from tests.conftest import node_settings
+from tests.conftest import complete_job, node_settings
 
 
 def claim_and_die(settings: Settings, name: str, stop: StopFlag) -> None:
@@ -55,7 +55,7 @@ def _index_with_a_queued_job(settings: Settings) -> tuple[StudyIndex, int]:
         study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
         transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT"), "p/1", 10, "sha")
     [progress] = index.collecting_series()
-    assert index.complete_job(progress.job_id, CompletionRule.RELEASE, None, 1)
+    assert complete_job(index, progress.job_id, CompletionRule.RELEASE, None, 1)
     return index, progress.job_id
 
 
