@@ -252,8 +252,14 @@ def test_summary_statistics_and_conventions() -> None:
     assert summary.lvr_abs_error_points.n == 4
     assert summary.lvr_abs_error_points.mean == pytest.approx((2 + 0 + 5 + 0) / 4)
     assert (summary.plr_abs_error_points.n, summary.plr_abs_error_points.n_undefined) == (2, 1)
-    everything = summarise(_results(), include_empty_truth=True)
-    assert everything.segmentation["dsc"].n == 5
+    everything = summarise(_results(), include_empty_truth=True).segmentation
+    # d (both empty): DSC 1, NSD 1, RMSD 0; e (false positives only): DSC 0, NSD 0, RMSD
+    # undefined; sensitivity undefined for both
+    assert everything["dsc"].n == 5 and everything["dsc"].mean == pytest.approx((2 / 3 + 2) / 5)
+    assert everything["nsd"].mean == pytest.approx((34 / 52 + 2) / 5)
+    assert (everything["rmsd_mm"].n, everything["rmsd_mm"].n_undefined) == (3, 2)
+    assert everything["rmsd_mm"].mean == pytest.approx(math.sqrt(72.5 / 52) / 3)
+    assert (everything["sensitivity"].n, everything["sensitivity"].n_undefined) == (3, 2)
 
 
 def test_to_dict_is_strict_json() -> None:
@@ -276,9 +282,13 @@ def test_format_table_layout() -> None:
     assert "73.3 (8.5)" in text and f"{PAPER_TABLE_II['classification']['auc'][0]}" in text
     for column in ("Accuracy (%)", "F1-score (%)", "AUC (%)"):
         assert column in text
-    for name in ("COVID-19", "CAP", "non-pneumonia"):
-        assert any(line.strip().startswith(name) for line in lines)
-    assert "Confusion matrix" in text and "LVR absolute error" in text
+    per_class = lines[: lines.index("Confusion matrix (rows: truth, columns: prediction)")]
+    for name, support, sensitivity, f1 in (("COVID-19", 2, "50.0", "66.7"),
+                                           ("CAP", 1, "100.0", "66.7"),
+                                           ("non-pneumonia", 2, "100.0", "100.0")):
+        row = next(line.split() for line in per_class if line.startswith(f"  {name} "))
+        assert row[1:4] == [str(support), "-", sensitivity] and row[5] == f1
+    assert "LVR absolute error" in text
 
 
 def test_plot_report_writes_png(tmp_path) -> None:
