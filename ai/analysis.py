@@ -124,12 +124,12 @@ def remove_small_components(
 ) -> np.ndarray:
     """The mask without 3D components smaller than `min_volume_mm3` (speckle from the model)."""
     mask = np.asarray(mask, dtype=bool)
+    voxel_mm3 = math.prod(_spacing(spacing_mm))
     out = np.zeros_like(mask)
     box = bounding_box(mask)
     if box is None or min_volume_mm3 <= 0:
         return mask.copy()
     labels, n = label_components(mask[box], connectivity)
-    voxel_mm3 = math.prod(float(s) for s in spacing_mm)
     sizes = np.bincount(labels.ravel(), minlength=n + 1) * voxel_mm3
     keep = sizes >= min_volume_mm3
     keep[0] = False
@@ -157,7 +157,7 @@ def peripheral_band(
     band = np.zeros_like(lung)
     if thickness_mm <= 0:
         return band
-    _, dy, dx = (float(s) for s in spacing_mm)
+    _, dy, dx = _spacing(spacing_mm)
     zs = range(lung.shape[0]) if slices is None else slices
     for z in zs:
         band[z] = _band_2d(lung[z], dy, dx, thickness_mm)
@@ -175,8 +175,24 @@ def _band_2d(lung2d: np.ndarray, dy: float, dx: float, thickness_mm: float) -> n
     crop[1:-1, 1:-1] = lung2d[y0:y1, x0:x1]
     dist = ndi.distance_transform_edt(crop, sampling=(dy, dx))
     out = np.zeros_like(lung2d)
-    out[y0:y1, x0:x1] = (dist <= thickness_mm)[1:-1, 1:-1] & lung2d[y0:y1, x0:x1]
+    reach = thickness_mm * (1.0 + BAND_EDGE_SLACK)
+    out[y0:y1, x0:x1] = (dist <= reach)[1:-1, 1:-1] & lung2d[y0:y1, x0:x1]
     return out
+
+
+BAND_EDGE_SLACK = 1e-9
+"""Relative slack at the band's edge: a pixel exactly sigma away is in the band (closed
+disk) also where float rounding puts its distance a hair beyond (14 x 0.8 mm =
+11.200000000000001 mm against sigma 11.2 mm)."""
+
+
+def _spacing(spacing_mm: Sequence[float]) -> tuple[float, float, float]:
+    """(dz, dy, dx) as floats, refused unless three finite numbers > 0: a zero or
+    negative spacing would give volumes of 0 or below and sizes with the wrong sign."""
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing {tuple(spacing_mm)!r} must be three finite numbers > 0 mm")
+    return spacing  # type: ignore[return-value]
 
 
 def _bbox2d(mask2d: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | None:
@@ -217,7 +233,7 @@ def analyse_lesions(
         raise ValueError(f"peripheral_mm {peripheral_mm!r} must be a finite number >= 0")
     if not math.isfinite(consolidation_hu):
         raise ValueError(f"consolidation_hu {consolidation_hu!r} must be finite")
-    spacing = tuple(float(s) for s in spacing_mm)
+    spacing = _spacing(spacing_mm)
     voxel_ml = math.prod(spacing) / 1000.0
     lung = np.asarray(lung_mask, dtype=bool)
     lesion_in = np.asarray(lesion_mask, dtype=bool)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -22,11 +23,13 @@ SPACING = (2.5, 0.8, 0.7)
 
 def _disk_band(lung: np.ndarray, spacing, sigma_mm: float) -> np.ndarray:
     """Paper eq. 1 by the book: per slice, U_s minus its erosion by a disk of radius sigma
-    (an ellipse in pixels), outside the image counting as outside the lung."""
-    _, dy, dx = spacing
-    ry, rx = int(sigma_mm // dy), int(sigma_mm // dx)
-    yy, xx = np.mgrid[-ry : ry + 1, -rx : rx + 1]
-    disk = (yy * dy) ** 2 + (xx * dx) ** 2 <= sigma_mm**2
+    (an ellipse in pixels), outside the image counting as outside the lung. The disk in
+    exact decimal arithmetic: (12 x 0.8)^2 + (4 x 0.7)^2 is 10^2 exactly, not in floats."""
+    _, dy, dx = (Fraction(str(s)) for s in spacing)
+    sigma = Fraction(str(sigma_mm))
+    ry, rx = int(sigma // dy), int(sigma // dx)
+    disk = np.array([[(y * dy) ** 2 + (x * dx) ** 2 <= sigma**2 for x in range(-rx, rx + 1)]
+                     for y in range(-ry, ry + 1)])
     band = np.zeros_like(lung)
     for z in range(lung.shape[0]):
         eroded = ndi.binary_erosion(lung[z], structure=disk, border_value=0)
@@ -113,7 +116,56 @@ def test_plr_band_edge_is_inclusive_at_sigma() -> None:
     assert analyse_lesions(vol, beyond, lung, spacing, peripheral_mm=10.0).plr == 0.0
 
 
+def test_plr_band_edge_survives_the_rounding_of_decimal_spacings() -> None:
+    """14 x 0.8 mm is 11.200000000000001 mm in floats: still sigma = 11.2 mm away."""
+    lung = _box_lung()
+    vol = np.full(lung.shape, -700.0)
+    at_sigma = np.zeros_like(lung)
+    at_sigma[3, 23, 40] = True  # nearest non-lung: row 9, 14 pixels of 0.8 mm
+    assert analyse_lesions(vol, at_sigma, lung, (5.0, 0.8, 0.8), peripheral_mm=11.2).plr == 1.0
+
+
+@pytest.mark.parametrize("spacing", [(0.0, 1.0, 1.0), (-2.5, 1.0, 1.0), (2.5, float("nan"), 1.0),
+                                     (2.5, 1.0)])
+def test_impossible_spacing_is_refused(spacing: tuple[float, ...]) -> None:
+    """Not a volume of 0 (or below) and sizes with the wrong sign."""
+    lung = _box_lung()
+    lesion = np.zeros_like(lung)
+    lesion[2:4, 20:30, 20:30] = True
+    vol = np.full(lung.shape, -700.0)
+    with pytest.raises(ValueError, match="spacing"):
+        analyse_lesions(vol, lesion, lung, spacing)
+    with pytest.raises(ValueError, match="spacing"):
+        remove_small_components(lesion, spacing, 10.0)
+
+
 # --------------------------------------------------------------------------- lesion statistics
+
+
+def test_two_lesions_each_with_its_own_density() -> None:
+    """Percentiles and density fractions per lesion; the scan's lesion mean HU over all
+    lesion voxels (volume-weighted); -300 HU exactly is consolidation; LVR counts only
+    lesion inside the lungs."""
+    lung = _box_lung()
+    vol = np.full(lung.shape, -850.0)
+    lesion = np.zeros_like(lung)
+    lesion[2:4, 15:20, 15:20] = True  # 50 voxels of ground glass, -700..-651
+    vol[2:4, 15:20, 15:20] = np.arange(-700.0, -650.0).reshape(2, 5, 5)
+    lesion[6:8, 40:45, 40:50] = True  # 100 voxels: 20 at -300 exactly, 80 at 20 HU
+    vol[6:8, 40:45, 40:50] = 20.0
+    vol[6, 40:42, 40:50] = -300.0
+    lesion[5, 0:5, 0:5] = True  # outside the lungs: ignored everywhere
+    result = analyse_lesions(vol, lesion, lung, SPACING, consolidation_hu=-300.0)
+    assert result.lesion_count == 2
+    assert result.lvr == pytest.approx(150 / np.count_nonzero(lung))
+    big, small = result.lesions  # largest first
+    assert big.voxels == 100 and small.voxels == 50
+    assert (small.p10_hu, small.p50_hu, small.p90_hu) == pytest.approx(
+        tuple(np.percentile(np.arange(-700.0, -650.0), [10, 50, 90])))
+    assert (big.p10_hu, big.p50_hu, big.p90_hu) == pytest.approx((-300.0, 20.0, 20.0))
+    assert big.consolidation_fraction == 1.0 and small.ggo_fraction == 1.0
+    assert result.lesion_mean_hu == pytest.approx((50 * -675.5 + 20 * -300.0 + 80 * 20.0) / 150)
+    assert result.consolidation_fraction == pytest.approx(100 / 150)
 
 
 def test_cube_volume_bbox_centre_and_hu() -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ai import infer
+from ai.analysis import analyse_lesions
 from ai.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -294,6 +295,37 @@ def test_lungs_are_segmented_when_not_given(ckpt: Checkpoint) -> None:
     assert a.lung_mask.dtype == bool and a.lung_mask.any()
     assert not (a.lesion_mask & ~a.lung_mask).any()
     assert np.all(a.evidence_map[~a.lung_mask] == 0)
+
+
+def test_analyse_hands_its_settings_to_the_analysis(ckpt: Checkpoint) -> None:
+    """The statistics are those of `analyse_lesions` on the returned masks with the same
+    band, consolidation threshold and the lungs' sides (each lesion gets its side)."""
+    vol, _ = chest(size=96)
+    spacing = (8.0, 4.0, 4.0)
+    a = infer.analyse(vol, spacing, checkpoint=ckpt, peripheral_mm=4.0, consolidation_hu=-600.0,
+                      min_lesion_mm3=0.0)
+    sides = label_lungs(vol, spacing).sides
+    direct = analyse_lesions(vol, a.lesion_mask, a.lung_mask, spacing, lung_sides=sides,
+                             peripheral_mm=4.0, consolidation_hu=-600.0)
+    assert a.stats == direct and a.lesions
+    assert (direct.peripheral_thickness_mm, direct.consolidation_hu) == (4.0, -600.0)
+    assert all(lesion.side in ("right", "left") for lesion in a.lesions)
+
+
+def test_the_lesion_threshold_is_strict(ckpt: Checkpoint, monkeypatch: Any) -> None:
+    """A voxel whose probability equals the threshold is not lesion."""
+    vol, lungs = chest()
+    real = infer._predict
+
+    def at_threshold(*args: Any, **kwargs: Any) -> infer.Prediction:
+        pred = real(*args, **kwargs)
+        probability = np.where(lungs, 0.5, 0.0).astype(np.float32)
+        probability[lungs & (np.arange(vol.shape[0]) < 12)[:, None, None]] = 0.75
+        return dataclasses.replace(pred, lesion_probability=probability)
+
+    monkeypatch.setattr(infer, "_predict", at_threshold)
+    a = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=0.5)
+    assert np.array_equal(a.lesion_mask, lungs & (np.arange(vol.shape[0]) < 12)[:, None, None])
 
 
 def test_a_phantom_ct_end_to_end(ckpt: Checkpoint) -> None:
