@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -260,6 +261,18 @@ def test_summary_statistics_and_conventions() -> None:
     assert (everything["rmsd_mm"].n, everything["rmsd_mm"].n_undefined) == (3, 2)
     assert everything["rmsd_mm"].mean == pytest.approx(math.sqrt(72.5 / 52) / 3)
     assert (everything["sensitivity"].n, everything["sensitivity"].n_undefined) == (3, 2)
+
+
+def test_a_scan_is_called_as_its_operating_point_says() -> None:
+    """`predicted` (a diagnosis at disease thresholds) overrides the arg-max."""
+    results = _results()
+    at_argmax = summarise(results).classification
+    called = [dataclasses.replace(r, predicted=0) if r.case_id == "e" else r for r in results]
+    at_threshold = summarise(called).classification
+    assert at_argmax is not None and at_threshold is not None
+    assert at_threshold.accuracy == pytest.approx(at_argmax.accuracy - 1 / 5)
+    assert list(at_threshold.confusion[2]) == [1, 0, 1]
+    assert at_threshold.macro_auc == at_argmax.macro_auc  # scores, not calls
 
 
 def test_to_dict_is_strict_json() -> None:

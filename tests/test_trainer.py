@@ -14,6 +14,7 @@ import torch
 
 from ai.checkpoint import file_sha256, load_checkpoint, preprocess_config_for, save_checkpoint
 from ai.errors import NoLungsFound
+from ai.labels import Diagnosis
 from ai.model import ChannelAffine, ModelConfig, build_model
 from training.datasets import (
     Augmentation,
@@ -332,6 +333,17 @@ def test_single_task_ablations_train_and_evaluate(tmp_path: Path, cache: Path, t
     summary = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["summary"]
     assert (summary["classification"] is None) == (task == "seg")
     assert (summary["lvr_abs_error_points"] is None) == (task == "cls")
+    if task == "cls":  # at an operating point that calls a disease at any probability
+        args.disease_thresholds = [0.0, 0.0]
+        assert run_evaluate_command(args) == 0
+        report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+        assert report["disease_thresholds"] == [0.0, 0.0]
+        confusion = report["summary"]["classification"]["confusion"]
+        assert [row[Diagnosis.NON_PNEUMONIA] for row in confusion] == [0, 0, 0]
+        assert "operating point COVID-19 >= 0, CAP >= 0" in (
+            tmp_path / "eval" / "evaluation.txt").read_text()
+        args.disease_thresholds = [1.5, 0.5]
+        assert run_evaluate_command(args) == 2
 
 
 def test_kfold_trains_every_fold(tmp_path: Path, cache: Path) -> None:

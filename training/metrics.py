@@ -474,6 +474,8 @@ class ScanResult:
     lvr_true: float | None = None
     plr_pred: float | None = None
     plr_true: float | None = None
+    predicted: int | None = None
+    """The class called (at an operating point); None: the most probable one."""
 
 
 @dataclass(frozen=True)
@@ -540,7 +542,8 @@ def summarise(
     non-pneumonia scan with an empty truth and an empty prediction would score a perfect
     DSC and inflate the mean. Those scans are summarised apart in ``empty_truth``: how
     many, the fraction with any false-positive voxel and the mean false-positive volume.
-    Classification uses every scan with a label and probabilities.
+    Classification uses every scan with a label and probabilities, each scan called as
+    its ``predicted`` says (the most probable class where that is None).
     """
     seg = [r.segmentation for r in results if r.segmentation is not None]
     lesion_scans = [s for s in seg if s.truth_voxels > 0]
@@ -555,8 +558,11 @@ def summarise(
     labelled = [r for r in results if r.label is not None and r.probabilities is not None]
     classification = None
     if labelled:
+        called = [int(np.argmax(r.probabilities)) if r.predicted is None else r.predicted
+                  for r in labelled]
         classification = classification_scores(
-            [r.label for r in labelled], [r.probabilities for r in labelled], class_names
+            [r.label for r in labelled], [r.probabilities for r in labelled], class_names,
+            y_pred=called,
         )
     tolerances = {s.tolerance_mm for s in seg}
     if len(tolerances) > 1:

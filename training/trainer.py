@@ -56,6 +56,7 @@ from ai.infer import (
     DEFAULT_MIN_LESION_MM3,
     DEFAULT_THRESHOLD,
     analyse,
+    diagnose,
     predict,
     with_overlap,
 )
@@ -1082,7 +1083,8 @@ class _Overlay:
 
 
 def _case_result(
-    case: Case, ckpt: Checkpoint, truth_lungs: bool, threshold: float, mirror: bool = False
+    case: Case, ckpt: Checkpoint, truth_lungs: bool, threshold: float, mirror: bool = False,
+    disease_thresholds: Sequence[float] | None = None,
 ) -> tuple[ScanResult, np.ndarray, float]:
     """Score one case: (result, predicted lesion mask, seconds of inference)."""
     assert case.lung_mask is not None
@@ -1093,6 +1095,7 @@ def _case_result(
         analysis = analyse(
             case.volume_hu, case.spacing_mm, checkpoint=ckpt, lung_mask=lung_in,
             threshold=threshold, mirror=mirror, overlap=ckpt.preprocess.seg_overlap,
+            disease_thresholds=disease_thresholds,
         )  # fmt: skip
         pred_mask, stats = analysis.lesion_mask, analysis.stats
         probabilities = tuple(analysis.probabilities[name] for name in CLASS_NAMES)
@@ -1109,6 +1112,7 @@ def _case_result(
         if pred.probabilities is not None:
             probabilities = tuple(float(p) for p in pred.probabilities)
     seconds = time.perf_counter() - started
+    predicted = None if probabilities is None else int(diagnose(probabilities, disease_thresholds))
     truth = analyse_lesions(case.volume_hu, case.lesion_mask, case.lung_mask, case.spacing_mm)
     segmentation = None
     lvr_pred = plr_pred = None
@@ -1124,6 +1128,7 @@ def _case_result(
         case_id=case.case_id,
         label=None if case.label is None else int(case.label),
         probabilities=probabilities,
+        predicted=predicted,
         segmentation=segmentation,
         lvr_pred=lvr_pred,
         lvr_true=truth.lvr if stats is not None else None,
@@ -1155,15 +1160,21 @@ def evaluate(
     overlays: int = 4,
     mirror: bool = False,
     overlap: float | None = None,
+    disease_thresholds: Sequence[float] | None = None,
 ) -> tuple[EvaluationSummary, str]:
     """Evaluate a checkpoint on every case of ``data``: (summary, Table II-style text).
 
     The node's own pipeline (``ai.infer.analyse``) runs on each scan, lung segmentation
     included unless ``truth_lungs``; the truth LVR and PLR come from ``ai.analysis`` on
     the true masks. With ``out``: evaluation.json and evaluation.png are written there.
-    ``mirror`` and ``overlap`` (None: the checkpoint's own, on any device) as in
-    ``analyse``.
+    ``mirror`` and ``overlap`` (None: the checkpoint's own, on any device) and
+    ``disease_thresholds`` (the operating point, as ``[ai] disease_thresholds``; None:
+    the most probable class) as in ``analyse``.
     """
+    if disease_thresholds:
+        diagnose((0.0, 0.0, 1.0), disease_thresholds)  # two values, or a clear error now
+        if not all(0.0 <= t <= 1.0 for t in disease_thresholds):
+            raise ValueError(f"disease thresholds {list(disease_thresholds)} must be in [0, 1]")
     ckpt = with_overlap(load_checkpoint(checkpoint, device), overlap)
     source = open_data(list(data), cache_dir or default_cache_dir())
     results: list[ScanResult] = []
@@ -1177,7 +1188,7 @@ def evaluate(
             continue
         try:
             result, pred_mask, elapsed = _case_result(case, ckpt, truth_lungs, threshold,
-                                                      mirror)
+                                                      mirror, disease_thresholds)
         except InputVolumeError as exc:  # the node would refuse this scan: say so, go on
             logger.warning("evaluate: %s skipped: %s", case.case_id, exc)
             skipped[case.case_id] = str(exc)
@@ -1189,6 +1200,10 @@ def evaluate(
     summary = summarise(results)
     label = model_label(ckpt)
     table = format_table(summary, label=label)
+    if disease_thresholds:
+        table += ("\nDiagnosis at the operating point COVID-19 >= {:g}, CAP >= {:g}"
+                  " ([ai] disease_thresholds); AUC does not depend on it."
+                  ).format(*disease_thresholds)
     if skipped:
         table += (f"\nSkipped (the node refuses them, or they cannot be loaded):"
                   f" {', '.join(sorted(skipped))}")
@@ -1203,6 +1218,7 @@ def evaluate(
             "threshold": threshold,
             "mirror": mirror,
             "window_overlap": ckpt.preprocess.seg_overlap,
+            "disease_thresholds": list(disease_thresholds or []),
             "seconds_per_scan": float(np.mean(seconds)) if seconds else None,
             "skipped": skipped,
             "device": str(ckpt.device),
@@ -1527,6 +1543,15 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="segmentation windows overlapping by F, as [ai] window_overlap (default: the "
         "checkpoint's own, 0 for the shipped weights)",
     )
+    parser.add_argument(
+        "--disease-thresholds",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("COVID", "CAP"),
+        help="the operating point, as [ai] disease_thresholds: a disease is called from its "
+        "threshold on (default: the most probable class)",
+    )
 
 
 def run_evaluate_command(args: argparse.Namespace) -> int:
@@ -1536,6 +1561,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
             args.checkpoint, args.data, args.out, device=args.device, workers=args.workers,
             cache_dir=args.cache_dir, truth_lungs=args.truth_lungs, threshold=args.threshold,
             overlays=args.overlays, mirror=args.mirror, overlap=args.overlap,
+            disease_thresholds=args.disease_thresholds,
         )  # fmt: skip
     except (DatasetError, ValueError, CheckpointError) as exc:
         logger.error("evaluate: %s", exc)
