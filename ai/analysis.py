@@ -206,6 +206,16 @@ def _bbox2d(mask2d: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | Non
 # --------------------------------------------------------------------------- analysis
 
 
+def check_settings(peripheral_mm: float, consolidation_hu: float) -> None:
+    """Refuse settings `analyse_lesions` cannot use (callers check before the network
+    runs, not after)."""
+    # A negative band would shrink the lesions' crops and silently drop lesions.
+    if not (math.isfinite(peripheral_mm) and peripheral_mm >= 0):
+        raise ValueError(f"peripheral_mm {peripheral_mm!r} must be a finite number >= 0")
+    if not math.isfinite(consolidation_hu):
+        raise ValueError(f"consolidation_hu {consolidation_hu!r} must be finite")
+
+
 def analyse_lesions(
     volume_hu: np.ndarray,
     lesion_mask: np.ndarray,
@@ -228,11 +238,7 @@ def analyse_lesions(
             raise ValueError(f"{name} shape {tuple(arr.shape)} != volume shape {shape}")
     if lung_sides is not None and tuple(lung_sides.shape) != shape:
         raise ValueError(f"lung_sides shape {tuple(lung_sides.shape)} != volume shape {shape}")
-    # A negative band would shrink the lesions' crops and silently drop lesions.
-    if not (math.isfinite(peripheral_mm) and peripheral_mm >= 0):
-        raise ValueError(f"peripheral_mm {peripheral_mm!r} must be a finite number >= 0")
-    if not math.isfinite(consolidation_hu):
-        raise ValueError(f"consolidation_hu {consolidation_hu!r} must be finite")
+    check_settings(peripheral_mm, consolidation_hu)
     spacing = _spacing(spacing_mm)
     voxel_ml = math.prod(spacing) / 1000.0
     lung = np.asarray(lung_mask, dtype=bool)

@@ -40,6 +40,7 @@ from ai.analysis import (
     LesionStats,
     ScanAnalysis,
     analyse_lesions,
+    check_settings,
     remove_small_components,
 )
 from ai.checkpoint import Checkpoint, CheckpointError, load_checkpoint
@@ -177,6 +178,7 @@ def analyse(
         raise ValueError(f"threshold {threshold} must be in (0, 1)")
     if not min_lesion_mm3 >= 0.0:
         raise ValueError(f"min_lesion_mm3 {min_lesion_mm3} must be >= 0")
+    check_settings(peripheral_mm, consolidation_hu)
     _check_batch(batch_size)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -289,6 +289,22 @@ def test_bad_input_is_refused(ckpt: Checkpoint) -> None:
         infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=1.0)
 
 
+def test_bad_analysis_settings_are_refused_before_the_network_runs(
+    ckpt: Checkpoint, monkeypatch: Any
+) -> None:
+    vol, lungs = chest()
+
+    def must_not_run(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the network ran")
+
+    monkeypatch.setattr(infer, "_predict", must_not_run)
+    with pytest.raises(ValueError, match="peripheral_mm"):
+        infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, peripheral_mm=-1.0)
+    with pytest.raises(ValueError, match="consolidation_hu"):
+        infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs,
+                      consolidation_hu=float("nan"))
+
+
 def test_lungs_are_segmented_when_not_given(ckpt: Checkpoint) -> None:
     vol, _ = chest(size=96)
     a = infer.analyse(vol, (8.0, 4.0, 4.0), checkpoint=ckpt)  # a chest-sized volume
