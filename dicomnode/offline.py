@@ -24,6 +24,7 @@ from dicomnode.config import Settings
 from dicomnode.pipeline import analyse_volume, build_outputs
 from dicomnode.scu import dicom_files
 from dicomnode.volume import SeriesRejected, read_series
+from storage.filestore import InvalidUID, check_uid
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,10 @@ def run_offline(
     summaries, failed = [], 0
     for uid, files in sorted(series.items()):
         try:
-            summaries.append(_analyse_series(uid, files, out / uid, settings, model))
-        except (SeriesRejected, InputVolumeError) as exc:
+            # The UID names the output folder: "../x" or "/etc" must not lead out of `out`.
+            folder = out / check_uid("SeriesInstanceUID", uid)
+            summaries.append(_analyse_series(uid, files, folder, settings, model))
+        except (SeriesRejected, InputVolumeError, InvalidUID) as exc:
             failed += 1
             summaries.append({"series_instance_uid": uid, "error": str(exc)})
         except Exception as exc:  # one broken series must not cost the others' results

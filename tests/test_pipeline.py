@@ -567,6 +567,25 @@ def test_offline_infer_goes_on_after_a_series_that_breaks(
     assert len(list((tmp_path / "out").iterdir())) == 1
 
 
+def test_offline_infer_writes_nothing_outside_its_folder(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A series UID that is a path ("../escaped") is refused, not followed."""
+    from dicomnode.config import Settings
+
+    for path in write_ct_series(tmp_path / "in", slices=24, size=64, seed=7):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = "../escaped"
+        ds.save_as(path)
+    code = run_offline([tmp_path / "in"], tmp_path / "out", Settings(base_dir=tmp_path),
+                       checkpoint=tiny_checkpoint, device="cpu")
+    assert code == 1
+    assert "../escaped: NOT ANALYSED: SeriesInstanceUID '../escaped' is not a valid DICOM UID" \
+        in capsys.readouterr().out
+    assert not (tmp_path / "escaped").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_worker_warm_up_loads_the_model_and_runs_every_encoder(
     tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
