@@ -52,7 +52,7 @@ class Node:
         if requeued or failed:
             logger.warning("%d job(s) interrupted by the last shutdown queued again, %d"
                            " failed (claimed max_attempts times)", requeued, failed)
-        logger.info("index %s: %s", self.settings.database_url,
+        logger.info("index %s: %s", self.index.shown_url,
                     counts_line(self.index.counts()))
         try:
             self.scp.start()

@@ -9,6 +9,7 @@ which is what lets a restart resume exactly where the node stopped.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -418,11 +419,18 @@ def _progress(job_id: int, since: datetime, series: Series, study_uid: str,
     )
 
 
+def shown_url(text: str) -> str:
+    """`text` with the password of any database URL in it masked, for messages and logs
+    ("postgresql://dicom:***@host/db"): a driver's error may quote the URL too."""
+    return re.sub(r"(://[^/:@]*:)[^/]*@", r"\1***@", text)
+
+
 class StudyIndex:
     """Open (creating or migrating) the index at a SQLAlchemy URL."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.shown_url = shown_url(url)
         self._sqlite = url.startswith("sqlite")
         kwargs: dict[str, Any] = {}
         if self._sqlite:
@@ -430,7 +438,9 @@ class StudyIndex:
         try:
             self.engine: Engine = create_engine(url, **kwargs)
         except (ArgumentError, ImportError) as exc:  # a malformed URL, a missing driver
-            raise IndexUnavailable(f"cannot open the study index {url!r}: {exc}") from None
+            raise IndexUnavailable(
+                f"cannot open the study index {self.shown_url!r}: {shown_url(str(exc))}"
+            ) from None
         if self._sqlite and _in_memory(self.engine.url):
             raise IndexUnavailable(
                 f"the study index {url!r} is in memory: every connection would see its own "
@@ -450,7 +460,7 @@ class StudyIndex:
         except OperationalError as exc:  # unreachable server, unwritable file ...
             self.engine.dispose()
             raise IndexUnavailable(
-                f"cannot open the study index {url!r}: {exc.orig or exc}"
+                f"cannot open the study index {self.shown_url!r}: {shown_url(str(exc.orig or exc))}"
             ) from None
 
     def close(self) -> None:
@@ -484,7 +494,7 @@ class StudyIndex:
             version = int(row) if row is not None else SCHEMA_VERSION
             if version > SCHEMA_VERSION:
                 raise SchemaVersionError(
-                    f"index {self.url} has schema version {version}, newer than this "
+                    f"index {self.shown_url} has schema version {version}, newer than this "
                     f"dicomnode's {SCHEMA_VERSION}: upgrade dicomnode"
                 )
             while version < SCHEMA_VERSION:

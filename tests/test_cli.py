@@ -139,9 +139,11 @@ def test_an_index_that_cannot_be_opened_is_a_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "node.toml"
-    config.write_text('[storage]\ndatabase_url = "postgresql+nodriver://u@127.0.0.1:1/db"\n')
+    config.write_text('[storage]\ndatabase_url = "postgresql+nodriver://u:S3cr@t@127.0.0.1:1/db"\n')
     assert main(["status", "--config", str(config)]) == 1
-    assert "cannot open the study index" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot open the study index 'postgresql+nodriver://u:***@127.0.0.1:1/db'" in err
+    assert "S3cr" not in err  # the password stays out of messages and logs
     with pytest.raises(IndexUnavailable, match="unable to open database file"):
         StudyIndex(f"sqlite:///{tmp_path / 'missing-folder' / 'index.sqlite'}")
     config.write_text('[storage]\ndatabase_url = "sqlite://"\n')
