@@ -7,6 +7,10 @@ the node's start); the sending association
 was released and the series has been idle for `release_grace_seconds`; the series has
 been idle for `quiet_seconds`. Timers are the index's persisted timestamps, so they
 resume across a restart. A late instance re-opens the Job (see storage.index).
+
+A series with instances the node refused for want of resources (disk space, a failed
+write) and has not received since is incomplete: only the deadline closes it, and then
+as skipped (`dicomnode.rules`), so no partial volume is analysed and sent to the PACS.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ def completion_rule(
     the moment it starts, before its sender has had a chance to reconnect and go on. Nor
     does the deadline count the time the node was down once the sender goes on: it runs
     from the start for a series that was collecting then."""
-    if started_at is not None and series.last_received_at < started_at:
+    resumed = started_at is not None and series.last_received_at < started_at
+    if resumed and not series.refused_instances:
         if now - started_at < timedelta(seconds=rules.quiet_seconds):
             return None
         return CompletionRule.QUIET
@@ -45,6 +50,8 @@ def completion_rule(
         collecting_since = max(collecting_since, started_at)
     if now - collecting_since >= timedelta(seconds=rules.max_wait_seconds):
         return CompletionRule.MAX_WAIT
+    if series.refused_instances:  # the sender may send them again: wait for them
+        return None
     if (
         series.released_at is not None
         and series.released_at >= series.last_received_at

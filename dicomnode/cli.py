@@ -66,6 +66,9 @@ def _status_table(rows: list[dict[str, object]]) -> str:
     lines = [header]
     for r in rows:
         why = str(r["reason"] or r["completion_rule"])
+        if r.get("refused_instances") and r["state"] == "collecting":
+            why = (f"waiting for {r['refused_instances']} refused instance(s) (disk space,"
+                   " a failed write) to be sent again")
         result = r["result"]
         if isinstance(result, dict):  # what the AI found, for a done job
             plr = "n/a" if result["plr"] is None else f"{100 * result['plr']:.0f}%"

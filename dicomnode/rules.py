@@ -36,6 +36,10 @@ def slice_normal_angle_deg(orientation: tuple[float, ...]) -> float | None:
 
 def skip_reason(series: SeriesProgress, rules: SeriesConfig) -> str | None:
     """None when the series qualifies; otherwise why it is skipped, naming the rule."""
+    if series.refused_instances:
+        return (f"incomplete: {series.refused_instances} instance(s) refused for want of disk"
+                " space or a failed write were not sent again within max_wait_seconds;"
+                " send the series again")
     modalities = [m.upper() for m in rules.modalities]
     if series.modality.upper() not in modalities:
         return f"modalities: {series.modality or 'no modality'} is not one of {modalities}"

@@ -326,11 +326,14 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int:
         calling_aet = event.assoc.requestor.ae_title
-        if self.filestore.free_bytes() < self.min_free_bytes:
-            logger.error("C-STORE from %s refused: free disk below min_free_disk_mb (%d MB)",
-                         calling_aet, self.settings.storage.min_free_disk_mb)
-            return STATUS_OUT_OF_RESOURCES
+        free = self.filestore.free_bytes()
         encoded = event.encoded_dataset()
+        if free < self.min_free_bytes:
+            reason = (f"free disk {free // 2**20} MB, below min_free_disk_mb"
+                      f" ({self.settings.storage.min_free_disk_mb} MB)")
+            logger.error("C-STORE from %s refused: %s", calling_aet, reason)
+            self._record_refused(encoded, event.context.transfer_syntax, calling_aet, reason)
+            return STATUS_OUT_OF_RESOURCES
         try:
             header = read_header(encoded, event.context.transfer_syntax)
             study_uid, series_uid, sop_uid = placing_uids(header)
@@ -346,8 +349,10 @@ class StorageSCP:
                 record, indexed_at = self._store(
                     encoded, header, event.context.transfer_syntax, calling_aet, relpath,
                     earlier[0] if earlier else None)
-        except Exception:
+        except Exception as exc:
             logger.exception("C-STORE of %s failed to persist", sop_uid)
+            self._record_refused(encoded, event.context.transfer_syntax, calling_aet,
+                                 f"not stored: {exc}")
             return STATUS_OUT_OF_RESOURCES
         # The index's own receive time of the association's latest new instance of the
         # series (None: it only re-sent stored ones): a release marks the series only if
@@ -355,6 +360,18 @@ class StorageSCP:
         # association's C-STOREs come one at a time.
         sent[series_uid] = (record, indexed_at or (earlier[1] if earlier else None))
         return STATUS_SUCCESS
+
+    def _record_refused(self, encoded: bytes, transfer_syntax_uid: str, calling_aet: str,
+                        reason: str) -> None:
+        """Note a refused instance in the index, so that its series waits for it to be sent
+        again instead of being analysed without it. Best effort: a full disk may refuse
+        the note too (logged; the sender still has the refusal)."""
+        try:
+            _, series_uid, sop_uid = placing_uids(read_header(encoded, transfer_syntax_uid))
+            self.index.record_refused(series_uid, sop_uid, calling_aet, reason)
+        except Exception as exc:
+            logger.error("the refusal could not be noted in the index (%s): its series may"
+                         " be analysed without the refused instance", exc)
 
     def _store(self, encoded: bytes, header: Dataset, transfer_syntax_uid: str,
                calling_aet: str, relpath: str, same_series: InstanceRecord | None

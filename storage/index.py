@@ -51,6 +51,7 @@ from storage.models import (
     JobState,
     Meta,
     Patient,
+    RefusedInstance,
     Result,
     Series,
     Study,
@@ -117,6 +118,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: None,  # 2 adds the result and export tables only
     2: _add_collecting_since,
     3: _patient_id_not_unique,
+    4: lambda conn: None,  # 5 adds the refused_instance table only
 }
 OWN_OUTPUT = "output of this node (not analysed)"
 
@@ -242,6 +244,8 @@ class SeriesProgress:
     released_at: datetime | None
     sop_classes: tuple[str, ...] = ()
     """The distinct SOP classes of its instances."""
+    refused_instances: int = 0
+    """Its instances refused for want of resources and not received since."""
 
 
 @dataclass(frozen=True)
@@ -398,8 +402,22 @@ def _sop_classes(session: Session, series_pks: Sequence[int]) -> dict[int, tuple
     return {pk: tuple(sorted(classes)) for pk, classes in found.items()}
 
 
+def _refused_counts(session: Session, series_uids: Sequence[str]) -> dict[str, int]:
+    """Per series, its instances refused for want of resources and not stored since."""
+    found = dict.fromkeys(series_uids, 0)
+    if series_uids:
+        stored = exists().where(Instance.sop_instance_uid == RefusedInstance.sop_instance_uid)
+        for uid, count in session.execute(
+            select(RefusedInstance.series_instance_uid, func.count())
+            .where(RefusedInstance.series_instance_uid.in_(series_uids), ~stored)
+            .group_by(RefusedInstance.series_instance_uid)
+        ):
+            found[uid] = int(count)
+    return found
+
+
 def _progress(job_id: int, since: datetime, series: Series, study_uid: str,
-              sop_classes: tuple[str, ...]) -> SeriesProgress:
+              sop_classes: tuple[str, ...], refused: int) -> SeriesProgress:
     """A collecting series as the assembler sees it, from its index row."""
     return SeriesProgress(
         job_id=job_id,
@@ -416,6 +434,7 @@ def _progress(job_id: int, since: datetime, series: Series, study_uid: str,
         last_received_at=series.last_received_at,
         released_at=series.released_at,
         sop_classes=sop_classes,
+        refused_instances=refused,
     )
 
 
@@ -777,8 +796,25 @@ class StudyIndex:
                 .order_by(Job.id)
             ).all()
             classes = _sop_classes(session, [s.id for _, _, s, _ in rows])
-        return [_progress(job_id, since, s, study_uid, classes[s.id])
+            refused = _refused_counts(session, [s.series_instance_uid for _, _, s, _ in rows])
+        return [_progress(job_id, since, s, study_uid, classes[s.id],
+                          refused[s.series_instance_uid])
                 for job_id, since, s, study_uid in rows]
+
+    def record_refused(self, series_instance_uid: str, sop_instance_uid: str,
+                       calling_aet: str, reason: str, now: datetime | None = None) -> None:
+        """Note an instance refused for want of resources: its series waits for it."""
+        now = now or utcnow()
+        with self._write() as session:
+            row = session.scalar(select(RefusedInstance)
+                                 .where(RefusedInstance.sop_instance_uid == sop_instance_uid))
+            if row is None:
+                row = RefusedInstance(sop_instance_uid=sop_instance_uid)
+                session.add(row)
+            row.series_instance_uid = series_instance_uid
+            row.calling_aet = calling_aet
+            row.refused_at = now
+            row.reason = reason
 
     def close_collecting_job(
         self,
@@ -797,9 +833,11 @@ class StudyIndex:
             if job is None or job.state != JobState.COLLECTING:
                 return None
             series = job.series
+            uid = series.series_instance_uid
             decision = decide(_progress(job.id, job.collecting_since or job.created_at, series,
                                         series.study.study_instance_uid,
-                                        _sop_classes(session, [series.id])[series.id]))
+                                        _sop_classes(session, [series.id])[series.id],
+                                        _refused_counts(session, [uid])[uid]))
             if decision is None:
                 return None
             rule, skip_reason = decision
@@ -1313,7 +1351,9 @@ class StudyIndex:
                 .order_by(Series.last_received_at.desc())
                 .limit(limit)
             ).all()
-        return [_series_row(*row) for row in rows]
+            refused = _refused_counts(session, [row[0].series_instance_uid for row in rows])
+        return [_series_row(*row) | {"refused_instances": refused[row[0].series_instance_uid]}
+                for row in rows]
 
 
 def _series_row(

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped by every change to the tables; `storage.index` migrates or refuses older files."""
 
 UID = String(64)  # DICOM UI VR: at most 64 characters
@@ -137,6 +137,21 @@ class Instance(Base):
     calling_aet: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[datetime] = mapped_column(DateTime)
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class RefusedInstance(Base):
+    """An instance refused for want of resources (0xA700: free disk below the limit, a
+    write that failed): until the sender sends it again its series is incomplete, and is
+    not analysed (`dicomnode.assembler`). Keyed by UIDs, not by a Series row: the first
+    instance of a series may be the one refused."""
+
+    __tablename__ = "refused_instance"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    refused_at: Mapped[datetime] = mapped_column(DateTime)
+    reason: Mapped[str] = mapped_column(Text, default="")
 
 
 class Job(Base):

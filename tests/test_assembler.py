@@ -45,6 +45,20 @@ def test_release_shortens_the_wait_only_after_the_grace() -> None:
     assert completion_rule(stale, RULES, at(5)) is None
 
 
+def test_a_series_with_refused_instances_waits_for_them_until_the_deadline() -> None:
+    """Instances refused for want of disk space: no quiet period or release completes the
+    series (it would be analysed without them); the deadline skips it, saying why."""
+    short = series(refused_instances=16, instance_count=14, released_at=at(0.5))
+    assert completion_rule(short, RULES, at(599)) is None
+    assert completion_rule(short, RULES, at(599), started_at=at(300)) is None  # after a restart
+    assert completion_rule(short, RULES, at(600)) == CompletionRule.MAX_WAIT
+    reason = skip_reason(short, RULES)
+    assert reason is not None and reason.startswith("incomplete: 16 instance(s) refused")
+    assert "send the series again" in reason
+    assert completion_rule(replace(short, refused_instances=0), RULES, at(2)) == \
+        CompletionRule.RELEASE  # sent again since: complete as usual
+
+
 def test_after_a_restart_the_quiet_period_counts_from_the_start() -> None:
     """The node was down for an hour: the series is not completed the moment it starts
     (its sender may reconnect and go on), but a quiet period later."""

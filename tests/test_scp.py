@@ -27,7 +27,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from dicomnode.cli import main
+from dicomnode.cli import _status_table, main
 from dicomnode.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -288,13 +288,39 @@ def test_disk_watermark_answers_out_of_resources(
     assert _raw_store(node, path) == 0
 
 
+def test_refused_instances_hold_their_series_until_they_are_sent_again(
+    start_node: Callable[..., Node], ct_series_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills in the middle of a series: the refused instances are noted, so the
+    series waits for them (`dicomnode.assembler`) instead of being analysed without them;
+    once sent again it is whole."""
+    node = start_node(storage={"min_free_disk_mb": 100})
+    paths = sorted(ct_series_dir.glob("*.dcm"))[:5]
+    for path in paths[:3]:
+        assert _raw_store(node, path) == 0
+    monkeypatch.setattr(node.filestore, "free_bytes", lambda: 99 * 1024 * 1024)
+    for path in paths[3:]:
+        assert _raw_store(node, path) == STATUS_OUT_OF_RESOURCES
+    (collecting,) = node.index.collecting_series()
+    assert collecting.instance_count == 3 and collecting.refused_instances == 2
+    (row,) = node.index.series_status()
+    assert row["refused_instances"] == 2
+    assert "waiting for 2 refused instance(s)" in _status_table([row])
+    monkeypatch.setattr(node.filestore, "free_bytes", lambda: 101 * 1024 * 1024)
+    for path in paths[3:]:
+        assert _raw_store(node, path) == 0
+    (collecting,) = node.index.collecting_series()
+    assert collecting.instance_count == 5 and collecting.refused_instances == 0
+
+
 def test_failed_write_is_out_of_resources_and_the_resend_is_stored_whole(
     start_node: Callable[..., Node], ct_series_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A write that fails half-way leaves no row; the sender's retry replaces the half
     file and is indexed."""
     node = start_node()
-    path = next(ct_series_dir.glob("*.dcm"))
+    first, path = sorted(ct_series_dir.glob("*.dcm"))[:2]
+    assert _raw_store(node, first) == 0
     real_create = node.filestore.create
 
     def disk_fails_midway(relpath: str, data: bytes, *, exclusive: bool = False) -> int:
@@ -305,6 +331,8 @@ def test_failed_write_is_out_of_resources_and_the_resend_is_stored_whole(
     assert _raw_store(node, path) == STATUS_OUT_OF_RESOURCES
     uid = pydicom.dcmread(path).SOPInstanceUID
     assert node.index.find_instance(uid) is None
+    (collecting,) = node.index.collecting_series()  # waits for the refused instance
+    assert (collecting.instance_count, collecting.refused_instances) == (1, 1)
     monkeypatch.setattr(node.filestore, "create", real_create)
     assert _raw_store(node, path) == 0
     stored = node.index.find_instance(uid)
@@ -312,7 +340,7 @@ def test_failed_write_is_out_of_resources_and_the_resend_is_stored_whole(
     assert pydicom.dcmread(node.filestore.path(stored.path)).PixelData == pydicom.dcmread(
         path).PixelData
     (series,) = node.index.series_status()
-    assert series["instances"] == 1
+    assert (series["instances"], series["refused_instances"]) == (2, 0)
 
 
 def test_resend_over_a_damaged_stored_file_writes_it_again(
