@@ -1147,7 +1147,7 @@ class StudyIndex:
 
     def delete_studies(self, study_instance_uids: Sequence[str]) -> int:
         """Remove studies from the index with everything that hangs from them (series,
-        instances, jobs, results, deliveries; a patient left without studies); returns
+        instances, refusals, jobs, results, deliveries; a patient left without studies); returns
         how many were found. Their files are the caller's (`FileStore.remove`, first)."""
         found = 0
         with self._write() as session:
@@ -1164,6 +1164,9 @@ class StudyIndex:
                 session.execute(delete(Result).where(Result.job_pk.in_(jobs)))
                 session.execute(delete(Job).where(Job.series_pk.in_(series)))
                 session.execute(delete(Instance).where(Instance.series_pk.in_(series)))
+                session.execute(delete(RefusedInstance).where(
+                    RefusedInstance.series_instance_uid.in_(
+                        select(Series.series_instance_uid).where(Series.study_pk == study_pk))))
                 session.execute(delete(Series).where(Series.study_pk == study_pk))
                 session.execute(delete(Study).where(Study.id == study_pk))
                 if not session.scalar(select(Study.id).where(Study.patient_pk == patient_pk)

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event, select, text
 
 from dicomnode.assembler import SeriesAssembler, completion_rule
 from dicomnode.config import SeriesConfig
 from storage.index import ClaimedJob, InstanceRecord, SchemaVersionError, StudyIndex
-from storage.models import SCHEMA_VERSION, CompletionRule, JobState
+from storage.models import SCHEMA_VERSION, CompletionRule, JobState, RefusedInstance
 from tests.conftest import complete_job
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
@@ -364,6 +364,8 @@ def test_purge_removes_only_studies_idle_since_the_cutoff(index: StudyIndex) -> 
     _analysed(index, "9.2", old, delivered=False)  # its delivery still pending: stays
     _analysed(index, "9.3", recent)  # recent: stays
     add(index, 1, old, series="9.4.1", study="9.4")  # still collecting: stays
+    index.record_refused("9.1.1", "9.1.99", "CT1", "disk", now=old)
+    index.record_refused("9.4.1", "9.4.99", "CT1", "disk", now=old)
     cutoff = recent - timedelta(days=30)
     [idle] = index.idle_studies(cutoff)
     assert idle.study_instance_uid == "9.1" and idle.paths == ("p/1",)
@@ -373,6 +375,9 @@ def test_purge_removes_only_studies_idle_since_the_cutoff(index: StudyIndex) -> 
     assert index.counts()["patients"] == 1  # the patient has other studies
     assert all(e["study_instance_uid"] != "9.1" for e in index.export_status())
     assert index.idle_studies(cutoff) == []
+    with index.engine.connect() as conn:  # the purged series' refusal went with it
+        assert conn.execute(select(RefusedInstance.sop_instance_uid)).scalars().all() == [
+            "9.4.99"]
 
 
 def test_add_instance_returns_the_receive_time_it_wrote(index: StudyIndex) -> None:
