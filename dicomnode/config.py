@@ -15,6 +15,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,11 @@ class NodeConfig:
     allowed_calling_aets: list[str] = _doc(
         "Calling AE titles allowed to connect; empty allows any caller.", []
     )
+    allowed_peers: list[str] = _doc(
+        "IP addresses or networks (CIDR, e.g. 10.1.2.0/24) allowed to connect; empty allows"
+        " any host. The calling AE title is the sender's own to choose; its address is not.",
+        [],
+    )
     check_called_aet: bool = _doc("Reject associations whose Called AE is not ae_title.", True)
     tls_cert: str = _doc("PEM certificate; tls_cert and tls_key set turn TLS on.", "")
     tls_key: str = _doc("PEM private key of tls_cert.", "")
@@ -98,10 +104,22 @@ class NodeConfig:
     )
     log_level: str = _doc("Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
 
+    def peer_networks(self) -> list[IPv4Network | IPv6Network]:
+        """`allowed_peers` parsed (a bare address is a network of one)."""
+        networks = []
+        for value in self.allowed_peers:
+            try:
+                networks.append(ip_network(value, strict=False))
+            except ValueError:
+                raise ConfigError(f"node.allowed_peers: {value!r} is not an IP address or"
+                                  " network (e.g. 10.1.2.3 or 10.1.2.0/24)") from None
+        return networks
+
     def __post_init__(self) -> None:
         check_ae_title("node.ae_title", self.ae_title)
         for title in self.allowed_calling_aets:
             check_ae_title("node.allowed_calling_aets", title)
+        self.peer_networks()  # each one parses
         _check_range("node.port", self.port, 0, 65535)
         _check_range("node.max_associations", self.max_associations, 1, 10_000)
         _check_range("node.acse_timeout_s", self.acse_timeout_s, 0.1)
@@ -358,6 +376,7 @@ class Destination:
         if not self.host.strip():
             raise ConfigError(f"destinations[{self.name}].host is empty: expected a host name"
                               " or address")
+        _check_host(f"destinations[{self.name}].host", self.host)
         _check_range(f"destinations[{self.name}].port", self.port, 1, 65535)
         if not self.outputs:
             raise ConfigError(f"destinations[{self.name}].outputs is empty: the destination"
@@ -499,6 +518,23 @@ def settings_from_mapping(data: dict[str, Any], base_dir: Path) -> Settings:
     if len(set(names)) != len(names):
         raise ConfigError(f"destinations.name: names must be unique, got {names}")
     return Settings(**sections, destinations=destinations, base_dir=base_dir)
+
+
+_HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*\.?$")
+
+
+def _check_host(name: str, host: str) -> None:
+    """A host name (RFC 1123) or an IP address; "10.0.0.1:104" or "dicom://pacs" would
+    only fail at the first delivery, to be retried for a day."""
+    try:
+        ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not _HOST_NAME.match(host):
+        raise ConfigError(f"{name} = {host!r}: expected a host name or IP address alone"
+                          " (the port goes in `port`)")
 
 
 def load_settings(path: Path | None) -> Settings:

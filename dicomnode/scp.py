@@ -20,9 +20,11 @@ import ssl
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.association import ServiceUser
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -240,6 +243,45 @@ def same_data_set(stored: bytes, received: bytes) -> bool:
         return False
 
 
+def peer_allowed(host: str, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
+    """Whether `host` (an IP address as the socket gives it) lies in one of `networks`; an
+    IPv4 address seen through a dual-stack socket (::ffff:10.1.2.3) counts as itself."""
+    try:
+        address = ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+class _PeerFilteringServer(ThreadedAssociationServer):
+    """Closes a connection from a host outside `[node] allowed_peers` as it is accepted,
+    before any DICOM is read from it (socketserver's `verify_request`)."""
+
+    allowed_peers: Sequence[IPv4Network | IPv6Network] = ()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not self.allowed_peers:
+            return True
+        host = str(client_address[0] if isinstance(client_address, tuple) else client_address)
+        if peer_allowed(host, self.allowed_peers):
+            return True
+        logger.warning("connection from %s refused: not in [node] allowed_peers", host)
+        return False
+
+
+class _NodeAE(AE):
+    """pynetdicom's AE whose servers filter their peers by address."""
+
+    allowed_peers: Sequence[IPv4Network | IPv6Network] = ()
+
+    def make_server(self, address: Any, **kwargs: Any) -> ThreadedAssociationServer:
+        server = super().make_server(address, **(kwargs | {"server_class": _PeerFilteringServer}))
+        server.allowed_peers = self.allowed_peers  # before its thread accepts anything
+        return server
+
+
 class StorageSCP:
     """Receives instances into the file store and the index."""
 
@@ -262,7 +304,8 @@ class StorageSCP:
                                           thread_name_prefix="sha256")
 
     def _make_ae(self, config: NodeConfig) -> AE:
-        ae = AE(ae_title=config.ae_title)
+        ae = _NodeAE(ae_title=config.ae_title)
+        ae.allowed_peers = config.peer_networks()
         ae.maximum_associations = config.max_associations
         ae.require_calling_aet = list(config.allowed_calling_aets)
         ae.require_called_aet = config.check_called_aet
@@ -292,12 +335,16 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_ended),
             (evt.EVT_CONN_CLOSE, self._on_ended),
+            (evt.EVT_REJECTED, self._on_rejected),
         ]
         self._server = self.ae.start_server(
             (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=context
         )
         logger.info("storage SCP %s listening on %s:%d%s", node.ae_title, node.host, self.port,
                     " (TLS)" if context else "")
+        if not node.allowed_peers and not node.allowed_calling_aets:
+            logger.warning("any host that reaches port %d may store to this node: set [node]"
+                           " allowed_peers (addresses) and allowed_calling_aets", self.port)
 
     def stop(self, drain_seconds: float = DRAIN_SECONDS) -> None:
         """Stop listening, give the associations in progress `drain_seconds` to finish,
@@ -461,10 +508,26 @@ class StorageSCP:
             logger.info("association from %s released after sending %d series",
                         event.assoc.requestor.ae_title, len(series))
 
+    def _on_rejected(self, event: evt.Event) -> None:
+        """A refused association leaves a trace: who asked, from where, and why (pynetdicom
+        says only "Rejecting Association", at INFO, below the node's level for it)."""
+        requestor, answer = event.assoc.requestor, event.assoc.acceptor.primitive
+        called = getattr(requestor.primitive, "called_ae_title", "?")
+        why = (f"{answer.result_str}, {answer.reason_str}" if answer is not None
+               else "rejected")
+        logger.warning("association from %s at %s (called AE %s) rejected: %s",
+                       requestor.ae_title, _peer_address(requestor), called, why)
+
     def _on_ended(self, event: evt.Event) -> None:
         """Aborted or dropped: the sender may not be done, so no release signal."""
         with self._assoc_lock:
             self._assoc_series.pop(id(event.assoc), None)
+
+
+def _peer_address(user: ServiceUser) -> str:
+    """The peer's IP address and port, for the log ("?" when not known)."""
+    info = user.address_info
+    return f"{info.address}:{info.port}" if info is not None else "?"
 
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF

@@ -109,7 +109,7 @@ def echo(peer: Peer, calling_aet: str = "DICOMNODE", timeout_s: float = 10.0,
     ae.add_requested_context(Verification)
     assoc = _associate(ae, peer, tls)
     if not assoc.is_established:
-        raise ConnectionError(f"association with {peer} was rejected or could not be made")
+        raise ConnectionError(_association_failure(assoc, peer)[0])
     try:
         status = assoc.send_c_echo()
     finally:

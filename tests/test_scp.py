@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import ssl
 import subprocess
@@ -28,10 +29,12 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicomnode.cli import _status_table, main
+from dicomnode.config import NodeConfig
 from dicomnode.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
     instance_record,
+    peer_allowed,
     read_complete_file,
     read_header,
 )
@@ -146,8 +149,11 @@ def test_echo_from_dcmtk_and_pynetdicom(node: Node) -> None:
 
 
 def test_calling_ae_allow_list_and_called_ae_check(
-    start_node: Callable[..., Node], ct_series_dir: Path
+    start_node: Callable[..., Node], ct_series_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Refused associations are refused, and logged with who asked, from where and why;
+    `dicomnode echo` says why too."""
+    caplog.set_level(logging.WARNING, logger="dicomnode.scp")
     node = start_node(node={"allowed_calling_aets": ["CT_SCANNER"]})
     files = sorted(ct_series_dir.glob("*.dcm"))[:1]
     rejected = storescu(node, files, calling="INTRUDER")
@@ -156,9 +162,44 @@ def test_calling_ae_allow_list_and_called_ae_check(
     assert node.index.counts()["instances"] == 0
     wrong_called = storescu(node, files, calling="CT_SCANNER", called="SOMEONE_ELSE")
     assert wrong_called.returncode != 0
+    with pytest.raises(ConnectionError, match="Calling AE title not recognised"):
+        echo(peer_of(node), calling_aet="OTHER")
+    logged = [r.getMessage() for r in caplog.records if "rejected:" in r.getMessage()]
+    assert len(logged) == 3
+    assert logged[0].startswith("association from INTRUDER at 127.0.0.1:")
+    assert logged[0].endswith("rejected: Rejected Permanent, Calling AE title not recognised")
+    assert "(called AE SOMEONE_ELSE)" in logged[1] and "Called AE title not recognised" in logged[1]
     accepted = storescu(node, files, calling="CT_SCANNER")
     assert accepted.returncode == 0, accepted.stderr
     assert node.index.counts()["instances"] == 1
+
+
+def test_peer_address_allow_list(
+    start_node: Callable[..., Node], ct_series_dir: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    """A host outside `allowed_peers` is disconnected before any DICOM; a host inside
+    stores as usual. (A calling AE title is the sender's to choose; an address is not.)"""
+    caplog.set_level(logging.WARNING, logger="dicomnode.scp")
+    elsewhere = start_node(node={"allowed_peers": ["10.0.0.0/8"]})
+    with pytest.raises(ConnectionError, match="could not associate"):
+        echo(peer_of(elsewhere))
+    assert any(r.getMessage() == "connection from 127.0.0.1 refused: not in [node] allowed_peers"
+               for r in caplog.records)
+    here = start_node(node={"allowed_peers": ["10.0.0.0/8", "127.0.0.0/8"]},
+                      storage={"data_dir": str(tmp_path / "data-here")})
+    files = sorted(ct_series_dir.glob("*.dcm"))[:1]
+    assert storescu(here, files).returncode == 0
+    assert here.index.counts()["instances"] == 1
+
+
+@pytest.mark.parametrize(("host", "allowed"), [
+    ("10.1.2.3", True), ("10.1.3.3", False), ("::ffff:10.1.2.3", True), ("fd00::5", True),
+    ("fe80::1%eth0", False), ("not an address", False),
+])
+def test_peer_allowed(host: str, allowed: bool) -> None:
+    networks = NodeConfig(allowed_peers=["10.1.2.0/24", "fd00::/8"]).peer_networks()
+    assert peer_allowed(host, networks) is allowed
 
 
 def test_tls_association(start_node: Callable[..., Node], ct_series_dir: Path,
