@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import logging
+import shutil
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -105,13 +106,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         problem = index.model_problem()
     finally:
         index.close()
+    disk = None
+    if settings.data_dir.is_dir():  # with a server database the files may be elsewhere
+        disk = {"free_mb": shutil.disk_usage(settings.data_dir).free // 2**20,
+                "min_free_disk_mb": settings.storage.min_free_disk_mb}
     if args.json:
         print(json.dumps({"counts": counts, "series": rows, "exports": exports,
                           "model_problem": None if problem is None else {
-                              "since": problem[0].isoformat(), "reason": problem[1]}},
-                         indent=2))
+                              "since": problem[0].isoformat(), "reason": problem[1]},
+                          "disk": disk}, indent=2))
     else:
         print(counts_line(counts))
+        if disk is not None:
+            print(f"disk: {disk['free_mb']} MB free in {settings.data_dir}"
+                  + (" - BELOW min_free_disk_mb: every C-STORE is refused"
+                     if disk["free_mb"] < disk["min_free_disk_mb"]
+                     else f" (C-STOREs refused below {disk['min_free_disk_mb']} MB)"))
         if problem is not None:
             print(f"AI: the model has not loaded since {problem[0].isoformat()[:19]} UTC"
                   f" (queued series wait; the workers try every 30 s): {problem[1]}")

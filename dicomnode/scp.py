@@ -397,7 +397,10 @@ class StorageSCP:
                     encoded, header, event.context.transfer_syntax, calling_aet, relpath,
                     earlier[0] if earlier else None)
         except Exception as exc:
-            logger.exception("C-STORE of %s failed to persist", sop_uid)
+            if isinstance(exc, OSError):  # a full or failing disk: the cause, no traceback
+                logger.error("C-STORE of %s from %s not stored: %s", sop_uid, calling_aet, exc)
+            else:
+                logger.exception("C-STORE of %s failed to persist", sop_uid)
             self._record_refused(encoded, event.context.transfer_syntax, calling_aet,
                                  f"not stored: {exc}")
             return STATUS_OUT_OF_RESOURCES

@@ -67,6 +67,12 @@ class Node:
                 raise OSError(exc.errno, f"the storage SCP cannot listen on {node.host}:"
                               f"{node.port} ([node] host, port): {exc.strerror}") from exc
             raise
+        free_mb = self.filestore.free_bytes() // 2**20
+        if free_mb < self.settings.storage.min_free_disk_mb:
+            logger.warning("data_dir %s has %d MB free, below [storage] min_free_disk_mb (%d"
+                           " MB): every C-STORE is refused (0xA700) until space is freed",
+                           self.settings.data_dir, free_mb,
+                           self.settings.storage.min_free_disk_mb)
         self.assembler.check()
         self.assembler.start()
         self.exporter.start()

@@ -71,9 +71,27 @@ def test_status_echo_and_send_against_a_node(
     assert report["counts"]["instances"] == 8
     (series,) = report["series"]
     assert (series["state"], series["instances"], series["modality"]) == ("collecting", 8, "CT")
+    assert report["disk"]["free_mb"] > 0 and report["disk"]["min_free_disk_mb"] == 1024
     assert main(["status", "--config", str(config)]) == 0
     table = capsys.readouterr().out
     assert "collecting" in table and series["series_instance_uid"] in table
+    assert f"MB free in {node.settings.data_dir}" in table.splitlines()[1]
+
+
+def test_status_and_start_say_when_the_disk_is_below_the_limit(
+    start_node: Callable[..., Node], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A node that refuses every C-STORE for want of disk space says so where the
+    administrator looks: at start, in the log, and in `dicomnode status`."""
+    caplog.set_level(logging.WARNING, logger="dicomnode.service")
+    node = start_node(storage={"min_free_disk_mb": 10**9})  # 1 PB
+    assert any("every C-STORE is refused (0xA700)" in r.getMessage() for r in caplog.records)
+    config = tmp_path / "node.toml"
+    config.write_text(f'[storage]\ndata_dir = "{node.settings.data_dir}"\n'
+                      "min_free_disk_mb = 1000000000\n")
+    assert main(["status", "--config", str(config)]) == 0
+    assert "BELOW min_free_disk_mb: every C-STORE is refused" in capsys.readouterr().out
 
 
 def test_unreachable_peer_and_bad_peer_syntax(capsys: pytest.CaptureFixture[str]) -> None:
