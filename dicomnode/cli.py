@@ -101,7 +101,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     index = StudyIndex(url)
     try:
-        counts, rows = index.counts(), index.series_status(limit=args.limit)
+        counts = index.counts()
+        rows = index.series_status(limit=args.limit, own_outputs=args.all)
         exports = index.export_status(limit=args.limit)
         problem = index.model_problem()
     finally:
@@ -398,6 +399,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=50, help="most recent series to list")
+    p.add_argument("--all", action="store_true",
+                   help="also list the node's own output series (SEG, SR, key images, PDF)")
     p.set_defaults(func=cmd_status)
 
     for name, helptext in (("echo", "C-ECHO a DICOM node"), ("send", "C-STORE files to a node")):

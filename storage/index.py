@@ -1330,14 +1330,21 @@ class StudyIndex:
                 select(Job.state, func.count(Job.id)).group_by(Job.state)
             ):
                 totals[f"jobs_{state.value}"] = n
+            # The node's own outputs are stored as skipped series: counted apart, so that
+            # "skipped" counts the series the rules turned down.
+            own = session.scalar(select(func.count(Job.id)).where(Job.reason == OWN_OUTPUT))
+            if own:
+                totals["jobs_skipped"] -= own
+                totals["own_output_series"] = own
             for export_state, n in session.execute(
                 select(Export.state, func.count(Export.id)).group_by(Export.state)
             ):
                 totals[f"exports_{export_state.value}"] = n
         return totals
 
-    def series_status(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The most recently active series with their current job, newest first."""
+    def series_status(self, limit: int = 100, own_outputs: bool = True) -> list[dict[str, Any]]:
+        """The most recently active series with their current job, newest first; without
+        the node's own output series (SEG, SR, key images, PDF) unless `own_outputs`."""
         latest_job = (
             select(Job.series_pk, func.max(Job.id).label("job_id"))
             .group_by(Job.series_pk)
@@ -1351,6 +1358,7 @@ class StudyIndex:
                 .outerjoin(latest_job, latest_job.c.series_pk == Series.id)
                 .outerjoin(Job, Job.id == latest_job.c.job_id)
                 .outerjoin(Result, Result.job_pk == Job.id)
+                .where(true() if own_outputs else or_(Job.id.is_(None), Job.reason != OWN_OUTPUT))
                 .order_by(Series.last_received_at.desc())
                 .limit(limit)
             ).all()
@@ -1399,6 +1407,8 @@ def counts_line(counts: dict[str, int], states: Sequence[JobState] = tuple(JobSt
     jobs = ", ".join(
         f"{s.value} {counts[f'jobs_{s.value}']}" for s in states if counts.get(f"jobs_{s.value}")
     )
+    if counts.get("own_output_series"):
+        jobs += f"{', ' if jobs else ''}own outputs {counts['own_output_series']}"
     exports = ", ".join(
         f"{s.value} {counts[f'exports_{s.value}']}" for s in ExportState
         if counts.get(f"exports_{s.value}")

@@ -40,7 +40,7 @@ from dicomnode.scp import (
 )
 from dicomnode.scu import Peer, echo, send
 from dicomnode.service import Node
-from storage.index import OWN_OUTPUT, utcnow
+from storage.index import OWN_OUTPUT, counts_line, utcnow
 from storage.models import CompletionRule, JobState
 from tests.conftest import dcmtk_tool, node_settings, self_signed_certificate, write_ct_series
 
@@ -560,6 +560,12 @@ def test_the_nodes_own_output_coming_back_is_stored_and_never_analysed(
     [row] = [r for r in node.index.series_status()
              if r["series_instance_uid"] == ds.SeriesInstanceUID]
     assert row["state"] == "skipped" and row["reason"] == OWN_OUTPUT
+    # `dicomnode status` lists and counts them apart (--all shows them)
+    assert all(r["series_instance_uid"] != ds.SeriesInstanceUID
+               for r in node.index.series_status(own_outputs=False))
+    counts = node.index.counts()
+    assert counts["own_output_series"] == 1 and not counts.get("jobs_skipped")
+    assert counts_line(counts).endswith("jobs: own outputs 1")
 
 
 def test_later_instances_of_a_series_take_its_series_attributes(ct_series_dir: Path) -> None:
