@@ -18,6 +18,7 @@ from dicomnode import __version__
 from dicomnode.config import (
     ConfigError,
     Settings,
+    StorageConfig,
     check_ae_title,
     load_settings,
     render_config_toml,
@@ -335,7 +336,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_init_config(args: argparse.Namespace) -> int:
-    text = render_config_toml()
+    sections: dict[str, object] = {}
+    if args.data_dir is not None:  # absolute: a relative one resolves against the file's folder
+        sections["storage"] = StorageConfig(data_dir=str(args.data_dir.resolve()))
+    text = render_config_toml(sections)
     if args.output == Path("-"):
         sys.stdout.write(text)
         return 0
@@ -478,6 +482,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("output", type=Path, nargs="?", default=DEFAULT_CONFIG,
                    help="where to write it ('-' for stdout; default ./config.toml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                   help="[storage] data_dir to write, made absolute (default ./dicomnode-data,"
+                   " relative to the config file's folder)")
     p.set_defaults(func=cmd_init_config)
     return parser
 

@@ -573,8 +573,11 @@ def _render_fields(instance: Any, commented: bool = False) -> list[str]:
     return lines
 
 
-def render_config_toml() -> str:
-    """The commented default configuration (what `dicomnode init-config` writes)."""
+def render_config_toml(sections: dict[str, object] | None = None) -> str:
+    """The commented default configuration (what `dicomnode init-config` writes), with
+    the values of any section given in `sections` (e.g. a `StorageConfig` with its
+    `data_dir`)."""
+    given = sections or {}
     out = [
         "# dicomnode configuration. Every key is optional; shown here with its default.",
         "# Relative paths are taken from this file's directory.",
@@ -583,7 +586,7 @@ def render_config_toml() -> str:
     for name, cls in _SECTIONS.items():
         out.append(f"# {cls.__doc__}")
         out.append(f"[{name}]")
-        out.extend(_render_fields(cls()))
+        out.extend(_render_fields(given.get(name) or cls()))
         out.append("")
     out.append(f"# {Destination.__doc__}")
     out.append("# Zero or more tables; uncomment and edit to export results to a PACS.")

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from dicomnode.cli import build_parser, main, setup_logging
-from dicomnode.config import render_config_toml, settings_from_mapping
+from dicomnode.config import StorageConfig, load_settings, render_config_toml, settings_from_mapping
 from dicomnode.service import Node
 from storage.errors import IndexUnavailable
 from storage.index import StudyIndex
@@ -46,6 +46,12 @@ def test_init_config_writes_the_documented_defaults(tmp_path: Path) -> None:
     assert target.read_text() == render_config_toml()
     assert main(["init-config", str(target)]) == 1  # no silent overwrite
     assert main(["init-config", str(target), "--force"]) == 0
+    # a service's config in /etc names its data directory absolutely
+    assert main(["init-config", str(target), "--force", "--data-dir", "srv/dicomnode"]) == 0
+    settings = load_settings(target)
+    assert settings.data_dir == (Path.cwd() / "srv" / "dicomnode").resolve()
+    assert target.read_text() == render_config_toml(
+        {"storage": StorageConfig(data_dir=str(settings.data_dir))})
 
 
 def test_config_error_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
