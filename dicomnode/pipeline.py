@@ -400,6 +400,11 @@ class Pipeline:
 
     def _notify_failure(self, job: ClaimedJob, reason: str) -> None:
         if self.settings.pipeline.failure_notice and self.settings.destinations:
+            earlier = self.index.earlier_result_at(job.series_instance_uid, job.job_id)
+            if earlier is not None:  # a new pass after instances came: say what stands
+                reason += (f". The series was analysed on {earlier:%Y-%m-%d %H:%M} UTC; that"
+                           " result refers to its instances as they were then, not to those"
+                           " received since")
             try:
                 self._send_failure_notice(job, reason)
             except Exception:

@@ -934,6 +934,18 @@ class StudyIndex:
             session.flush()
             return result.id
 
+    def earlier_result_at(self, series_instance_uid: str, job_id: int) -> datetime | None:
+        """When the series' latest result before job `job_id` was made (an earlier pass that
+        was done), or None."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(Result.created_at).join(Job, Result.job_pk == Job.id)
+                .join(Series, Job.series_pk == Series.id)
+                .where(Series.series_instance_uid == series_instance_uid, Job.id < job_id,
+                       Job.state == JobState.DONE)
+                .order_by(Job.id.desc()).limit(1)
+            )
+
     def result_for_job(self, job_id: int) -> ResultRecord | None:
         with self._sessions() as session:
             row = session.scalar(select(Result).where(Result.job_pk == job_id))

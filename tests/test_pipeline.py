@@ -18,6 +18,7 @@ from typing import Any
 import pydicom
 import pytest
 import torch
+from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 import dicomnode.pipeline as pipeline_module
@@ -410,6 +411,34 @@ def test_a_result_of_part_of_a_series_is_dropped_when_the_rest_arrives(
     assert node.index.result_for_job(part.job_id) is None
     assert node.index.export_status() == [] and pacs.received == []
     assert _job_rows(node, series_uid)["instances"] == 24
+
+
+def test_a_new_pass_that_fails_says_that_the_earlier_result_stands_for_what_it_saw(
+    start_node: Callable[..., Node], tiny_checkpoint: Path, pacs: Collector, tmp_path: Path,
+) -> None:
+    """A series analysed and delivered gets one more instance (here a second copy of a
+    slice under a new UID); its new pass fails. The failure notice must not read as if the
+    series had never been analysed."""
+    node, series_uid, _ = _node_with_a_queued_job(start_node, tiny_checkpoint, pacs, tmp_path)
+    notify = dataclasses.replace(node.settings.pipeline, failure_notice=True)
+    pipeline = Pipeline(dataclasses.replace(node.settings, pipeline=notify), node.index,
+                        node.filestore, node.exporter)
+    first = node.index.claim_next_job("test")
+    assert first is not None and pipeline.run_job(first) == JobState.DONE
+    stray = pydicom.dcmread(sorted((tmp_path / "ct").glob("*.dcm"))[3])
+    stray.SOPInstanceUID = generate_uid()
+    stray.save_as(tmp_path / "stray.dcm", enforce_file_format=True)
+    peer = Peer("DICOMNODE", "127.0.0.1", node.scp.port)
+    assert send([tmp_path / "stray.dcm"], peer).sent == 1
+    wait_for(lambda: _job_rows(node, series_uid)["state"] == "queued", timeout=30)
+    second = node.index.claim_next_job("test")
+    assert second is not None and pipeline.run_job(second) == JobState.FAILED
+    wait_for(lambda: any("not analysed" in str(ds.get("SeriesDescription", ""))
+                         for ds in pacs.of_class(COMPREHENSIVE_SR)), timeout=15)
+    [notice] = [ds for ds in pacs.of_class(COMPREHENSIVE_SR)
+                if "not analysed" in str(ds.get("SeriesDescription", ""))]
+    text = notice.ContentSequence[0].TextValue
+    assert "The series was analysed on " in text and "not to those received since" in text
 
 
 def _claimed(completed_at: datetime) -> ClaimedJob:
