@@ -39,7 +39,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     path: Path | None = args.config
     if path is None and DEFAULT_CONFIG.exists():
         path = DEFAULT_CONFIG
-    return load_settings(path)
+    settings = load_settings(path)
+    if path is None:  # said, so that a forgotten --config is not a silent empty node
+        print(f"no --config and no ./{DEFAULT_CONFIG}: the defaults, data in"
+              f" {settings.data_dir}", file=sys.stderr)
+    return settings
 
 
 def setup_logging(level: str) -> None:

@@ -263,3 +263,14 @@ def test_status_says_when_the_model_does_not_load(
     assert main(["status", "--config", str(config), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)["model_problem"]
     assert shown["reason"] == "checkpoint weights/modle.pt not found"
+
+
+def test_no_config_anywhere_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A forgotten --config must not look like an empty node without a word."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["status"]) == 0
+    captured = capsys.readouterr()
+    assert f"no --config and no ./config.toml: the defaults, data in {tmp_path}" in captured.err
+    assert "the node has not run" in captured.out
