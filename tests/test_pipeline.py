@@ -596,6 +596,7 @@ def test_offline_infer_goes_on_after_a_series_that_breaks(
     assert len(list((tmp_path / "out").iterdir())) == 1
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom's, on the bad UID
 def test_offline_infer_writes_nothing_outside_its_folder(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -604,8 +605,7 @@ def test_offline_infer_writes_nothing_outside_its_folder(
 
     for path in write_ct_series(tmp_path / "in", slices=24, size=64, seed=7):
         ds = pydicom.dcmread(path)
-        with pytest.warns(UserWarning, match="Invalid value for VR UI"):  # as a sender might
-            ds.SeriesInstanceUID = "../escaped"
+        ds.SeriesInstanceUID = "../escaped"
         ds.save_as(path)
     code = run_offline([tmp_path / "in"], tmp_path / "out", Settings(base_dir=tmp_path),
                        checkpoint=tiny_checkpoint, device="cpu")
