@@ -119,6 +119,11 @@ class LungConfig:
         scan from apex to base has no lung on the image edge and little on its end slices
         (the phantoms: 0.4-0.6 % of the surface, 7-12 % of the largest cross-section, in
         the costophrenic recesses).
+    caveat_side_ratio: one lung found alone, or one below this fraction of the other's
+        volume, gives a `Caveat`: the lung mask leaves out what is not aerated (collapse,
+        consolidation, fluid) and what is as dark as air (a giant bulla), so the measures
+        may cover only part of the lungs (left/right 0.8-0.9 in adults; the phantoms
+        0.83-0.97).
     """
 
     air_hu: float = -400.0
@@ -140,6 +145,7 @@ class LungConfig:
     max_end_slice_fraction: float = 0.5
     caveat_cut_fraction: float = 0.03
     caveat_end_slice_fraction: float = 0.25
+    caveat_side_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         positive = (
@@ -245,13 +251,22 @@ def label_lungs(
     candidates &= ~gas
     try:
         sides, merged = _select_lungs(hu, candidates, comps.body_mid_x, grid, cfg)
-    except NoLungsFound:
+    except NoLungsFound as exc:
         _raise_if_lungs_cut_everywhere(hu, comps, grid, cfg)
+        dark_ml = np.count_nonzero(comps.labels_mask(lung_ids)) * grid.voxel_ml
+        if dark_ml >= cfg.min_lung_volume_ml:  # enclosed air enough, none of lung density
+            raise NoLungsFound(
+                f"{exc} The body encloses {dark_ml:.0f} mL of air, all of it darker than"
+                f" aerated lung (median below {cfg.min_lung_median_hu:.0f} HU): pure air (bowel"
+                " gas, a pneumothorax, an air phantom), or lungs of very severe emphysema,"
+                " which this segmentation cannot tell from air."
+            ) from None
         raise
     sides = _close_and_fill(sides, airway, gas, comps.body_mid_x, grid, cfg)
     sides[outside_fov] = 0
     outside = comps.labels_mask(comps.border & ~lung_ids) | outside_fov
     cut, end, caveats = _check_field_of_view(sides > 0, outside, grid.spacing, cfg)
+    caveats += _side_caveats(sides, grid.voxel_ml, cfg)
     full = _to_full_resolution(volume_hu, sides, air, airway | gas, grid, cfg.air_hu,
                                cfg.outside_fov_hu)
     log.debug(
@@ -664,9 +679,7 @@ def _select_lungs(
     first_right = below_mid >= 0.5  # lower columns: the patient's right
     sides[labels == first] = LungSide.RIGHT if first_right else LungSide.LEFT
     second = _second_lung(labels, objects, lung_like, volume_ml, first, first_right, mid, cfg)
-    if second is None:
-        log.warning("only one lung found (%.0f mL)", volume_ml[first])
-    else:
+    if second is not None:  # else one lung only: `_side_caveats` says so
         sides[labels == second] = LungSide.LEFT if first_right else LungSide.RIGHT
     return sides, False
 
@@ -912,6 +925,33 @@ def _check_field_of_view(
             " volume, LVR and PLR refer to the imaged part of the lungs.",
         ))
     return cut.fraction, end, tuple(caveats)
+
+
+def _side_caveats(sides: np.ndarray, voxel_ml: float, cfg: LungConfig) -> tuple[Caveat, ...]:
+    """A caveat when one lung is missing or far smaller than the other: what the mask
+    left out (collapsed, consolidated, fluid-filled or air-dark lung) is out of every
+    measure, and nothing else would tell the reader."""
+    volumes = {side: np.count_nonzero(sides == side) * voxel_ml for side in LungSide}
+    small, large = sorted(LungSide, key=lambda side: volumes[side])
+    name = {LungSide.RIGHT: "right", LungSide.LEFT: "left"}
+    if volumes[small] == 0:
+        return (Caveat(
+            f"Only the {name[large]} lung found: measures cover it alone",
+            f"Only the {name[large]} lung was found ({volumes[large]:.0f} mL). The other may"
+            " have been removed, or be collapsed, filled by consolidation or fluid, or as dark"
+            " as air (a giant bulla, severe emphysema): the lung mask leaves such parts out."
+            f" Lung volume, lesion volume, LVR and PLR refer to the {name[large]} lung.",
+        ),)
+    ratio = volumes[small] / volumes[large]
+    if ratio >= cfg.caveat_side_ratio:
+        return ()
+    return (Caveat(
+        f"{name[small].capitalize()} lung small: dense parts may be left out",
+        f"The {name[small]} lung measures {volumes[small]:.0f} mL, {100 * ratio:.0f} % of the"
+        f" {name[large]} ({volumes[large]:.0f} mL). Part of it may be collapsed, consolidated,"
+        " behind fluid or as dark as air, which the lung mask leaves out: lesion volume, LVR"
+        " and PLR may then be underestimated or off.",
+    ),)
 
 
 def _raise_if_lungs_cut_everywhere(

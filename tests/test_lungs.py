@@ -399,6 +399,40 @@ def test_chest_with_airless_lungs_is_refused(phantoms: dict[str, Phantom]) -> No
         segment_lungs(vol, p.spacing_mm)
 
 
+def test_lungs_of_pure_air_density_are_named_as_a_possible_cause() -> None:
+    """Lungs darker than aerated lung (very severe emphysema) cannot be told from air:
+    the refusal says so instead of only asking whether this is a chest CT."""
+    p = generate_phantom("normal", 2, slices=48, size=128)
+    vol = p.volume_hu.astype(np.float32)
+    vol[p.lung_mask] = np.random.default_rng(0).uniform(-1000, -975, int(p.lung_mask.sum()))
+    with pytest.raises(NoLungsFound, match="darker than aerated lung .* very severe emphysema"):
+        segment_lungs(vol, p.spacing_mm)
+
+
+def test_one_lung_missing_or_much_smaller_comes_with_a_caveat(
+    phantoms: dict[str, Phantom]
+) -> None:
+    """The mask leaves out lung that is not aerated: a lung removed or filled, or mostly
+    consolidated, must be said, since every measure then covers less than the lungs."""
+    p = phantoms["normal"]
+    sides = label_lungs(p.volume_hu, p.spacing_mm).sides
+    left = p.lung_mask & (sides == LungSide.LEFT)
+    filled = p.volume_hu.copy()
+    filled[left] = 40  # removed (pneumonectomy) or white-out
+    [caveat] = label_lungs(filled, p.spacing_mm).caveats
+    assert caveat.short == "Only the right lung found: measures cover it alone"
+    assert "refer to the right lung" in caveat.detail
+    posterior = left & (np.arange(left.shape[1])[None, :, None]
+                        > np.quantile(np.nonzero(left)[1], 0.3))
+    consolidated = p.volume_hu.copy()
+    consolidated[posterior] = 35  # the posterior 70 % of the left lung
+    result = label_lungs(consolidated, p.spacing_mm)
+    [caveat] = result.caveats
+    assert caveat.short == "Left lung small: dense parts may be left out"
+    right, small = (np.count_nonzero(result.sides == side) for side in LungSide)
+    assert small / right < LungConfig().caveat_side_ratio
+
+
 def test_volume_not_in_hu_is_refused(chest: Chest) -> None:
     """Stored values without the rescale (0..4095, air ~ 24): no air below -400."""
     with pytest.raises(NoLungsFound, match="in HU"):
