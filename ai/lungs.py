@@ -124,6 +124,11 @@ class LungConfig:
         consolidation, fluid) and what is as dark as air (a giant bulla), so the measures
         may cover only part of the lungs (left/right 0.8-0.9 in adults; the phantoms
         0.83-0.97).
+    caveat_pleural_air_ml, pleural_band_mm: one connected layer of air as dark as pure air
+        (below `min_lung_median_hu`) this large, within `pleural_band_mm` of the lung
+        mask's surface, gives a `Caveat`: a pneumothorax or a large bulla, counted as lung
+        (the phantoms: none; pneumothoraces made on them, a 5 mm rim or a 25 mm anterior
+        pocket: about 300 mL; emphysema down to -990 HU: scattered, at most about 35 mL).
     """
 
     air_hu: float = -400.0
@@ -146,6 +151,8 @@ class LungConfig:
     caveat_cut_fraction: float = 0.03
     caveat_end_slice_fraction: float = 0.25
     caveat_side_ratio: float = 0.5
+    caveat_pleural_air_ml: float = 100.0
+    pleural_band_mm: float = 10.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -267,6 +274,7 @@ def label_lungs(
     outside = comps.labels_mask(comps.border & ~lung_ids) | outside_fov
     cut, end, caveats = _check_field_of_view(sides > 0, outside, grid.spacing, cfg)
     caveats += _side_caveats(sides, grid.voxel_ml, cfg)
+    caveats += _pleural_air_caveats(hu, sides > 0, grid, cfg)
     full = _to_full_resolution(volume_hu, sides, air, airway | gas, grid, cfg.air_hu,
                                cfg.outside_fov_hu)
     log.debug(
@@ -951,6 +959,32 @@ def _side_caveats(sides: np.ndarray, voxel_ml: float, cfg: LungConfig) -> tuple[
         f" {name[large]} ({volumes[large]:.0f} mL). Part of it may be collapsed, consolidated,"
         " behind fluid or as dark as air, which the lung mask leaves out: lesion volume, LVR"
         " and PLR may then be underestimated or off.",
+    ),)
+
+
+def _pleural_air_caveats(
+    hu: np.ndarray, lung: np.ndarray, grid: _Grid, cfg: LungConfig
+) -> tuple[Caveat, ...]:
+    """A caveat when a large connected layer of pure air lies in the lung mask along its
+    surface: a pneumothorax (or a large bulla), which the mask counts as lung."""
+    dark = lung & (hu < cfg.min_lung_median_hu)
+    if np.count_nonzero(dark) * grid.voxel_ml < cfg.caveat_pleural_air_ml:
+        return ()  # not even that much pure air in all the lungs (most scans)
+    box = bounding_box(lung)
+    assert box is not None
+    depth = ndi.distance_transform_edt(np.pad(lung[box], 1), sampling=grid.spacing)
+    layer = dark[box] & (depth[1:-1, 1:-1, 1:-1] <= cfg.pleural_band_mm)
+    labels, n = ndi.label(layer, structure=_FACE6)
+    if n == 0:
+        return ()
+    largest_ml = float(np.bincount(labels.ravel())[1:].max()) * grid.voxel_ml
+    if largest_ml < cfg.caveat_pleural_air_ml:
+        return ()
+    return (Caveat(
+        "Pure air along the chest wall counted as lung",
+        f"{largest_ml:.0f} mL of air as dark as pure air lies in one layer along the lung's"
+        " surface, inside the lung mask: a pneumothorax or a large bulla? It is counted as"
+        " lung, so lung volume is overstated and LVR understated by as much.",
     ),)
 
 

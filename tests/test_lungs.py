@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from ai.errors import (
     ImplausibleSpacing,
@@ -431,6 +432,21 @@ def test_one_lung_missing_or_much_smaller_comes_with_a_caveat(
     assert caveat.short == "Left lung small: dense parts may be left out"
     right, small = (np.count_nonzero(result.sides == side) for side in LungSide)
     assert small / right < LungConfig().caveat_side_ratio
+
+
+def test_a_pneumothorax_counted_as_lung_comes_with_a_caveat() -> None:
+    """Air between a collapsing lung and the chest wall is enclosed like lung: the mask
+    takes it in, and the report must say so (lung volume up, LVR down)."""
+    p = generate_phantom("normal", 1, slices=64, size=256)  # 1.2 mm pixels, 5 mm slices
+    sides = label_lungs(p.volume_hu, p.spacing_mm).sides
+    left = p.lung_mask & (sides == LungSide.LEFT)
+    depth = ndi.distance_transform_edt(left, sampling=(1e3, *p.spacing_mm[1:]))  # in-plane
+    pleural_air = left & (depth <= 5.0)  # the lung 5 mm away from the wall all round
+    with_air = p.volume_hu.copy()
+    with_air[pleural_air] = -1000
+    result = label_lungs(with_air, p.spacing_mm)
+    assert [c.short for c in result.caveats] == ["Pure air along the chest wall counted as lung"]
+    assert "a pneumothorax or a large bulla?" in result.caveats[0].detail
 
 
 def test_volume_not_in_hu_is_refused(chest: Chest) -> None:
