@@ -257,7 +257,8 @@ def label_lungs(
     gas = _gas_pockets(comps, airway_ids, candidates, hu, grid, cfg)
     candidates &= ~gas
     try:
-        sides, merged = _select_lungs(hu, candidates, comps.body_mid_x, grid, cfg)
+        sides, merged, cut_at_middle = _select_lungs(hu, candidates, comps.body_mid_x, grid,
+                                                     cfg)
     except NoLungsFound as exc:
         _raise_if_lungs_cut_everywhere(hu, comps, grid, cfg)
         dark_ml = np.count_nonzero(comps.labels_mask(lung_ids)) * grid.voxel_ml
@@ -274,6 +275,14 @@ def label_lungs(
     outside = comps.labels_mask(comps.border & ~lung_ids) | outside_fov
     cut, end, caveats = _check_field_of_view(sides > 0, outside, grid.spacing, cfg)
     caveats += _side_caveats(sides, grid.voxel_ml, cfg)
+    if cut_at_middle:
+        caveats += (Caveat(
+            "Lung sides uncertain: split at the body's middle",
+            "One air region holds lung on both sides of the body's middle, and no narrowing"
+            " separates two lungs in it (one lung crossing the middle, as after a"
+            " pneumonectomy?); it was split at the middle, so the side given for each lesion"
+            " may be wrong. Volumes and ratios of both lungs together are not affected.",
+        ),)
     caveats += _pleural_air_caveats(hu, sides > 0, grid, cfg)
     full = _to_full_resolution(volume_hu, sides, air, airway | gas, grid, cfg.air_hu,
                                cfg.outside_fov_hu)
@@ -649,9 +658,10 @@ def _select_lungs(
     body_mid_x: np.ndarray,
     grid: _Grid,
     cfg: LungConfig,
-) -> tuple[np.ndarray, bool]:
-    """Working-grid side labels (uint8) of the lungs among the candidate air, and whether
-    they were merged into one component."""
+) -> tuple[np.ndarray, bool, bool]:
+    """Working-grid side labels (uint8) of the lungs among the candidate air, whether
+    they were merged into one component, and whether that one was split at the body's
+    middle for want of a narrowing between two lungs."""
     labels, n = ndi.label(candidates, structure=_FACE6)
     volume_ml = np.bincount(labels.ravel(), minlength=n + 1) * grid.voxel_ml
     volume_ml[0] = 0.0
@@ -681,15 +691,15 @@ def _select_lungs(
     below_mid = cols[: max(0, min(len(cols), int(round(mid)) - box[2].start))].sum() / cols.sum()
     sides = np.zeros(labels.shape, dtype=np.uint8)
     if min(below_mid, 1.0 - below_mid) >= cfg.merged_min_fraction:
-        sides[box] = _split_merged(part, grid.spacing, mid - box[2].start)
-        return sides, True
+        sides[box], separated = _split_merged(part, grid.spacing, mid - box[2].start)
+        return sides, True, not separated
 
     first_right = below_mid >= 0.5  # lower columns: the patient's right
     sides[labels == first] = LungSide.RIGHT if first_right else LungSide.LEFT
     second = _second_lung(labels, objects, lung_like, volume_ml, first, first_right, mid, cfg)
     if second is not None:  # else one lung only: `_side_caveats` says so
         sides[labels == second] = LungSide.LEFT if first_right else LungSide.RIGHT
-    return sides, False
+    return sides, False, False
 
 
 def _midline(body_mid_x: np.ndarray, zs: slice, width: int) -> float:
@@ -728,8 +738,11 @@ def _second_lung(
     return None
 
 
-def _split_merged(part: np.ndarray, spacing: Sequence[float], mid: float) -> np.ndarray:
-    """Side labels for one component holding both lungs (cropped to its box).
+def _split_merged(
+    part: np.ndarray, spacing: Sequence[float], mid: float
+) -> tuple[np.ndarray, bool]:
+    """Side labels for one component holding both lungs (cropped to its box), and whether
+    an erosion separated them.
 
     The component is eroded (distance threshold) until it falls apart into two cores on
     both sides of the middle; every voxel then goes to the nearer core. If no erosion
@@ -760,11 +773,11 @@ def _split_merged(part: np.ndarray, spacing: Sequence[float], mid: float) -> np.
         log.debug("merged lungs: no erosion separates them, split at the body middle")
         cols = np.broadcast_to(np.arange(part.shape[2]), part.shape)
         out[part] = np.where(cols[part] < mid, LungSide.RIGHT, LungSide.LEFT)
-        return out
+        return out, False
     _, index = ndi.distance_transform_edt(cores == 0, sampling=spacing, return_indices=True)
     nearest = cores[tuple(index)]
     out[part] = nearest[part]
-    return out
+    return out, True
 
 
 # --------------------------------------------------------------------------- closing

@@ -291,9 +291,22 @@ def test_hand_built_chest(chest: Chest) -> None:
 def test_merged_lungs_are_split() -> None:
     c = build_chest(lung_gap_mm=-10.0)
     result = label_lungs(c.volume_hu, c.spacing_mm)
-    assert result.merged
+    assert result.merged and result.caveats == ()  # a narrowing separates them
     for side in LungSide:
         assert dice(result.sides == side, c.sides == side) >= 0.95
+
+
+def test_one_air_region_without_a_narrowing_is_split_with_a_caveat() -> None:
+    """Lungs fused so broadly that no erosion separates them (or one lung crossing the
+    body's middle, as after a pneumonectomy): split at the middle, and the lesion sides
+    said to be uncertain."""
+    c = build_chest(lung_gap_mm=-70.0)
+    result = label_lungs(c.volume_hu, c.spacing_mm)
+    assert result.merged
+    assert [caveat.short for caveat in result.caveats] == [
+        "Lung sides uncertain: split at the body's middle"]
+    assert "Volumes and ratios of both lungs together are not affected" in (
+        result.caveats[0].detail)
 
 
 def test_dense_consolidation_against_the_ribs_stays_in() -> None:
