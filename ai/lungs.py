@@ -60,6 +60,7 @@ from enum import IntEnum
 import numpy as np
 from scipy import ndimage as ndi
 from scipy import sparse
+from scipy.spatial import cKDTree
 
 from ai.errors import LungsCutOff, NoLungsFound
 from ai.preprocess import check_volume
@@ -129,6 +130,13 @@ class LungConfig:
         mask's surface, gives a `Caveat`: a pneumothorax or a large bulla, counted as lung
         (the phantoms: none; pneumothoraces made on them, a 5 mm rim or a 25 mm anterior
         pocket: about 300 mL; emphysema down to -990 HU: scattered, at most about 35 mL).
+    caveat_dependent_mm, bone_hu: when the median distance from a lung's posterior edge
+        (its last voxel down each image column: rows run front to back, the scan supine
+        as `dicomnode.volume` turns it) to the nearest bone (above `bone_hu`: the ribs,
+        the spine) exceeds this, dense tissue lies between that lung and its posterior
+        chest wall: a dependent consolidation or an effusion, left out of the mask, gives
+        a `Caveat` (the phantoms: 4.6-6.6 mm; the posterior quarter of both lungs
+        consolidated: 22 mm, a sixth: 14 mm; effusions of a third: 14-30 mm).
     """
 
     air_hu: float = -400.0
@@ -153,6 +161,8 @@ class LungConfig:
     caveat_side_ratio: float = 0.5
     caveat_pleural_air_ml: float = 100.0
     pleural_band_mm: float = 10.0
+    caveat_dependent_mm: float = 15.0
+    bone_hu: float = 200.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -284,6 +294,7 @@ def label_lungs(
             " may be wrong. Volumes and ratios of both lungs together are not affected.",
         ),)
     caveats += _pleural_air_caveats(hu, sides > 0, grid, cfg)
+    caveats += _dependent_caveats(hu, sides, grid, cfg)
     full = _to_full_resolution(volume_hu, sides, air, airway | gas, grid, cfg.air_hu,
                                cfg.outside_fov_hu)
     log.debug(
@@ -999,6 +1010,49 @@ def _pleural_air_caveats(
         " surface, inside the lung mask: a pneumothorax or a large bulla? It is counted as"
         " lung, so lung volume is overstated and LVR understated by as much.",
     ),)
+
+
+MAX_RIB_PIXEL_MM = 3.0
+"""Coarsest working-grid pixel at which the ribs stand out above `bone_hu` (a test-sized
+64 x 64 CT's 5 mm pixels blur them into the chest wall; a diagnostic CT has 1 mm or less)."""
+
+
+def _dependent_caveats(
+    hu: np.ndarray, sides: np.ndarray, grid: _Grid, cfg: LungConfig
+) -> tuple[Caveat, ...]:
+    """A caveat per lung whose posterior edge lies far from the ribs: dense tissue fills
+    the dependent part of its hemithorax (consolidation or fluid, as dense as the chest
+    wall), which the mask leaves out, and with it out of the lesion volume."""
+    box = bounding_box(sides > 0)
+    if box is None or max(grid.spacing[1:]) > MAX_RIB_PIXEL_MM:
+        return ()
+    reach = [int(math.ceil(2 * cfg.caveat_dependent_mm / s)) for s in grid.spacing]
+    box = tuple(slice(max(sl.start - r, 0), min(sl.stop + r, n))  # bones around the lungs
+                for sl, r, n in zip(box, reach, hu.shape, strict=True))
+    bone = np.argwhere(hu[box] > cfg.bone_hu) * np.asarray(grid.spacing)
+    if bone.size == 0:
+        return ()
+    bones = cKDTree(bone)  # a few thousand queries: cheaper than a distance map
+    caveats = []
+    for side, name in ((LungSide.RIGHT, "right"), (LungSide.LEFT, "left")):
+        lung = sides[box] == side
+        columns = lung.any(axis=1)
+        if not columns.any():
+            continue
+        last = lung.shape[1] - 1 - np.argmax(lung[:, ::-1, :], axis=1)  # posterior edge
+        zs, xs = np.nonzero(columns)
+        edge = np.stack([zs, last[zs, xs], xs], axis=1) * np.asarray(grid.spacing)
+        distance = float(np.median(bones.query(edge)[0]))
+        if distance > cfg.caveat_dependent_mm:
+            caveats.append(Caveat(
+                f"Dense tissue behind the {name} lung: may be consolidation left out",
+                f"Dense tissue lies between the {name} lung and its posterior chest wall (a"
+                f" median {distance:.0f} mm from the lung's posterior edge to the ribs, against"
+                " about 5 mm in a chest without): a dependent consolidation or a pleural"
+                " effusion, which the lung mask leaves out. If it is consolidation, the lesion"
+                " volume, LVR and PLR are underestimated.",
+            ))
+    return tuple(caveats)
 
 
 def _raise_if_lungs_cut_everywhere(

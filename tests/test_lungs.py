@@ -441,8 +441,9 @@ def test_one_lung_missing_or_much_smaller_comes_with_a_caveat(
     consolidated = p.volume_hu.copy()
     consolidated[posterior] = 35  # the posterior 70 % of the left lung
     result = label_lungs(consolidated, p.spacing_mm)
-    [caveat] = result.caveats
-    assert caveat.short == "Left lung small: dense parts may be left out"
+    assert [caveat.short for caveat in result.caveats] == [
+        "Left lung small: dense parts may be left out",
+        "Dense tissue behind the left lung: may be consolidation left out"]
     right, small = (np.count_nonzero(result.sides == side) for side in LungSide)
     assert small / right < LungConfig().caveat_side_ratio
 
@@ -460,6 +461,25 @@ def test_a_pneumothorax_counted_as_lung_comes_with_a_caveat() -> None:
     result = label_lungs(with_air, p.spacing_mm)
     assert [c.short for c in result.caveats] == ["Pure air along the chest wall counted as lung"]
     assert "a pneumothorax or a large bulla?" in result.caveats[0].detail
+
+
+def test_dense_tissue_behind_the_lungs_comes_with_a_caveat() -> None:
+    """A dependent consolidation (or effusion) as dense as the chest wall is left out of
+    the mask; the posterior lung edge then lies far from the ribs, and the report says
+    that the lesion volume may be underestimated."""
+    p = generate_phantom("normal", 1, slices=64, size=256)
+    assert label_lungs(p.volume_hu, p.spacing_mm).caveats == ()
+    rows = np.arange(p.lung_mask.shape[1])[None, :, None]
+    last = np.where(p.lung_mask.any(axis=1), p.lung_mask.shape[1] - 1
+                    - np.argmax(p.lung_mask[:, ::-1, :], axis=1), -1)[:, None, :]
+    dependent = p.lung_mask & (rows > last - 25)  # the posterior 25 rows (30 mm) of each lung
+    consolidated = p.volume_hu.copy()
+    consolidated[dependent] = 30
+    caveats = label_lungs(consolidated, p.spacing_mm).caveats
+    assert [c.short for c in caveats] == [
+        "Dense tissue behind the right lung: may be consolidation left out",
+        "Dense tissue behind the left lung: may be consolidation left out"]
+    assert "the lesion volume, LVR and PLR are underestimated" in caveats[0].detail
 
 
 def test_volume_not_in_hu_is_refused(chest: Chest) -> None:
