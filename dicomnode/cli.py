@@ -204,10 +204,10 @@ def cmd_resend(args: argparse.Namespace) -> int:
         if args.failed:
             since = utcnow() - timedelta(days=args.since) if args.since else None
             studies = index.studies_with_failed_exports(since)
-            if not studies:
+            if not studies:  # nothing to do is not an error (a cron job runs this)
                 print("no failed deliveries" + (f" in the last {args.since:g} days"
-                                                 if args.since else ""), file=sys.stderr)
-                return 1
+                                                 if args.since else "") + ": nothing to resend")
+                return 0
         queued = 0
         for study_uid in studies:
             counts = index.requeue_study_exports(
