@@ -391,9 +391,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise ValueError(
                 f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)"
             )
     return dev

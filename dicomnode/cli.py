@@ -374,7 +374,12 @@ def _add_lazy_command(sub: Any, name: str, load: bool) -> None:
         module = importlib.import_module(module_name)
         getattr(module, add_name)(p)
         run: Callable[[argparse.Namespace], int] = getattr(module, run_name)
-        p.set_defaults(func=run)
+
+        def logged(args: argparse.Namespace) -> int:
+            setup_logging("INFO")  # a run's epochs, an evaluation's summary: their progress
+            return run(args)
+
+        p.set_defaults(func=logged)
 
 
 def _peer(text: str) -> Peer:

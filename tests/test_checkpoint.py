@@ -172,5 +172,5 @@ def test_device_resolution() -> None:
     with pytest.raises(ValueError, match="expected auto"):
         resolve_device("gpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")

@@ -25,6 +25,7 @@ from training.datasets import (
 )
 from training.losses import LossConfig
 from training.trainer import (
+    STATE_FILE,
     Batch,
     EpochResult,
     StageState,
@@ -394,9 +395,45 @@ def test_a_resumed_run_keeps_its_split(tmp_path: Path, cache: Path) -> None:
     """A run saved before --split-seed existed split with --seed: resumed with another
     split seed it would validate on cases it trained on."""
     (tmp_path / "train_config.json").write_text(json.dumps({"seed": 3, "val_fraction": 0.5}))
-    with pytest.raises(ValueError, match="pass --split-seed 3"):
+    with pytest.raises(ValueError, match="split_seed was 3, now 0"):
         prepare_data(_config(tmp_path, cache, val_fraction=0.5, seed=3, resume=True))
-    assert prepare_data(_config(tmp_path, cache, val_fraction=0.5, split_seed=3, resume=True))
+    assert prepare_data(_config(tmp_path, cache, val_fraction=0.5, seed=3, split_seed=3,
+                                resume=True))
+
+
+def test_a_resumed_run_is_the_run_it_resumes(tmp_path: Path, cache: Path) -> None:
+    """Other rates, epochs or sizes on --resume would train one run under another's
+    provenance: refused, naming what changed; where and how fast it runs may change."""
+    started = _config(tmp_path, cache, resume=True)
+    (tmp_path / "train_config.json").write_text(json.dumps(started.to_dict()))
+    with pytest.raises(ValueError, match=r"epochs1 was 2, now 3; lr1 was 0.001, now 0.05\)"):
+        prepare_data(_config(tmp_path, cache, resume=True, lr1=0.05, epochs1=3))
+    assert prepare_data(_config(tmp_path, cache, resume=True, workers=1, device="cpu",
+                                window_batch=2))
+
+
+def test_a_folder_holding_a_run_is_not_trained_into_afresh(tmp_path: Path, cache: Path) -> None:
+    (tmp_path / STATE_FILE).write_bytes(b"a run's state")
+    with pytest.raises(ValueError, match="holds a training run .* --resume to continue it"):
+        prepare_data(_config(tmp_path, cache))
+    assert prepare_data(_config(tmp_path, cache, stage="2"))  # stage 2 after its stage 1
+
+
+def test_validation_data_that_is_training_data_is_refused(cache: Path) -> None:
+    with pytest.raises(DatasetError, match=r"--val-data shares 1 case\(s\) with --data"):
+        prepare_data(_config(Path("unused"), cache, val_data=[
+            "phantoms:covid=1,seed=500,size=64,slices=24"]))
+
+
+def test_fold_and_epoch_arguments_are_checked(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data", TRAIN, "--out", str(tmp_path), "--fold", "abc"])
+    base = ["--data", TRAIN, "--out", str(tmp_path), "--device", "cpu"]
+    assert run_train_command(parser.parse_args([*base, "--fold", "1"])) == 2  # no --folds
+    assert run_train_command(parser.parse_args([*base, "--epochs1", "0"])) == 2
+    assert run_train_command(parser.parse_args([*base, "--device", "cuda:7"])) == 2
 
 
 def test_a_split_that_holds_out_no_one_says_so(

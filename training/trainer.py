@@ -247,17 +247,27 @@ class Dist:
         return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _setup_distributed(info: Dist, device: str) -> torch.device:
-    """Init the process group only under torchrun; each rank takes its local GPU."""
+@contextlib.contextmanager
+def distributed(device: str) -> Iterator[tuple[Dist, torch.device]]:
+    """This process's place and device, the process group set up only under torchrun
+    (each rank takes its local GPU) and torn down at the end. Once per process: every
+    fold of a `--fold all` run uses the same group (set up and torn down per fold, a
+    rank could hang in the next setup)."""
+    info = Dist.from_env()
     if info.world == 1:
-        return resolve_device(device)
+        yield info, resolve_device(device)
+        return
     if torch.cuda.is_available() and device != "cpu":
         torch.cuda.set_device(info.local_rank)
         dev = torch.device("cuda", info.local_rank)
         dist.init_process_group("nccl", device_id=dev, timeout=DIST_TIMEOUT)
-        return dev
-    dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
-    return torch.device("cpu")
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+    try:
+        yield info, dev
+    finally:
+        dist.destroy_process_group()
 
 
 def _broadcast_flag(flag: bool, info: Dist, device: torch.device) -> bool:
@@ -993,24 +1003,40 @@ class Trainer:
 # ---------------------------------------------------------------------- entry points
 
 
-def _check_resumed_split(config: TrainConfig) -> None:
-    """A resumed run must split its data as it did: another split would validate on
-    cases it trained on. Runs saved before `split_seed` existed split with `seed`."""
-    saved_path = Path(config.out) / "train_config.json"
-    if not (config.resume and saved_path.is_file()) or config.val_data:
+RESUMABLE_CHANGES = frozenset({"out", "resume", "device", "amp", "workers", "window_batch",
+                               "cache_dir"})
+"""Settings a resumed run may change: where and how fast it runs, not what it learns."""
+
+
+def _check_out_folder(config: TrainConfig) -> None:
+    """A folder holding a run is continued with `--resume` (and the same settings: another
+    split would validate on cases it trained on, other rates or epochs would put two runs
+    under one provenance), not trained into afresh (its metrics and checkpoints would mix
+    with the new run's); stage 2 alone may follow the stage 1 it holds. Runs saved before
+    `split_seed` existed split with `seed`."""
+    out = Path(config.out)
+    if not config.resume:
+        if (out / STATE_FILE).is_file() and config.stage != "2":
+            raise ValueError(f"{out} holds a training run ({STATE_FILE}): --resume to continue"
+                             " it, or give a new --out")
         return
-    if not (config.folds or config.val_fraction > 0):
+    saved_path = out / "train_config.json"
+    if not saved_path.is_file():
         return
     saved = json.loads(saved_path.read_text())
-    split_seed = saved.get("split_seed", saved.get("seed", 0))
-    if split_seed != config.split_seed:
-        raise ValueError(f"--resume: {config.out} split its validation cases with seed "
-                         f"{split_seed}; pass --split-seed {split_seed}")
+    saved.setdefault("split_seed", saved.get("seed", 0))
+    current = json.loads(json.dumps(config.to_dict()))
+    changed = [f"{key} was {saved[key]!r}, now {current[key]!r}" for key in current
+               if key in saved and key not in RESUMABLE_CHANGES and saved[key] != current[key]]
+    if changed:
+        raise ValueError(f"--resume: {out} was started with other settings ({'; '.join(changed)}):"
+                         " resume with its settings, or start a new run in another --out"
+                         f" (--init {out / FINAL_FILE} starts from its weights)")
 
 
 def prepare_data(config: TrainConfig) -> tuple[CaseSource, CaseSource | None]:
     """(train, validation) sources: a k-fold split, ``--val-data``, or a held-out fraction."""
-    _check_resumed_split(config)
+    _check_out_folder(config)
     cache = config.cache_dir or default_cache_dir()
     source = open_data(config.data, cache)
     labels, patients = source.labels(), source.patients()
@@ -1018,7 +1044,13 @@ def prepare_data(config: TrainConfig) -> tuple[CaseSource, CaseSource | None]:
         train_idx, val_idx = kfold_indices(labels, config.folds, config.fold, config.split_seed,
                                            patients)
     elif config.val_data:
-        return source, open_data(config.val_data, cache)
+        val = open_data(config.val_data, cache)
+        shared = sorted(set(source.case_ids()) & set(val.case_ids()))
+        if shared:
+            raise DatasetError(f"--val-data shares {len(shared)} case(s) with --data"
+                               f" ({', '.join(shared[:3])}{' ...' if len(shared) > 3 else ''}):"
+                               " a model would be validated on cases it trained on")
+        return source, val
     elif config.val_fraction > 0:
         train_idx, val_idx = split_indices(labels, config.val_fraction, config.split_seed,
                                            patients)
@@ -1033,20 +1065,20 @@ def prepare_data(config: TrainConfig) -> tuple[CaseSource, CaseSource | None]:
     return Subset(source, train_idx), (Subset(source, val_idx) if val_idx else None)
 
 
-def train(config: TrainConfig) -> Path:
-    """Run one training job (a torchrun rank, or the only process); returns the model path."""
-    info = Dist.from_env()
-    device = _setup_distributed(info, config.device)
-    try:
-        train_source, val_source = prepare_data(config)
-        logger.info(
-            "training on %d scans, validating on %d",
-            len(train_source), 0 if val_source is None else len(val_source),
-        )  # fmt: skip
-        return Trainer(config, train_source, val_source, info, device).run()
-    finally:
-        if info.world > 1:
-            dist.destroy_process_group()
+def train(
+    config: TrainConfig, place: tuple[Dist, torch.device] | None = None
+) -> Path:
+    """Run one training job (a torchrun rank, or the only process); returns the model path.
+    `place`: from a caller's `distributed` (one process group for many jobs)."""
+    if place is None:
+        with distributed(config.device) as own:
+            return train(config, own)
+    train_source, val_source = prepare_data(config)
+    logger.info(
+        "training on %d scans, validating on %d",
+        len(train_source), 0 if val_source is None else len(val_source),
+    )  # fmt: skip
+    return Trainer(config, train_source, val_source, *place).run()
 
 
 def _fold_summary(out: Path, folds: int) -> dict[str, Any]:
@@ -1271,9 +1303,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--fold",
-        default="0",
+        type=_fold,
+        default=None,
         metavar="I|all",
-        help="the validation fold (0..K-1), or 'all' to train every fold",
+        help="with --folds: the validation fold (0..K-1, default 0), or 'all' to train every"
+        " fold",
     )
     data.add_argument(
         "--cache-dir",
@@ -1437,8 +1471,8 @@ def config_from_args(
         cls_pool=args.cls_pool,
         init=tuple(args.init),
         init_cls=args.init_cls,
-        epochs1=args.epochs1 or args.epochs,
-        epochs2=args.epochs2 or args.epochs,
+        epochs1=args.epochs if args.epochs1 is None else args.epochs1,
+        epochs2=args.epochs if args.epochs2 is None else args.epochs2,
         lr1=args.lr1,
         lr2=args.lr2,
         lr2_cls=args.lr2_cls,
@@ -1465,21 +1499,32 @@ def config_from_args(
 def run_train_command(args: argparse.Namespace) -> int:
     """``dicomnode train``: 0 on success, 2 on unusable data or settings."""
     try:
-        if args.fold == "all":
-            if args.folds < 2:
-                raise ValueError("--fold all needs --folds K (K >= 2)")
-            for fold in range(args.folds):
-                train(config_from_args(args, fold, args.out / f"fold-{fold}"))
-            if Dist.from_env().main:
-                report = _fold_summary(args.out, args.folds)
-                (args.out / "folds.json").write_text(json.dumps(report, indent=2) + "\n")
-                logger.info("cross-validation: %s", json.dumps(report["summary"]))
-            return 0
-        train(config_from_args(args, int(args.fold)))
+        if args.fold is not None and args.folds < 2:
+            raise ValueError(f"--fold {args.fold} needs --folds K (K >= 2)")
+        with distributed(args.device) as place:
+            if args.fold == "all":
+                for fold in range(args.folds):
+                    train(config_from_args(args, fold, args.out / f"fold-{fold}"), place)
+                if place[0].main:
+                    report = _fold_summary(args.out, args.folds)
+                    (args.out / "folds.json").write_text(json.dumps(report, indent=2) + "\n")
+                    logger.info("cross-validation: %s", json.dumps(report["summary"]))
+                return 0
+            train(config_from_args(args, args.fold or 0), place)
     except (DatasetError, ValueError, CheckpointError) as exc:
         logger.error("train: %s", exc)
         return 2
     return 0
+
+
+def _fold(text: str) -> int | str:
+    """`--fold`: a fold number, or "all"."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a fold number or 'all'") from None
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
