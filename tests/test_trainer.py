@@ -183,6 +183,12 @@ def test_provenance_names_the_init_weights_by_content(tmp_path: Path, cache: Pat
         _config(tmp_path / "tuned", cache, stage="2", epochs2=1, init=(first,)), *_sources(cache)
     ).run()
     assert load_checkpoint(tuned).provenance.extra["init_sha256"] == [file_sha256(first)]
+    # stage 2 alone after the folder's own stage 1: that stage-1 model named too
+    stage1 = tmp_path / "first" / "stage1.pt"
+    alone = Trainer(
+        _config(tmp_path / "first", cache, stage="2", epochs2=1), *_sources(cache)
+    ).run()
+    assert load_checkpoint(alone).provenance.extra["init_sha256"] == [file_sha256(stage1)]
 
 
 def test_later_init_checkpoints_replace_the_streams_they_hold(

@@ -575,6 +575,8 @@ class Trainer:
         sources = self.config.init
         if stage == 2 and (1 in self.config.stages or not sources):
             sources = (self.out / STAGE_FILES[1],)
+            if 1 not in self.config.stages and sources[0].is_file():  # another run's weights:
+                self.init_sha256.append(file_sha256(sources[0]))  # named by content too
         for source in sources:
             self._load_init(stage, source)
         if self.config.init_cls is not None and stage == self.config.stages[0]:
