@@ -254,6 +254,10 @@ def test_resume_continues_exactly(
         for parameter in ahead.model.parameters():
             parameter.add_(0.01)
     save_checkpoint(out / "last.pt", ahead.model, ahead.preprocess, ahead.provenance)
+    with (out / "metrics.csv").open() as handle:  # and its metrics row, ahead of the state
+        *_, last_row = handle.read().splitlines()
+    with (out / "metrics.csv").open("a") as handle:
+        handle.write(last_row.replace("1,1,", "1,2,", 1) + "\n")
     with pytest.raises(KeyboardInterrupt):
         Trainer(_config(out, cache, resume=True, **settings), *_sources(cache)).run()
     parts = Trainer(_config(out, cache, resume=True, **settings), *_sources(cache)).run()

@@ -905,8 +905,10 @@ class Trainer:
             self._provenance({"stage": stage, "epoch": epoch + 1}),
             metrics,
         )
-        self._save_state(state, optimiser, schedule)
+        # The row first: a run killed between the two resumes from the state before this
+        # epoch and drops the row (`_load_resume`), then writes it again.
         self._log_epoch(stage, epoch, state, result, val)
+        self._save_state(state, optimiser, schedule)
         if state.finished and state.epochs_done < self._epochs(stage):
             logger.info("stage %d: early stop after %d epochs without improvement", stage,
                         state.bad_epochs)  # fmt: skip
@@ -955,11 +957,35 @@ class Trainer:
         if weights is None:
             weights = load_checkpoint(self.out / LAST_FILE, "cpu").model.state_dict()
         self.model.load_state_dict(weights)
+        if self.info.main:
+            self._drop_metrics_after(state)
         logger.info(
             "resuming stage %d after epoch %d%s", state.stage, state.epochs_done,
             " (stage finished)" if state.finished else "",
         )  # fmt: skip
         return state, saved
+
+    def _drop_metrics_after(self, state: StageState) -> None:
+        """metrics.csv without the rows of epochs after the resumed state (an epoch whose
+        row was written before the run was killed, ahead of its state)."""
+        path = self.out / "metrics.csv"
+        if not path.is_file():
+            return
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+        kept = [row for row in rows
+                if (int(row["stage"]), int(row["epoch"])) <= (state.stage, state.epochs_done)]
+        if len(kept) == len(rows):
+            return
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=reader.fieldnames or CSV_FIELDS)
+            writer.writeheader()  # the file's own columns (an older run's may differ)
+            writer.writerows(kept)
+        os.replace(tmp, path)
+        logger.info("metrics.csv: %d row(s) of epochs after the resumed state dropped",
+                    len(rows) - len(kept))
 
     def _log_epoch(
         self,
