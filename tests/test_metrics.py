@@ -315,3 +315,26 @@ def test_plot_report_writes_png(tmp_path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     raw = plot_report(([0, 1, 2, 1], np.eye(3)[[0, 1, 2, 0]]), tmp_path / "raw.png")
     assert raw.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_surface_distances_equal_all_pairs_on_random_masks(seed: int) -> None:
+    """The k-d tree's nearest surface voxel against every pair, anisotropic spacing."""
+    rng = np.random.default_rng(seed)
+    pred = ndimage.gaussian_filter(rng.normal(size=(10, 12, 14)), 1.5) > 0.1
+    truth = ndimage.gaussian_filter(rng.normal(size=(10, 12, 14)), 1.5) > 0.1
+    spacing = (2.5, 0.7, 0.8)
+    d_pred, d_truth = surface_distances(pred, truth, spacing)
+    scale = np.asarray(spacing)
+    a, b = np.argwhere(surface_mask(pred)) * scale, np.argwhere(surface_mask(truth)) * scale
+    pairs = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2))
+    assert d_pred == pytest.approx(pairs.min(axis=1), abs=1e-12)
+    assert d_truth == pytest.approx(pairs.min(axis=0), abs=1e-12)
+
+
+def test_a_distance_of_exactly_the_tolerance_is_within() -> None:
+    """3 columns of 0.7 mm is 2.1 mm, whatever the floats make of it."""
+    pred, truth = np.zeros((1, 1, 5), dtype=bool), np.zeros((1, 1, 5), dtype=bool)
+    pred[0, 0, 0] = truth[0, 0, 3] = True
+    assert normalised_surface_dice(pred, truth, (1.0, 1.0, 0.7), tolerance_mm=2.1) == 1.0
+    assert normalised_surface_dice(pred, truth, (1.0, 1.0, 0.7), tolerance_mm=2.09) == 0.0

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from ai.labels import CLASS_NAMES
 
@@ -111,8 +112,11 @@ def surface_distances(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances (mm) from each surface voxel of ``pred`` to the surface of ``truth``, and back.
 
-    Euclidean distances between voxel centres, via ``distance_transform_edt`` with
-    ``sampling=spacing``. Both masks must be non-empty.
+    Euclidean distances between voxel centres. The nearest surface voxel is found with a
+    k-d tree over the surface voxels only (a distance map of the masks' box would take
+    several GB on a 512 x 512 x 300 scan with scattered lesions), and the distance is
+    then computed from the integer offset, as ``distance_transform_edt`` with
+    ``sampling=spacing`` computes it. Both masks must be non-empty.
     """
     sampling = _check_spacing(spacing)
     pred_b, truth_b = _as_bool(pred, "pred"), _as_bool(truth, "truth")
@@ -123,13 +127,23 @@ def surface_distances(
     pred_c, truth_c = _union_crop(pred_b, truth_b)
     surf_pred = surface_mask(pred_c, connectivity)
     surf_truth = surface_mask(truth_c, connectivity)
-    to_truth = ndimage.distance_transform_edt(~surf_truth, sampling=sampling)
-    to_pred = ndimage.distance_transform_edt(~surf_pred, sampling=sampling)
-    return to_truth[surf_pred], to_pred[surf_truth]
+    at_pred, at_truth = np.argwhere(surf_pred), np.argwhere(surf_truth)
+    return _nearest(at_pred, at_truth, sampling), _nearest(at_truth, at_pred, sampling)
+
+
+def _nearest(points: np.ndarray, surface: np.ndarray, sampling: Sequence[float]) -> np.ndarray:
+    """Distance (mm) from each voxel index in ``points`` to the nearest in ``surface``."""
+    scale = np.asarray(sampling, dtype=np.float64)
+    _, index = cKDTree(surface * scale).query(points * scale)
+    offset = (points - surface[index]).astype(np.float64) * scale
+    return np.sqrt(np.sum(offset**2, axis=1))
 
 
 def _nsd_from(d_pred: np.ndarray, d_truth: np.ndarray, tolerance_mm: float) -> float:
-    within = np.count_nonzero(d_pred <= tolerance_mm) + np.count_nonzero(d_truth <= tolerance_mm)
+    # Inclusive: a distance of exactly the tolerance, computed a rounding error above it
+    # (0.7 mm x 3 vs 2.1 mm), is within.
+    reach = tolerance_mm * (1.0 + 1e-9)
+    within = np.count_nonzero(d_pred <= reach) + np.count_nonzero(d_truth <= reach)
     return float(within / (d_pred.size + d_truth.size))
 
 
