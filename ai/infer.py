@@ -114,7 +114,7 @@ class Analysis:
     full per-scan summary (volumes, spread, density fractions) of `ai.analysis`. `model`:
     the checkpoint's `info` and how it ran (device, mirror, window_overlap, threshold),
     since results differ with these. `caveats`: limits of the result that every report
-    of it must state (lungs clipped by the field of view or the scan range).
+    of it must state (`ai.lungs.LungSegmentation.caveats`).
     """
 
     lesion_mask: np.ndarray

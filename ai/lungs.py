@@ -228,7 +228,9 @@ class LungSegmentation:
     merged: bool
     """The lungs touched (one air component) and were split."""
     caveats: tuple[Caveat, ...] = ()
-    """Lungs clipped by the field of view or the scan range, within the limits."""
+    """What the measures may miss or include wrongly: lungs clipped by the field of view or
+    the scan range (within the limits), one lung missing or far smaller, pure air along
+    the lung surface, dense tissue behind a lung, sides split at the body's middle."""
 
     @property
     def mask(self) -> np.ndarray:
