@@ -125,18 +125,22 @@ class LungConfig:
         consolidation, fluid) and what is as dark as air (a giant bulla), so the measures
         may cover only part of the lungs (left/right 0.8-0.9 in adults; the phantoms
         0.83-0.97).
-    caveat_pleural_air_ml, pleural_band_mm: one connected layer of air as dark as pure air
-        (below `min_lung_median_hu`) this large, within `pleural_band_mm` of the lung
-        mask's surface, gives a `Caveat`: a pneumothorax or a large bulla, counted as lung
-        (the phantoms: none; pneumothoraces made on them, a 5 mm rim or a 25 mm anterior
-        pocket: about 300 mL; emphysema down to -990 HU: scattered, at most about 35 mL).
+    caveat_pleural_air_ml, pleural_band_mm, pleural_air_hu: one connected layer of pure air
+        (below `pleural_air_hu`: air, not even the darkest emphysema, on the 2 mm grid)
+        this large, within `pleural_band_mm` of the lung mask's surface, gives a `Caveat`:
+        a pneumothorax or a large bulla, counted as lung (the phantoms: none;
+        pneumothoraces made on them, a 5 mm rim or a 25 mm anterior pocket: about 250 mL;
+        their lungs darkened by 105 HU to a median of -960, as severe emphysema: none).
     caveat_dependent_mm, bone_hu: when the median distance from a lung's posterior edge
         (its last voxel down each image column: rows run front to back, the scan supine
         as `dicomnode.volume` turns it) to the nearest bone (above `bone_hu`: the ribs,
         the spine) exceeds this, dense tissue lies between that lung and its posterior
         chest wall: a dependent consolidation or an effusion, left out of the mask, gives
         a `Caveat` (the phantoms: 4.6-6.6 mm; the posterior quarter of both lungs
-        consolidated: 22 mm, a sixth: 14 mm; effusions of a third: 14-30 mm).
+        consolidated: 22 mm, a sixth: 14 mm; effusions of a third: 14-30 mm). Ribs that
+        the 2 mm grid blurs below `bone_hu` (the phantoms' bone scaled to a quarter,
+        ribs near 190 HU) are not found, and every lung then gets the caveat: osteoporotic
+        ribs on real CT are untested.
     """
 
     air_hu: float = -400.0
@@ -163,6 +167,7 @@ class LungConfig:
     pleural_band_mm: float = 10.0
     caveat_dependent_mm: float = 15.0
     bone_hu: float = 200.0
+    pleural_air_hu: float = -990.0
 
     def __post_init__(self) -> None:
         positive = (
@@ -993,7 +998,7 @@ def _pleural_air_caveats(
 ) -> tuple[Caveat, ...]:
     """A caveat when a large connected layer of pure air lies in the lung mask along its
     surface: a pneumothorax (or a large bulla), which the mask counts as lung."""
-    dark = lung & (hu < cfg.min_lung_median_hu)
+    dark = lung & (hu < cfg.pleural_air_hu)
     if np.count_nonzero(dark) * grid.voxel_ml < cfg.caveat_pleural_air_ml:
         return ()  # not even that much pure air in all the lungs (most scans)
     box = bounding_box(lung)

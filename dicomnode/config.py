@@ -15,7 +15,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +106,18 @@ class NodeConfig:
 
     def peer_networks(self) -> list[IPv4Network | IPv6Network]:
         """`allowed_peers` parsed (a bare address is a network of one)."""
-        networks = []
+        networks: list[IPv4Network | IPv6Network] = []
         for value in self.allowed_peers:
-            try:
-                networks.append(ip_network(value, strict=False))
-            except ValueError:
+            try:  # strict: "10.1.2.3/8" (host bits set) is a typo, not all of 10/8
+                network = ip_network(value)
+            except ValueError as exc:
                 raise ConfigError(f"node.allowed_peers: {value!r} is not an IP address or"
-                                  " network (e.g. 10.1.2.3 or 10.1.2.0/24)") from None
+                                  f" network (e.g. 10.1.2.3 or 10.1.2.0/24): {exc}") from None
+            mapped = network.network_address
+            if isinstance(mapped, IPv6Address) and mapped.ipv4_mapped and network.prefixlen >= 96:
+                # ::ffff:10.1.2.0/120, as a dual-stack socket shows 10.1.2.x: compared as IPv4
+                network = ip_network(f"{mapped.ipv4_mapped}/{network.prefixlen - 96}")
+            networks.append(network)
         return networks
 
     def __post_init__(self) -> None:

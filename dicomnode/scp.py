@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
-from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -243,31 +243,51 @@ def same_data_set(stored: bytes, received: bytes) -> bool:
         return False
 
 
-def peer_allowed(host: str, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
-    """Whether `host` (an IP address as the socket gives it) lies in one of `networks`; an
-    IPv4 address seen through a dual-stack socket (::ffff:10.1.2.3) counts as itself."""
+def peer_address(host: str) -> IPv4Address | IPv6Address | None:
+    """The peer's address as the socket gives it, an IPv4 one seen through a dual-stack
+    socket (::ffff:10.1.2.3) as itself; None if it is not an IP address."""
     try:
         address = ip_address(host.split("%")[0])
     except ValueError:
-        return False
+        return None
     if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+        return address.ipv4_mapped
+    return address
+
+
+def peer_allowed(host: str, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
+    """Whether `host` lies in one of `networks` (`NodeConfig.peer_networks`)."""
+    address = peer_address(host)
+    return address is not None and any(address in network for network in networks)
 
 
 class _PeerFilteringServer(ThreadedAssociationServer):
     """Closes a connection from a host outside `[node] allowed_peers` as it is accepted,
-    before any DICOM is read from it (socketserver's `verify_request`)."""
+    before any DICOM is read from it and before a TLS handshake (done here, in the one
+    accepting thread: a refused host must not hold it up)."""
 
     allowed_peers: Sequence[IPv4Network | IPv6Network] = ()
 
+    def _refused(self, client_address: Any) -> bool:
+        host = str(client_address[0] if isinstance(client_address, tuple) else client_address)
+        return bool(self.allowed_peers) and not peer_allowed(host, self.allowed_peers)
+
+    def get_request(self) -> tuple[Any, Any]:
+        if not self.ssl_context:
+            return super().get_request()
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self._refused(address):
+            return client, address  # unwrapped: `verify_request` closes it
+        client.settimeout(self.ae.network_timeout)  # a silent client cannot stall accepting
+        return self.ssl_context.wrap_socket(client, server_side=True), address
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        if not self.allowed_peers:
+        if not self._refused(client_address):
             return True
         host = str(client_address[0] if isinstance(client_address, tuple) else client_address)
-        if peer_allowed(host, self.allowed_peers):
-            return True
-        logger.warning("connection from %s refused: not in [node] allowed_peers", host)
+        logger.warning("connection from %s refused: not in [node] allowed_peers",
+                       peer_address(host) or host)
         return False
 
 
@@ -417,7 +437,11 @@ class StorageSCP:
         again instead of being analysed without it. Best effort: a full disk may refuse
         the note too (logged; the sender still has the refusal)."""
         try:
-            _, series_uid, sop_uid = placing_uids(read_header(encoded, transfer_syntax_uid))
+            study_uid, series_uid, sop_uid = placing_uids(read_header(encoded, transfer_syntax_uid))
+            self.filestore.instance_relpath(study_uid, series_uid, sop_uid)
+        except Exception:  # an instance the node could not store anyway (0xC000 when sent
+            return  # again): its series must not wait for it
+        try:
             self.index.record_refused(series_uid, sop_uid, calling_aet, reason)
         except Exception as exc:
             logger.error("the refusal could not be noted in the index (%s): its series may"

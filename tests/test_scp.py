@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicomnode.cli import _status_table, main
-from dicomnode.config import NodeConfig
+from dicomnode.config import ConfigError, NodeConfig
 from dicomnode.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -193,6 +194,33 @@ def test_peer_address_allow_list(
     assert here.index.counts()["instances"] == 1
 
 
+def test_a_refused_host_gets_no_tls_handshake(
+    start_node: Callable[..., Node], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With TLS, the address is checked before the handshake (done in the one accepting
+    thread): a refused host is closed at once and never holds up the others."""
+    caplog.set_level(logging.WARNING, logger="dicomnode.scp")
+    cert, key = self_signed_certificate(tmp_path)
+    node = start_node(node={"tls_cert": str(cert), "tls_key": str(key),
+                            "allowed_peers": ["10.0.0.0/8"]})
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    with (socket.create_connection(("127.0.0.1", node.scp.port), timeout=5) as raw,
+          pytest.raises((ssl.SSLError, ConnectionError, OSError))):
+        client.wrap_socket(raw, server_hostname="localhost")
+    assert any(r.getMessage() == "connection from 127.0.0.1 refused: not in [node] allowed_peers"
+               for r in caplog.records)
+
+
+def test_allowed_peers_as_written_by_an_administrator() -> None:
+    """An IPv4-mapped entry (as a dual-stack node logs its peers) matches that IPv4
+    peer; an address with host bits set under a prefix is a typo, not a whole network."""
+    networks = NodeConfig(allowed_peers=["::ffff:10.1.2.0/120"]).peer_networks()
+    assert peer_allowed("::ffff:10.1.2.3", networks) and peer_allowed("10.1.2.3", networks)
+    assert not peer_allowed("10.1.3.3", networks)
+    with pytest.raises(ConfigError, match="'10.1.2.3/8' is not an IP address or network"):
+        NodeConfig(allowed_peers=["10.1.2.3/8"])
+
+
 @pytest.mark.parametrize(("host", "allowed"), [
     ("10.1.2.3", True), ("10.1.3.3", False), ("::ffff:10.1.2.3", True), ("fd00::5", True),
     ("fe80::1%eth0", False), ("not an address", False),
@@ -352,6 +380,25 @@ def test_refused_instances_hold_their_series_until_they_are_sent_again(
         assert _raw_store(node, path) == 0
     (collecting,) = node.index.collecting_series()
     assert collecting.instance_count == 5 and collecting.refused_instances == 0
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom's, on the bad UID
+def test_a_refused_instance_the_node_could_never_store_is_not_waited_for(
+    start_node: Callable[..., Node], ct_series_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Refused for disk space, but its UID is not one the node accepts (0xC000 when sent
+    again): its series must not wait for it."""
+    node = start_node(storage={"min_free_disk_mb": 100})
+    first, second = sorted(ct_series_dir.glob("*.dcm"))[:2]
+    assert _raw_store(node, first) == 0
+    ds = pydicom.dcmread(second)
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1a"  # a letter, as old devices write
+    ds.save_as(tmp_path / "bad-uid.dcm", enforce_file_format=True)
+    monkeypatch.setattr(node.filestore, "free_bytes", lambda: 99 * 1024 * 1024)
+    assert _raw_store(node, tmp_path / "bad-uid.dcm") == STATUS_OUT_OF_RESOURCES
+    (collecting,) = node.index.collecting_series()
+    assert collecting.refused_instances == 0
 
 
 def test_failed_write_is_out_of_resources_and_the_resend_is_stored_whole(

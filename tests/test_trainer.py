@@ -423,10 +423,25 @@ def test_a_resumed_run_is_the_run_it_resumes(tmp_path: Path, cache: Path) -> Non
 
 
 def test_a_folder_holding_a_run_is_not_trained_into_afresh(tmp_path: Path, cache: Path) -> None:
-    (tmp_path / STATE_FILE).write_bytes(b"a run's state")
+    """Only stage 2 alone may follow the folder's finished stage 1, and with the data,
+    split and model that stage 1 had."""
+    def saved_state(stage: int, finished: bool) -> None:
+        torch.save({"state": {"stage": stage, "finished": finished}}, tmp_path / STATE_FILE)
+
+    (tmp_path / "train_config.json").write_text(json.dumps(_config(tmp_path, cache).to_dict()))
+    saved_state(1, finished=True)
     with pytest.raises(ValueError, match="holds a training run .* --resume to continue it"):
         prepare_data(_config(tmp_path, cache))
-    assert prepare_data(_config(tmp_path, cache, stage="2"))  # stage 2 after its stage 1
+    assert prepare_data(_config(tmp_path, cache, stage="2", lr2=5e-4, epochs2=4))
+    with pytest.raises(ValueError, match="split_seed was 0, now 7"):
+        prepare_data(_config(tmp_path, cache, stage="2", split_seed=7))
+    for stage, finished in ((1, False), (2, False)):
+        saved_state(stage, finished)
+        with pytest.raises(ValueError, match="follows a finished stage 1 only"):
+            prepare_data(_config(tmp_path, cache, stage="2"))
+    (tmp_path / STATE_FILE).write_bytes(b"not a state")
+    with pytest.raises(ValueError, match="holds a training run"):
+        prepare_data(_config(tmp_path, cache, stage="2"))
 
 
 def test_validation_data_that_is_training_data_is_refused(cache: Path) -> None:

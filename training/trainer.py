@@ -933,14 +933,14 @@ class Trainer:
         `--val-data`) would otherwise split anew and validate on cases it trained on."""
         path = self.out / VALIDATION_FILE
         current = sorted(self.val_source.case_ids()) if self.val_source is not None else []
-        if self.config.resume and path.is_file():
+        if (self.config.resume or self.config.stage == "2") and path.is_file():
             saved = json.loads(path.read_text())
             if saved != current:
                 new, gone = len(set(current) - set(saved)), len(set(saved) - set(current))
                 raise DatasetError(
-                    f"--resume: {self.out} validated on other cases ({new} of today's are "
-                    f"new, {gone} of its own are gone): resume with the data it started "
-                    "from, or train afresh"
+                    f"{self.out} validated on other cases ({new} of today's are new, {gone}"
+                    " of its own are gone): continue it with the data it started from, or"
+                    " train afresh"
                 )
             return
         if self.info.main:
@@ -974,8 +974,13 @@ class Trainer:
         with path.open(newline="") as handle:
             reader = csv.DictReader(handle)
             rows = list(reader)
-        kept = [row for row in rows
-                if (int(row["stage"]), int(row["epoch"])) <= (state.stage, state.epochs_done)]
+        def done(row: dict[str, str]) -> bool:  # a row cut short by the kill: not done
+            try:
+                return (int(row["stage"]), int(row["epoch"])) <= (state.stage, state.epochs_done)
+            except (TypeError, ValueError):
+                return False
+
+        kept = [row for row in rows if done(row)]
         if len(kept) == len(rows):
             return
         tmp = path.with_name(f".{path.name}.tmp")
@@ -1034,6 +1039,9 @@ class Trainer:
 RESUMABLE_CHANGES = frozenset({"out", "resume", "device", "amp", "workers", "window_batch",
                                "cache_dir"})
 """Settings a resumed run may change: where and how fast it runs, not what it learns."""
+STAGE2_CHANGES = RESUMABLE_CHANGES | {"stage", "epochs2", "lr2", "lr2_cls", "patience", "loss",
+                                      "init", "init_cls", "val_every"}
+"""And stage 2 alone after a folder's stage 1: its own schedule, loss and start."""
 
 
 def _check_out_folder(config: TrainConfig) -> None:
@@ -1043,11 +1051,20 @@ def _check_out_folder(config: TrainConfig) -> None:
     with the new run's); stage 2 alone may follow the stage 1 it holds. Runs saved before
     `split_seed` existed split with `seed`."""
     out = Path(config.out)
+    may_change = RESUMABLE_CHANGES
     if not config.resume:
-        if (out / STATE_FILE).is_file() and config.stage != "2":
+        if not (out / STATE_FILE).is_file():
+            return
+        try:
+            saved = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)["state"]
+            finished_stage1 = saved["stage"] == 1 and bool(saved["finished"])
+        except Exception:  # unreadable: a run all the same, not to be trained over
+            finished_stage1 = False
+        if config.stage != "2" or not finished_stage1:
             raise ValueError(f"{out} holds a training run ({STATE_FILE}): --resume to continue"
-                             " it, or give a new --out")
-        return
+                             " it, or give a new --out (--stage 2 alone follows a finished"
+                             " stage 1 only)")
+        may_change = STAGE2_CHANGES  # the stage 1 it follows: the same data, split and model
     saved_path = out / "train_config.json"
     if not saved_path.is_file():
         return
@@ -1055,10 +1072,10 @@ def _check_out_folder(config: TrainConfig) -> None:
     saved.setdefault("split_seed", saved.get("seed", 0))
     current = json.loads(json.dumps(config.to_dict()))
     changed = [f"{key} was {saved[key]!r}, now {current[key]!r}" for key in current
-               if key in saved and key not in RESUMABLE_CHANGES and saved[key] != current[key]]
+               if key in saved and key not in may_change and saved[key] != current[key]]
     if changed:
-        raise ValueError(f"--resume: {out} was started with other settings ({'; '.join(changed)}):"
-                         " resume with its settings, or start a new run in another --out"
+        raise ValueError(f"{out} was started with other settings ({'; '.join(changed)}):"
+                         " continue it with its settings, or start a new run in another --out"
                          f" (--init {out / FINAL_FILE} starts from its weights)")
 
 
