@@ -490,3 +490,13 @@ def test_bad_data_is_a_clean_error(tmp_path: Path) -> None:
     add_train_arguments(parser)
     args = parser.parse_args(["--data", "phantoms:flu=3", "--out", str(tmp_path)])
     assert run_train_command(args) == 2
+
+
+def test_resume_drops_metrics_rows_ahead_of_its_state(tmp_path: Path, cache: Path) -> None:
+    """Rows of epochs after the resumed state, a row cut short by the kill among them,
+    go; the file's own columns stay."""
+    (tmp_path / "metrics.csv").write_text("stage,epoch,lr\n1,1,0.1\n1,2,0.1\n2,1,0.01\n2")
+    trainer = Trainer(_config(tmp_path, cache), *_sources(cache))
+    trainer._drop_metrics_after(StageState(stage=1, epochs_done=2))
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == [
+        "stage,epoch,lr", "1,1,0.1", "1,2,0.1"]
