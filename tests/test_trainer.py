@@ -432,7 +432,7 @@ def test_a_folder_holding_a_run_is_not_trained_into_afresh(tmp_path: Path, cache
     saved_state(1, finished=True)
     with pytest.raises(ValueError, match="holds a training run .* --resume to continue it"):
         prepare_data(_config(tmp_path, cache))
-    assert prepare_data(_config(tmp_path, cache, stage="2", lr2=5e-4, epochs2=4))
+    assert prepare_data(_config(tmp_path, cache, stage="2", lr2=5e-4, epochs2=4, epochs1=9))
     with pytest.raises(ValueError, match="split_seed was 0, now 7"):
         prepare_data(_config(tmp_path, cache, stage="2", split_seed=7))
     for stage, finished in ((1, False), (2, False)):

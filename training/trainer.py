@@ -1040,8 +1040,10 @@ RESUMABLE_CHANGES = frozenset({"out", "resume", "device", "amp", "workers", "win
                                "cache_dir"})
 """Settings a resumed run may change: where and how fast it runs, not what it learns."""
 STAGE2_CHANGES = RESUMABLE_CHANGES | {"stage", "epochs2", "lr2", "lr2_cls", "patience", "loss",
-                                      "init", "init_cls", "val_every"}
-"""And stage 2 alone after a folder's stage 1: its own schedule, loss and start."""
+                                      "init", "init_cls", "val_every", "epochs1", "lr1",
+                                      "stage1_lesion_map"}
+"""And stage 2 alone after a folder's stage 1: its own schedule, loss and start, and the
+stage-1 settings it does not use."""
 
 
 def _check_out_folder(config: TrainConfig) -> None:
@@ -1056,8 +1058,8 @@ def _check_out_folder(config: TrainConfig) -> None:
         if not (out / STATE_FILE).is_file():
             return
         try:
-            saved = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)["state"]
-            finished_stage1 = saved["stage"] == 1 and bool(saved["finished"])
+            state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)["state"]
+            finished_stage1 = state["stage"] == 1 and bool(state["finished"])
         except Exception:  # unreadable: a run all the same, not to be trained over
             finished_stage1 = False
         if config.stage != "2" or not finished_stage1:
