@@ -137,10 +137,10 @@ class LungConfig:
         the spine) exceeds this, dense tissue lies between that lung and its posterior
         chest wall: a dependent consolidation or an effusion, left out of the mask, gives
         a `Caveat` (the phantoms: 4.6-6.6 mm; the posterior quarter of both lungs
-        consolidated: 22 mm, a sixth: 14 mm; effusions of a third: 14-30 mm). Ribs that
-        the 2 mm grid blurs below `bone_hu` (the phantoms' bone scaled to a quarter,
-        ribs near 190 HU) are not found, and every lung then gets the caveat: osteoporotic
-        ribs on real CT are untested.
+        consolidated: 22 mm, a sixth: 14 mm; effusions of a third: 14-30 mm). Where the
+        lung's lateral edge, which lies against the ribs in any chest, seems as far from
+        bone, the ribs are not seen (blurred below `bone_hu` on the 2 mm grid, as
+        osteoporotic ribs may be) and nothing is judged.
     """
 
     air_hu: float = -400.0
@@ -1040,17 +1040,28 @@ def _dependent_caveats(
     if bone.size == 0:
         return ()
     bones = cKDTree(bone)  # a few thousand queries: cheaper than a distance map
+    scale = np.asarray(grid.spacing)
+
+    def to_bone(points: np.ndarray) -> float:
+        return float(np.median(bones.query(points * scale)[0]))
+
     caveats = []
     for side, name in ((LungSide.RIGHT, "right"), (LungSide.LEFT, "left")):
         lung = sides[box] == side
-        columns = lung.any(axis=1)
+        columns, rows = lung.any(axis=1), lung.any(axis=2)
         if not columns.any():
             continue
         last = lung.shape[1] - 1 - np.argmax(lung[:, ::-1, :], axis=1)  # posterior edge
         zs, xs = np.nonzero(columns)
-        edge = np.stack([zs, last[zs, xs], xs], axis=1) * np.asarray(grid.spacing)
-        distance = float(np.median(bones.query(edge)[0]))
-        if distance > cfg.caveat_dependent_mm:
+        distance = to_bone(np.stack([zs, last[zs, xs], xs], axis=1))
+        # The lateral edge (low columns: the patient's right) lies against the ribs in any
+        # chest; where it does not seem to, the ribs are not seen (bone too faint for
+        # `bone_hu`), and the posterior distance says nothing.
+        outer = (np.argmax(lung, axis=2) if side == LungSide.RIGHT
+                 else lung.shape[2] - 1 - np.argmax(lung[:, :, ::-1], axis=2))
+        zs, ys = np.nonzero(rows)
+        ribs_seen = to_bone(np.stack([zs, ys, outer[zs, ys]], axis=1)) <= cfg.caveat_dependent_mm
+        if ribs_seen and distance > cfg.caveat_dependent_mm:
             caveats.append(Caveat(
                 f"Dense tissue behind the {name} lung: may be consolidation left out",
                 f"Dense tissue lies between the {name} lung and its posterior chest wall (a"
