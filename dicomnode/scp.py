@@ -268,8 +268,12 @@ class _PeerFilteringServer(ThreadedAssociationServer):
 
     allowed_peers: Sequence[IPv4Network | IPv6Network] = ()
 
+    @staticmethod
+    def _host(client_address: Any) -> str:
+        return str(client_address[0] if isinstance(client_address, tuple) else client_address)
+
     def _refused(self, client_address: Any) -> bool:
-        host = str(client_address[0] if isinstance(client_address, tuple) else client_address)
+        host = self._host(client_address)
         return bool(self.allowed_peers) and not peer_allowed(host, self.allowed_peers)
 
     def get_request(self) -> tuple[Any, Any]:
@@ -285,7 +289,7 @@ class _PeerFilteringServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if not self._refused(client_address):
             return True
-        host = str(client_address[0] if isinstance(client_address, tuple) else client_address)
+        host = self._host(client_address)
         logger.warning("connection from %s refused: not in [node] allowed_peers",
                        peer_address(host) or host)
         return False
@@ -543,7 +547,7 @@ class StorageSCP:
         why = (f"{answer.result_str}, {answer.reason_str}" if answer is not None
                else "rejected")
         logger.warning("association from %s at %s (called AE %s) rejected: %s",
-                       requestor.ae_title, _peer_address(requestor), called, why)
+                       requestor.ae_title, _endpoint(requestor), called, why)
 
     def _on_ended(self, event: evt.Event) -> None:
         """Aborted or dropped: the sender may not be done, so no release signal."""
@@ -551,7 +555,7 @@ class StorageSCP:
             self._assoc_series.pop(id(event.assoc), None)
 
 
-def _peer_address(user: ServiceUser) -> str:
+def _endpoint(user: ServiceUser) -> str:
     """The peer's IP address and port, for the log ("?" when not known)."""
     info = user.address_info
     return f"{info.address}:{info.port}" if info is not None else "?"
