@@ -169,12 +169,13 @@ def cmd_reanalyse(args: argparse.Namespace) -> int:
     if index is None:
         return 1
     try:
-        queued, others = index.reanalyse(args.uid)
+        queued, others = index.reanalyse(args.uid, skipped=args.skipped)
     finally:
         index.close()
     for uid, state in others.items():
-        print(f"series {uid}: {state}, not queued (only done or failed series are)",
-              file=sys.stderr)
+        hint = ("; --skipped analyses it all the same" if state.startswith("skipped")
+                else " (only done, failed or, with --skipped, skipped series are)")
+        print(f"series {uid}: {state}, not queued{hint}", file=sys.stderr)
     if not queued:
         if not others:
             print(f"no series or study {args.uid} in the index", file=sys.stderr)
@@ -454,6 +455,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    "under new UIDs, beside any earlier one.")
     with_config(p)
     p.add_argument("uid", metavar="UID", help="StudyInstanceUID or SeriesInstanceUID")
+    p.add_argument("--skipped", action="store_true",
+                   help="also series the [series] rules skipped (after the rules were"
+                        " changed, say): they are analysed whatever the rules say")
     p.set_defaults(func=cmd_reanalyse)
 
     p = sub.add_parser("purge", help="delete studies with no activity for a number of days",

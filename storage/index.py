@@ -1281,14 +1281,17 @@ class StudyIndex:
         return JobState.QUEUED if queued else JobState.FAILED if failed else None
 
     def reanalyse(
-        self, uid: str, now: datetime | None = None
+        self, uid: str, now: datetime | None = None, skipped: bool = False
     ) -> tuple[list[str], dict[str, str]]:
         """`dicomnode reanalyse`: queue a new analysis of each series of a study (or of
         one series) whose latest job is done or failed, e.g. after a broken model or GPU
-        was fixed, or with new weights. The new job's outputs get new UIDs: a second
-        result beside the first. Series of the node's own outputs are left out. Returns
-        the series queued, and the others with their latest job's state."""
+        was fixed, or with new weights; with `skipped`, also those the `[series]` rules
+        skipped (the administrator's call: the rules are not asked again). The new job's
+        outputs get new UIDs: a second result beside the first. Series of the node's own
+        outputs are left out. Returns the series queued, and the others with their latest
+        job's state (and a skipped one's reason)."""
         now = now or utcnow()
+        again = {JobState.DONE, JobState.FAILED} | ({JobState.SKIPPED} if skipped else set())
         queued: list[str] = []
         others: dict[str, str] = {}
         with self._write() as session:
@@ -1303,8 +1306,11 @@ class StudyIndex:
                 state = latest.state if latest is not None else None
                 if latest is not None and latest.reason == OWN_OUTPUT:
                     continue
-                if state not in (JobState.DONE, JobState.FAILED):
-                    others[series.series_instance_uid] = state.value if state else "no job"
+                if state not in again:
+                    shown = state.value if state else "no job"
+                    if state == JobState.SKIPPED and latest is not None and latest.reason:
+                        shown += f" ({latest.reason})"
+                    others[series.series_instance_uid] = shown
                     continue
                 session.add(Job(series=series, state=JobState.QUEUED, reason="reanalyse",
                                 created_at=now, updated_at=now, collecting_since=now,

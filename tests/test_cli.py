@@ -252,6 +252,30 @@ def test_reanalyse_of_an_unknown_uid(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "no series or study 1.2.3 in the index" in capsys.readouterr().err
 
 
+def test_reanalyse_of_a_skipped_series_says_how(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pydicom.data import get_testdata_file
+
+    from dicomnode.scp import instance_record
+    from storage.models import CompletionRule
+
+    config, index = _config_of_a_node_that_ran(tmp_path)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    record = instance_record(ds, str(ds.file_meta.TransferSyntaxUID), "CT")
+    index.add_instance(record, "p/1", 10, "sha1")
+    [progress] = index.collecting_series()
+    complete_job(index, progress.job_id, CompletionRule.QUIET, "min_slices", 1)
+    index.close()
+    series = record.series_instance_uid
+    assert main(["reanalyse", "--config", str(config), series]) == 1
+    assert (f"series {series}: skipped (min_slices), not queued; --skipped analyses it"
+            in capsys.readouterr().err)
+    assert main(["reanalyse", "--config", str(config), record.study_instance_uid,
+                 "--skipped"]) == 0
+    assert f"series {series}: queued for a new analysis" in capsys.readouterr().out
+
+
 def test_status_says_when_the_model_does_not_load(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

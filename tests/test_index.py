@@ -576,6 +576,18 @@ def test_reanalyse_queues_each_finished_series_of_a_study_again(index: StudyInde
     assert index.reanalyse("9.9") == ([], {})
 
 
+def test_reanalyse_takes_a_skipped_series_only_when_asked(index: StudyIndex) -> None:
+    """A series the rules skipped (rules since changed, say) is analysed again only on the
+    administrator's word, and otherwise shown with the reason it was skipped."""
+    add(index, 1, T0, series="1.1")
+    [progress] = index.collecting_series()
+    complete_job(index, progress.job_id, CompletionRule.QUIET, "min_slices: 1 instances", 1)
+    assert index.reanalyse("1.1") == ([], {"1.1": "skipped (min_slices: 1 instances)"})
+    assert index.reanalyse("1.2.3", skipped=True) == (["1.1"], {})
+    job = index.claim_next_job("w")
+    assert job is not None and job.series_instance_uid == "1.1"
+
+
 def test_a_job_whose_series_grew_while_it_ran_is_superseded(index: StudyIndex) -> None:
     job = _claimed_job(index)
     assert not index.supersede_if_grown(job.job_id, job.attempts)  # nothing new
