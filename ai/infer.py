@@ -50,13 +50,16 @@ from ai.limits import MAX_WINDOW_OVERLAP
 from ai.lungs import Caveat, bounding_box, label_lungs
 from ai.model import UNIT_STRIDES, SegOutput, evidence_class
 from ai.preprocess import (
+    InplaneBox,
     PatchBox,
     PreprocessConfig,
     SlidingWindow,
     check_volume,
     cls_slice_indices,
+    field_of_view_box,
     normalise_hu,
     resize_inplane,
+    sample_cls_slices,
 )
 
 log = logging.getLogger(__name__)
@@ -205,10 +208,10 @@ def analyse(
         lung = _check_lung_mask(lung_mask, volume_hu)
     timings["lungs"] = time.perf_counter() - t
 
-    pred = _predict(ckpt, volume_hu, lung, batch_size, disease_thresholds)
+    pred = _predict(ckpt, volume_hu, lung, spacing, batch_size, disease_thresholds)
     mirrored = bool(mirror or (mirror is None and ckpt.device.type == "cuda"))
     if mirrored:
-        pred = _mirrored_segmentation(ckpt, volume_hu, lung, batch_size, pred)
+        pred = _mirrored_segmentation(ckpt, volume_hu, lung, spacing, batch_size, pred)
     assert pred.lesion_probability is not None and pred.probabilities is not None
     assert pred.evidence_map is not None and pred.evidence_class is not None
     assert pred.diagnosis is not None
@@ -258,6 +261,7 @@ def analyse(
         model=ckpt.info | {
             "device": str(ckpt.device), "mirror": mirrored,
             "window_overlap": ckpt.preprocess.seg_overlap, "threshold": threshold,
+            "field_of_view_mm": ckpt.preprocess.field_of_view_mm,
         },
         caveats=caveats,
     )
@@ -283,11 +287,11 @@ def predict(
     _check_batch(batch_size)
     ckpt = with_overlap(ckpt, overlap)
     volume_hu = np.asarray(volume_hu)
-    check_volume(volume_hu, spacing_mm, ckpt.preprocess)
+    spacing = check_volume(volume_hu, spacing_mm, ckpt.preprocess)
     lung = _check_lung_mask(lung_mask, volume_hu)
-    pred = _predict(ckpt, volume_hu, lung, batch_size)
+    pred = _predict(ckpt, volume_hu, lung, spacing, batch_size)
     if mirror and pred.lesion_probability is not None:
-        pred = _mirrored_segmentation(ckpt, volume_hu, lung, batch_size, pred)
+        pred = _mirrored_segmentation(ckpt, volume_hu, lung, spacing, batch_size, pred)
     return pred
 
 
@@ -319,8 +323,8 @@ def with_overlap(ckpt: Checkpoint, overlap: float | None) -> Checkpoint:
 
 
 def _mirrored_segmentation(
-    ckpt: Checkpoint, volume_hu: np.ndarray, lung: np.ndarray, batch_size: int | None,
-    pred: Prediction,
+    ckpt: Checkpoint, volume_hu: np.ndarray, lung: np.ndarray, spacing: Sequence[float],
+    batch_size: int | None, pred: Prediction,
 ) -> Prediction:
     """Test-time mirroring, as nnU-Net does by default: the lesion probability averaged
     over the scan as it is, mirrored left-right, flipped along the slices, and both, at
@@ -336,8 +340,8 @@ def _mirrored_segmentation(
 
     def flipped(axes: tuple[int, ...]) -> np.ndarray:
         mirrored = _predict(ckpt, np.ascontiguousarray(np.flip(volume_hu, axes)),
-                            np.ascontiguousarray(np.flip(lung, axes)), batch_size,
-                            classify=False)
+                            np.ascontiguousarray(np.flip(lung, axes)), spacing,
+                            batch_size, classify=False)
         assert mirrored.lesion_probability is not None
         for stage in ("preprocess", "segmentation"):
             timings[stage] += mirrored.timings[stage]
@@ -352,8 +356,9 @@ def _mirrored_segmentation(
 
 
 def _predict(
-    ckpt: Checkpoint, volume_hu: np.ndarray, lung: np.ndarray, batch_size: int | None,
-    disease_thresholds: Sequence[float] | None = None, classify: bool = True,
+    ckpt: Checkpoint, volume_hu: np.ndarray, lung: np.ndarray, spacing: Sequence[float],
+    batch_size: int | None, disease_thresholds: Sequence[float] | None = None,
+    classify: bool = True,
 ) -> Prediction:
     """One pass of the network over the scan; `classify=False` stops after the
     segmentation (a mirrored pass, whose classification nobody reads)."""
@@ -362,12 +367,14 @@ def _predict(
     cuda = dev.type == "cuda"
 
     t = time.perf_counter()
+    fov = field_of_view_box(lung, spacing, cfg)
     window = SlidingWindow(volume_hu.shape, cfg)
-    grid = _seg_grid(volume_hu, lung, window, cfg).to(dev)
+    grid = _seg_grid(volume_hu, lung, window, fov, cfg).to(dev)
     weight = next(p for p in model.parameters() if p.dim() == 5)
     x_cls = None
     if model.stem_c is not None:
-        x_cls = _like(_cls_input(volume_hu, lung, cfg)[None, None], weight)
+        # From the segmentation grid, as training samples it (from the grid it augments).
+        x_cls = _like(sample_cls_slices(grid, cfg)[None, None], weight)
     timings["preprocess"] = _elapsed(t, dev)
 
     t = time.perf_counter()
@@ -384,7 +391,7 @@ def _predict(
         del grid
         lesion_prob = None
         if acc is not None:
-            lesion_prob = _to_native(acc.result(), window, lung)
+            lesion_prob = _to_native(acc.result(), window, fov, lung)
             del acc  # the blended grid's sums: not held while the classifier runs
         timings["segmentation"] = _elapsed(t, dev)
 
@@ -399,7 +406,7 @@ def _predict(
             j = (evidence_class(logits) if diagnosis == Diagnosis.NON_PNEUMONIA
                  else torch.tensor([int(diagnosis)], device=logits.device))
             maps = model.evidence([u.float() for u in out.units], j)
-            evidence = _evidence_to_native(maps, volume_hu.shape, cfg, lung)
+            evidence = _evidence_to_native(maps, volume_hu.shape, fov, cfg, lung)
             cls_idx = Diagnosis(int(j[0]))
         timings["classification"] = _elapsed(t, dev)
     return Prediction(lesion_prob, probs, evidence, cls_idx, timings, diagnosis)
@@ -447,20 +454,16 @@ def _masked_slices(volume_hu: np.ndarray, lung: np.ndarray, idx: Any, cfg: Prepr
 
 
 def _seg_grid(
-    volume_hu: np.ndarray, lung: np.ndarray, window: SlidingWindow, cfg: PreprocessConfig
+    volume_hu: np.ndarray, lung: np.ndarray, window: SlidingWindow, fov: InplaneBox,
+    cfg: PreprocessConfig,
 ) -> Tensor:
-    """The lung-masked, windowed volume on the segmentation grid; `window.to_grid` by slabs."""
+    """The lung-masked, windowed field of view on the segmentation grid, by slabs."""
     grid = torch.empty(window.grid_shape, dtype=torch.float32)
     for z0 in range(0, volume_hu.shape[0], SLAB):
         sl = slice(z0, z0 + SLAB)
-        grid[sl] = resize_inplane(_masked_slices(volume_hu, lung, sl, cfg), window.grid_shape[1:])
+        masked = fov.crop(_masked_slices(volume_hu, lung, sl, cfg))
+        grid[sl] = resize_inplane(masked, window.grid_shape[1:])
     return grid
-
-
-def _cls_input(volume_hu: np.ndarray, lung: np.ndarray, cfg: PreprocessConfig) -> Tensor:
-    """`preprocess.sample_cls_slices` of the masked volume, reading only the sampled slices."""
-    idx = cls_slice_indices(volume_hu.shape[0], cfg.n_cls_slices)
-    return resize_inplane(_masked_slices(volume_hu, lung, idx, cfg), cfg.cls_size)
 
 
 def _windows(
@@ -491,32 +494,37 @@ def _patch_box(row: Sequence[float], grid_shape: tuple[int, int, int]) -> PatchB
 # --------------------------------------------------------------------------- outputs
 
 
-def _to_native(prob_grid: Tensor, window: SlidingWindow, lung: np.ndarray) -> np.ndarray:
+def _to_native(
+    prob_grid: Tensor, window: SlidingWindow, fov: InplaneBox, lung: np.ndarray
+) -> np.ndarray:
     """Blended probability on the native grid (float32), zero outside the lungs; by slabs,
     only over the slices with lung (a chest-abdomen scan's lower half is not resized)."""
     out = np.zeros(window.native_shape, dtype=np.float32)
     box = bounding_box(lung)
     if box is None:
         return out
+    (ny, nx), (by, bx) = fov.overlap(*window.native_shape[1:])
     for z0 in range(box[0].start, box[0].stop, SLAB):
         sl = slice(z0, min(z0 + SLAB, box[0].stop))
-        part = resize_inplane(prob_grid[sl], window.native_shape[1:]).clamp_(0.0, 1.0)
-        out[sl] = part.cpu().numpy()
+        part = resize_inplane(prob_grid[sl], fov.size).clamp_(0.0, 1.0)
+        out[sl, ny, nx] = part[:, by, bx].cpu().numpy()
         out[sl] *= lung[sl]
     return out
 
 
 def _evidence_to_native(
-    maps: Sequence[Tensor], shape: tuple[int, ...], cfg: PreprocessConfig, lung: np.ndarray
+    maps: Sequence[Tensor], shape: tuple[int, ...], fov: InplaneBox, cfg: PreprocessConfig,
+    lung: np.ndarray,
 ) -> np.ndarray:
     """Mean of the per-unit evidence masks on the native grid, in the lungs, scaled to [0, 1];
     float16 (a heat map to show, in half the memory of float32: 335 MB less for a
     640 x 512 x 512 scan), made by slabs of slices so that no float32 copy of it exists.
 
     Each unit map is interpolated linearly at the true position of every native voxel: the
-    classification input's slices are the eq.-12 sample and its rows / columns a resize,
-    and feature cell j of a map 2^L times coarser than that input is centred on input
-    index stride * j (every stride-2 layer is centred), not at a cell-centre convention.
+    classification input's slices are the eq.-12 sample and its rows / columns a resize of
+    the field of view, and feature cell j of a map 2^L times coarser than that input is
+    centred on input index stride * j (every stride-2 layer is centred), not at a
+    cell-centre convention.
     """
     s, h, w = (int(n) for n in shape)
     ev = np.zeros((s, h, w), dtype=np.float16)
@@ -526,8 +534,8 @@ def _evidence_to_native(
     zs, ys, xs = box
     n_cls, h_in, w_in = cfg.n_cls_slices, *cfg.cls_size
     u_z = _slice_positions(s, n_cls)[zs]
-    u_y = ((np.arange(h) + 0.5) * h_in / h - 0.5)[ys]
-    u_x = ((np.arange(w) + 0.5) * w_in / w - 0.5)[xs]
+    u_y = fov.positions(h, h_in, axis=0)[ys]
+    u_x = fov.positions(w, w_in, axis=1)[xs]
     dev = maps[0].device
     with torch.autocast(dev.type, enabled=False):  # float32 maps, whatever the caller runs
         inplane, along_z = [], []  # per unit: the map resized in-plane, its slice weights

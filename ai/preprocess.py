@@ -5,10 +5,12 @@ Everything the model sees passes through here, in training and in inference, so 
 use one definition. Arrays may be numpy or torch; results are float32 torch tensors on the
 input's device (numpy inputs give CPU tensors). Volumes are (z, y, x) = (slices, rows, columns).
 
-The segmentation stream works on a *segmentation grid*: the volume with its in-plane size
-resized to `PreprocessConfig.seg_inplane_size` (None keeps the native grid, as in the paper;
-the CPU "lite" model uses a downscaled grid). Patches tile that grid; `PatchAccumulator`
-blends patch outputs back onto it and resizes them to the native in-plane size.
+The segmentation stream works on a *segmentation grid*: the volume (or, with
+`PreprocessConfig.field_of_view_mm`, a square of that many mm around the lungs:
+`field_of_view_box`) with its in-plane size resized to `PreprocessConfig.seg_inplane_size`
+(None keeps the native grid, as in the paper; the CPU "lite" model uses a downscaled
+grid). Patches tile that grid; `PatchAccumulator` blends patch outputs back onto it and
+resizes them to the native in-plane size.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ MAX_SPACING_MM = 20.0
 MIN_INPLANE = 32
 """Smallest in-plane size (pixels) accepted as a CT image."""
 BLEND_MODES = ("gaussian", "linear", "constant")
+FIELD_OF_VIEW_RANGE_MM = (100.0, 700.0)
+DEFAULT_FIELD_OF_VIEW_MM = 360.0
+"""What `dicomnode train` uses unless told otherwise: about the median field of the
+training phantoms (300-450 mm), and of adult chest CT protocols."""
+FIELD_MARGIN_MM = 10.0
+"""Least room between the lungs and the edge of the field of view's square."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,10 @@ class PreprocessConfig:
         or "constant" (plain mean).
     min_slices: fewer slices than this is `TooFewSlices`; from this up to one patch depth the
         volume is zero-padded (default: half of a 24-slice window).
+    field_of_view_mm: the square (mm across) around the lungs' centre that the grids of
+        both streams cover, so that the network sees a chest at one scale whatever field
+        the scanner reconstructed it in; widened to hold lungs larger than it. None: the
+        whole matrix (the scale then follows the reconstruction's field of view).
     """
 
     hu_window: tuple[float, float] = (-1400.0, 200.0)
@@ -62,6 +74,7 @@ class PreprocessConfig:
     seg_overlap: float = 0.0
     blend: str = "gaussian"
     min_slices: int = 12
+    field_of_view_mm: float | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.hu_window
@@ -83,6 +96,13 @@ class PreprocessConfig:
             raise ValueError(f"blend {self.blend!r} must be one of {BLEND_MODES}")
         if self.min_slices < 1:
             raise ValueError(f"min_slices {self.min_slices} must be >= 1")
+        if self.field_of_view_mm is not None and not (
+            FIELD_OF_VIEW_RANGE_MM[0] <= self.field_of_view_mm <= FIELD_OF_VIEW_RANGE_MM[1]
+        ):
+            raise ValueError(
+                f"field_of_view_mm {self.field_of_view_mm} must be None or in"
+                f" {FIELD_OF_VIEW_RANGE_MM} mm (a chest's field of view)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples as lists) for checkpoints."""
@@ -214,6 +234,85 @@ def resize_inplane(x: ArrayLike, size: Sequence[int], mode: str = "bilinear") ->
     else:
         raise ValueError(f"mode {mode!r} must be 'bilinear' or 'nearest'")
     return out.reshape(*lead, *size)
+
+
+# --------------------------------------------------------------------------- field of view
+
+
+@dataclass(frozen=True)
+class InplaneBox:
+    """The in-plane region, rows y0:y1 and columns x0:x1 of the native matrix, that the
+    model's grids cover. It may reach beyond the matrix, where it reads zeros: outside
+    the lungs the model's input is zero anyway (`apply_lung_mask`)."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @classmethod
+    def whole(cls, rows: int, columns: int) -> InplaneBox:
+        return cls(0, int(rows), 0, int(columns))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.y1 - self.y0, self.x1 - self.x0
+
+    def overlap(self, rows: int, columns: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """(native rows, columns), (box rows, columns) of the part inside the matrix."""
+        ny = slice(max(self.y0, 0), min(self.y1, rows))
+        nx = slice(max(self.x0, 0), min(self.x1, columns))
+        by = slice(ny.start - self.y0, ny.stop - self.y0)
+        bx = slice(nx.start - self.x0, nx.stop - self.x0)
+        return (ny, nx), (by, bx)
+
+    def crop(self, x: ArrayLike) -> torch.Tensor:
+        """The box of a (..., H, W) map, zeros outside the matrix; the map itself when the
+        box is the whole matrix."""
+        xt = as_tensor(x)
+        rows, columns = xt.shape[-2:]
+        if self == InplaneBox.whole(rows, columns):
+            return xt
+        (ny, nx), (by, bx) = self.overlap(rows, columns)
+        out = xt.new_zeros((*xt.shape[:-2], *self.size))
+        out[..., by, bx] = xt[..., ny, nx]
+        return out
+
+    def positions(self, native: int, box_cells: int, axis: int) -> np.ndarray:
+        """Where each of `native` rows (axis 0) or columns (axis 1) of the matrix falls on a
+        grid of `box_cells` cells spanning the box, in cell units (centres at integers)."""
+        start, length = (self.y0, self.size[0]) if axis == 0 else (self.x0, self.size[1])
+        return (np.arange(native) - start + 0.5) * box_cells / length - 0.5
+
+
+def field_of_view_box(
+    lung_mask: np.ndarray, spacing_mm: Sequence[float], config: PreprocessConfig
+) -> InplaneBox:
+    """The square of `config.field_of_view_mm` centred on the lungs' in-plane bounding box,
+    widened to leave `FIELD_MARGIN_MM` around lungs larger than it; the whole matrix when
+    the config has no field of view (or the mask no lungs)."""
+    rows, columns = lung_mask.shape[-2:]
+    if config.field_of_view_mm is None:
+        return InplaneBox.whole(rows, columns)
+    hit_y = np.flatnonzero(lung_mask.any(axis=(0, 2)))
+    hit_x = np.flatnonzero(lung_mask.any(axis=(0, 1)))
+    if hit_y.size == 0:
+        return InplaneBox.whole(rows, columns)
+    dy, dx = float(spacing_mm[1]), float(spacing_mm[2])
+    extent_mm = max((hit_y[-1] + 1 - hit_y[0]) * dy, (hit_x[-1] + 1 - hit_x[0]) * dx)
+    side_mm = max(config.field_of_view_mm, extent_mm + 2 * FIELD_MARGIN_MM)
+    y0, y1 = _centred(hit_y[0], hit_y[-1] + 1, side_mm / dy)
+    x0, x1 = _centred(hit_x[0], hit_x[-1] + 1, side_mm / dx)
+    return InplaneBox(y0, y1, x0, x1)
+
+
+def _centred(start: int, stop: int, length: float) -> tuple[int, int]:
+    """About `length` cells centred exactly on start:stop (one more where the parity asks),
+    so that a mirrored mask gets the mirrored box (test-time mirroring sums the two)."""
+    n = max(1, round(length))
+    n += (start + stop - n) % 2
+    first = (start + stop - n) // 2
+    return int(first), int(first + n)
 
 
 # --------------------------------------------------------------------------- classification

@@ -87,6 +87,9 @@ def algorithm_parameters(settings: Settings, model: dict[str, object]) -> dict[s
     for key, name in (("window_overlap", "window_overlap"), ("threshold", "lesion_threshold")):
         if key in model:
             parameters[name] = f"{float(model[key]):g}"  # type: ignore[arg-type]
+    if "field_of_view_mm" in model:  # the square the network saw, or the whole matrix
+        fov = model["field_of_view_mm"]
+        parameters["field_of_view_mm"] = "whole matrix" if fov is None else f"{fov:g}"
     # no "," or "=" in a value: the SEG joins them as "key=value,key=value"
     diseases = CLASS_NAMES[: len(ai.disease_thresholds)]
     thresholds = "; ".join(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -19,7 +20,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ai.labels import Diagnosis
 from ai.lungs import segment_lungs
-from ai.preprocess import SlidingWindow
+from ai.preprocess import SlidingWindow, sample_cls_slices
 from storage.index import InstanceRecord, StudyIndex
 from tests.conftest import store_prone
 from training import datasets
@@ -668,14 +669,17 @@ def test_training_samples_are_keyed_and_consistent() -> None:
     assert float(plain["lesion_map"].mean()) == pytest.approx(frac, rel=1e-5)
 
 
-def test_samples_match_inference_preprocessing() -> None:
-    """Training sees what `ai.infer` feeds the network (no augmentation, native = grid)."""
+@pytest.mark.parametrize("field_of_view_mm", [None, 100.0])
+def test_samples_match_inference_preprocessing(field_of_view_mm: float | None) -> None:
+    """Training sees what `ai.infer` feeds the network (no augmentation), with or without
+    a field of view (here a 100 mm square around 22 mm lungs: mostly beyond the matrix)."""
     from ai import infer
     from ai.checkpoint import preprocess_config_for
     from ai.model import ModelConfig
+    from ai.preprocess import field_of_view_box
 
     cfg = ModelConfig.named("tiny")
-    pre = preprocess_config_for(cfg)
+    pre = replace(preprocess_config_for(cfg), field_of_view_mm=field_of_view_mm)
     case = _toy_case()
     assert case.lung_mask is not None
     sample = TrainingSamples(
@@ -683,10 +687,11 @@ def test_samples_match_inference_preprocessing() -> None:
         with_grid=True,
     )[(0, 0)]  # fmt: skip
     window = SlidingWindow(case.volume_hu.shape, pre)
-    grid = infer._seg_grid(case.volume_hu, case.lung_mask, window, pre)
+    fov = field_of_view_box(case.lung_mask, case.spacing_mm, pre)
+    assert fov.size == ((100, 100) if field_of_view_mm else (32, 32))
+    grid = infer._seg_grid(case.volume_hu, case.lung_mask, window, fov, pre)
     torch.testing.assert_close(sample["grid"], grid, rtol=0, atol=0)
-    x_cls = infer._cls_input(case.volume_hu, case.lung_mask, pre)
-    torch.testing.assert_close(sample["x_cls"][0], x_cls, rtol=0, atol=0)
+    torch.testing.assert_close(sample["x_cls"][0], sample_cls_slices(grid, pre), rtol=0, atol=0)
 
 
 def test_augmentation_thickens_slices_by_averaging_and_flips_exactly() -> None:

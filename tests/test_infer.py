@@ -25,7 +25,12 @@ from ai.errors import NoLungsFound, NonFiniteVoxels, NotAVolume, TooFewSlices
 from ai.labels import CLASS_NAMES, Diagnosis
 from ai.lungs import label_lungs
 from ai.model import ModelConfig, build_model
-from ai.preprocess import SlidingWindow, apply_lung_mask, normalise_hu, sample_cls_slices
+from ai.preprocess import (
+    InplaneBox,
+    SlidingWindow,
+    apply_lung_mask,
+    normalise_hu,
+)
 
 torch.set_num_threads(1)
 
@@ -160,8 +165,8 @@ def test_model_inputs_equal_the_preprocess_definitions(ckpt: Checkpoint) -> None
     cfg = ckpt.preprocess
     masked = apply_lung_mask(normalise_hu(vol, cfg), lungs)
     window = SlidingWindow(vol.shape, cfg)
-    assert torch.equal(infer._seg_grid(vol, lungs, window, cfg), window.to_grid(masked))
-    assert torch.equal(infer._cls_input(vol, lungs, cfg), sample_cls_slices(masked, cfg))
+    whole = InplaneBox.whole(*vol.shape[1:])
+    assert torch.equal(infer._seg_grid(vol, lungs, window, whole, cfg), window.to_grid(masked))
     for box in window:
         assert infer._patch_box(box.fractions(), window.grid_shape) == box
 
@@ -172,10 +177,18 @@ def test_evidence_is_placed_at_the_true_position(ckpt: Checkpoint) -> None:
     shape = (16, 32, 32)  # twice the input on every axis
     maps = [torch.zeros(1, 1, 2, 4, 4), torch.zeros(1, 1, 1, 2, 2), torch.zeros(1, 1, 1, 1, 1)]
     maps[0][0, 0, 1, 2, 1] = 1.0  # stride 4: input (4, 8, 4) -> native (8.5, 16.5, 8.5)
-    ev = infer._evidence_to_native(maps, shape, cfg, np.ones(shape, dtype=bool))
+    ev = infer._evidence_to_native(maps, shape, InplaneBox.whole(32, 32), cfg,
+                                   np.ones(shape, dtype=bool))
     peak = np.argwhere(ev == ev.max())
     assert peak[:, 1].min() == 16 and peak[:, 1].max() == 17
     assert peak[:, 2].min() == 8 and peak[:, 2].max() == 9
+    # The input covering a field of view, rows 8:24 (a native row per input row) and
+    # columns -16:48 (four native columns per input column): input row 8 is native row 16,
+    # input column 4 is native column 4 * 4 + 1.5 - 16 = 1.5.
+    ev = infer._evidence_to_native(maps, shape, InplaneBox(8, 24, -16, 48), cfg,
+                                   np.ones(shape, dtype=bool))
+    peak = np.argwhere(ev == ev.max())
+    assert set(peak[:, 1]) == {16} and set(peak[:, 2]) == {1, 2}
     assert ev.max() == pytest.approx(1.0)
     assert infer._slice_positions(16, 8) == pytest.approx(np.minimum(np.arange(16) / 2, 7))
 
@@ -224,11 +237,16 @@ def test_analyse_calls_and_shows_the_disease_its_thresholds_call(ckpt: Checkpoin
         infer.diagnose((0.2, 0.3, 0.5), (0.5,))
 
 
-def test_mirroring_makes_the_segmentation_mirror_equivariant(ckpt: Checkpoint) -> None:
+@pytest.mark.parametrize("field_of_view_mm", [None, 101.0])
+def test_mirroring_makes_the_segmentation_mirror_equivariant(
+    ckpt: Checkpoint, field_of_view_mm: float | None
+) -> None:
     """With test-time mirroring, the lesions of a scan mirrored left-right or flipped
     along its slices are exactly the flipped lesions (each is the average of the same four
-    passes); the classification is the scan's own. (The threshold suits the untrained
-    model, whose probabilities lie around 0.5.)"""
+    passes), with a field of view too; the classification is the scan's own. (The
+    threshold suits the untrained model, whose probabilities lie around 0.5.)"""
+    ckpt = dataclasses.replace(ckpt, preprocess=dataclasses.replace(
+        ckpt.preprocess, field_of_view_mm=field_of_view_mm))
     vol, lungs = chest()
     plain = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=0.497)
     one = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=0.497,
@@ -242,6 +260,34 @@ def test_mirroring_makes_the_segmentation_mirror_equivariant(ckpt: Checkpoint) -
         np.testing.assert_array_equal(one.lesion_mask, np.flip(other.lesion_mask, axes))
     assert one.probabilities == plain.probabilities
     assert one.timings["segmentation"] > plain.timings["segmentation"] * 2
+
+
+def test_a_field_of_view_makes_the_answer_independent_of_the_reconstruction(
+    ckpt: Checkpoint,
+) -> None:
+    """The same chest in a wider field, off-centre (the matrix padded with air at the same
+    pixel size): with a field of view in mm the network sees the same input, so every
+    output is the same, moved with the chest; over the whole matrix it sees the chest
+    smaller and answers otherwise."""
+    vol, lungs = chest()
+    spacing = (2.5, 2.5, 2.5)  # a 160 mm matrix, lungs 128 mm across
+    pad = ((0, 0), (10, 22), (30, 2))
+    wide_vol, wide_lungs = np.pad(vol, pad, constant_values=-1000.0), np.pad(lungs, pad)
+    fixed = dataclasses.replace(
+        ckpt, preprocess=dataclasses.replace(ckpt.preprocess, field_of_view_mm=180.0))
+    results = {}
+    for name, checkpoint in (("fixed", fixed), ("whole", ckpt)):
+        results[name] = [
+            infer.analyse(v, spacing, checkpoint=checkpoint, lung_mask=m, threshold=0.497)
+            for v, m in ((vol, lungs), (wide_vol, wide_lungs))
+        ]
+    narrow, wide = results["fixed"]
+    assert narrow.lesion_mask.any()
+    assert narrow.probabilities == wide.probabilities
+    np.testing.assert_array_equal(np.pad(narrow.lesion_mask, pad), wide.lesion_mask)
+    np.testing.assert_array_equal(np.pad(narrow.evidence_map, pad), wide.evidence_map)
+    narrow, wide = results["whole"]
+    assert narrow.probabilities != wide.probabilities
 
 
 def test_overlapping_windows_are_blended_and_chosen_by_device(ckpt: Checkpoint) -> None:

@@ -507,7 +507,8 @@ def test_offline_infer_writes_every_output(tiny_checkpoint: Path, tmp_path: Path
     parameters = dict(p.split("=") for p in algorithm.AlgorithmParameters.split(","))
     assert parameters == {
         "device": "cpu", "test_time_mirroring": "off", "window_overlap": "0",
-        "lesion_threshold": "0.5", "min_lesion_volume_mm3": "10",
+        "lesion_threshold": "0.5", "field_of_view_mm": "whole matrix",
+        "min_lesion_volume_mm3": "10",
         "peripheral_thickness_mm": "10", "consolidation_hu": "-300",
         "disease_thresholds": "most probable class",
     }

@@ -9,6 +9,8 @@ import torch
 
 from ai.errors import ImplausibleSpacing, NonFiniteVoxels, NotAVolume, TooFewSlices
 from ai.preprocess import (
+    FIELD_MARGIN_MM,
+    InplaneBox,
     PatchBox,
     PreprocessConfig,
     SlidingWindow,
@@ -16,6 +18,7 @@ from ai.preprocess import (
     blend_weights,
     check_volume,
     cls_slice_indices,
+    field_of_view_box,
     normalise_hu,
     resize_inplane,
     sample_cls_slices,
@@ -223,6 +226,8 @@ def test_config_round_trip_and_validation() -> None:
         {"seg_patch": (24, 0, 256)},
         {"n_cls_slices": 0},
         {"min_slices": 0},
+        {"field_of_view_mm": 50.0},
+        {"field_of_view_mm": float("nan")},
     ):
         with pytest.raises(ValueError):
             PreprocessConfig(**bad)
@@ -246,3 +251,53 @@ def test_check_volume() -> None:
     bad[1, 2, 3] = float("nan")
     with pytest.raises(NonFiniteVoxels, match="1 NaN/infinite voxels"):
         check_volume(bad, (2, 0.7, 0.7))
+
+
+def _lungs(rows: slice, columns: slice, shape: tuple[int, int, int] = (4, 100, 120)) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[1:3, rows, columns] = True
+    return mask
+
+
+def test_the_field_of_view_is_a_square_in_mm_centred_on_the_lungs() -> None:
+    """Rows 30:50, columns 20:80 at 2 x 1 mm pixels: lungs 40 mm deep and 60 mm wide; a
+    200 mm field is 100 rows and 200 columns around their centre (row 40, column 50),
+    reaching beyond the 100 x 120 matrix."""
+    lungs = _lungs(slice(30, 50), slice(20, 80))
+    assert field_of_view_box(lungs, (5, 2, 1), PreprocessConfig()) == InplaneBox.whole(100, 120)
+    box = field_of_view_box(lungs, (5, 2, 1), PreprocessConfig(field_of_view_mm=200))
+    assert box == InplaneBox(-10, 90, -50, 150) and box.size == (100, 200)
+    # Lungs wider than the field: widened to hold them with a margin on each side.
+    wide = field_of_view_box(lungs, (5, 4, 4), PreprocessConfig(field_of_view_mm=200))
+    assert 60 * 4 + 2 * FIELD_MARGIN_MM == 65 * 4
+    assert wide.size == (66, 66)  # 65 cells, and one more to centre them exactly
+    assert (wide.y0 + wide.y1, wide.x0 + wide.x1) == (80, 100)  # centred: 2 x (40, 50)
+    # No lungs: the whole matrix.
+    assert field_of_view_box(np.zeros((4, 100, 120), bool), (5, 2, 1),
+                             PreprocessConfig(field_of_view_mm=200)) == InplaneBox.whole(100, 120)
+
+
+@pytest.mark.parametrize("columns", [slice(20, 80), slice(20, 81), slice(3, 50)])
+def test_a_mirrored_scan_gets_the_mirrored_field_of_view(columns: slice) -> None:
+    """Whatever the parity of the lungs' width and the field's, the box is centred
+    exactly, so test-time mirroring sums passes over mirrored inputs."""
+    cfg = PreprocessConfig(field_of_view_mm=101.0)
+    lungs = _lungs(slice(30, 50), columns)
+    box = field_of_view_box(lungs, (5, 1, 1), cfg)
+    mirrored = field_of_view_box(lungs[:, :, ::-1], (5, 1, 1), cfg)
+    assert (mirrored.x0, mirrored.x1) == (120 - box.x1, 120 - box.x0)
+    assert abs(box.size[1] - 101) <= 1
+
+
+def test_a_field_of_view_crops_with_zeros_beyond_the_matrix() -> None:
+    x = torch.arange(2 * 4 * 5, dtype=torch.float32).reshape(2, 4, 5) + 1
+    assert InplaneBox.whole(4, 5).crop(x) is x
+    out = InplaneBox(-1, 3, 2, 7).crop(x)
+    assert out.shape == (2, 4, 5)
+    assert torch.equal(out[:, 1:, :3], x[:, :3, 2:])
+    assert not out[:, 0].any() and not out[:, :, 3:].any()
+    assert InplaneBox(-1, 3, 2, 7).overlap(4, 5) == ((slice(0, 3), slice(2, 5)),
+                                                      (slice(1, 4), slice(0, 3)))
+    # Positions: a box of 8 columns from column 2 on a grid of 4 cells: 2 columns a cell.
+    np.testing.assert_allclose(InplaneBox(0, 4, 2, 10).positions(12, 4, axis=1),
+                               (np.arange(12) - 2 + 0.5) / 2 - 0.5)

@@ -290,6 +290,7 @@ def test_train_and_evaluate_commands_end_to_end(
     assert float(rows[1]["train_ta"]) > 0 and rows[0]["train_ta"] == "nan"
     ckpt = load_checkpoint(out / "model.pt")
     assert ckpt.provenance.data == TRAIN and ckpt.metrics["stage"] == 2
+    assert ckpt.preprocess.field_of_view_mm == 360.0  # the command's default
     # Stage 1 trains the streams apart (identity cross-stitch, and infers that way);
     # stage 2 starts the unit at its explicit init (the identity) and fine-tunes it.
     stage1 = load_checkpoint(out / "stage1.pt").model.cross_stitch
@@ -329,10 +330,12 @@ def test_single_task_ablations_train_and_evaluate(tmp_path: Path, cache: Path, t
     args = parser.parse_args(
         ["--data", TRAIN, "--out", str(tmp_path / "run"), "--size", "tiny", "--task", task,
          "--epochs", "1", "--val-fraction", "0", "--workers", "0", "--device", "cpu",
-         "--cache-dir", str(cache), "--cls-pool", "mean"]
+         "--cache-dir", str(cache), "--cls-pool", "mean", "--field-of-view-mm", "0"]
     )  # fmt: skip
     assert run_train_command(args) == 0
-    assert load_checkpoint(tmp_path / "run" / "model.pt").model_config.cls_pool == "mean"
+    trained = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert trained.model_config.cls_pool == "mean"
+    assert trained.preprocess.field_of_view_mm is None  # 0: the whole matrix
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)
     args = parser.parse_args(
@@ -403,12 +406,17 @@ def test_the_validation_split_does_not_follow_the_seed(cache: Path) -> None:
 
 def test_a_resumed_run_keeps_its_split(tmp_path: Path, cache: Path) -> None:
     """A run saved before --split-seed existed split with --seed: resumed with another
-    split seed it would validate on cases it trained on."""
+    split seed it would validate on cases it trained on. One saved before
+    --field-of-view-mm saw the whole matrix."""
     (tmp_path / "train_config.json").write_text(json.dumps({"seed": 3, "val_fraction": 0.5}))
     with pytest.raises(ValueError, match="split_seed was 3, now 0"):
         prepare_data(_config(tmp_path, cache, val_fraction=0.5, seed=3, resume=True))
     assert prepare_data(_config(tmp_path, cache, val_fraction=0.5, seed=3, split_seed=3,
                                 resume=True))
+    # Nor did it have a field of view: it saw the whole matrix.
+    with pytest.raises(ValueError, match="field_of_view_mm was None, now 360.0"):
+        prepare_data(_config(tmp_path, cache, val_fraction=0.5, split_seed=3, seed=3,
+                             resume=True, field_of_view_mm=360.0))
 
 
 def test_a_resumed_run_is_the_run_it_resumes(tmp_path: Path, cache: Path) -> None:
@@ -459,6 +467,7 @@ def test_fold_and_epoch_arguments_are_checked(tmp_path: Path) -> None:
     assert run_train_command(parser.parse_args([*base, "--fold", "1"])) == 2  # no --folds
     assert run_train_command(parser.parse_args([*base, "--epochs1", "0"])) == 2
     assert run_train_command(parser.parse_args([*base, "--device", "cuda:7"])) == 2
+    assert run_train_command(parser.parse_args([*base, "--field-of-view-mm", "40"])) == 2
 
 
 def test_a_split_that_holds_out_no_one_says_so(

@@ -46,6 +46,7 @@ from ai.preprocess import (
     PreprocessConfig,
     SlidingWindow,
     apply_lung_mask,
+    field_of_view_box,
     normalise_hu,
     resize_inplane,
     sample_cls_slices,
@@ -1193,7 +1194,8 @@ class TrainingSamples:
                 torch.from_numpy(case.lung_mask).float(),
             ]
         )
-        stack = _augment(resize_inplane(stack, (gh, gw)), self.augmentation, rng)
+        fov = field_of_view_box(case.lung_mask, case.spacing_mm, cfg)
+        stack = _augment(resize_inplane(fov.crop(stack), (gh, gw)), self.augmentation, rng)
         grid_img, lung = stack[0], stack[2] > 0.5
         lesion, lung = (stack[1] > 0.5) & lung, lung.float()
         sigma = rng.uniform(0.0, self.augmentation.noise_hu) / (cfg.hu_window[1] - cfg.hu_window[0])

@@ -73,7 +73,7 @@ from ai.model import (
     build_model,
     evidence_class,
 )
-from ai.preprocess import PreprocessConfig, SlidingWindow
+from ai.preprocess import DEFAULT_FIELD_OF_VIEW_MM, PreprocessConfig, SlidingWindow
 from training.datasets import (
     Augmentation,
     Case,
@@ -141,6 +141,8 @@ class TrainConfig:
     size: str = "lite"
     task: str = "joint"
     cls_pool: str = "max"
+    # The in-plane field (mm) the network sees around the lungs; None: the whole matrix.
+    field_of_view_mm: float | None = None
     # Applied in order; a later checkpoint replaces the streams it holds (say a
     # classification-only run's C stream over a joint model).
     init: tuple[Path, ...] = ()
@@ -203,6 +205,10 @@ class TrainConfig:
             problems.append(f"lesion_bias {self.lesion_bias} must be in [0, 1]")
         if self.cls_pool not in CLS_POOLS:
             problems.append(f"cls_pool {self.cls_pool!r} must be one of {CLS_POOLS}")
+        try:
+            PreprocessConfig(field_of_view_mm=self.field_of_view_mm)
+        except ValueError as exc:
+            problems.append(str(exc))
         if self.stage1_lesion_map not in STAGE1_LESION_MAPS:
             problems.append(
                 f"stage1_lesion_map {self.stage1_lesion_map!r} must be one of {STAGE1_LESION_MAPS}"
@@ -522,7 +528,9 @@ class Trainer:
         self.model = build_model(self.model_config).to(
             self.device, memory_format=torch.channels_last_3d
         )
-        self.preprocess = preprocess_config_for(self.model_config)
+        self.preprocess = preprocess_config_for(
+            self.model_config, field_of_view_mm=config.field_of_view_mm
+        )
         # Which weights `--init` named, by content: a path alone (say the shipped
         # checkpoint) may hold other weights by the time someone reads the provenance.
         init = [*config.init, *([config.init_cls] if config.init_cls else [])]
@@ -1072,6 +1080,7 @@ def _check_out_folder(config: TrainConfig) -> None:
         return
     saved = json.loads(saved_path.read_text())
     saved.setdefault("split_seed", saved.get("seed", 0))
+    saved.setdefault("field_of_view_mm", None)  # runs from before it: the whole matrix
     current = json.loads(json.dumps(config.to_dict()))
     changed = [f"{key} was {saved[key]!r}, now {current[key]!r}" for key in current
                if key in saved and key not in may_change and saved[key] != current[key]]
@@ -1393,6 +1402,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="classifier pooling before the FC: max (default) or mean (the paper's GAP, eq. 4)",
     )
     model.add_argument(
+        "--field-of-view-mm",
+        type=float,
+        default=DEFAULT_FIELD_OF_VIEW_MM,
+        metavar="MM",
+        help="the square (mm across) around the lungs that the network sees, so that it"
+        f" learns one scale whatever field a scan was reconstructed in (default"
+        f" {DEFAULT_FIELD_OF_VIEW_MM:g}); 0: the whole matrix, as runs before it",
+    )
+    model.add_argument(
         "--stage1-lesion-map",
         choices=STAGE1_LESION_MAPS,
         default="truth",
@@ -1516,6 +1534,7 @@ def config_from_args(
         size=args.size,
         task=args.task,
         cls_pool=args.cls_pool,
+        field_of_view_mm=args.field_of_view_mm or None,
         init=tuple(args.init),
         init_cls=args.init_cls,
         epochs1=args.epochs if args.epochs1 is None else args.epochs1,

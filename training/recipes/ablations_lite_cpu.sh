@@ -19,7 +19,8 @@ TRAIN="phantoms:covid=30,cap=30,normal=30,seed=1000,size=256,slices=64"
 VAL="phantoms:covid=3,cap=3,normal=3,seed=5000,size=256,slices=64"
 HELD_OUT="phantoms:covid=10,cap=10,normal=10,seed=900000,size=256,slices=64"
 COMMON=(--size lite --seed 0 --device cpu --workers 1 --data "$TRAIN" --val-data "$VAL"
-        --patience 0 --batch-size 2 --init "$INIT" --cls-pool max)
+        --patience 0 --batch-size 2 --init "$INIT" --cls-pool max
+        --field-of-view-mm 0)  # the whole matrix, as the runs they compare with
 declare -A EXTRA=(
     [cls-only]="--task cls --stage 1 --epochs1 4 --lr1 1e-3 --val-every 2"
     [seg-only]="--task seg --stage 1 --epochs1 4 --lr1 5e-5 --val-every 2"

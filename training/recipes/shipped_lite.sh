@@ -3,7 +3,9 @@
 # shipped_lite_cpu.sh, no GPU being lent since): four runs side by side on one GPU with
 # the same data, seed and time budget (joint; segmentation only; classification only;
 # joint without the task-aware loss), each stopped after BUDGET_S seconds if not done, then each
-# evaluated on held-out phantoms whose seeds the training never saw.
+# evaluated on held-out phantoms whose seeds the training never saw. Since session 20 the
+# runs see a 360 mm field around the lungs (the default; attempt 1 saw the whole matrix:
+# add --field-of-view-mm 0 to COMMON to repeat it).
 #
 #   BUDGET_S=420 bash training/recipes/shipped_lite.sh runs/
 set -u

@@ -47,7 +47,9 @@ TRAIN="phantoms:covid=30,cap=30,normal=30,seed=1000,size=256,slices=64"
 VAL="phantoms:covid=3,cap=3,normal=3,seed=5000,size=256,slices=64"
 HELD_OUT="phantoms:covid=10,cap=10,normal=10,seed=900000,size=256,slices=64"  # selection
 FRESH="phantoms:covid=10,cap=10,normal=10,seed=950000,size=256,slices=64"  # final report
-RUN=(--size lite --device cpu --workers 1 --patience 0 --batch-size 2 ${RESUME:+--resume})
+# --field-of-view-mm 0: these runs saw the whole matrix (they came before the option).
+RUN=(--size lite --device cpu --workers 1 --patience 0 --batch-size 2 --field-of-view-mm 0
+     ${RESUME:+--resume})
 COMMON=("${RUN[@]}" --data "$TRAIN" --val-data "$VAL")
 NODE_LUNGS=("${RUN[@]}" --data "$TRAIN,lungs=node" --val-data "$VAL,lungs=node")
 mkdir -p "$OUT"
