@@ -500,7 +500,7 @@ def worker_main(settings: Settings, name: str, stop: StopFlag, node_pid: int) ->
 
         torch.set_num_threads(worker_threads(settings.pipeline.workers))
     filestore = FileStore(settings.data_dir)
-    index = StudyIndex(settings.database_url)
+    index = StudyIndex(settings.database_url, schema="check")  # the node migrated it
     pipeline = Pipeline(settings, index, filestore, Exporter(settings, index, filestore))
     try:
         pipeline.warm_up()

@@ -33,7 +33,8 @@ class Node:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.filestore = FileStore(settings.data_dir)
         self.lock = DataDirLock(settings.data_dir)
-        self.index = StudyIndex(settings.database_url)
+        # Migrated in `start`, under the lock: a node of the older version may be running.
+        self.index = StudyIndex(settings.database_url, schema="defer")
         self.scp = StorageSCP(settings, self.index, self.filestore)
         self.assembler = SeriesAssembler(self.index, settings.series)
         self.exporter = Exporter(settings, self.index, self.filestore)
@@ -44,6 +45,11 @@ class Node:
     def start(self) -> None:
         """Raises `DataDirInUse` before touching anything when another node runs here."""
         self.lock.acquire()
+        try:
+            self.index.prepare_schema()
+        except Exception:
+            self.lock.release()
+            raise
         self.filestore.clean_temp()
         if not self.index.mark_running():
             reconcile_store(self.filestore, self.index)

@@ -64,7 +64,11 @@ def _write_all_and_fsync(fd: int, data: bytes) -> None:
 
 
 class DataDirInUse(RuntimeError):
-    """Another running node holds the data directory."""
+    """Another running node holds the data directory (`holder`: its pid, as it wrote it)."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class DataDirLock:
@@ -89,7 +93,7 @@ class DataDirLock:
             os.close(fd)
             raise DataDirInUse(
                 f"another dicomnode (pid {holder}) is serving {self.path.parent}: stop it"
-                " first, or give this node its own [storage] data_dir"
+                " first, or give this node its own [storage] data_dir", holder
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -40,6 +41,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from sqlalchemy.schema import DropIndex
 
 from storage.errors import IndexUnavailable
+from storage.filestore import DataDirInUse, DataDirLock
 from storage.models import (
     SCHEMA_VERSION,
     Base,
@@ -174,6 +176,14 @@ class _DriverStatement:
 
 class SchemaVersionError(IndexUnavailable):
     """The index was written by a newer dicomnode, or cannot be migrated."""
+
+
+class SchemaMigrationNeeded(SchemaVersionError):
+    """The index has an older schema and was opened with ``schema="check"``."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 def _in_memory(sqlite_url: URL) -> bool:
@@ -444,10 +454,48 @@ def shown_url(text: str) -> str:
     return re.sub(r"(://[^/:@]*:)[^/]*@", r"\1***@", text)
 
 
-class StudyIndex:
-    """Open (creating or migrating) the index at a SQLAlchemy URL."""
+SchemaAction = Literal["migrate", "check", "defer"]
 
-    def __init__(self, url: str) -> None:
+
+def open_index(url: str, data_dir: Path) -> StudyIndex:
+    """The index of the node whose data directory is `data_dir`, for a command that may
+    run while that node does (`dicomnode status`, `train --data index:...`).
+
+    An older schema is migrated only while no node holds the data directory: the node
+    running on it is then an older dicomnode (a newer one would have migrated it), and
+    the new schema would break it under way. Its next start as the new version migrates.
+    """
+    try:
+        return StudyIndex(url, schema="check")
+    except SchemaMigrationNeeded as exc:
+        if not data_dir.is_dir():  # no node has run here: nothing to break
+            return StudyIndex(url)
+        lock = DataDirLock(data_dir)
+        try:
+            lock.acquire()
+        except DataDirInUse as running:
+            raise SchemaVersionError(
+                f"{exc}, and an older dicomnode (pid {running.holder}) is serving it: this"
+                " command would migrate the index under it. Stop that node and start this"
+                " version's `dicomnode serve`, which migrates the index, then run the"
+                " command again"
+            ) from None
+        try:
+            return StudyIndex(url)
+        finally:
+            lock.release()
+
+
+class StudyIndex:
+    """Open the index at a SQLAlchemy URL.
+
+    ``schema``: "migrate" creates or migrates it; "check" creates it but refuses an older
+    schema (:class:`SchemaMigrationNeeded`), for a process that may run beside a node of
+    the older version, which the new schema would break; "defer" leaves it to
+    :meth:`prepare_schema`, for a node that must first lock its data directory.
+    """
+
+    def __init__(self, url: str, *, schema: SchemaAction = "migrate") -> None:
         self.url = url
         self.shown_url = shown_url(url)
         self._sqlite = url.startswith("sqlite")
@@ -474,13 +522,21 @@ class StudyIndex:
         self._latest_job_of_series = _DriverStatement(_LATEST_JOB_OF_SERIES, dialect)
         self._insert_instance = _DriverStatement(_INSERT_INSTANCE, dialect, _INSTANCE_COLUMNS)
         self._count_instance = _DriverStatement(_COUNT_INSTANCE, dialect)
+        if schema != "defer":
+            self.prepare_schema(migrate=schema == "migrate")
+
+    def prepare_schema(self, migrate: bool = True) -> None:
+        """Create, check and (with `migrate`) migrate the schema; see `_prepare_schema`."""
         try:
-            self._prepare_schema()
+            self._prepare_schema(migrate)
         except OperationalError as exc:  # unreachable server, unwritable file ...
             self.engine.dispose()
             raise IndexUnavailable(
                 f"cannot open the study index {self.shown_url!r}: {shown_url(str(exc.orig or exc))}"
             ) from None
+        except SchemaVersionError:
+            self.engine.dispose()
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -500,7 +556,7 @@ class StudyIndex:
 
     # -- schema ------------------------------------------------------------------------
 
-    def _prepare_schema(self) -> None:
+    def _prepare_schema(self, migrate: bool) -> None:
         """Create, check and migrate the schema in one transaction: one killed half-way
         leaves the old version whole. On SQLite a second process opening the index at
         the same time (a CLI command while `serve` starts) waits, then finds it done; a
@@ -516,6 +572,10 @@ class StudyIndex:
                     f"index {self.shown_url} has schema version {version}, newer than this "
                     f"dicomnode's {SCHEMA_VERSION}: upgrade dicomnode"
                 )
+            if version < SCHEMA_VERSION and not migrate:
+                raise SchemaMigrationNeeded(
+                    f"index {self.shown_url} has schema version {version}, older than this "
+                    f"dicomnode's {SCHEMA_VERSION}", version)
             while version < SCHEMA_VERSION:
                 if version not in MIGRATIONS:
                     raise SchemaVersionError(f"no migration from schema version {version}")

@@ -17,7 +17,9 @@ from dicomnode.cli import build_parser, main, setup_logging
 from dicomnode.config import StorageConfig, load_settings, render_config_toml, settings_from_mapping
 from dicomnode.service import Node
 from storage.errors import IndexUnavailable
+from storage.filestore import DataDirLock
 from storage.index import StudyIndex
+from storage.models import SCHEMA_VERSION
 from tests.conftest import complete_job, free_port
 
 COMMANDS = ["serve", "status", "echo", "send", "resend", "reanalyse", "purge", "infer", "phantom",
@@ -121,9 +123,30 @@ def _config_of_a_node_that_ran(tmp_path: Path) -> tuple[Path, StudyIndex]:
     """A config file and the index its node made (open: the caller closes it)."""
     config = tmp_path / "node.toml"
     config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n')
-    node = Node(settings_from_mapping({"storage": {"data_dir": str(tmp_path / "data")}},
-                                      base_dir=tmp_path), analyse=False)
-    return config, node.index
+    settings = settings_from_mapping({"storage": {"data_dir": str(tmp_path / "data")}},
+                                     base_dir=tmp_path)
+    settings.data_dir.mkdir()
+    return config, StudyIndex(settings.database_url)
+
+
+def test_status_of_a_newer_version_beside_an_older_running_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An upgrade installed under a running node: the new CLI must not migrate the index
+    under it, and says what to do; once the node is stopped, the command migrates."""
+    config, index = _config_of_a_node_that_ran(tmp_path)
+    with index.engine.begin() as conn:
+        conn.execute(text("UPDATE meta SET value = :v WHERE key = 'schema_version'"),
+                     {"v": str(SCHEMA_VERSION - 1)})
+    index.close()
+    running_node = DataDirLock(tmp_path / "data")
+    running_node.acquire()
+    try:
+        assert main(["status", "--config", str(config)]) == 1
+    finally:
+        running_node.release()
+    assert "this command would migrate the index under it" in capsys.readouterr().err
+    assert main(["status", "--config", str(config)]) == 0
 
 
 def test_resend_of_an_unknown_study(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,5 +1,6 @@
 """The study index: idempotent instances, job lifecycle, queue, restart recovery, schema."""
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -12,7 +13,15 @@ from sqlalchemy import event, select, text
 
 from dicomnode.assembler import SeriesAssembler, completion_rule
 from dicomnode.config import SeriesConfig
-from storage.index import ClaimedJob, InstanceRecord, SchemaVersionError, StudyIndex
+from storage.filestore import DataDirLock
+from storage.index import (
+    ClaimedJob,
+    InstanceRecord,
+    SchemaMigrationNeeded,
+    SchemaVersionError,
+    StudyIndex,
+    open_index,
+)
 from storage.models import SCHEMA_VERSION, CompletionRule, JobState, RefusedInstance
 from tests.conftest import complete_job
 
@@ -317,6 +326,38 @@ def _index_at_schema_2(tmp_path: Path, drop_column: bool = True) -> str:
         conn.execute(text("UPDATE meta SET value = '2' WHERE key = 'schema_version'"))
     index.close()
     return url
+
+
+def _schema_version_on_disk(url: str) -> int:
+    index = StudyIndex(url, schema="defer")
+    with index.engine.connect() as conn:
+        version = conn.execute(text("SELECT value FROM meta WHERE key = 'schema_version'"))
+        value = int(version.scalar_one())
+    index.close()
+    return value
+
+
+def test_an_older_schema_is_migrated_only_while_no_node_holds_the_data_directory(
+    tmp_path: Path
+) -> None:
+    """A CLI command of a newer dicomnode beside a running older node (an upgrade installed
+    under a running service) must not change the schema under that node."""
+    url = _index_at_schema_2(tmp_path)
+    with pytest.raises(SchemaMigrationNeeded, match="schema version 2, older than"):
+        StudyIndex(url, schema="check")
+    running_node = DataDirLock(tmp_path)
+    running_node.acquire()
+    try:
+        with pytest.raises(SchemaVersionError,
+                           match=rf"an older dicomnode \(pid {os.getpid()}\) is serving it:"
+                                 r".*Stop that node and start this version's `dicomnode serve`"):
+            open_index(url, tmp_path)
+    finally:
+        running_node.release()
+    assert _schema_version_on_disk(url) == 2
+    migrated = open_index(url, tmp_path)  # nobody serves it now
+    assert migrated.schema_version() == SCHEMA_VERSION
+    assert StudyIndex(url, schema="check").schema_version() == SCHEMA_VERSION
 
 
 def test_migration_from_schema_2_starts_each_pass_at_its_job_creation(tmp_path: Path) -> None:

@@ -14,9 +14,11 @@ import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import text
 
 from dicomnode.scu import Peer, echo, send
 from storage.index import StudyIndex
+from storage.models import SCHEMA_VERSION
 from tests.conftest import free_port, write_ct_series
 
 
@@ -200,6 +202,32 @@ def test_a_second_node_on_the_same_data_directory_is_refused(tmp_path: Path) -> 
     second = Node(settings, analyse=False)  # free again once the first has stopped
     second.start()
     second.stop()
+
+
+def test_a_second_node_of_a_newer_version_leaves_the_running_nodes_schema(
+    tmp_path: Path
+) -> None:
+    """Refused by the lock, it must not have migrated the index first: the running node
+    (here, one whose index says schema 4) would go on with a schema it does not know."""
+    from dicomnode.service import Node
+    from storage.filestore import DataDirInUse
+    from tests.conftest import node_settings
+
+    settings = node_settings(tmp_path)
+    first = Node(settings, analyse=False)
+    first.start()
+    try:
+        older = str(SCHEMA_VERSION - 1)
+        with first.index.engine.begin() as conn:
+            conn.execute(text("UPDATE meta SET value = :v WHERE key = 'schema_version'"),
+                         {"v": older})
+        with pytest.raises(DataDirInUse):
+            Node(settings, analyse=False).start()
+        with first.index.engine.connect() as conn:
+            assert conn.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")
+                                ).scalar_one() == older
+    finally:
+        first.stop()
 
 
 def test_a_port_in_use_is_named_and_leaves_the_index_clean(tmp_path: Path) -> None:
