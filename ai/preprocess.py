@@ -420,8 +420,9 @@ def blend_weights(
 
 
 class SlidingWindow:
-    """The segmentation patch grid of one volume: windows covering every voxel, and the
-    mappings native grid -> segmentation grid -> patches -> segmentation grid -> native grid.
+    """The segmentation patch grid of one volume: windows covering every voxel of the
+    segmentation grid (the field of view resized to `seg_inplane_size`; `ai.infer` maps
+    it to and from the native matrix), patches cut from it and blended back onto it.
     """
 
     def __init__(self, volume_shape: Sequence[int], config: PreprocessConfig | None = None):
@@ -448,16 +449,6 @@ class SlidingWindow:
         """The patch-sized box starting at (z0, y0, x0) on the segmentation grid."""
         pd, ph, pw = self.config.seg_patch
         return PatchBox(z0, z0 + pd, y0, y0 + ph, x0, x0 + pw, self.grid_shape)
-
-    def to_grid(self, x: ArrayLike, mode: str = "bilinear") -> torch.Tensor:
-        """A native (S, H, W) map on the segmentation grid (S, h, w), float32."""
-        _check_shape(x, self.native_shape, "native")
-        return resize_inplane(x, self.grid_shape[1:], mode=mode)
-
-    def to_native(self, x: ArrayLike, mode: str = "bilinear") -> torch.Tensor:
-        """A (..., S, h, w) map on the segmentation grid back to native (..., S, H, W)."""
-        _check_shape(x, self.grid_shape, "segmentation grid")
-        return resize_inplane(x, self.native_shape[1:], mode=mode)
 
     def extract(self, grid_x: torch.Tensor, box: PatchBox, pad_value: float = 0.0) -> torch.Tensor:
         """The patch (d, h, w) of a grid map, padded with `pad_value` outside the grid."""
@@ -523,10 +514,6 @@ class PatchAccumulator:
     def result(self) -> torch.Tensor:
         """The blended map on the segmentation grid; voxels no window reached are 0."""
         return self._sum / self._weight.clamp(min=1e-12)
-
-    def result_native(self, mode: str = "bilinear") -> torch.Tensor:
-        """The blended map resized to the native in-plane size."""
-        return self.window.to_native(self.result(), mode=mode)
 
 
 def _check_shape(x: ArrayLike, expected: tuple[int, int, int], what: str) -> None:

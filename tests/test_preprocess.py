@@ -165,25 +165,23 @@ def test_default_paper_geometry_on_a_512_scan() -> None:
     assert len(window) == 13 * 2 * 2  # 2 x 2 tiles in-plane (paper), 13 windows along z
 
 
-def test_downscaled_segmentation_grid_and_inverse_mapping() -> None:
+def test_downscaled_segmentation_grid_blends_patches_back_exactly() -> None:
     cfg = PreprocessConfig(seg_patch=(24, 64, 64), seg_inplane_size=(64, 64), min_slices=12)
     window = SlidingWindow((30, 128, 96), cfg)
+    assert window.native_shape == (30, 128, 96)
     assert window.grid_shape == (30, 64, 64)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, 128), torch.linspace(0, 1, 96), indexing="ij")
-    smooth = (yy + 2 * xx).expand(30, 128, 96)
-    grid = window.to_grid(smooth)
-    assert grid.shape == (30, 64, 64)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    grid = (yy + 2 * xx).expand(30, 64, 64)
     acc = window.accumulator(channels=2)
     for box in window:
         patch = window.extract(grid, box)
         acc.add(box, torch.stack([patch, 1 - patch]))
-    native = acc.result_native()
-    assert native.shape == (2, 30, 128, 96)
-    assert (native[0] - smooth).abs().max() < 0.05
-    labels = window.to_native((grid > 1.5).float(), mode="nearest")
-    assert labels.shape == (30, 128, 96)
+    blended = acc.result()
+    assert blended.shape == (2, 30, 64, 64)
+    assert torch.allclose(blended[0], grid, atol=1e-5)
+    assert torch.allclose(blended[1], 1 - grid, atol=1e-5)
     with pytest.raises(ValueError, match="segmentation grid"):
-        window.to_native(smooth)
+        window.extract(torch.zeros(30, 128, 96), window.boxes[0])
 
 
 def test_accumulator_checks_shapes() -> None:
