@@ -97,14 +97,14 @@ def _missing_sqlite_index(url: str) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from storage.index import counts_line, open_index
+    from storage.index import StudyIndex, counts_line
 
     settings = _settings(args)
     url = settings.database_url
     if _missing_sqlite_index(url):
         print(f"no index at {url}: the node has not run with this configuration yet")
         return 0
-    index = open_index(url, settings.data_dir)
+    index = StudyIndex(url, schema="check")  # a node migrates it (docs/architecture.md)
     try:
         counts = index.counts()
         rows = index.series_status(limit=args.limit, own_outputs=args.all)
@@ -154,14 +154,14 @@ def _exports_table(rows: list[dict[str, object]]) -> str:
 def _existing_index(settings: Settings) -> StudyIndex | None:
     """The node's index, or None (said on stderr) when the node never ran with these
     settings: opening a SQLite file that is not there would create an empty one."""
-    from storage.index import open_index
+    from storage.index import StudyIndex
 
     url = settings.database_url
     if _missing_sqlite_index(url):
         print(f"no index at {url}: the node has not run with this configuration",
               file=sys.stderr)
         return None
-    return open_index(url, settings.data_dir)
+    return StudyIndex(url, schema="check")
 
 
 def cmd_reanalyse(args: argparse.Namespace) -> int:

@@ -39,17 +39,23 @@ class Node:
         self.assembler = SeriesAssembler(self.index, settings.series)
         self.exporter = Exporter(settings, self.index, self.filestore)
         self.workers = None
+        self._started = False
         if analyse and settings.pipeline.workers > 0:
             self.workers = WorkerPool(settings, self.index)
 
     def start(self) -> None:
-        """Raises `DataDirInUse` before touching anything when another node runs here."""
+        """Raises `DataDirInUse` before touching anything when another node runs here. A
+        start that fails later undoes itself: nothing left running, the lock released."""
         self.lock.acquire()
         try:
-            self.index.prepare_schema()
-        except Exception:
-            self.lock.release()
+            self._start_locked()
+        except BaseException:
+            self._shut_down(clean=False)
             raise
+        self._started = True
+
+    def _start_locked(self) -> None:
+        self.index.prepare_schema()
         self.filestore.clean_temp()
         if not self.index.mark_running():
             reconcile_store(self.filestore, self.index)
@@ -66,8 +72,6 @@ class Node:
             # Nothing was received and recovery is done: the next start need not scan the
             # whole store again, as it would after a crash.
             self.index.mark_clean_shutdown()
-            self.index.close()
-            self.lock.release()
             if isinstance(exc, OSError):
                 node = self.settings.node
                 raise OSError(exc.errno, f"the storage SCP cannot listen on {node.host}:"
@@ -86,12 +90,24 @@ class Node:
             self.workers.start()
 
     def stop(self) -> None:
+        """Stop cleanly; a node that is not running (never started, or its start failed)
+        has nothing to stop, and must not mark an index that it does not hold."""
+        if not self._started:
+            return
+        self._started = False
+        self._shut_down(clean=True)
+
+    def _shut_down(self, clean: bool) -> None:
+        """Stop every part (each is a no-op when it did not start), mark the index clean
+        when asked, close it, and only then free the lock: a node started next must find
+        the mark made."""
         self.scp.stop()
         self.assembler.stop()
         if self.workers is not None:
             self.workers.stop()
         self.exporter.stop()
-        self.index.mark_clean_shutdown()
+        if clean:
+            self.index.mark_clean_shutdown()
         self.index.close()
         self.lock.release()
 

@@ -64,11 +64,7 @@ def _write_all_and_fsync(fd: int, data: bytes) -> None:
 
 
 class DataDirInUse(RuntimeError):
-    """Another running node holds the data directory (`holder`: its pid, as it wrote it)."""
-
-    def __init__(self, message: str, holder: str) -> None:
-        super().__init__(message)
-        self.holder = holder
+    """Another running node holds the data directory."""
 
 
 class DataDirLock:
@@ -93,7 +89,7 @@ class DataDirLock:
             os.close(fd)
             raise DataDirInUse(
                 f"another dicomnode (pid {holder}) is serving {self.path.parent}: stop it"
-                " first, or give this node its own [storage] data_dir", holder
+                " first, or give this node its own [storage] data_dir"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

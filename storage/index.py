@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -41,7 +40,6 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from sqlalchemy.schema import DropIndex
 
 from storage.errors import IndexUnavailable
-from storage.filestore import DataDirInUse, DataDirLock
 from storage.models import (
     SCHEMA_VERSION,
     Base,
@@ -457,42 +455,14 @@ def shown_url(text: str) -> str:
 SchemaAction = Literal["migrate", "check", "defer"]
 
 
-def open_index(url: str, data_dir: Path) -> StudyIndex:
-    """The index of the node whose data directory is `data_dir`, for a command that may
-    run while that node does (`dicomnode status`, `train --data index:...`).
-
-    An older schema is migrated only while no node holds the data directory: the node
-    running on it is then an older dicomnode (a newer one would have migrated it), and
-    the new schema would break it under way. Its next start as the new version migrates.
-    """
-    try:
-        return StudyIndex(url, schema="check")
-    except SchemaMigrationNeeded as exc:
-        if not data_dir.is_dir():  # no node has run here: nothing to break
-            return StudyIndex(url)
-        lock = DataDirLock(data_dir)
-        try:
-            lock.acquire()
-        except DataDirInUse as running:
-            raise SchemaVersionError(
-                f"{exc}, and an older dicomnode (pid {running.holder}) is serving it: this"
-                " command would migrate the index under it. Stop that node and start this"
-                " version's `dicomnode serve`, which migrates the index, then run the"
-                " command again"
-            ) from None
-        try:
-            return StudyIndex(url)
-        finally:
-            lock.release()
-
-
 class StudyIndex:
     """Open the index at a SQLAlchemy URL.
 
     ``schema``: "migrate" creates or migrates it; "check" creates it but refuses an older
-    schema (:class:`SchemaMigrationNeeded`), for a process that may run beside a node of
-    the older version, which the new schema would break; "defer" leaves it to
-    :meth:`prepare_schema`, for a node that must first lock its data directory.
+    schema (:class:`SchemaMigrationNeeded`), for a command that may run beside a node of
+    the older version, which the new schema would break under way; "defer" leaves it to
+    :meth:`prepare_schema`, for a node that must first lock its data directory. Only
+    the holder of that lock migrates: `dicomnode serve` as it starts, and `purge`.
     """
 
     def __init__(self, url: str, *, schema: SchemaAction = "migrate") -> None:
@@ -575,7 +545,9 @@ class StudyIndex:
             if version < SCHEMA_VERSION and not migrate:
                 raise SchemaMigrationNeeded(
                     f"index {self.shown_url} has schema version {version}, older than this "
-                    f"dicomnode's {SCHEMA_VERSION}", version)
+                    f"dicomnode's {SCHEMA_VERSION}: start this version's `dicomnode serve`"
+                    " (after stopping the node that serves it now, if one does), which"
+                    " migrates it, then run the command again", version)
             while version < SCHEMA_VERSION:
                 if version not in MIGRATIONS:
                     raise SchemaVersionError(f"no migration from schema version {version}")

@@ -204,11 +204,19 @@ def test_a_second_node_on_the_same_data_directory_is_refused(tmp_path: Path) -> 
     second.stop()
 
 
-def test_a_second_node_of_a_newer_version_leaves_the_running_nodes_schema(
+def _meta(index: StudyIndex, key: str) -> str | None:
+    with index.engine.connect() as conn:
+        return conn.execute(text("SELECT value FROM meta WHERE key = :k"), {"k": key}
+                            ).scalar_one_or_none()
+
+
+def test_a_second_node_of_a_newer_version_leaves_the_running_node_alone(
     tmp_path: Path
 ) -> None:
-    """Refused by the lock, it must not have migrated the index first: the running node
-    (here, one whose index says schema 4) would go on with a schema it does not know."""
+    """Refused by the lock, it must not have migrated the index first (the running node,
+    here one whose index says the schema before this one, would go on with a schema it
+    does not know), nor mark the running node's index as cleanly stopped when told to
+    stop. The node of the new version, started once the old one has stopped, migrates."""
     from dicomnode.service import Node
     from storage.filestore import DataDirInUse
     from tests.conftest import node_settings
@@ -216,18 +224,55 @@ def test_a_second_node_of_a_newer_version_leaves_the_running_nodes_schema(
     settings = node_settings(tmp_path)
     first = Node(settings, analyse=False)
     first.start()
+    older = str(SCHEMA_VERSION - 1)
     try:
-        older = str(SCHEMA_VERSION - 1)
         with first.index.engine.begin() as conn:
             conn.execute(text("UPDATE meta SET value = :v WHERE key = 'schema_version'"),
                          {"v": older})
+        second = Node(settings, analyse=False)
         with pytest.raises(DataDirInUse):
-            Node(settings, analyse=False).start()
-        with first.index.engine.connect() as conn:
-            assert conn.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")
-                                ).scalar_one() == older
+            second.start()
+        second.stop()  # nothing to stop
+        assert _meta(first.index, "schema_version") == older
+        assert _meta(first.index, "clean_shutdown") == "0", "still running"
     finally:
         first.stop()
+    upgraded = Node(settings, analyse=False)
+    upgraded.start()
+    assert upgraded.index.schema_version() == SCHEMA_VERSION
+    upgraded.stop()
+
+
+def test_a_start_that_fails_late_undoes_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after the Storage SCP listens (here the exporter's start) must not leave
+    it listening, nor the data directory locked: the next start works."""
+    from dicomnode.export import Exporter
+    from dicomnode.service import Node
+    from tests.conftest import node_settings
+
+    settings = node_settings(tmp_path)
+    failing = Node(settings, analyse=False)
+
+    listening_on: list[int] = []
+
+    def broken_start(_self: Exporter) -> None:
+        listening_on.append(failing.scp.port)
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(Exporter, "start", broken_start)
+    with pytest.raises(RuntimeError, match="exporter broke"):
+        failing.start()
+    (port,) = listening_on
+    with pytest.raises(ConnectionError):  # not listening any more
+        echo(Peer("DICOMNODE", "127.0.0.1", port), timeout_s=2)
+    failing.stop()  # nothing to stop
+    monkeypatch.undo()
+    node = Node(settings, analyse=False)
+    node.start()
+    assert echo(Peer("DICOMNODE", "127.0.0.1", node.scp.port), timeout_s=5) == 0
+    node.stop()
 
 
 def test_a_port_in_use_is_named_and_leaves_the_index_clean(tmp_path: Path) -> None:

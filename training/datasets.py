@@ -1047,12 +1047,12 @@ def _split_options(text: str) -> tuple[str, dict[str, str]]:
 
 
 def _open_index(data_dir: Path, url: str | None) -> Any:
-    from storage.index import open_index
+    from storage.index import StudyIndex
 
     database = data_dir / "index.sqlite"
     if url is None and not database.exists():
         raise DatasetError(f"index: no index.sqlite in {data_dir}")
-    return open_index(url or f"sqlite:///{database}", data_dir)
+    return StudyIndex(url or f"sqlite:///{database}", schema="check")
 
 
 def parse_data_spec(spec: str, cache_dir: str | Path | None = None) -> CaseSource:
