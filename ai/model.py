@@ -42,10 +42,8 @@ SIZES: tuple[str, ...] = ("paper", "lite", "tiny")
 SEG_NORMS: tuple[str, ...] = ("group", "affine")
 """Norm layers of the L stream: GroupNorm, or a learnt per-channel affine (see ChannelAffine)."""
 # Pooling of the classifier's residual units before the FC: "mean" is the paper's eq. 4
-# (GAP), "max" the default here (docs/model.md, "Deviations, and why"), "top" the mean of
-# each channel's highest CLS_TOP_FRACTION of cells (focal like max, but not one cell's).
-CLS_POOLS: tuple[str, ...] = ("max", "mean", "top")
-CLS_TOP_FRACTION = 0.01
+# (GAP), "max" the default here (docs/model.md, "Deviations, and why").
+CLS_POOLS: tuple[str, ...] = ("max", "mean")
 # Fields added to ModelConfig after checkpoint format 1, with the value that reproduces a
 # checkpoint written before them.
 _FIELDS_ADDED_SINCE_FORMAT_1: dict[str, Any] = {"cls_pool": "mean"}
@@ -664,23 +662,15 @@ class ClassificationSubnet(nn.Module):
         for unit in self.units:
             x = unit(x)
             units.append(x)
-        pooled = torch.cat([pool_cells(u, self.pool) for u in units], 1)
+        if self.pool == "max":
+            pooled = torch.cat([u.amax(dim=(2, 3, 4)) for u in units], 1)
+        else:
+            pooled = torch.cat([u.mean(dim=(2, 3, 4)) for u in units], 1)
         # The logits in float32 under autocast too: bf16 rounds a logit of 4 by 0.03, which
         # moves the reported probabilities by a few percent.
         with full_precision(pooled):
             logits = self.fc(pooled.float())
         return ClsOutput(logits, units)
-
-
-def pool_cells(features: Tensor, pool: str) -> Tensor:
-    """(n, c, d, h, w) -> (n, c) by `pool` (one of CLS_POOLS)."""
-    if pool == "max":
-        return features.amax(dim=(2, 3, 4))
-    if pool == "mean":
-        return features.mean(dim=(2, 3, 4))
-    cells = features.flatten(2)
-    k = max(1, math.ceil(CLS_TOP_FRACTION * cells.shape[2]))
-    return cells.topk(k, dim=2).values.mean(dim=2)
 
 
 def full_precision(t: Tensor) -> contextlib.AbstractContextManager[Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from ai.model import (
     crop_to_box,
     evidence_class,
     paste_from_box,
-    pool_cells,
 )
 
 torch.set_num_threads(1)
@@ -125,32 +123,16 @@ def test_a_config_from_before_cls_pool_reads_as_the_papers_gap() -> None:
     assert ModelConfig.named("lite").cls_pool == "max"
 
 
-def _top_percent_mean(u: torch.Tensor) -> torch.Tensor:
-    cells = u.flatten(2).sort(dim=2, descending=True).values
-    return cells[..., : math.ceil(cells.shape[2] / 100)].mean(dim=2)
-
-
-@pytest.mark.parametrize("pool", ["max", "mean", "top"])
+@pytest.mark.parametrize("pool", ["max", "mean"])
 def test_classifier_logits_are_the_fc_of_the_pooled_units(pool: str) -> None:
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(ModelConfig.named("tiny", "cls"), cls_pool=pool))
     _, x_cls, _ = inputs(model.config)
     with torch.no_grad():
         out = model.classify(model.stem_c(x_cls), None)
-        if pool == "top":
-            pooled = torch.cat([_top_percent_mean(u) for u in out.units], 1)
-        else:
-            reduce = torch.amax if pool == "max" else torch.mean
-            pooled = torch.cat([reduce(u, dim=(2, 3, 4)) for u in out.units], 1)
+        reduce = torch.amax if pool == "max" else torch.mean
+        pooled = torch.cat([reduce(u, dim=(2, 3, 4)) for u in out.units], 1)
         assert torch.allclose(out.logits, model.classifier.fc(pooled), atol=1e-6)
-
-
-def test_top_pooling_averages_the_highest_percent_of_cells() -> None:
-    cells = torch.arange(250, dtype=torch.float32).reshape(1, 1, 2, 5, 25)
-    assert pool_cells(cells, "top").item() == pytest.approx((249 + 248 + 247) / 3)  # ceil(2.5)
-    assert pool_cells(cells[..., :1, :1, :1], "top").item() == 0.0  # at least one cell
-    assert pool_cells(cells, "max").item() == 249.0
-    assert pool_cells(cells, "mean").item() == pytest.approx(124.5)
 
 
 def test_logits_and_evidence_stay_float32_under_autocast() -> None:

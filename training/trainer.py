@@ -1399,8 +1399,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--cls-pool",
         choices=CLS_POOLS,
         default="max",
-        help="classifier pooling before the FC: max (default), mean (the paper's GAP, eq. 4)"
-        " or top (the mean of each channel's highest 1 %% of cells)",
+        help="classifier pooling before the FC: max (default) or mean (the paper's GAP, eq. 4)",
     )
     model.add_argument(
         "--field-of-view-mm",
