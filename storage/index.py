@@ -179,10 +179,6 @@ class SchemaVersionError(IndexUnavailable):
 class SchemaMigrationNeeded(SchemaVersionError):
     """The index has an older schema and was opened with ``schema="check"``."""
 
-    def __init__(self, message: str, version: int) -> None:
-        super().__init__(message)
-        self.version = version
-
 
 def _in_memory(sqlite_url: URL) -> bool:
     """An SQLite URL of an in-memory database: each connection of the pool would get its
@@ -547,7 +543,7 @@ class StudyIndex:
                     f"index {self.shown_url} has schema version {version}, older than this "
                     f"dicomnode's {SCHEMA_VERSION}: start this version's `dicomnode serve`"
                     " (after stopping the node that serves it now, if one does), which"
-                    " migrates it, then run the command again", version)
+                    " migrates it, then run the command again")
             while version < SCHEMA_VERSION:
                 if version not in MIGRATIONS:
                     raise SchemaVersionError(f"no migration from schema version {version}")
