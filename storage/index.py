@@ -526,12 +526,16 @@ class StudyIndex:
         """Create, check and migrate the schema in one transaction: one killed half-way
         leaves the old version whole. On SQLite a second process opening the index at
         the same time (a CLI command while `serve` starts) waits, then finds it done; a
-        server database is best migrated by starting one process first."""
+        server database is best migrated by starting one process first. The version is
+        read before any DDL, so that a refusal changes nothing also where DDL commits on
+        its own (MySQL: `create_all` would add a newer version's tables)."""
         with self.engine.begin() as conn:
             if self._sqlite:  # the driver sends no BEGIN before DDL: it would autocommit
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
-            Base.metadata.create_all(conn)
-            row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+            row = None
+            if inspect(conn).has_table(Meta.__tablename__):
+                row = conn.execute(
+                    select(Meta.value).where(Meta.key == "schema_version")).scalar()
             version = int(row) if row is not None else SCHEMA_VERSION
             if version > SCHEMA_VERSION:
                 raise SchemaVersionError(
@@ -544,6 +548,7 @@ class StudyIndex:
                     f"dicomnode's {SCHEMA_VERSION}: start this version's `dicomnode serve`"
                     " (after stopping the node that serves it now, if one does), which"
                     " migrates it, then run the command again")
+            Base.metadata.create_all(conn)
             while version < SCHEMA_VERSION:
                 if version not in MIGRATIONS:
                     raise SchemaVersionError(f"no migration from schema version {version}")

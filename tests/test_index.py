@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text
+from sqlalchemy.engine import Engine
 
 from dicomnode.assembler import SeriesAssembler, completion_rule
 from dicomnode.config import SeriesConfig
@@ -337,6 +338,30 @@ def test_a_command_does_not_migrate_an_older_schema(tmp_path: Path) -> None:
     assert StudyIndex(url, schema="defer").schema_version() == 2  # read, not migrated
     assert StudyIndex(url).schema_version() == SCHEMA_VERSION  # as serve opens it
     assert StudyIndex(url, schema="check").schema_version() == SCHEMA_VERSION
+
+
+def test_a_refused_older_schema_gets_no_ddl(tmp_path: Path) -> None:
+    """The refusal comes before `create_all`: on a database whose DDL commits on its own
+    (MySQL) a refusing command would otherwise leave a newer version's tables behind
+    under the older node. Version 5 added the refused_instance table."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    StudyIndex(url).close()
+    with StudyIndex(url, schema="defer").engine.begin() as conn:
+        conn.execute(text("DROP TABLE refused_instance"))
+        conn.execute(text("UPDATE meta SET value = '4' WHERE key = 'schema_version'"))
+    sent: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        with pytest.raises(SchemaMigrationNeeded, match="schema version 4"):
+            StudyIndex(url, schema="check")
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    assert sent and not [s for s in sent if s.lstrip().upper().startswith(("CREATE", "ALTER"))]
+    assert StudyIndex(url).schema_version() == SCHEMA_VERSION  # serve still migrates it
 
 
 def test_migration_from_schema_2_starts_each_pass_at_its_job_creation(tmp_path: Path) -> None:
