@@ -109,15 +109,39 @@ def diagnose(
     return max(called, key=lambda d: probabilities[d]) if called else Diagnosis.NON_PNEUMONIA
 
 
+def call_caveats(diagnosis: Diagnosis, stats: ScanAnalysis) -> tuple[Caveat, ...]:
+    """Where the diagnosis and the lesion segmentation disagree, every report must say so:
+    they are separate outputs of the network, and the lesion mask does not depend on the
+    call (a non-pneumonia scan keeps what the segmentation marked, so nothing is hidden
+    from the reader)."""
+    if diagnosis == Diagnosis.NON_PNEUMONIA and stats.lesion_count:
+        return (Caveat(
+            "No pneumonia called: lesions shown are candidates",
+            f"The classification calls no pneumonia, yet the lesion segmentation marks "
+            f"{stats.lesion_count} region(s), {stats.lesion_volume_ml:.1f} mL "
+            f"({100 * stats.lvr:.2f} % of the lungs). The two are separate outputs of the "
+            "model: read these regions as candidates to review (small ones are often false "
+            "positives, others may be opacities of another cause), not as pneumonia."),)
+    if diagnosis != Diagnosis.NON_PNEUMONIA and not stats.lesion_count:
+        name = CLASS_NAMES[diagnosis]
+        return (Caveat(
+            f"{name} called, but no lesion segmented",
+            f"The classification calls {name}, yet the lesion segmentation marks no "
+            "lesion: the call rests on the classification alone, and the lesion measures "
+            "(LVR, PLR) cannot show its extent."),)
+    return ()
+
+
 @dataclass(frozen=True)
 class Analysis:
     """Everything the node reports for one scan. Masks and maps are (z, y, x) like the input.
 
     lvr, plr: fractions in [0, 1]; plr is None without lesions (0 / 0). `stats` holds the
     full per-scan summary (volumes, spread, density fractions) of `ai.analysis`. `model`:
-    the checkpoint's `info` and how it ran (device, mirror, window_overlap, threshold),
-    since results differ with these. `caveats`: limits of the result that every report
-    of it must state (`ai.lungs.LungSegmentation.caveats`).
+    the checkpoint's `info` and how it ran (device, mirror, window_overlap, threshold,
+    disease_thresholds), since results differ with these. `caveats`: limits of the result
+    that every report of it must state (`ai.lungs.LungSegmentation.caveats`, then
+    `call_caveats`).
     """
 
     lesion_mask: np.ndarray
@@ -133,6 +157,13 @@ class Analysis:
     timings: dict[str, float]
     model: dict[str, Any]
     caveats: tuple[Caveat, ...] = ()
+
+    @property
+    def evidence_legend(self) -> str:
+        """What the evidence map shows: for a non-pneumonia call it is the evidence for the
+        more probable disease, which the reader must not take for a call."""
+        legend = f"evidence for {CLASS_NAMES[self.evidence_class]}"
+        return legend if self.evidence_class == self.diagnosis else f"{legend} (not called)"
 
 
 # --------------------------------------------------------------------------- entry points
@@ -246,6 +277,9 @@ def analyse(
     )  # fmt: skip
     for caveat in caveats:
         log.warning("analysis caveat: %s", caveat.detail)
+    disagreement = call_caveats(diagnosis, stats)
+    for caveat in disagreement:  # common (small false positives), hence not a warning
+        log.info("analysis caveat: %s", caveat.detail)
     return Analysis(
         lesion_mask=lesion,
         lung_mask=lung,
@@ -262,8 +296,9 @@ def analyse(
             "device": str(ckpt.device), "mirror": mirrored,
             "window_overlap": ckpt.preprocess.seg_overlap, "threshold": threshold,
             "field_of_view_mm": ckpt.preprocess.field_of_view_mm,
+            "disease_thresholds": list(disease_thresholds) if disease_thresholds else None,
         },
-        caveats=caveats,
+        caveats=caveats + disagreement,
     )
 
 

@@ -1,5 +1,6 @@
 """Diagnostic classes of the DeepSC-COVID classifier, in logit order (paper section IV-C)."""
 
+from collections.abc import Sequence
 from enum import IntEnum
 
 
@@ -13,3 +14,14 @@ class Diagnosis(IntEnum):
 
 CLASS_NAMES: tuple[str, ...] = ("COVID-19", "CAP", "non-pneumonia")
 """Display names, indexed by `Diagnosis`."""
+
+
+def diagnosis_rule(disease_thresholds: Sequence[float] | None) -> str:
+    """How `ai.infer.diagnose` calls a scan with these thresholds, in a few words for a
+    report's reader: with thresholds, a disease may be called below the highest
+    probability (the more probable disease when both reach theirs)."""
+    if not disease_thresholds:
+        return "most probable class"
+    called = ", ".join(f"{CLASS_NAMES[d]} at P >= {100 * t:g} %" for d, t in zip(
+        (Diagnosis.COVID19, Diagnosis.CAP), disease_thresholds, strict=True))
+    return f"{called}, else non-pneumonia"

@@ -22,7 +22,7 @@ from ai.checkpoint import (
     save_checkpoint,
 )
 from ai.errors import NoLungsFound, NonFiniteVoxels, NotAVolume, TooFewSlices
-from ai.labels import CLASS_NAMES, Diagnosis
+from ai.labels import CLASS_NAMES, Diagnosis, diagnosis_rule
 from ai.lungs import label_lungs
 from ai.model import ModelConfig, build_model
 from ai.preprocess import (
@@ -235,8 +235,41 @@ def test_analyse_calls_and_shows_the_disease_its_thresholds_call(ckpt: Checkpoin
                         disease_thresholds=(1.01, 0.0))
     assert cap.diagnosis == Diagnosis.CAP and cap.evidence_class == Diagnosis.CAP
     assert cap.probabilities == default.probabilities  # the operating point, not the model
+    assert cap.model["disease_thresholds"] == [1.01, 0.0]  # how it was called, recorded
+    assert default.model["disease_thresholds"] is None
     with pytest.raises(ValueError, match="two values"):
         infer.diagnose((0.2, 0.3, 0.5), (0.5,))
+    # the call and the lesion mask are separate outputs: where they disagree, it is said
+    bare = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=0.999,
+                         disease_thresholds=(1.01, 0.0))
+    assert bare.stats.lesion_count == 0
+    assert [c.short for c in bare.caveats] == ["CAP called, but no lesion segmented"]
+
+
+def test_the_rule_of_the_call_is_said_as_the_node_applies_it() -> None:
+    assert diagnosis_rule(None) == diagnosis_rule(()) == "most probable class"
+    assert diagnosis_rule((0.3, 0.455)) == (
+        "COVID-19 at P >= 30 %, CAP at P >= 45.5 %, else non-pneumonia")
+
+
+def test_a_call_that_disagrees_with_the_lesions_gets_a_caveat() -> None:
+    """The classifier and the lesion subnet answer separately: a non-pneumonia call with
+    segmented lesions (or a disease without any) must not read as a plain result."""
+    lung = np.zeros((8, 20, 20), dtype=bool)
+    lung[:, 2:18, 2:18] = True
+    lesion = np.zeros_like(lung)
+    lesion[3:5, 5:10, 5:10] = True  # 50 voxels of 20 mm3 in 2,048 of lung
+    hu = np.full(lung.shape, -850.0, dtype=np.float32)
+    with_lesion = analyse_lesions(hu, lesion, lung, (5.0, 2.0, 2.0))
+    without = analyse_lesions(hu, np.zeros_like(lung), lung, (5.0, 2.0, 2.0))
+
+    (candidates,) = infer.call_caveats(Diagnosis.NON_PNEUMONIA, with_lesion)
+    assert candidates.short == "No pneumonia called: lesions shown are candidates"
+    assert "marks 1 region(s), 1.0 mL (2.44 % of the lungs)" in candidates.detail
+    (no_lesion,) = infer.call_caveats(Diagnosis.CAP, without)
+    assert no_lesion.short == "CAP called, but no lesion segmented"
+    assert infer.call_caveats(Diagnosis.COVID19, with_lesion) == ()
+    assert infer.call_caveats(Diagnosis.NON_PNEUMONIA, without) == ()
 
 
 @pytest.mark.parametrize("field_of_view_mm", [None, 101.0])

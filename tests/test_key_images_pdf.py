@@ -224,6 +224,23 @@ def test_a_caveat_is_shown_beside_the_numbers_it_qualifies(
     assert headings["Result"] > caveat.get_position()[1] > lesions
 
 
+def test_a_non_pneumonia_call_shows_its_evidence_as_not_called(
+    normal: tuple[CTVolume, Analysis], covid: tuple[CTVolume, Analysis],
+) -> None:
+    """For a non-pneumonia call the heat map is the more probable disease's evidence: the
+    reader is told it was not called, and the PDF says by which rule the call was made."""
+    volume, analysis = normal
+    analysis = dataclasses.replace(analysis, evidence_class=Diagnosis.COVID19,
+                                   model=analysis.model | {"disease_thresholds": [0.3, 0.45]})
+    texts = [line.text for line in panel_lines(volume, analysis, PROVENANCE, 8, 1, 1)]
+    assert "Red-yellow: evidence for COVID-19 (not called)" in texts
+    cells = [cell.get_text().get_text() for ax in _first_page(volume, analysis, PROVENANCE).axes
+             for table in ax.tables for cell in table.get_celld().values()]
+    assert "COVID-19 at P >= 30 %, CAP at P >= 45 %, else non-pneumonia" in cells
+    called = [line.text for line in panel_lines(*covid, PROVENANCE, 8, 1, 1)]
+    assert "Red-yellow: evidence for COVID-19" in called
+
+
 def test_the_failure_notice_as_an_image_says_why(
     covid: tuple[CTVolume, Analysis], tmp_path: Path
 ) -> None:

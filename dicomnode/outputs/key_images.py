@@ -307,7 +307,7 @@ def panel_lines(
     else:
         lines.append(Line("No lesions found; slice with the most lung", style="small"))
     lines += [
-        Line(f"Red-yellow: evidence for {CLASS_NAMES[analysis.evidence_class]}", style="small"),
+        Line(f"Red-yellow: {analysis.evidence_legend}", style="small"),
         Line(""),
         Line(RESEARCH_NOTICE, style="notice"),
         Line(f"{provenance.algorithm_name} {provenance.model_version}".strip(), style="small"),

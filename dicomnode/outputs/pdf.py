@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, DT, TM
 
-from ai.labels import CLASS_NAMES
+from ai.labels import CLASS_NAMES, diagnosis_rule
 from dicomnode.outputs import (
     MANUFACTURER,
     MODEL_NAME,
@@ -128,7 +128,8 @@ def _summary(analysis: Analysis) -> list[list[str]]:
     def opt(value: float | None, unit: str) -> str:
         return "n/a" if value is None else f"{value:.1f} {unit}"
 
-    rows = [["Diagnosis", CLASS_NAMES[analysis.diagnosis], "highest class probability"]]
+    rule = diagnosis_rule(analysis.model.get("disease_thresholds"))
+    rows = [["Diagnosis", CLASS_NAMES[analysis.diagnosis], rule]]
     rows += [[f"Probability {name}", percent(p), ""] for name, p in
              ((n, analysis.probabilities[n]) for n in CLASS_NAMES)]
     rows += [
@@ -205,7 +206,7 @@ def _slices_page(volume: CTVolume, analysis: Analysis, provenance: Provenance) -
     fig = Figure(figsize=A4_INCHES)
     top = _heading(fig, 0.955, "Key slices")
     legend = (f"Lung window W 1500 / L -600. Cyan outline: AI lesion boundary. Red-yellow: "
-              f"model evidence for {CLASS_NAMES[analysis.evidence_class]}.")
+              f"model {analysis.evidence_legend}.")
     fig.text(LEFT, top, legend, fontsize=FONT, va="top", wrap=True)
     slices = pick_key_slices(analysis.lesion_mask, analysis.lung_mask, volume.spacing_mm,
                              KEY_SLICES)
