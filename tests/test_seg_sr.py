@@ -8,11 +8,12 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from ai.analysis import ScanAnalysis, analyse_lesions
 from ai.labels import Diagnosis
-from dicomnode.outputs import RESEARCH_NOTICE, Provenance
+from dicomnode.outputs import RESEARCH_NOTICE, OutputSeries, Provenance, output_series_number
 from dicomnode.outputs.seg import (
     FIRST_LESION_SEGMENT,
     LESIONS_SEGMENT,
@@ -20,7 +21,16 @@ from dicomnode.outputs.seg import (
     SegmentationOutput,
     build_segmentation,
 )
-from dicomnode.outputs.sr import CAVEAT, COVID19, DIAGNOSIS, LVR, PLR, PNEUMONIA, build_report
+from dicomnode.outputs.sr import (
+    CAVEAT,
+    COVID19,
+    DIAGNOSIS,
+    LVR,
+    PLR,
+    PNEUMONIA,
+    build_failure_notice,
+    build_report,
+)
 from dicomnode.volume import CTVolume, read_series
 from tests.conftest import dciodvfy_errors, store_prone
 from training.phantoms import Phantom, generate_phantom, write_dicom_series
@@ -159,6 +169,28 @@ def _segmentation(case: tuple[Phantom, CTVolume, ScanAnalysis]) -> SegmentationO
     )
 
 
+def test_each_analysed_series_numbers_its_outputs_after_itself(
+    case: tuple[Phantom, CTVolume, ScanAnalysis],
+) -> None:
+    """A study with its lung and soft-tissue series both analysed lists two sets of
+    results: each set takes numbers from its CT series (9000 + 10 n + the kind), not
+    two SEGs 9001 side by side."""
+    _, volume, stats = case
+    header = volume.datasets[0]
+    assert int(header.SeriesNumber) == 1
+    seg = _segmentation(case)
+    sr = build_report(volume.datasets, seg.dataset, seg.lesion_segments, stats,
+                      (0.2, 0.3, 0.5), Diagnosis.NON_PNEUMONIA, PROVENANCE)
+    notice = build_failure_notice(header, "no lungs found", PROVENANCE)
+    assert (seg.dataset.SeriesNumber, sr.SeriesNumber, notice.SeriesNumber) == (9011, 9012, 9019)
+    for number, expected in ((3, 9031), (0, 9001), (4711, 56111), (-2, 9001), ("", 9001),
+                             (None, 9001), (2**31 // 10, 9001)):
+        other = Dataset()
+        other.SeriesNumber = number
+        assert output_series_number(OutputSeries.SEG, other) == expected, number
+    assert output_series_number(OutputSeries.NOTICE_IMAGE, Dataset()) == 9008
+
+
 def test_sr_is_valid_and_carries_the_result(
     case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
 ) -> None:
@@ -279,7 +311,7 @@ def test_sr_with_the_tid_1600_image_library_lists_every_ct_image(
 def test_failure_notice_is_a_valid_sr_that_says_why(
     case: tuple[Phantom, CTVolume, ScanAnalysis], tmp_path: Path
 ) -> None:
-    from dicomnode.outputs.sr import NOT_ANALYSED, build_failure_notice
+    from dicomnode.outputs.sr import NOT_ANALYSED
 
     _, volume, _ = case
     notice = build_failure_notice(volume.datasets[0], "no lungs found", PROVENANCE)

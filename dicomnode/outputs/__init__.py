@@ -11,6 +11,7 @@ import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -145,3 +146,33 @@ def series_description(base: str, source: Dataset) -> str:
     both analysed, and their results must not look alike in the series list."""
     number = source.get("SeriesNumber")
     return f"{base} S{number}" if number not in (None, "") else base
+
+
+class OutputSeries(IntEnum):
+    """The last digit of each output series' number (`output_series_number`)."""
+
+    SEG = 1
+    SR = 2
+    KEY_IMAGES = 3
+    PDF = 4
+    NOTICE_IMAGE = 8
+    NOTICE_SR = 9
+
+
+MAX_SERIES_NUMBER = 2**31 - 1
+"""Series Number is IS: a signed 32-bit integer (PS3.5 6.2)."""
+
+
+def output_series_number(kind: OutputSeries, source: Dataset) -> int:
+    """9000 + 10 x the source's Series Number + the kind's digit (CT series 3: SEG 9031,
+    SR 9032, key images 9033, PDF 9034; a not-analysed notice 9038, 9039): a study with
+    two series analysed (a lung and a soft-tissue reconstruction) then lists two sets of
+    results with numbers of their own, each telling its source, where fixed numbers
+    would give two SEGs 9001 side by side. 9000 + the digit when the source has no
+    usable Series Number."""
+    try:
+        number = int(source.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        return 9000 + kind
+    derived = 9000 + 10 * number + kind
+    return derived if number >= 0 and derived <= MAX_SERIES_NUMBER else 9000 + kind

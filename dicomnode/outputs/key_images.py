@@ -30,9 +30,11 @@ from dicomnode.outputs import (
     MANUFACTURER,
     MODEL_NAME,
     RESEARCH_NOTICE,
+    OutputSeries,
     Provenance,
     adopt_output_character_set,
     date_series,
+    output_series_number,
     series_description,
 )
 from dicomnode.outputs.fonts import PLACEHOLDER, base_font, font_runs
@@ -373,8 +375,6 @@ def build_key_images(
     analysis: Analysis,
     provenance: Provenance,
     count: int,
-    *,
-    series_number: int = 9003,
 ) -> list[Dataset]:
     """Up to `count` Secondary Capture images (one new series in the CT's study).
 
@@ -384,6 +384,7 @@ def build_key_images(
     adopt_output_character_set(volume.datasets)
     slices = pick_key_slices(analysis.lesion_mask, analysis.lung_mask, volume.spacing_mm, count)
     series_uid = provenance.uid("key_images", "series")
+    series_number = output_series_number(OutputSeries.KEY_IMAGES, volume.datasets[0])
     letters = orientation_letters(volume.orientation)
     images: list[Dataset] = []
     for rank, z in enumerate(slices, start=1):
@@ -417,7 +418,7 @@ def notice_lines(source_header: Dataset, reason: str) -> list[Line]:
 
 
 def build_notice_image(
-    source_header: Dataset, reason: str, provenance: Provenance, *, series_number: int = 9010
+    source_header: Dataset, reason: str, provenance: Provenance
 ) -> Dataset:
     """The failure notice as a Secondary Capture image: the text of the SR notice
     (`sr.build_failure_notice`) burned in, for viewers that show images but not a
@@ -426,7 +427,8 @@ def build_notice_image(
     pixels = annotate(np.zeros((NOTICE_ROWS, 0, 3), np.uint8),
                       notice_lines(source_header, reason), Diagnosis.NON_PNEUMONIA)
     image = _sc_image(source_header, pixels, 1, provenance.uid("notice_image", "series"),
-                      provenance, series_number, orientation=None, kind="notice_image",
+                      provenance, output_series_number(OutputSeries.NOTICE_IMAGE, source_header),
+                      orientation=None, kind="notice_image",
                       description=NOTICE_DESCRIPTION,
                       derivation="Text: the series was not analysed, and why")
     date_series([image])

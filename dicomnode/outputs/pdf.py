@@ -28,9 +28,11 @@ from dicomnode.outputs import (
     MANUFACTURER,
     MODEL_NAME,
     RESEARCH_NOTICE,
+    OutputSeries,
     Provenance,
     adopt_output_character_set,
     date_series,
+    output_series_number,
     series_description,
 )
 from dicomnode.outputs.fonts import drawable
@@ -255,7 +257,7 @@ def _source_instances(volume: CTVolume) -> list[Dataset]:
 
 
 def build_pdf_report(
-    volume: CTVolume, analysis: Analysis, provenance: Provenance, *, series_number: int = 9004
+    volume: CTVolume, analysis: Analysis, provenance: Provenance
 ) -> Dataset:
     """Encapsulated PDF Storage in the CT's study, one new series (Modality DOC)."""
     adopt_output_character_set(volume.datasets)
@@ -265,7 +267,7 @@ def build_pdf_report(
     ds = hd.base.SOPClass(
         study_instance_uid=source.StudyInstanceUID,
         series_instance_uid=provenance.uid("pdf", "series"),
-        series_number=series_number,
+        series_number=output_series_number(OutputSeries.PDF, source),
         sop_instance_uid=provenance.uid("pdf", "instance"),
         sop_class_uid=EncapsulatedPDFStorage,
         instance_number=1,

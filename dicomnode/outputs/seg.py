@@ -20,9 +20,11 @@ from ai.analysis import LesionStats, label_components
 from dicomnode.outputs import (
     MANUFACTURER,
     MODEL_NAME,
+    OutputSeries,
     Provenance,
     adopt_output_character_set,
     date_series,
+    output_series_number,
     series_description,
 )
 from dicomnode.volume import flip_to_stored
@@ -144,7 +146,6 @@ def build_segmentation(
     connectivity: int = 26,
     max_lesion_segments: int = 10,
     omit_empty_frames: bool = True,
-    series_number: int = 9001,
     stored_flips: tuple[bool, bool] = (False, False),
 ) -> SegmentationOutput:
     """The SEG for one analysed series; masks are [z, y, x] aligned with `source_images`,
@@ -214,7 +215,7 @@ def build_segmentation(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=provenance.uid("seg", "series"),
-        series_number=series_number,
+        series_number=output_series_number(OutputSeries.SEG, source_images[0]),
         sop_instance_uid=provenance.uid("seg", "instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,

@@ -23,9 +23,11 @@ from dicomnode.outputs import (
     MANUFACTURER,
     MODEL_NAME,
     RESEARCH_NOTICE,
+    OutputSeries,
     Provenance,
     adopt_output_character_set,
     date_series,
+    output_series_number,
     series_description,
 )
 from dicomnode.outputs.seg import LESIONS_SEGMENT, LUNG_SEGMENT
@@ -191,7 +193,6 @@ def build_report(
     diagnosis: Diagnosis,
     provenance: Provenance,
     *,
-    series_number: int = 9002,
     image_library: bool = False,
     caveats: Sequence[str] = (),
 ) -> Dataset:
@@ -235,7 +236,7 @@ def build_report(
     report[0].ContentSequence.append(_research_notice(provenance, caveats))
     return _comprehensive_sr([*source_images, segmentation], report,
                              series_description(SERIES_DESCRIPTION, source_images[0]),
-                             provenance, series_number)
+                             provenance, output_series_number(OutputSeries.SR, source_images[0]))
 
 
 def _research_notice(
@@ -290,7 +291,7 @@ NOT_ANALYSED = Code("NOT-ANALYSED", SCHEME, "AI analysis not performed")
 
 
 def build_failure_notice(
-    source_header: Dataset, reason: str, provenance: Provenance, *, series_number: int = 9009
+    source_header: Dataset, reason: str, provenance: Provenance
 ) -> Dataset:
     """A short SR telling the PACS that a series was not analysed, and why.
 
@@ -308,4 +309,5 @@ def build_failure_notice(
     ]
     return _comprehensive_sr([source_header], root,
                              series_description("AI not analysed (DeepSC)", source_header),
-                             provenance, series_number)
+                             provenance,
+                             output_series_number(OutputSeries.NOTICE_SR, source_header))
