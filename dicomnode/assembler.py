@@ -105,12 +105,15 @@ class SeriesAssembler:
                     series.instance_count,
                 )
             else:
+                # the rule only: its detail may quote a series description, free text that
+                # can hold a name (`dicomnode status` shows it whole)
                 logger.info(
-                    "series %s complete (%s): skipped, %s",
+                    "series %s complete (%s): skipped by the series rule %s",
                     series.series_instance_uid,
                     rule.value,
-                    reason,
+                    reason.split(":", 1)[0],
                 )
+                logger.debug("series %s skipped: %s", series.series_instance_uid, reason)
         return closed
 
     def start(self) -> None:

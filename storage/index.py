@@ -465,7 +465,9 @@ class StudyIndex:
         self.url = url
         self.shown_url = shown_url(url)
         self._sqlite = url.startswith("sqlite")
-        kwargs: dict[str, Any] = {}
+        # hide_parameters: a driver error (disk full, lost connection) would otherwise
+        # quote the bound values, a patient's name and ID among them, into the log.
+        kwargs: dict[str, Any] = {"hide_parameters": True}
         if self._sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         try:

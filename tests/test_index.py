@@ -1,5 +1,6 @@
 """The study index: idempotent instances, job lifecycle, queue, restart recovery, schema."""
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from dicomnode.assembler import SeriesAssembler, completion_rule
 from dicomnode.config import SeriesConfig
@@ -107,6 +109,25 @@ def test_complete_refuses_a_series_that_grew(index: StudyIndex) -> None:
     assert not complete_job(index, progress.job_id, CompletionRule.QUIET, None, 1)
     assert complete_job(index, progress.job_id, CompletionRule.QUIET, None, 2)
     assert index.job_state(progress.job_id) == (JobState.QUEUED, "")
+
+
+def test_a_skipped_series_is_logged_at_info_by_its_rule_alone(
+    index: StudyIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A skip reason may quote the series description, free text that can hold a name:
+    INFO names the rule, DEBUG (and `dicomnode status`) the whole reason."""
+    rec = replace(record(1), series_description="DOE JOHN chest")
+    index.add_instance(rec, "p/1", 10, "sha1", now=T0)
+    assembler = SeriesAssembler(index, SeriesConfig(quiet_seconds=10, min_slices=1,
+                                                    description_regex="^lung"))
+    assembler.started_at = T0 - timedelta(hours=1)
+    caplog.set_level(logging.DEBUG, logger="dicomnode.assembler")
+    assert assembler.check(now=T0 + timedelta(seconds=11)) == 1
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert info == ["series 1.2.3.4 complete (quiet_period): skipped by the series rule "
+                    "description_regex"]
+    assert any("DOE JOHN" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.DEBUG)
 
 
 def test_the_deadline_holds_while_instances_keep_arriving(
@@ -338,6 +359,16 @@ def test_a_command_does_not_migrate_an_older_schema(tmp_path: Path) -> None:
     assert StudyIndex(url, schema="defer").schema_version() == 2  # read, not migrated
     assert StudyIndex(url).schema_version() == SCHEMA_VERSION  # as serve opens it
     assert StudyIndex(url, schema="check").schema_version() == SCHEMA_VERSION
+
+
+def test_a_database_error_does_not_quote_the_values(tmp_path: Path) -> None:
+    """A driver error (a full disk, a lost connection, a constraint) is logged with its
+    message: the bound values, a patient's name and ID among them, stay out of it."""
+    index = StudyIndex(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    with pytest.raises(IntegrityError) as error, index.engine.begin() as conn:
+        conn.execute(text("INSERT INTO meta (key, value) VALUES (:key, :value)"),
+                     {"key": "schema_version", "value": "DOE^JOHN"})
+    assert "DOE^JOHN" not in str(error.value) and "hidden" in str(error.value)
 
 
 def test_a_refused_older_schema_gets_no_ddl(tmp_path: Path) -> None:

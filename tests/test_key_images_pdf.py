@@ -199,6 +199,17 @@ def test_pdf_report_is_valid_encapsulated_pdf(
 
 
 
+def test_the_pdf_draws_dollar_signs_as_text(covid: tuple[CTVolume, Analysis]) -> None:
+    """matplotlib reads "$...$" as a formula: a name or description holding two dollar
+    signs failed the report (or showed it altered) until the PDF was drawn as plain text."""
+    volume, analysis = covid
+    datasets = tuple(copy.deepcopy(ds) for ds in volume.datasets)
+    for ds in datasets:
+        ds.SeriesDescription = "Thorax $a^^b$ 1.0 B70f"  # a double superscript
+    ds = build_pdf_report(dataclasses.replace(volume, datasets=datasets), analysis, PROVENANCE)
+    assert bytes(ds.EncapsulatedDocument).startswith(b"%PDF-")
+
+
 CAVEATS = (Caveat("Scan range may miss lung: measures cover the imaged part",
                   "The scan range may not cover the whole lungs: an end slice holds 40 % of"
                   " the largest lung cross-section."),)

@@ -1,8 +1,11 @@
 """Every output of a CT in any character set PS3.3 C.12.1.1.2 allows: the CT's own where
-highdicom takes it, else UTF-8, with the patient's name unchanged."""
+highdicom takes it, else UTF-8, with the patient's name unchanged; and of a CT whose
+patient and study values highdicom would refuse, without logging them."""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from dicomnode.outputs import UTF8, adopt_output_character_set, output_character_set
+from dicomnode.outputs import UTF8, output_character_set, prepare_sources
 from dicomnode.outputs.key_images import build_key_images
 from dicomnode.outputs.pdf import build_pdf_report
 from dicomnode.outputs.seg import build_segmentation
@@ -50,13 +53,13 @@ def test_adopting_decodes_first_and_leaves_accepted_sets_alone() -> None:
     raw.SpecificCharacterSet = ds.SpecificCharacterSet
     encoded = ds.PatientName.encode(convert_encodings(ds.SpecificCharacterSet))
     raw.add(RawDataElement(Tag("PatientName"), "PN", len(encoded), encoded, 0, True, True))
-    adopt_output_character_set([raw])
+    prepare_sources([raw])
     assert raw.SpecificCharacterSet == UTF8
     assert str(raw.PatientName) == "Hong^Gildong=洪^吉洞=홍^길동"
     latin = pydicom.Dataset()
     latin.SpecificCharacterSet = "ISO_IR 100"
     latin.PatientName = "Müller^Jürgen"
-    adopt_output_character_set([latin])
+    prepare_sources([latin])
     assert latin.SpecificCharacterSet == "ISO_IR 100"
 
 
@@ -96,3 +99,51 @@ def test_every_output_of_a_ct_in_iso_2022_keeps_the_name(
         back = pydicom.dcmread(path)
         assert back.SpecificCharacterSet == written, kind
         assert str(back.PatientName) == name, kind
+
+
+def _every_output(ct: Path) -> dict[str, pydicom.Dataset]:
+    volume = read_series(sorted(ct.iterdir()))
+    lung = volume.hu < -500
+    lesion = np.zeros_like(lung)
+    lesion[8:12] = lung[8:12]
+    analysis = _analysis(volume, lung, lesion)
+    seg = build_segmentation(volume.datasets, lung, lesion, analysis.lesions, PROVENANCE)
+    return {
+        "seg": seg.dataset,
+        "sr": build_report(volume.datasets, seg.dataset, seg.lesion_segments, analysis.stats,
+                           list(analysis.probabilities.values()), analysis.diagnosis,
+                           PROVENANCE),
+        "key_image": build_key_images(volume, analysis, PROVENANCE, 1)[0],
+        "pdf": build_pdf_report(volume, analysis, PROVENANCE),
+        "notice": build_failure_notice(volume.datasets[0], "no lungs found", PROVENANCE),
+    }
+
+
+def test_values_highdicom_refuses_are_left_empty_and_nothing_identifying_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A birth date as "1950-03-07", a sex as "male" or a study time as "12:34" (seen from
+    real modalities) made highdicom raise, and every attempt of the job failed, quoting
+    the value; a name without "^" made it warn with the name in the text. The outputs
+    now leave such a value empty (all are type 2), keep the names as they are, and log
+    neither."""
+    phantom = generate_phantom("covid", 21, slices=24, size=64, slice_thickness_mm=2.5)
+    for path in write_dicom_series(phantom, tmp_path / "ct"):
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.ReferringPhysicianName = "JOHN DOE", "DR SMITH"
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyTime = "1950-03-07", "male", "12:34"
+        ds.save_as(path)
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        outputs = _every_output(tmp_path / "ct")
+    shown = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    for secret in ("JOHN DOE", "DR SMITH", "1950-03-07", "male", "12:34"):
+        assert not [line for line in shown if secret in line], secret
+    assert any("PatientBirthDate is not a valid DICOM date" in line for line in shown)
+    for kind, ds in outputs.items():
+        path = tmp_path / f"{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], kind
+        back = pydicom.dcmread(path)
+        assert str(back.PatientName) == "JOHN DOE", kind
+        assert back.PatientBirthDate == "" and back.PatientSex == "", kind

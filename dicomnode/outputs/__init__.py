@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, TM
 
 from dicomnode import __version__
+
+logger = logging.getLogger(__name__)
 
 MANUFACTURER = "dicomnode"
 MODEL_NAME = "DeepSC-COVID node"
@@ -111,11 +116,51 @@ def output_character_set(value: object) -> str | list[str] | None:
     return UTF8
 
 
-def adopt_output_character_set(datasets: Iterable[Dataset]) -> None:
-    """Give the source CT datasets (in memory; the stored files are untouched) the
-    character set their outputs are written in (`output_character_set`), decoding their
-    text in their own first. Builders call it: highdicom copies the names from them."""
+_COPIED_VALUES = (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM))
+"""Attributes every output copies from the CT that highdicom parses (a value it cannot
+parse, e.g. a birth date "1950-03-07", raised and failed the job on every attempt)."""
+PATIENT_SEX = ("M", "F", "O")
+"""PS3.3 C.7.1.1 Patient's Sex; highdicom refuses any other value."""
+
+
+def _conform_copied_values(ds: Dataset) -> None:
+    """Empty (all are type 2) what the outputs could not carry as the CT has it; says so
+    without the value, which may identify the patient."""
+    for keyword, parse in _COPIED_VALUES:
+        value = ds.get(keyword)
+        if value in (None, ""):
+            continue
+        try:
+            parse(value)
+        except ValueError:
+            logger.warning("the CT's %s is not a valid DICOM %s: left empty in the outputs",
+                           keyword, "date" if parse is DA else "time")
+            setattr(ds, keyword, "")
+    sex = ds.get("PatientSex")
+    if sex not in (None, "") and str(sex).strip().upper() not in PATIENT_SEX:
+        logger.warning("the CT's PatientSex is not M, F or O: left empty in the outputs")
+        ds.PatientSex = ""
+    elif sex not in (None, ""):
+        ds.PatientSex = str(sex).strip().upper()
+
+
+def prepare_sources(datasets: Iterable[Dataset]) -> None:
+    """Make the source CT datasets (in memory; the stored files are untouched) what
+    highdicom, which copies the patient and study attributes from them, accepts: the
+    character set their outputs are written in (`output_character_set`, their text
+    decoded in their own first), and dates, times and sex it can copy
+    (`_conform_copied_values`). Every builder calls it first.
+
+    It also keeps highdicom from warning with a name in the text whenever a patient's or
+    referring physician's name has no "^" ("JOHN DOE", as many modalities write it): the
+    warning would print the name to the node's log (the name is copied as it is). Set
+    here, on every call, because a `warnings.catch_warnings` block around an import would
+    undo a filter set once (adding the same filter again only moves it to the front)."""
+    warnings.filterwarnings(
+        "ignore", message=r'The string ".*" is unlikely to represent the intended person name',
+        category=UserWarning)
     for ds in datasets:
+        _conform_copied_values(ds)
         current = ds.get("SpecificCharacterSet")
         target = output_character_set(current)
         if _terms(target) == _terms(current):

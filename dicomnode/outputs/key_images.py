@@ -32,9 +32,9 @@ from dicomnode.outputs import (
     RESEARCH_NOTICE,
     OutputSeries,
     Provenance,
-    adopt_output_character_set,
     date_series,
     output_series_number,
+    prepare_sources,
     series_description,
 )
 from dicomnode.outputs.fonts import PLACEHOLDER, base_font, font_runs
@@ -381,7 +381,7 @@ def build_key_images(
     Instance 1 is the slice with the most lesion; without lesions a single image at the
     slice with the most lung still carries the diagnosis and the numbers.
     """
-    adopt_output_character_set(volume.datasets)
+    prepare_sources(volume.datasets)
     slices = pick_key_slices(analysis.lesion_mask, analysis.lung_mask, volume.spacing_mm, count)
     series_uid = provenance.uid("key_images", "series")
     series_number = output_series_number(OutputSeries.KEY_IMAGES, volume.datasets[0])
@@ -423,7 +423,7 @@ def build_notice_image(
     """The failure notice as a Secondary Capture image: the text of the SR notice
     (`sr.build_failure_notice`) burned in, for viewers that show images but not a
     free-form SR (OHIF lists such an SR as unsupported)."""
-    adopt_output_character_set([source_header])
+    prepare_sources([source_header])
     pixels = annotate(np.zeros((NOTICE_ROWS, 0, 3), np.uint8),
                       notice_lines(source_header, reason), Diagnosis.NON_PNEUMONIA)
     image = _sc_image(source_header, pixels, 1, provenance.uid("notice_image", "series"),

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import highdicom as hd
+from matplotlib import rc_context
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
@@ -30,9 +31,9 @@ from dicomnode.outputs import (
     RESEARCH_NOTICE,
     OutputSeries,
     Provenance,
-    adopt_output_character_set,
     date_series,
     output_series_number,
+    prepare_sources,
     series_description,
 )
 from dicomnode.outputs.fonts import drawable
@@ -240,7 +241,9 @@ def render_pdf(volume: CTVolume, analysis: Analysis, provenance: Provenance) -> 
         "Creator": f"{MANUFACTURER} {provenance.software_versions[0]}",
         "Keywords": "research use; AI; not reviewed",
     }
-    with PdfPages(buffer, metadata=metadata) as pdf:
+    # plain text: a "$" in a name or description would start a formula, which fails
+    # to parse or shows the text altered
+    with PdfPages(buffer, metadata=metadata) as pdf, rc_context({"text.parse_math": False}):
         for page in (_first_page, _slices_page):
             pdf.savefig(page(volume, analysis, provenance))
     return buffer.getvalue()
@@ -260,7 +263,7 @@ def build_pdf_report(
     volume: CTVolume, analysis: Analysis, provenance: Provenance
 ) -> Dataset:
     """Encapsulated PDF Storage in the CT's study, one new series (Modality DOC)."""
-    adopt_output_character_set(volume.datasets)
+    prepare_sources(volume.datasets)
     source = volume.datasets[0]
     document = render_pdf(volume, analysis, provenance)
     now = datetime.datetime.now()

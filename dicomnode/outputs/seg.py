@@ -22,9 +22,9 @@ from dicomnode.outputs import (
     MODEL_NAME,
     OutputSeries,
     Provenance,
-    adopt_output_character_set,
     date_series,
     output_series_number,
+    prepare_sources,
     series_description,
 )
 from dicomnode.volume import flip_to_stored
@@ -157,7 +157,7 @@ def build_segmentation(
     viewers that misplace such SEGs (OHIF v2, older dcmjs). An empty lesion segment still
     gives a valid object.
     """
-    adopt_output_character_set(source_images)
+    prepare_sources(source_images)
     shape = (len(source_images), int(source_images[0].Rows), int(source_images[0].Columns))
     for name, mask in (("lung_mask", lung_mask), ("lesion_mask", lesion_mask)):
         if mask.shape != shape:

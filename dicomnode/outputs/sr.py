@@ -25,9 +25,9 @@ from dicomnode.outputs import (
     RESEARCH_NOTICE,
     OutputSeries,
     Provenance,
-    adopt_output_character_set,
     date_series,
     output_series_number,
+    prepare_sources,
     series_description,
 )
 from dicomnode.outputs.seg import LESIONS_SEGMENT, LUNG_SEGMENT
@@ -201,7 +201,7 @@ def build_report(
     `image_library`: add TID 1600 (an entry per CT image with its geometry), which some
     SR consumers index images by; optional in TID 1500, and slow to build (highdicom).
     `caveats`: limits of the result, each a comment beside the research notice."""
-    adopt_output_character_set(source_images)
+    prepare_sources(source_images)
     ct_series = str(source_images[0].SeriesInstanceUID)
     groups: list[object] = [_diagnosis_group(analysis, probabilities, diagnosis, provenance)]
     groups.append(_volume_group(
@@ -297,7 +297,7 @@ def build_failure_notice(
 
     Without it a radiologist cannot tell "no result yet" from "no result ever".
     """
-    adopt_output_character_set([source_header])
+    prepare_sources([source_header])
     root = hd.sr.ContainerContentItem(name=NOT_ANALYSED)
     root.ContentSequence = [
         hd.sr.TextContentItem(
