@@ -28,6 +28,11 @@ from pydicom.uid import UID
 logger = logging.getLogger(__name__)
 
 ENHANCED_CT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
+LEGACY_CONVERTED_ENHANCED_CT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.2")
+MULTI_FRAME_CT = (ENHANCED_CT_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_STORAGE)
+PERPENDICULAR_TOLERANCE = 0.01
+"""Largest |cosine| between the row and column directions still counted as perpendicular
+(cosines written with few decimals are off by about 1e-3)."""
 ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between direction cosines still counted as the same orientation."""
 TILT_TOLERANCE_DEG = 1.0
@@ -89,17 +94,30 @@ def flip_to_stored(array: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
 
 
 def _float_list(ds: Dataset, keyword: str, n: int) -> np.ndarray:
+    """`keyword`'s `n` values as finite numbers, else SeriesRejected naming it."""
     value = ds.get(keyword)
-    if value is None or len(value) != n:
-        raise SeriesRejected(f"instance {ds.get('InstanceNumber', '?')} lacks {keyword}")
+    instance = f"instance {ds.get('InstanceNumber', '?')}"
+    if value is None or value == "":
+        raise SeriesRejected(f"{instance} lacks {keyword}")
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    if len(values) != n:
+        raise SeriesRejected(f"{instance} has {len(values)} value(s) of {keyword}, not {n}")
     try:
-        return np.array([float(v) for v in value], dtype=np.float64)
+        numbers = np.array([float(v) for v in values], dtype=np.float64)
     except (TypeError, ValueError):
         raise SeriesRejected(f"{keyword} is not numeric: {value!r}") from None
+    if not np.isfinite(numbers).all():
+        raise SeriesRejected(f"{keyword} of {instance} is not finite: {value!r}")
+    return numbers
 
 
 def _check_single_frame(ds: Dataset) -> None:
-    if ds.get("SOPClassUID") == ENHANCED_CT_STORAGE or int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    frames = ds.get("NumberOfFrames", 1) or 1
+    try:
+        frames = int(frames)
+    except (TypeError, ValueError):
+        raise SeriesRejected(f"NumberOfFrames is not a number: {frames!r}") from None
+    if ds.get("SOPClassUID") in MULTI_FRAME_CT or frames > 1:
         raise SeriesRejected(
             "multi-frame (Enhanced CT) series are not supported: "
             "send the series as single-frame CT Image Storage"
@@ -114,7 +132,7 @@ def _left_out_reason(ds: Dataset) -> str | None:
     whole series over them would lose the analysis. Only these two kinds are left out:
     anything else that does not fit is still a reason to reject the series."""
     sop_class = ds.get("SOPClassUID")
-    if sop_class not in (CT_IMAGE_STORAGE, ENHANCED_CT_STORAGE):
+    if sop_class not in (CT_IMAGE_STORAGE, *MULTI_FRAME_CT):
         return f"SOP class {sop_class or 'missing'} is not CT Image Storage"
     if "LOCALIZER" in (v.upper() for v in string_values(ds, "ImageType")):
         return "ImageType LOCALIZER"
@@ -136,7 +154,7 @@ def _slices_of(datasets: Sequence[Dataset]) -> tuple[list[Dataset], tuple[str, .
 
 
 def _check_same(datasets: Sequence[Dataset], keyword: str) -> None:
-    values = {str(ds.get(keyword, "")) for ds in datasets}
+    values = {str(ds.get(keyword, "")) or "absent" for ds in datasets}
     if len(values) > 1:
         shown = ", ".join(sorted(values)[:3])
         raise SeriesRejected(f"{keyword} differs between slices ({shown})")
@@ -197,7 +215,11 @@ def _orientation(datasets: Sequence[Dataset]) -> np.ndarray:
     if not (np.linalg.norm(row) > 0.5 and np.linalg.norm(column) > 0.5):
         raise SeriesRejected(f"ImageOrientationPatient {list(first)} is not two direction"
                              " cosines")
-    return np.concatenate([row / np.linalg.norm(row), column / np.linalg.norm(column)])
+    row, column = row / np.linalg.norm(row), column / np.linalg.norm(column)
+    if abs(float(row @ column)) > PERPENDICULAR_TOLERANCE:
+        raise SeriesRejected(f"ImageOrientationPatient {list(first)}: the row and column"
+                             " directions are not perpendicular (a corrupted header?)")
+    return np.concatenate([row, column])
 
 
 def _sort_along_normal(
@@ -266,6 +288,9 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
             raise SeriesRejected(f"{keyword} is not numeric: {value!r}") from None
         if not math.isfinite(number):
             raise SeriesRejected(f"{keyword} is not a finite number: {value!r}")
+        if keyword == "RescaleSlope" and number == 0:
+            raise SeriesRejected(f"instance {ds.get('InstanceNumber', '?')} has RescaleSlope"
+                                 " 0: every voxel would read as the intercept")
         values.append(number)
     return values[0], values[1]
 
@@ -351,6 +376,16 @@ DEFER_BYTES = 4096
 """Values longer than this (the pixel data) stay on disk until read."""
 
 
+def _read_header(path: Path) -> Dataset:
+    """The file's dataset, its pixel data left on disk; SeriesRejected naming the file
+    when it is missing or not DICOM (a truncated copy, a stray file in a folder)."""
+    try:
+        return pydicom.dcmread(path, defer_size=DEFER_BYTES)
+    except Exception as exc:  # pydicom raises many kinds for a broken file
+        raise SeriesRejected(f"{Path(path).name} cannot be read as DICOM: "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+
 def read_series(
     files: Iterable[Path], *, min_slices: int = 1, spacing_tolerance: float = 0.1
 ) -> CTVolume:
@@ -363,20 +398,22 @@ def read_series(
     # the geometry is checked before any pixels are read, and then one slice at a time is
     # read, decoded into the volume and dropped again (a 1,200-slice 1024 x 1024 series
     # holds 2.5 GB of pixels, which must not all sit in memory beside its 5 GB volume).
-    datasets, left_out = _slices_of(
-        _one_per_instance([pydicom.dcmread(path, defer_size=DEFER_BYTES) for path in files])
-    )
+    datasets, left_out = _slices_of(_one_per_instance([_read_header(path) for path in files]))
+    for ds in datasets:  # before the count: one Enhanced CT instance holds every slice
+        _check_single_frame(ds)
     if len(datasets) < max(min_slices, 2):
         aside = f" ({len(left_out)} other instance(s) are not CT slices)" if left_out else ""
         raise SeriesRejected(
             f"{len(datasets)} slice(s){aside}; at least {max(min_slices, 2)} are needed"
             " for a volume"
         )
-    for ds in datasets:
-        _check_single_frame(ds)
     for keyword in ("Rows", "Columns", "SeriesInstanceUID", "FrameOfReferenceUID",
                     "ConvolutionKernel"):
         _check_same(datasets, keyword)
+    for keyword in ("Rows", "Columns"):
+        if not isinstance(datasets[0].get(keyword), int) or datasets[0].get(keyword) < 1:
+            raise SeriesRejected(f"{keyword} is {datasets[0].get(keyword, 'absent')!r}:"
+                                 " the image size is unknown")
     _check_image_kind(datasets)
     orientation = _orientation(datasets)
     flips = _display_flips(orientation)
@@ -384,6 +421,9 @@ def read_series(
     if len(pixel_spacing) > 1:
         raise SeriesRejected(f"PixelSpacing differs between slices ({sorted(pixel_spacing)[:3]})")
     row_spacing, column_spacing = next(iter(pixel_spacing))
+    if not (row_spacing > 0 and column_spacing > 0):
+        raise SeriesRejected(f"PixelSpacing {row_spacing:g}\\{column_spacing:g} mm: a pixel"
+                             " spacing must be positive")
     datasets, positions, distance = _sort_along_normal(datasets, orientation)
     normal = np.cross(orientation[:3], orientation[3:])
     dz = _slice_spacing(positions, distance, normal, spacing_tolerance)

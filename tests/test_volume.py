@@ -176,9 +176,19 @@ def test_direction_cosines_written_with_few_decimals_are_not_a_tilt(
             Tag(0x00281053), "DS", 4, b"NaN ", 0, False, True)),
          "RescaleSlope is not a finite number"),
         (lambda ds: setattr(ds, "RescaleSlope", "1e38"), "instance .* decode to non-finite"),
+        (lambda ds: setattr(ds, "RescaleSlope", 0), "RescaleSlope 0: every voxel"),
+        (lambda ds: setattr(ds, "PixelSpacing", 0.7), "1 value.s. of PixelSpacing, not 2"),
+        (lambda ds: ds.__setitem__(0x00200032, RawDataElement(
+            Tag(0x00200032), "DS", 8, b"0\\0\\NaN ", 0, False, True)),
+         "ImagePositionPatient of instance .* is not finite"),
+        (lambda ds: ds.__setitem__(0x00280008, RawDataElement(
+            Tag(0x00280008), "IS", 4, b"two ", 0, False, True)),
+         "NumberOfFrames is not a number"),
+        (lambda ds: delattr(ds, "Rows"), r"Rows differs between slices \(64, absent\)"),
     ],
     ids=["orientation", "no-pixels", "columns", "multiframe", "pixel-spacing", "no-position",
-         "no-intercept", "kernel", "derived", "nan-slope", "overflow"],
+         "no-intercept", "kernel", "derived", "nan-slope", "overflow", "zero-slope",
+         "one-spacing-value", "nan-position", "frames-text", "no-rows"],
 )
 def test_inconsistent_slice_is_rejected_by_name(
     series: list[Path], change: Callable[[pydicom.Dataset], None], reason: str
@@ -186,6 +196,43 @@ def test_inconsistent_slice_is_rejected_by_name(
     _edit(series[2], change)
     with pytest.raises(SeriesRejected, match=reason):
         read_series(series)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda ds: setattr(ds, "PixelSpacing", [0, 0]), "a pixel spacing must be positive"),
+        (lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]),
+         "row and column directions are not perpendicular"),
+        (lambda ds: delattr(ds, "Rows"), "Rows is 'absent': the image size is unknown"),
+    ],
+    ids=["zero-spacing", "parallel-cosines", "no-rows-anywhere"],
+)
+def test_a_corrupted_geometry_in_every_slice_is_rejected_by_name(
+    series: list[Path], change: Callable[[pydicom.Dataset], None], reason: str
+) -> None:
+    for path in series:
+        _edit(path, change)
+    with pytest.raises(SeriesRejected, match=reason):
+        read_series(series)
+
+
+def test_a_file_that_is_not_dicom_is_named(series: list[Path]) -> None:
+    series[3].write_bytes(b"not a DICOM file")
+    with pytest.raises(SeriesRejected, match=f"{series[3].name} cannot be read as DICOM"):
+        read_series(series)
+    series[3].unlink()
+    with pytest.raises(SeriesRejected, match=f"{series[3].name} cannot be read as DICOM"):
+        read_series(series)
+
+
+@pytest.mark.parametrize("sop_class", ["1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+                                       "1.2.840.10008.5.1.4.1.1.2.2"])  # Legacy Converted
+def test_one_multi_frame_ct_instance_is_named_as_such(series: list[Path], sop_class: str) -> None:
+    """Not "1 slice(s)": one Enhanced CT instance holds the whole series."""
+    _edit(series[0], lambda ds: setattr(ds, "SOPClassUID", sop_class))
+    with pytest.raises(SeriesRejected, match="multi-frame .Enhanced CT. series are not supported"):
+        read_series(series[:1])
 
 
 def test_too_few_slices(series: list[Path]) -> None:
