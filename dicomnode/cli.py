@@ -213,7 +213,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
         for study_uid in studies:
             counts = index.requeue_study_exports(
                 study_uid, settings.export.give_up_after_seconds,
-                {d.name: d.outputs for d in settings.destinations},
+                {d.name: d.outputs for d in settings.destinations}, only_failed=args.failed,
             )
             queued += counts["queued"]
             _report_resend(study_uid, counts)

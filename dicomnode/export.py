@@ -20,7 +20,7 @@ from pathlib import Path
 from dicomnode.config import Destination, Settings
 from dicomnode.scu import Peer, client_tls_context, send
 from storage.filestore import FileStore
-from storage.index import ExportTask, StudyIndex, utcnow
+from storage.index import ExportGone, ExportTask, StudyIndex, utcnow
 from storage.models import ExportState
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ class Exporter:
         # recorded first next time (else its row would stay "sending", which nothing
         # claims again until a restart).
         self._unrecorded: dict[str | None, tuple[int, str, datetime | None, datetime | None]] = {}
+        # Per destination, no new association before this time (the retry time of its
+        # last failed delivery): after an outage each queued delivery would otherwise try
+        # its own association, back to back, just as the PACS comes up or is overloaded.
+        self._paused_until: dict[str, datetime] = {}
 
     def queue(self, job_id: int, outputs: Mapping[str, Sequence[str]],
               attempt: int | None = None) -> list[int]:
@@ -94,7 +98,13 @@ class Exporter:
         take a delivery's end; the next call records it before anything else."""
         unrecorded = self._unrecorded.get(destination)
         if unrecorded is not None:
-            state = self.index.finish_export(*unrecorded)
+            try:
+                state = self.index.finish_export(*unrecorded)
+            except ExportGone:  # replaced by `resend` meanwhile: the new row goes its way
+                del self._unrecorded[destination]
+                logger.warning("export %d was replaced while being sent: its outcome is"
+                               " not recorded", unrecorded[0])
+                return None
             del self._unrecorded[destination]
             logger.info("export %d: its outcome recorded late (%s)", unrecorded[0], state)
             return state
@@ -123,17 +133,24 @@ class Exporter:
                                           f"internal error: {type(exc).__name__}: {exc}", now)
 
     def _finish(self, claimed_for: str | None, export_id: int, error: str = "",
-                retry_at: datetime | None = None, now: datetime | None = None) -> ExportState:
+                retry_at: datetime | None = None, now: datetime | None = None) -> (
+        ExportState | None
+    ):
         """`StudyIndex.finish_export`, remembering the outcome when it cannot be written
-        (for the next `run_once` of the same `claimed_for`)."""
+        (for the next `run_once` of the same `claimed_for`); None when the row was
+        replaced meanwhile (`dicomnode resend`)."""
         try:
             return self.index.finish_export(export_id, error, retry_at, now)
+        except ExportGone:
+            logger.warning("export %d was replaced while being sent: its outcome is not"
+                           " recorded", export_id)
+            return None
         except Exception as exc:
             self._unrecorded[claimed_for] = (export_id, error, retry_at, now)
             raise OutcomeNotRecorded(f"export {export_id}: outcome not recorded: {exc}") from exc
 
     def _deliver(self, task: ExportTask, destination: Destination, now: datetime | None,
-                 claimed_for: str | None) -> ExportState:
+                 claimed_for: str | None) -> ExportState | None:
         peer = Peer(destination.ae_title, destination.host, destination.port)
         report = send(
             [self.filestore.path(p) for p in task.paths], peer,
@@ -158,9 +175,10 @@ class Exporter:
 
     def _retry_or_give_up(self, task: ExportTask, destination: Destination,
                           claimed_for: str | None, error: str, now: datetime | None) -> (
-        ExportState
+        ExportState | None
     ):
-        """Back off before the next try, or give up once that would pass `give_up_at`."""
+        """Back off before the next try, or give up once that would pass `give_up_at`; the
+        destination's other deliveries wait as long (`_paused_until`)."""
         now = now or utcnow()
         retry_at = now + timedelta(seconds=retry_delay(
             task.attempts, self.settings.export.retry_initial_seconds,
@@ -174,6 +192,7 @@ class Exporter:
         logger.warning("export %d to %s failed (attempt %d), retry at %s: %s",
                        task.export_id, destination.name, task.attempts,
                        retry_at.isoformat(timespec="seconds"), error)
+        self._paused_until[destination.name] = retry_at
         return self._finish(claimed_for, task.export_id, error, retry_at, now)
 
     # -- thread ------------------------------------------------------------------------
@@ -208,6 +227,11 @@ class Exporter:
     def _loop(self, destination: str) -> None:
         wake = self._wake[destination]
         while not self._stop.is_set():
+            paused = (self._paused_until.get(destination, utcnow()) - utcnow()).total_seconds()
+            if paused > 0:
+                wake.wait(min(paused, POLL_SECONDS))
+                wake.clear()
+                continue
             try:
                 busy = self.run_once(destination=destination) is not None
             except Exception:  # the exporter must outlive any one bad delivery

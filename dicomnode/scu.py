@@ -35,6 +35,8 @@ duplicate invocation, resource limitation), besides 0xA7xx (out of resources). E
 other failure status says the peer refuses the data or the node itself (0xA9xx data set
 does not match the SOP class, 0xCxxx cannot understand, 0x0122 SOP class not supported,
 0x0124 not authorised, 0x0117 invalid instance ...): retrying resends the same refusal."""
+DUPLICATE_SOP_INSTANCE = 0x0111
+"""PS3.7 Annex C: the peer holds an instance of that SOP Instance UID already."""
 _PEER = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+|\[[^\]]+\]):(?P<port>\d{1,5})$")
 
 
@@ -131,9 +133,14 @@ def store_outcome(code: int | None) -> tuple[bool, bool]:
     """(delivered, permanent) for a C-STORE response status; None: no response.
 
     Success and every warning (0x0001, 0x0107, 0x0116, 0xBxxx: stored, with coercion or
-    elements discarded) are delivered (PS3.4 B.2.3, PS3.7 C.4)."""
+    elements discarded) are delivered (PS3.4 B.2.3, PS3.7 C.4), and so is 0x0111
+    (Duplicate SOP Instance): the PACS holds that UID already, and an output's UIDs are
+    its job's own (`Provenance.uid`), so it is this object, from an earlier attempt of a
+    delivery retried as a whole."""
     if code is None:
         return False, False
+    if code == DUPLICATE_SOP_INSTANCE:
+        return True, False
     category = code_to_category(code)
     if category in (STATUS_SUCCESS, STATUS_WARNING):
         return True, False

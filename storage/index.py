@@ -176,6 +176,10 @@ class SchemaVersionError(IndexUnavailable):
     """The index was written by a newer dicomnode, or cannot be migrated."""
 
 
+class ExportGone(KeyError):
+    """The export row a sender claimed is gone or no longer being sent."""
+
+
 class SchemaMigrationNeeded(SchemaVersionError):
     """The index has an older schema and was opened with ``schema="check"``."""
 
@@ -1069,12 +1073,14 @@ class StudyIndex:
         now: datetime | None = None,
     ) -> ExportState:
         """Record an attempt: no error -> done; an error -> pending until retry_at, or
-        failed when retry_at is None (given up, or a rejection that will not change)."""
+        failed when retry_at is None (given up, or a rejection that will not change).
+        Raises `ExportGone` when the row is no longer the claimed one (`resend` replaced
+        it, or a restart put it back in the queue) rather than mark another's fate."""
         now = now or utcnow()
         with self._write() as session:
             export = session.get(Export, export_id, with_for_update=True)
-            if export is None:
-                raise KeyError(export_id)
+            if export is None or export.state != ExportState.SENDING:
+                raise ExportGone(f"export {export_id} is no longer being sent")
             export.updated_at = now
             export.last_error = error
             if not error:
@@ -1104,6 +1110,7 @@ class StudyIndex:
     def requeue_study_exports(
         self, study_instance_uid: str, give_up_after_s: float,
         destinations: Mapping[str, Sequence[str]], now: datetime | None = None,
+        only_failed: bool = False,
     ) -> dict[str, int]:
         """`dicomnode resend`: deliver a study's results again to each configured
         destination (name -> output kinds), as it is configured now, from a fresh backoff.
@@ -1114,7 +1121,9 @@ class StudyIndex:
         destination takes (so a destination added since, or a changed `outputs` list, is
         served); for a job without a Result (a failure notice), what it owed before. The
         job's earlier deliveries to that destination are replaced by this one, unless one
-        is being sent right now (left alone). Returns counts: "queued", "sending" and
+        is being sent right now (left alone). `only_failed` (`resend --failed`): only the
+        job's deliveries to a destination that all failed, so that a destination that has
+        the results does not get them again. Returns counts: "queued", "sending" and
         "unconfigured" (deliveries recorded for destinations no longer configured)."""
         now = now or utcnow()
         counts = {"queued": 0, "sending": 0, "unconfigured": 0}
@@ -1132,12 +1141,18 @@ class StudyIndex:
                         or session.scalar(select(Result.id).where(Result.job_pk == job.id))):
                     latest[job.series_pk] = job
             for job in latest.values():
-                exports = session.scalars(select(Export).where(Export.job_pk == job.id)).all()
+                # locked: a sender claiming one of them meanwhile (a server database)
+                # would otherwise send a row this deletes
+                exports = session.scalars(
+                    select(Export).where(Export.job_pk == job.id).with_for_update()).all()
                 counts["unconfigured"] += sum(e.destination not in destinations
                                               for e in exports)
                 result = session.scalar(select(Result).where(Result.job_pk == job.id))
                 for name, kinds in destinations.items():
                     earlier = [e for e in exports if e.destination == name]
+                    if only_failed and not (earlier and all(
+                            e.state == ExportState.FAILED for e in earlier)):
+                        continue
                     if result is not None:
                         paths = [p for kind in kinds for p in result.outputs.get(kind, ())]
                     else:
@@ -1238,16 +1253,20 @@ class StudyIndex:
             return sorted(session.scalars(query))
 
     def export_status(self, limit: int = 50) -> list[dict[str, Any]]:
-        """Exports not yet delivered, and the latest delivered ones, newest first."""
+        """Every export not delivered (pending, sending, failed), then the latest `limit`
+        delivered ones, each part newest first: a failure must not scroll out of
+        `dicomnode status` behind the deliveries that went well after it."""
+        query = (
+            select(Export, Series.series_instance_uid, Study.study_instance_uid)
+            .join(Job, Export.job_pk == Job.id)
+            .join(Series, Job.series_pk == Series.id)
+            .join(Study, Series.study_pk == Study.id)
+            .order_by(Export.updated_at.desc(), Export.id.desc())
+        )
         with self._sessions() as session:
-            rows = session.execute(
-                select(Export, Series.series_instance_uid, Study.study_instance_uid)
-                .join(Job, Export.job_pk == Job.id)
-                .join(Series, Job.series_pk == Series.id)
-                .join(Study, Series.study_pk == Study.id)
-                .order_by(Export.updated_at.desc(), Export.id.desc())
-                .limit(limit)
-            ).all()
+            rows = [*session.execute(query.where(Export.state != ExportState.DONE)).all(),
+                    *session.execute(query.where(Export.state == ExportState.DONE)
+                                     .limit(limit)).all()]
         return [
             {
                 "export_id": e.id, "job_id": e.job_pk, "destination": e.destination,

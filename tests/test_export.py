@@ -106,6 +106,7 @@ def test_backoff_doubles_up_to_the_cap() -> None:
     (0xB000, (True, False)),  # coercion of data elements: stored
     (0x0107, (True, False)),  # attribute list error (warning): stored
     (0x0001, (True, False)),
+    (0x0111, (True, False)),  # duplicate SOP instance: it arrived with an earlier try
     (None, (False, False)),  # no response: try again
     (0xA700, (False, False)),  # out of resources: try again later
     (0x0213, (False, False)),  # resource limitation
@@ -199,6 +200,100 @@ def test_resend_failed_queues_every_study_whose_delivery_failed(
     assert len(pacs.received) == 1
     assert main(["resend", "--config", str(config), "--failed"]) == 0  # nothing to do
     assert "no failed deliveries: nothing to resend" in capsys.readouterr().out
+
+
+def _other_job(index: StudyIndex, n: int) -> int:
+    """A second (third ...) series of the setup's study, completed into its own job."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = f"1.2.826.0.1.99.{n}", f"1.2.826.0.1.99.{n}.1"
+    record = instance_record(ds, str(ds.file_meta.TransferSyntaxUID), "MODALITY")
+    index.add_instance(record, f"other/{n}.dcm", 1, f"sha{n}")
+    return next(r["job_id"] for r in index.series_status()
+                if r["series_instance_uid"] == ds.SeriesInstanceUID)
+
+
+def test_resend_failed_spares_the_destinations_that_have_the_results(
+    setup: tuple[Exporter, StudyIndex, int],
+) -> None:
+    """The study reached one PACS and was refused by another: `resend --failed` (from
+    cron, say) must not send it to the first again on every run."""
+    _, index, job_id = setup
+    study = index.job_series(job_id)[0]
+    now = utcnow()
+    for destination, error in (("pacs", ""), ("archive", "refused")):
+        index.queue_export(job_id, destination, ["seg.dcm"], 60, now=now)
+        assert index.claim_due_export(now, destination=destination) is not None
+        index.finish_export(index.export_status()[0]["export_id"], error, None, now)
+    counts = index.requeue_study_exports(study, 60, {"pacs": ["seg"], "archive": ["seg"]},
+                                         only_failed=True)
+    assert counts == {"queued": 1, "sending": 0, "unconfigured": 0}
+    states = {(r["destination"], r["state"]) for r in index.export_status()}
+    assert states == {("pacs", "done"), ("archive", "pending")}
+
+
+def test_status_lists_every_delivery_not_made_before_the_latest_made(
+    setup: tuple[Exporter, StudyIndex, int],
+) -> None:
+    """A failure must not scroll out of `dicomnode status` behind later successes."""
+    _, index, job_id = setup
+    jobs = [job_id, *(_other_job(index, n) for n in range(3))]
+    now = utcnow()
+    for i, job in enumerate(jobs):
+        export_id = index.queue_export(job, "pacs", [f"{i}.dcm"], 60, now=now)
+        assert export_id is not None
+        assert index.claim_due_export(now, destination="pacs") is not None
+        index.finish_export(export_id, "refused" if i == 0 else "", None,
+                            now + timedelta(seconds=i))
+    rows = index.export_status(limit=2)
+    assert [r["state"] for r in rows] == ["failed", "done", "done"]
+    assert [r["job_id"] for r in rows] == [jobs[0], jobs[3], jobs[2]]
+
+
+def test_a_sender_whose_delivery_was_replaced_goes_on(
+    setup: tuple[Exporter, StudyIndex, int], port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a delivery could not be recorded, and meanwhile its row stopped being
+    the one sent (a `resend` on a server database, a restart): the outcome is dropped,
+    not retried for ever (which stopped the destination's sender), nor written on
+    another row."""
+    exporter, index, job_id = setup
+    exporter.queue(job_id, {"seg": index.series_instance_paths(index.job_series(job_id)[1])})
+    real_finish = index.finish_export
+
+    def locked(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(index, "finish_export", real_finish)
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(index, "finish_export", locked)
+    pacs = Destination(port).start()
+    try:
+        with pytest.raises(OutcomeNotRecorded):
+            exporter.run_once(destination="pacs")
+        index.recover_after_restart()  # the row is pending again, no longer this send's
+        assert exporter.run_once(destination="pacs") is None  # dropped, with a warning
+        assert exporter.run_once(destination="pacs") == ExportState.DONE  # sent anew
+    finally:
+        pacs.stop()
+    assert len(pacs.received) == 2
+
+
+def test_after_a_failed_try_the_destination_waits_for_its_retry_time(
+    setup: tuple[Exporter, StudyIndex, int],
+) -> None:
+    """Three studies owed to a PACS that is down: one association is tried, then the
+    others wait for that retry (5 s here) instead of each trying its own at once."""
+    exporter, index, job_id = setup
+    for n, job in enumerate([job_id, *(_other_job(index, n) for n in range(2))]):
+        index.queue_export(job, "pacs", [f"{n}.dcm"], 300)
+        exporter.filestore.write(f"{n}.dcm", b"not sent: nothing listens")
+    exporter.start()
+    try:
+        time.sleep(2.5)
+    finally:
+        exporter.stop()
+    rows = index.export_status()
+    assert sum(r["attempts"] for r in rows) == 1, rows
+    assert sorted(r["state"] for r in rows) == ["pending"] * 3
 
 
 def test_gives_up_after_the_deadline(setup: tuple[Exporter, StudyIndex, int]) -> None:

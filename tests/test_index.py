@@ -437,8 +437,8 @@ def _analysed(index: StudyIndex, study: str, at: datetime, delivered: bool = Tru
 def test_purge_removes_only_studies_idle_since_the_cutoff(index: StudyIndex) -> None:
     old, recent = T0, T0 + timedelta(days=40)
     _analysed(index, "9.1", old)  # idle for 40 days: goes
+    _analysed(index, "9.3", recent)  # recent: stays (delivered before 9.2 is owed)
     _analysed(index, "9.2", old, delivered=False)  # its delivery still pending: stays
-    _analysed(index, "9.3", recent)  # recent: stays
     add(index, 1, old, series="9.4.1", study="9.4")  # still collecting: stays
     index.record_refused("9.1.1", "9.1.99", "CT1", "disk", now=old)
     index.record_refused("9.4.1", "9.4.99", "CT1", "disk", now=old)
