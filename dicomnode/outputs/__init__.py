@@ -136,12 +136,13 @@ def _conform_copied_values(ds: Dataset) -> None:
             logger.warning("the CT's %s is not a valid DICOM %s: left empty in the outputs",
                            keyword, "date" if parse is DA else "time")
             setattr(ds, keyword, "")
-    sex = ds.get("PatientSex")
-    if sex not in (None, "") and str(sex).strip().upper() not in PATIENT_SEX:
+    if "PatientSex" not in ds:
+        return
+    sex = str(ds.PatientSex or "").strip().upper()
+    if sex and sex not in PATIENT_SEX:
         logger.warning("the CT's PatientSex is not M, F or O: left empty in the outputs")
-        ds.PatientSex = ""
-    elif sex not in (None, ""):
-        ds.PatientSex = str(sex).strip().upper()
+        sex = ""
+    ds.PatientSex = sex
 
 
 def prepare_sources(datasets: Iterable[Dataset]) -> None:
