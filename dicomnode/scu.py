@@ -111,7 +111,7 @@ def echo(peer: Peer, calling_aet: str = "DICOMNODE", timeout_s: float = 10.0,
     ae.add_requested_context(Verification)
     assoc = _associate(ae, peer, tls)
     if not assoc.is_established:
-        raise ConnectionError(_association_failure(assoc, peer)[0])
+        raise ConnectionError(_association_failure(assoc, peer, tls is not None)[0])
     try:
         status = assoc.send_c_echo()
     finally:
@@ -218,7 +218,7 @@ def _send_batch(
         ae.add_requested_context(sop_class, syntax)
     assoc = _associate(ae, peer, tls)
     if not assoc.is_established:
-        reason, permanent = _association_failure(assoc, peer)
+        reason, permanent = _association_failure(assoc, peer, tls is not None)
         report.permanent |= permanent
         report.transient |= not permanent
         report.failed.extend((path, reason) for path, _, _ in batch)
@@ -270,15 +270,19 @@ def _store(assoc: Association, path: Path, syntax: str) -> Any:
         return assoc.send_c_store(dcmread(path))
 
 
-def _association_failure(assoc: Association, peer: Peer) -> tuple[str, bool]:
-    """Why an association was not made, and whether that is permanent (PS3.8 9.3.4)."""
+def _association_failure(assoc: Association, peer: Peer, tls: bool) -> tuple[str, bool]:
+    """Why an association was not made, and whether that is permanent (PS3.8 9.3.4).
+    Over TLS a refused certificate or handshake looks like an unreachable peer here
+    (pynetdicom logs the TLS error): the reason says so."""
     if assoc.is_aborted and assoc.rejected_contexts:
         # pynetdicom aborts an association on which the peer accepted no context at all:
         # the peer does not store these SOP classes, and will not on a retry.
         refused = sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts})
         return f"{peer} accepts none of the SOP classes sent ({', '.join(refused)})", True
     if not assoc.is_rejected:
-        return f"could not associate with {peer} (unreachable, aborted or timed out)", False
+        why = "unreachable, aborted or timed out" + (
+            "; or the TLS handshake failed: certificates, see the log" if tls else "")
+        return f"could not associate with {peer} ({why})", False
     rsp = assoc.acceptor.primitive
     text = f"association rejected by {peer}: {rsp.result_str}, {rsp.source_str}, {rsp.reason_str}"
     return text, rsp.result == 0x01

@@ -568,6 +568,12 @@ def test_a_tls_destination_gets_its_deliveries_over_tls_only(tmp_path: Path, por
         plain, index = exporter_for()
         assert plain.run_once() == ExportState.PENDING  # no TLS: no association
         index.close()
+        # the PACS's certificate not trusted: retried, and the reason points at TLS
+        wrong, index = exporter_for(tls=True, tls_ca=str(node_cert),
+                                    tls_cert=str(node_cert), tls_key=str(node_key))
+        assert wrong.run_once(utcnow() + timedelta(seconds=15)) == ExportState.PENDING
+        assert "the TLS handshake failed" in index.export_status()[0]["last_error"]
+        index.close()
         secure, index = exporter_for(tls=True, tls_ca=str(pacs_cert),
                                      tls_cert=str(node_cert), tls_key=str(node_key))
         assert secure.run_once(utcnow() + timedelta(minutes=1)) == ExportState.DONE  # retry
