@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
-from pydicom.uid import UID, JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
 from ai.lungs import LungConfig
 from dicomnode.volume import PADDING_HU, SeriesRejected, read_series
@@ -50,7 +50,7 @@ def test_volume_is_exact_and_ordered_along_the_normal(series: list[Path], phanto
     assert all("PixelData" not in ds for ds in volume.datasets)
 
 
-@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless])
 def test_compressed_series_decodes_to_the_same_volume(series: list[Path], syntax: UID) -> None:
     reference = read_series(series)
     for path in series:
