@@ -34,7 +34,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import ServiceUser
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -283,8 +283,12 @@ class _PeerFilteringServer(ThreadedAssociationServer):
         client, address = self.socket.accept()
         if self._refused(address):
             return client, address  # unwrapped: `verify_request` closes it
-        client.settimeout(self.ae.network_timeout)  # a silent client cannot stall accepting
-        return self.ssl_context.wrap_socket(client, server_side=True), address
+        # The handshake happens on the association's first read, in its own thread: done
+        # here, in the one accepting thread, a client that connects and says nothing held
+        # up every other association for the network timeout.
+        client.settimeout(self.ae.network_timeout)
+        return (self.ssl_context.wrap_socket(client, server_side=True,
+                                             do_handshake_on_connect=False), address)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if not self._refused(client_address):
@@ -398,8 +402,12 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> int:
         calling_aet = event.assoc.requestor.ae_title
         free = self.filestore.free_bytes()
-        encoded = event.encoded_dataset()
-        if free < self.min_free_bytes:
+        try:
+            encoded = event.encoded_dataset()
+        except MemoryError:  # a passing shortage (other large instances in flight)
+            logger.error("C-STORE from %s refused: out of memory", calling_aet)
+            return STATUS_OUT_OF_RESOURCES
+        if free - len(encoded) < self.min_free_bytes:  # this instance may not eat the reserve
             reason = (f"free disk {free // 2**20} MB, below min_free_disk_mb"
                       f" ({self.settings.storage.min_free_disk_mb} MB)")
             logger.error("C-STORE from %s refused: %s", calling_aet, reason)
@@ -595,7 +603,10 @@ def read_complete_file(data: bytes) -> Dataset:
             raise ValueError(f"element {tag} holds {size} of its {raw.length} bytes")
         # an undefined length's value excludes its 8-byte sequence delimiter
         end = raw.value_tell + (size + 8 if raw.length == _UNDEFINED_LENGTH else raw.length)
-    if end is not None and end != len(data):
+    # a deflated data set's offsets count in the inflated stream, not in the file: there
+    # each element must hold its length, and the stream must inflate (above)
+    deflated = ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    if end is not None and end != len(data) and not deflated:
         raise ValueError(f"{len(data) - end} bytes after the last complete element")
     sop_class = ds.get("SOPClassUID")
     is_image = sop_class is not None and UID(str(sop_class)).name.endswith("Image Storage")

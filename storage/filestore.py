@@ -33,7 +33,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 class InvalidUID(ValueError):
@@ -42,7 +42,7 @@ class InvalidUID(ValueError):
 
 def check_uid(name: str, value: str) -> str:
     """Return value if it is a syntactically valid DICOM UID (PS3.5 9.1), else raise."""
-    if not value or len(value) > 64 or not _UID.match(value):
+    if not value or len(value) > 64 or not _UID.fullmatch(value):  # "$" allows a "\n"
         raise InvalidUID(f"{name} {value!r} is not a valid DICOM UID")
     return value
 
