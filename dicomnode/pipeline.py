@@ -309,6 +309,10 @@ class Pipeline:
             logger.warning("job %d queued again (attempt %d of %d failed)", job.job_id,
                            job.attempts, self.settings.pipeline.max_attempts)
             return state
+        if state == JobState.SUPERSEDED:  # the series grew: its new pass decides
+            logger.info("job %d: superseded by a newer pass of series %s", job.job_id,
+                        job.series_instance_uid)
+            return state
         if state == JobState.FAILED:
             self._notify_failure(job, self.index.job_state(job.job_id)[1])
         return JobState.FAILED

@@ -333,15 +333,25 @@ def _split(value: str) -> tuple[str, ...]:
 
 def _release_running(
     session: Session, which: Any, cause: str, max_attempts: int, now: datetime
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Running jobs (those `which` selects) back to the queue, or failed once claimed
-    `max_attempts` times; returns (queued, failed)."""
-    queued = failed = 0
+    `max_attempts` times, or superseded when their series has a newer job (instances
+    arrived while they ran: that job analyses the whole series, and this one must
+    neither run again before it nor send a failure notice); returns (queued, failed,
+    superseded)."""
+    queued = failed = superseded = 0
     for job in session.scalars(
         select(Job).where(Job.state == JobState.RUNNING, which).with_for_update()
     ):
         job.updated_at = now
-        if job.attempts >= max_attempts:
+        newer = session.scalar(select(Job.id).where(Job.series_pk == job.series_pk,
+                                                    Job.id > job.id).limit(1))
+        if newer is not None:
+            job.state = JobState.SUPERSEDED
+            job.reason = f"superseded ({cause}): job {newer} analyses the whole series"
+            job.finished_at = now
+            superseded += 1
+        elif job.attempts >= max_attempts:
             job.state = JobState.FAILED
             job.reason = f"{cause} on each of {job.attempts} attempts"
             job.finished_at = now
@@ -350,7 +360,7 @@ def _release_running(
             job.state = JobState.QUEUED
             job.reason = f"re-queued: {cause}"
             queued += 1
-    return queued, failed
+    return queued, failed, superseded
 
 
 # The record's free-text fields and the columns that keep them. The files keep every value
@@ -775,7 +785,14 @@ class StudyIndex:
         )
         if job is not None and job.state == JobState.COLLECTING:
             return
-        if job is not None and job.state in _REOPENABLE:
+        if job is not None and job.state == JobState.QUEUED and job.attempts:
+            # queued again after a failed attempt: the grown series is a new pass with
+            # attempts of its own (the old claims keep fencing the old job's late results)
+            job.state = JobState.SUPERSEDED
+            job.reason = "superseded: instances arrived after a failed attempt"
+            job.finished_at = now
+            job.updated_at = now
+        elif job is not None and job.state in _REOPENABLE:
             logger.info(
                 "series %s re-opened by a late instance (was %s)",
                 series.series_instance_uid,
@@ -1296,7 +1313,7 @@ class StudyIndex:
         with self._write() as session:
             return _release_running(
                 session, Job.worker == worker, f"the AI worker died ({cause})",
-                max_attempts, now or utcnow())
+                max_attempts, now or utcnow())[:2]
 
     def supersede_if_grown(self, job_id: int, attempt: int, now: datetime | None = None) -> bool:
         """End a claimed job as superseded when its series received instances since it was
@@ -1326,13 +1343,14 @@ class StudyIndex:
     ) -> JobState | None:
         """A claimed job that ended in an error of the node's own (not a rejected series):
         queued again, or failed once claimed `max_attempts` times, like a job whose
-        worker died. Returns the new state; None when the job is no longer that claim
-        (see `finish_job`)."""
+        worker died, or superseded by a newer job of its series. Returns the new state;
+        None when the job is no longer that claim (see `finish_job`)."""
         with self._write() as session:
-            queued, failed = _release_running(
+            queued, failed, superseded = _release_running(
                 session, and_(Job.id == job_id, Job.attempts == attempt), cause,
                 max_attempts, now or utcnow())
-        return JobState.QUEUED if queued else JobState.FAILED if failed else None
+        return (JobState.QUEUED if queued else JobState.FAILED if failed
+                else JobState.SUPERSEDED if superseded else None)
 
     def reanalyse(
         self, uid: str, now: datetime | None = None, skipped: bool = False
@@ -1387,7 +1405,7 @@ class StudyIndex:
                 .values(state=ExportState.PENDING, next_attempt_at=now, updated_at=now)
             )
             return _release_running(session, true(), "interrupted by a restart",
-                                    max_attempts, now)
+                                    max_attempts, now)[:2]
 
     def counts(self) -> dict[str, int]:
         """Totals for a one-line summary."""

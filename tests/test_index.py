@@ -677,6 +677,50 @@ def test_a_job_whose_series_grew_while_it_ran_is_superseded(index: StudyIndex) -
     assert (row["state"], row["instances"]) == ("collecting", 2)  # the new pass is shown
 
 
+def test_a_job_whose_series_grew_is_superseded_not_retried(index: StudyIndex) -> None:
+    """Instances arrived while the job ran (a new pass exists), then the job met an error
+    of the node's own, or its worker died: it must not run again before the new pass
+    (claims go oldest first) nor fail with a notice of its own."""
+    job = _claimed_job(index)
+    add(index, 2, T0)  # the new pass
+    assert index.retry_job(job.job_id, job.attempts, "internal error: x", 2) == (
+        JobState.SUPERSEDED)
+    assert "job" in index.job_state(job.job_id)[1]
+    crashed = index.claim_next_job("w")
+    assert crashed is None  # the new pass is still collecting: nothing else to claim
+    other = _claimed_job_of(index, "1.9")
+    add(index, 2, T0, series="1.9")
+    assert index.release_worker_jobs("w", "killed (SIGKILL)", 2) == (0, 0)
+    assert index.job_state(other.job_id)[0] == JobState.SUPERSEDED
+
+
+def test_a_series_grown_after_a_failed_attempt_is_a_pass_with_its_own_attempts(
+    index: StudyIndex,
+) -> None:
+    """Queued again after an error, then re-opened by a late instance: the grown series
+    is a new job, whose first failure is retried like any (the old job's attempts
+    would have failed it at once), while the old claims stay fenced."""
+    job = _claimed_job(index)
+    assert index.retry_job(job.job_id, job.attempts, "internal error: x", 2) == JobState.QUEUED
+    add(index, 2, T0)
+    assert index.job_state(job.job_id)[0] == JobState.SUPERSEDED
+    (progress,) = index.collecting_series()
+    assert progress.job_id != job.job_id and progress.instance_count == 2
+    complete_job(index, progress.job_id, CompletionRule.RELEASE, None, 2)
+    new = index.claim_next_job("w")
+    assert new is not None and new.job_id == progress.job_id and new.attempts == 1
+    assert index.retry_job(new.job_id, new.attempts, "internal error: x", 2) == JobState.QUEUED
+
+
+def _claimed_job_of(index: StudyIndex, series: str) -> ClaimedJob:
+    add(index, 1, T0, series=series)
+    progress = next(p for p in index.collecting_series() if p.series_instance_uid == series)
+    complete_job(index, progress.job_id, CompletionRule.RELEASE, None, 1)
+    job = index.claim_next_job("w")
+    assert job is not None and job.job_id == progress.job_id
+    return job
+
+
 def test_the_assembler_sees_each_sop_class_of_a_series(index: StudyIndex) -> None:
     enhanced = "1.2.840.10008.5.1.4.1.1.2.1"
     add(index, 1, T0)
