@@ -48,6 +48,9 @@ last try."""
 POLL_SECONDS = 0.5
 MODEL_RETRY_SECONDS = 30.0
 """How often a worker whose model did not load tries again (jobs wait queued meanwhile)."""
+FAULT_PAUSE_SECONDS = (30.0, 600.0)
+"""After two jobs in a row end in errors of the node's own, a worker waits the first
+before its next claim, doubled after each further one, up to the second."""
 
 
 @dataclass
@@ -221,6 +224,7 @@ class Pipeline:
         self._checkpoint_lock = threading.Lock()
         self._next_load = 0.0
         self._load_error = ""
+        self._internal_errors = 0  # jobs in a row that ended in an error of the node's own
         self.kinds = {"seg", "sr"} | {k for d in settings.destinations for k in d.outputs}
 
     def _load_checkpoint(self) -> object:
@@ -290,15 +294,31 @@ class Pipeline:
     def run_job(self, job: ClaimedJob) -> JobState:
         """Analyse one claimed job and record how it ended; never raises."""
         try:
-            if self._run(job) == JobState.SUPERSEDED:
-                return JobState.SUPERSEDED
+            state = self._run(job)
         except (SeriesRejected, InputVolumeError) as exc:
+            self._internal_errors = 0
             return self._fail(job, str(exc))
         except Exception as exc:  # a bug or a broken file must not stop the worker
             logger.exception("job %d (series %s) failed", job.job_id, job.series_instance_uid)
+            self._internal_errors += 1
             return self._retry_or_fail(job, f"internal error: {type(exc).__name__}: {exc}")
+        self._internal_errors = 0
+        if state == JobState.SUPERSEDED:
+            return state
         self._finish(job, JobState.DONE)
         return JobState.DONE
+
+    def fault_pause(self) -> float:
+        """Seconds to wait before the next claim: none, or after two or more jobs in a row
+        ended in errors of the node's own (a GPU fallen off the bus, a broken font), a
+        pause doubling up to `FAULT_PAUSE_SECONDS[1]`. Without it one persistent fault
+        failed every queued series within seconds (each retried at once, then failed with
+        a notice); with it the queue waits for the fault to be fixed, losing at most one
+        job per pause."""
+        if self._internal_errors < 2:
+            return 0.0
+        first, longest = FAULT_PAUSE_SECONDS
+        return min(longest, first * 2.0 ** min(self._internal_errors - 2, 20))
 
     def _retry_or_fail(self, job: ClaimedJob, reason: str) -> JobState:
         """An error of the node's own (out of GPU memory, a storage read error, a bug), not
@@ -469,6 +489,17 @@ class Pipeline:
             if not self.model_loaded():
                 time.sleep(POLL_SECONDS)
                 continue
+            pause = self.fault_pause()
+            if pause:
+                logger.error("AI worker %s: %d jobs in a row ended in errors of the node's"
+                             " own (see above); the next claim waits %.0f s so that the"
+                             " queue waits for the fault to be fixed", name,
+                             self._internal_errors, pause)
+                until = time.monotonic() + pause
+                while not stop() and time.monotonic() < until:
+                    time.sleep(POLL_SECONDS)
+                if stop():
+                    return
             try:
                 job = self.index.claim_next_job(name)
             except Exception:

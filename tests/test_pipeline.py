@@ -343,6 +343,16 @@ def test_an_internal_error_is_tried_again_then_fails_with_a_notice(
     wait_for(lambda: pacs.of_class(COMPREHENSIVE_SR), timeout=30)
     [notice] = pacs.of_class(COMPREHENSIVE_SR)
     assert "on each of 2 attempts" in notice.ContentSequence[0].TextValue
+    # two jobs in a row ended in errors of the node's own: the next claim waits, and
+    # longer after each further one, so a persistent fault does not fail the queue
+    assert pipeline.fault_pause() == pipeline_module.FAULT_PAUSE_SECONDS[0]
+    pipeline._internal_errors += 10
+    assert pipeline.fault_pause() == pipeline_module.FAULT_PAUSE_SECONDS[1]
+    monkeypatch.undo()
+    node.index.reanalyse(node.index.job_series(first.job_id)[0])
+    again = node.index.claim_next_job("test")
+    assert again is not None and pipeline.run_job(again) == JobState.DONE
+    assert pipeline.fault_pause() == 0.0  # a job that went well ends the pause
 
 
 def test_a_worker_without_its_model_leaves_the_series_queued_until_it_loads(
