@@ -412,7 +412,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        description="Show what the node holds and where each series stands.")
     with_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--limit", type=int, default=50, help="most recent series to list")
+    p.add_argument("--limit", type=int, default=50,
+                   help="how many of the most recently active series (an instance received,"
+                        " or its job changed) and of the latest deliveries made to list;"
+                        " deliveries not made are all listed")
     p.add_argument("--all", action="store_true",
                    help="also list the node's own output series (SEG, SR, key images, PDF)")
     p.set_defaults(func=cmd_status)

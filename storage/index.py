@@ -23,6 +23,7 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -1433,8 +1434,10 @@ class StudyIndex:
         return totals
 
     def series_status(self, limit: int = 100, own_outputs: bool = True) -> list[dict[str, Any]]:
-        """The most recently active series with their current job, newest first; without
-        the node's own output series (SEG, SR, key images, PDF) unless `own_outputs`."""
+        """The most recently active series with their current job, newest first (active:
+        an instance received, or its job changed: a `reanalyse` of an older study that
+        fails is listed, not hidden behind newer arrivals); without the node's own output
+        series (SEG, SR, key images, PDF) unless `own_outputs`."""
         latest_job = (
             select(Job.series_pk, func.max(Job.id).label("job_id"))
             .group_by(Job.series_pk)
@@ -1449,7 +1452,8 @@ class StudyIndex:
                 .outerjoin(Job, Job.id == latest_job.c.job_id)
                 .outerjoin(Result, Result.job_pk == Job.id)
                 .where(true() if own_outputs else or_(Job.id.is_(None), Job.reason != OWN_OUTPUT))
-                .order_by(Series.last_received_at.desc())
+                .order_by(case((Job.updated_at > Series.last_received_at, Job.updated_at),
+                               else_=Series.last_received_at).desc())
                 .limit(limit)
             ).all()
             refused = _refused_counts(session, [row[0].series_instance_uid for row in rows])

@@ -721,6 +721,26 @@ def _claimed_job_of(index: StudyIndex, series: str) -> ClaimedJob:
     return job
 
 
+def test_status_lists_a_series_by_its_latest_activity(index: StudyIndex) -> None:
+    """An older study analysed again that fails is shown, not hidden behind the series
+    received since (status lists the latest `limit`)."""
+    add(index, 1, T0, series="1.1")
+    (progress,) = index.collecting_series()
+    complete_job(index, progress.job_id, CompletionRule.RELEASE, None, 1, now=T0)
+    job = index.claim_next_job("w", now=T0)
+    assert job is not None
+    index.finish_job(job.job_id, job.attempts, JobState.DONE, now=T0 + timedelta(hours=1))
+    add(index, 1, T0 + timedelta(hours=2), series="1.2")
+    assert [r["series_instance_uid"] for r in index.series_status(limit=1)] == ["1.2"]
+    assert index.reanalyse("1.1", now=T0 + timedelta(hours=3))[0] == ["1.1"]
+    again = index.claim_next_job("w", now=T0 + timedelta(hours=3))
+    assert again is not None and again.series_instance_uid == "1.1"
+    index.finish_job(again.job_id, again.attempts, JobState.FAILED, "no lungs found",
+                     now=T0 + timedelta(hours=4))
+    [row] = index.series_status(limit=1)
+    assert (row["series_instance_uid"], row["state"]) == ("1.1", "failed")
+
+
 def test_the_assembler_sees_each_sop_class_of_a_series(index: StudyIndex) -> None:
     enhanced = "1.2.840.10008.5.1.4.1.1.2.1"
     add(index, 1, T0)
