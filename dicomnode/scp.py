@@ -44,7 +44,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicomnode.config import ConfigError, NodeConfig, Settings
 from dicomnode.outputs import MANUFACTURER
 from dicomnode.volume import string_values, value_text
-from storage.filestore import FileStore
+from storage.filestore import FileStore, check_uid
 from storage.index import InstanceRecord, StudyIndex
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def placing_uids(ds: Dataset) -> tuple[str, str, str]:
     missing = [keyword for keyword, uid in uids.items() if not uid]
     if missing:
         raise ValueError(f"dataset lacks {', '.join(missing)}")
+    check_uid("SOPClassUID", uids["SOPClassUID"])  # the others are checked as path parts
     return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
 
 

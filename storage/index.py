@@ -389,6 +389,8 @@ def fitted(record: InstanceRecord) -> InstanceRecord:
         while len("\\".join([*values, record.image_type[len(values)]])) <= _IMAGE_TYPE_WIDTH:
             values.append(record.image_type[len(values)])
         cut["image_type"] = tuple(values)
+    if len(record.image_orientation) > 6:  # malformed (`dicomnode.volume` says so): the
+        cut["image_orientation"] = record.image_orientation[:6]  # column holds six
     if not cut:
         return record
     logger.debug("%s: cut to fit the index: %s", record.sop_instance_uid, ", ".join(cut))

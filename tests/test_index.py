@@ -21,6 +21,7 @@ from storage.index import (
     SchemaMigrationNeeded,
     SchemaVersionError,
     StudyIndex,
+    fitted,
 )
 from storage.models import SCHEMA_VERSION, CompletionRule, JobState, RefusedInstance
 from tests.conftest import complete_job
@@ -739,6 +740,14 @@ def test_status_lists_a_series_by_its_latest_activity(index: StudyIndex) -> None
                      now=T0 + timedelta(hours=4))
     [row] = index.series_status(limit=1)
     assert (row["series_instance_uid"], row["state"]) == ("1.1", "failed")
+
+
+def test_a_malformed_orientation_fits_its_column() -> None:
+    """ImageOrientationPatient holds six values; a malformed one with more must still be
+    indexed on a server database (`dicomnode.volume` rejects the series, with why)."""
+    twelve = replace(record(1), image_orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0) * 2)
+    assert fitted(twelve).image_orientation == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    assert fitted(record(1)) == record(1)
 
 
 def test_the_assembler_sees_each_sop_class_of_a_series(index: StudyIndex) -> None:

@@ -421,6 +421,21 @@ def test_a_refused_instance_the_node_could_never_store_is_not_waited_for(
     assert collecting.refused_instances == 0
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom's, writing it
+def test_a_malformed_sop_class_uid_is_refused_as_data_not_as_resources(
+    start_node: Callable[..., Node], ct_series_dir: Path, tmp_path: Path,
+) -> None:
+    """A server database refuses a value wider than its column: answered 0xA700, the
+    sender retried for ever and the series waited for it. The node can never store it:
+    cannot understand (0xC000), and nothing waits."""
+    node = start_node()
+    ds = pydicom.dcmread(next(ct_series_dir.glob("*.dcm")))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2." + "1" * 60
+    ds.save_as(tmp_path / "long-class.dcm", enforce_file_format=False)
+    assert _raw_store(node, tmp_path / "long-class.dcm") == STATUS_CANNOT_UNDERSTAND
+    assert node.index.counts()["instances"] == 0
+
+
 def test_failed_write_is_out_of_resources_and_the_resend_is_stored_whole(
     start_node: Callable[..., Node], ct_series_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
