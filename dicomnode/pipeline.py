@@ -46,6 +46,7 @@ RESULT_RETRY_SECONDS: tuple[float | None, ...] = (1.0, 4.0, 16.0, None)
 last try."""
 
 POLL_SECONDS = 0.5
+ORPHAN_CHECK_SECONDS = 1.0
 MODEL_RETRY_SECONDS = 30.0
 """How often a worker whose model did not load tries again (jobs wait queued meanwhile)."""
 FAULT_PAUSE_SECONDS = (30.0, 600.0)
@@ -534,6 +535,8 @@ def worker_main(settings: Settings, name: str, stop: StopFlag, node_pid: int) ->
         import torch
 
         torch.set_num_threads(worker_threads(settings.pipeline.workers))
+    threading.Thread(target=_exit_when_orphaned, args=(node_pid,), daemon=True,
+                     name="orphan-watch").start()
     filestore = FileStore(settings.data_dir)
     index = StudyIndex(settings.database_url, schema="check")  # the node migrated it
     pipeline = Pipeline(settings, index, filestore, Exporter(settings, index, filestore))
@@ -542,6 +545,16 @@ def worker_main(settings: Settings, name: str, stop: StopFlag, node_pid: int) ->
         pipeline.run_until(lambda: stop.is_set() or os.getppid() != node_pid, name)
     finally:
         index.close()
+
+
+def _exit_when_orphaned(node_pid: int) -> None:
+    """End this worker at once when its node dies (kill -9): finishing the job it runs
+    (up to `job_timeout_seconds`) would hold the memory and GPU that the restarted node's
+    worker needs for the same job, and its result would be dropped anyway."""
+    while os.getppid() == node_pid:
+        time.sleep(ORPHAN_CHECK_SECONDS)
+    logger.error("AI worker: its node (pid %d) is gone; exiting", node_pid)
+    os._exit(1)
 
 
 def result_record(

@@ -113,3 +113,43 @@ def test_a_worker_stuck_on_a_job_is_killed_after_the_job_timeout(tmp_path: Path)
         assert "no result after 1.5 s, killed as hung" in index.job_state(job_id)[1]
     finally:
         pool.stop()
+
+
+ORPHANED_WORKER = """
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c",
+    "from dicomnode.pipeline import _exit_when_orphaned; "
+    f"_exit_when_orphaned({os.getpid()})"], stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL)
+print(child.pid, flush=True)
+os._exit(0)  # the node dies (kill -9) while its worker runs a job
+"""
+
+
+def test_a_worker_whose_node_died_exits_at_once() -> None:
+    """It would otherwise finish its job (up to the job timeout), holding the memory and
+    GPU that the restarted node's worker needs for the same job."""
+    import subprocess
+    import sys
+
+    node = subprocess.run([sys.executable, "-c", ORPHANED_WORKER], capture_output=True,
+                          text=True, timeout=60, check=True)
+    worker = int(node.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return  # gone (reaped by init or a subreaper)
+        if _is_zombie(worker):
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError("the orphaned worker kept running")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
