@@ -409,7 +409,8 @@ class StorageSCP:
             logger.error("C-STORE from %s refused: out of memory", calling_aet)
             return STATUS_OUT_OF_RESOURCES
         if free - len(encoded) < self.min_free_bytes:  # this instance may not eat the reserve
-            reason = (f"free disk {free // 2**20} MB, below min_free_disk_mb"
+            reason = (f"free disk {free // 2**20} MB (less this instance's"
+                      f" {len(encoded) / 2**20:.1f} MB) below min_free_disk_mb"
                       f" ({self.settings.storage.min_free_disk_mb} MB)")
             logger.error("C-STORE from %s refused: %s", calling_aet, reason)
             self._record_refused(encoded, event.context.transfer_syntax, calling_aet, reason)
