@@ -439,13 +439,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_echo if name == "echo" else cmd_send)
 
     p = sub.add_parser("resend", help="send studies' results to the destinations again",
-                       description="Queue every delivery of the studies named, or of every "
-                                   "study with a failed delivery (--failed: after a PACS "
-                                   "outage), again; a running node sends them.")
+                       description="Queue every delivery of the studies named again, or "
+                                   "every delivery that failed (--failed: after a PACS "
+                                   "outage; destinations that have the results are not "
+                                   "sent them again); a running node sends them.")
     with_config(p)
     p.add_argument("study_uids", metavar="STUDY_UID", nargs="*", help="StudyInstanceUID")
     p.add_argument("--failed", action="store_true",
-                   help="every study with a failed (given up or refused) delivery")
+                   help="every failed (given up or refused) delivery, and those only")
     p.add_argument("--since", type=_days, metavar="DAYS",
                    help="with --failed: only deliveries that failed in the last DAYS days")
     p.set_defaults(func=cmd_resend)
