@@ -138,7 +138,7 @@ def test_series_in_results_out(
     for uid in (seg.SeriesInstanceUID, sr.SeriesInstanceUID):  # outputs: stored, not analysed
         row = _job_rows(node, uid)
         assert (row["state"], row["reason"]) == ("skipped", OWN_OUTPUT)
-    wait_for(lambda: all(e["state"] == "done" for e in node.index.export_status()), timeout=10)
+    wait_for(lambda: all(e["state"] == "done" for e in node.index.export_status()), timeout=30)
     assert len(pacs.received) == sum(len(v) for v in result.outputs.values())  # once each
 
 
@@ -212,7 +212,7 @@ def test_a_failure_of_the_views_leaves_the_seg_and_sr_delivered(
     result = node.index.result_for_job(job.job_id)
     assert result is not None and set(result.outputs) == {"seg", "sr"}
     wait_for(lambda: bool(pacs.of_class(SEG)) and bool(pacs.of_class(COMPREHENSIVE_SR)))
-    wait_for(lambda: all(e["state"] == "done" for e in node.index.export_status()), timeout=10)
+    wait_for(lambda: all(e["state"] == "done" for e in node.index.export_status()), timeout=30)
     assert len(pacs.received) == 2  # the results, and no failure notice
 
 
@@ -245,7 +245,7 @@ def test_a_job_run_again_after_a_crash_sends_each_result_once(
     assert result is not None and set(result.outputs) == {"seg", "sr", "key_images", "pdf"}
     views = len(result.outputs["key_images"]) + 1
     wait_for(lambda: len(pacs.received) == 2 + views, timeout=10)
-    wait_for(lambda: all(e["state"] == "done" for e in node.index.export_status()), timeout=10)
+    wait_for(lambda: all(e["state"] == "done" for e in node.index.export_status()), timeout=30)
     time.sleep(0.5)  # anything sent twice would have arrived by now
     assert len(pacs.received) == 2 + views
     assert sorted(e["files"] for e in node.index.export_status()) == [2, views]
