@@ -232,7 +232,7 @@ def test_a_job_run_again_after_a_crash_sends_each_result_once(
     monkeypatch.setattr(pipeline_module, "build_views", crash)  # dies after SEG + SR
     with pytest.raises(Crash):
         pipeline.run_job(job)
-    wait_for(lambda: len(pacs.received) == 2, timeout=10)  # SEG + SR delivered already
+    wait_for(lambda: len(pacs.received) == 2, timeout=30)  # SEG + SR delivered already
     first = {ds.SOPClassUID: ds.SOPInstanceUID for ds in pacs.received}
     kept = {uid: node.index.find_instance(uid) for uid in first.values()}
     monkeypatch.undo()
@@ -244,7 +244,7 @@ def test_a_job_run_again_after_a_crash_sends_each_result_once(
     result = node.index.result_for_job(job.job_id)
     assert result is not None and set(result.outputs) == {"seg", "sr", "key_images", "pdf"}
     views = len(result.outputs["key_images"]) + 1
-    wait_for(lambda: len(pacs.received) == 2 + views, timeout=10)
+    wait_for(lambda: len(pacs.received) == 2 + views, timeout=30)
     wait_for(lambda: all(e["state"] == "done" for e in node.index.export_status()), timeout=30)
     time.sleep(0.5)  # anything sent twice would have arrived by now
     assert len(pacs.received) == 2 + views
@@ -278,7 +278,7 @@ def test_a_result_the_index_refuses_to_record_leaves_the_job_done_without_a_noti
     assert pipeline.run_job(job) == "done"
     assert len(tries) == 2
     assert node.index.job_state(job.job_id)[0] == JobState.DONE
-    wait_for(lambda: len(pacs.received) >= 2, timeout=10)
+    wait_for(lambda: len(pacs.received) >= 2, timeout=30)
     time.sleep(0.5)
     assert COMPREHENSIVE_SR in {ds.SOPClassUID for ds in pacs.received}
     assert all("not analysed" not in str(ds.get("SeriesDescription", ""))
