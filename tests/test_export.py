@@ -258,13 +258,7 @@ def test_a_sender_whose_delivery_was_replaced_goes_on(
     another row."""
     exporter, index, job_id = setup
     exporter.queue(job_id, {"seg": index.series_instance_paths(index.job_series(job_id)[1])})
-    real_finish = index.finish_export
-
-    def locked(*args: object, **kwargs: object) -> object:
-        monkeypatch.setattr(index, "finish_export", real_finish)
-        raise RuntimeError("database is locked")
-
-    monkeypatch.setattr(index, "finish_export", locked)
+    _lock_finish_once(index, monkeypatch)
     pacs = Destination(port).start()
     try:
         with pytest.raises(OutcomeNotRecorded):
@@ -353,6 +347,17 @@ def test_a_job_queues_each_file_once_per_destination(
     assert index.queue_export(job_id, "other", ["c.dcm"], 60) is not None  # per destination
 
 
+def _lock_finish_once(index: StudyIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index refuses the next delivery's end (locked, or the disk full), once."""
+    real_finish = index.finish_export
+
+    def locked(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(index, "finish_export", real_finish)
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(index, "finish_export", locked)
+
+
 def test_a_delivery_whose_end_the_index_refused_is_recorded_next_time(
     setup: tuple[Exporter, StudyIndex, int], port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -361,13 +366,7 @@ def test_a_delivery_whose_end_the_index_refused_is_recorded_next_time(
     exporter, index, job_id = setup
     paths = index.series_instance_paths(index.job_series(job_id)[1])
     exporter.queue(job_id, {"seg": paths})
-    real_finish = index.finish_export
-
-    def locked(*args: object, **kwargs: object) -> object:
-        monkeypatch.setattr(index, "finish_export", real_finish)
-        raise RuntimeError("database is locked")
-
-    monkeypatch.setattr(index, "finish_export", locked)
+    _lock_finish_once(index, monkeypatch)
     pacs = Destination(port).start()
     try:
         with pytest.raises(OutcomeNotRecorded, match="database is locked"):

@@ -77,22 +77,7 @@ def test_every_output_of_a_ct_in_iso_2022_keeps_the_name(
         ds.SpecificCharacterSet = charset
         ds.PatientName = name
         ds.save_as(path)
-    volume = read_series(sorted((tmp_path / "ct").iterdir()))
-    lung = volume.hu < -500
-    lesion = np.zeros_like(lung)
-    lesion[8:12] = lung[8:12]
-    analysis = _analysis(volume, lung, lesion)
-    seg = build_segmentation(volume.datasets, lung, lesion, analysis.lesions, PROVENANCE)
-    outputs = {
-        "seg": seg.dataset,
-        "sr": build_report(volume.datasets, seg.dataset, seg.lesion_segments, analysis.stats,
-                           list(analysis.probabilities.values()), analysis.diagnosis,
-                           PROVENANCE),
-        "key_image": build_key_images(volume, analysis, PROVENANCE, 1)[0],
-        "pdf": build_pdf_report(volume, analysis, PROVENANCE),
-        "notice": build_failure_notice(volume.datasets[0], "no lungs found", PROVENANCE),
-    }
-    for kind, ds in outputs.items():
+    for kind, ds in _every_output(tmp_path / "ct").items():
         path = tmp_path / f"{kind}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == [], kind
