@@ -672,6 +672,20 @@ def test_later_instances_of_a_series_take_its_series_attributes(ct_series_dir: P
     assert (other.patient_name, other.series_description) == ("Changed^Name", "changed")
 
 
+def test_running_out_of_memory_is_out_of_resources(start_node: Callable[..., Node]) -> None:
+    """A passing shortage (other large instances in flight): the sender may try again,
+    where pynetdicom's answer to an exception in the handler (0xC211) says it may not."""
+    node = start_node()
+
+    def too_large() -> bytes:
+        raise MemoryError
+
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="BIGSCU"))
+    event = SimpleNamespace(assoc=assoc, encoded_dataset=too_large,
+                            context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.1"))
+    assert node.scp._on_store(event) == STATUS_OUT_OF_RESOURCES
+
+
 def test_a_c_store_racing_an_abort_is_stored_and_leaves_no_association_record(
     start_node: Callable[..., Node], ct_series_dir: Path
 ) -> None:
