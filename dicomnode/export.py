@@ -97,16 +97,11 @@ class Exporter:
         (None when nothing was due). Raises `OutcomeNotRecorded` when the index fails to
         take a delivery's end; the next call records it before anything else."""
         unrecorded = self._unrecorded.get(destination)
-        if unrecorded is not None:
-            try:
-                state = self.index.finish_export(*unrecorded)
-            except ExportGone:  # replaced by `resend` meanwhile: the new row goes its way
-                del self._unrecorded[destination]
-                logger.warning("export %d was replaced while being sent: its outcome is"
-                               " not recorded", unrecorded[0])
-                return None
+        if unrecorded is not None:  # `_finish` keeps it again if the index still refuses
             del self._unrecorded[destination]
-            logger.info("export %d: its outcome recorded late (%s)", unrecorded[0], state)
+            state = self._finish(destination, *unrecorded)
+            if state is not None:
+                logger.info("export %d: its outcome recorded late (%s)", unrecorded[0], state)
             return state
         task = self.index.claim_due_export(now, destination)
         if task is None:
