@@ -13,7 +13,10 @@ Steps, on a working grid of about `working_spacing_mm` voxels for speed:
    Value makes the circle look like that air; a lung reaching it is then lost or refused.
 2. Trachea and main bronchi: small enclosed air regions near the left-right middle of the
    body at either end of the scan, tracked slice by slice inwards while they stay small; a
-   bronchus stops where it opens into a lung. Orientation-agnostic (no head/feet guess).
+   bronchus stops where it opens into a lung. Orientation-agnostic (no head/feet guess),
+   but a chest holds one trachea: where both ends offer one, the end whose candidate
+   keeps the steadier cross-section is the head (a lung tip near the middle at the feet
+   end, in front of the heart, also narrows towards the scan's end).
 3. Lung parts that touch the image edge (border-connected in their slice) are put back when
    they overlap enclosed lung in the neighbouring slice, so a small field of view still works.
 4. Gas pockets: enclosed pure air (median below `min_lung_median_hu`) wide enough to hold a
@@ -499,10 +502,12 @@ def _track_airways(comps: _AirComponents, grid: _Grid, cfg: LungConfig) -> np.nd
     """Components of the trachea and main bronchi (bool per label).
 
     Seeds: enclosed components within `airway_seed_depth_mm` of either end of the scan, of
-    trachea size, near the body middle, that continue as a tube (`_is_tube`): this tells the
-    trachea from a lung tip at the other end. From each end, components overlapping the
-    airway in the next slice inwards join while they stay small; a bronchus that opens into
-    a lung becomes large there and stops.
+    trachea size, near the body middle, that continue as a tube (`_tube_spread`): this
+    tells the trachea from a lung tip at the other end. Only one end holds the trachea: with
+    tubes at both, the end of the steadiest one (a lung tip near the middle, the anterior
+    left lung at the base, widens inwards as a tube does not). From that end, components
+    overlapping the airway in the next slice inwards join while they stay small; a bronchus
+    that opens into a lung becomes large there and stops.
     """
     dz, dy, dx = grid.spacing
     s = grid.shape[0]
@@ -514,17 +519,28 @@ def _track_airways(comps: _AirComponents, grid: _Grid, cfg: LungConfig) -> np.nd
     seedable = small & central & (area_mm2 >= cfg.airway_min_area_mm2)
     depth = max(1, int(cfg.airway_seed_depth_mm / dz) + 1)
     tube_steps = max(2, math.ceil(_TUBE_LENGTH_MM / dz))
-    airway = np.zeros_like(small)
+    tubes: dict[bool, list[tuple[float, np.ndarray]]] = {True: [], False: []}
     for forward, at_end in ((True, comps.z < depth), (False, comps.z >= s - depth)):
         for seed in np.flatnonzero(seedable & at_end):
             frontier = np.zeros_like(small)
             frontier[seed] = True
-            if _is_tube(comps, comps.propagate(frontier, small, forward, tube_steps), grid):
-                for layer in comps.propagate(frontier, small, forward):
-                    airway |= layer
-    if airway.any():
-        ml = comps.area[airway].sum() * grid.voxel_ml
-        log.debug("airway: %d slice components, %.1f mL", airway.sum(), ml)
+            spread = _tube_spread(comps, comps.propagate(frontier, small, forward, tube_steps),
+                                  grid)
+            if spread is not None:
+                tubes[forward].append((spread, frontier))
+    airway = np.zeros_like(small)
+    ends = [forward for forward in (True, False) if tubes[forward]]
+    if not ends:
+        return airway
+    head = min(ends, key=lambda forward: min(spread for spread, _ in tubes[forward]))
+    if len(ends) == 2:
+        log.debug("tube seeds at both ends of the scan: the trachea taken at the %s one",
+                  "first" if head else "last")
+    for _, frontier in tubes[head]:
+        for layer in comps.propagate(frontier, small, head):
+            airway |= layer
+    ml = comps.area[airway].sum() * grid.voxel_ml
+    log.debug("airway: %d slice components, %.1f mL", airway.sum(), ml)
     return airway
 
 
@@ -534,28 +550,32 @@ _TUBE_MAX_SHIFT_MM = 15.0
 """How far the tube's centre may drift over `_TUBE_LENGTH_MM` (the trachea is oblique)."""
 
 
-def _is_tube(comps: _AirComponents, layers: list[np.ndarray], grid: _Grid) -> bool:
-    """Whether the slices reached from a seed form a tube: present on every slice over
-    `_TUBE_LENGTH_MM`, area within a quarter to four times the seed's, centre within
-    `_TUBE_MAX_SHIFT_MM`. A lung tip (the anterior lung at the last slice) grows or moves."""
+def _tube_spread(comps: _AirComponents, layers: list[np.ndarray], grid: _Grid) -> float | None:
+    """How steady the slices reached from a seed are, as the largest over the smallest
+    cross-section, when they form a tube; None when they do not. A tube is present on
+    every slice over `_TUBE_LENGTH_MM`, its area within a quarter to four times the
+    seed's, its centre within `_TUBE_MAX_SHIFT_MM`. A lung tip (the anterior lung at the
+    last slice) grows or moves."""
     steps = max(2, math.ceil(_TUBE_LENGTH_MM / grid.spacing[0]))
     if len(layers) <= steps:
-        return False
+        return None
     _, dy, dx = grid.spacing
     ids0 = np.flatnonzero(layers[0])
     area0 = comps.area[ids0].sum()
     y0 = (comps.mean_y[ids0] * comps.area[ids0]).sum() / area0
     x0 = (comps.mean_x[ids0] * comps.area[ids0]).sum() / area0
+    areas = [float(area0)]
     for layer in layers[1:]:
         ids = np.flatnonzero(layer)
         area = comps.area[ids].sum()
         if not 0.25 * area0 <= area <= 4.0 * area0:
-            return False
+            return None
         y = (comps.mean_y[ids] * comps.area[ids]).sum() / area
         x = (comps.mean_x[ids] * comps.area[ids]).sum() / area
         if math.hypot((y - y0) * dy, (x - x0) * dx) > _TUBE_MAX_SHIFT_MM:
-            return False
-    return True
+            return None
+        areas.append(float(area))
+    return max(areas) / min(areas)
 
 
 def _airway_footprint(airway: np.ndarray) -> np.ndarray:

@@ -374,6 +374,24 @@ def test_gastric_bubble_under_the_dome_stays_out(kind: str, seed: int) -> None:
     assert np.count_nonzero(before & (p.volume_hu < -700)) > 2000
 
 
+@pytest.mark.parametrize(("kind", "seed"), [("normal", 950028), ("covid", 900003)])
+def test_a_lung_tip_at_the_feet_end_is_not_taken_for_the_trachea(kind: str, seed: int) -> None:
+    """In these phantoms the anterior left lung narrows to a tip near the middle on the last
+    slices (the feet end), steady enough over 30 mm to pass for a trachea: it was tracked
+    as one and cut out of the lung (14-21 mL of aerated lung). The trachea is at the other
+    end, with a steadier cross-section. Either slice order (the generator's is head first,
+    DICOM's feet first)."""
+    p = generate_phantom(kind, seed, size=256, slices=64)
+    feet_end = slice(p.lung_mask.shape[0] - 8, None)
+    for order in (slice(None), slice(None, None, -1)):
+        mask = segment_lungs(p.volume_hu[order], p.spacing_mm)[order]  # in generator order
+        aerated_missed = p.lung_mask & ~mask & (p.volume_hu < -500)
+        ml = np.count_nonzero(aerated_missed) * float(np.prod(p.spacing_mm)) / 1000
+        assert ml < 2.0
+        assert dice(mask[feet_end], p.lung_mask[feet_end]) >= 0.97
+        assert dice(mask, p.lung_mask) >= 0.99
+
+
 def test_float64_and_int16_inputs_agree(chest: Chest) -> None:
     as_int = np.rint(chest.volume_hu).astype(np.int16)
     a = segment_lungs(as_int, chest.spacing_mm)
