@@ -194,6 +194,27 @@ def test_auc_agrees_with_roc_trapezoid_on_random_ties() -> None:
     assert roc_auc(y, s) == pytest.approx(np.trapezoid(tpr, fpr))
 
 
+def test_roc_curve_keeps_a_tie_of_infinite_scores_together() -> None:
+    """inf - inf is NaN: a tie of infinite scores was split into two points (area 0.5,
+    where the pairwise count gives 0.25)."""
+    fpr, tpr, thresholds = roc_curve([1, 0, 1], [np.inf, np.inf, 0.0])
+    assert fpr.tolist() == [0.0, 1.0, 1.0] and tpr.tolist() == [0.0, 0.5, 1.0]
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc([1, 0, 1], [np.inf, np.inf, 0.0]))
+    assert thresholds.tolist() == [np.inf, np.inf, 0.0]
+
+
+@pytest.mark.parametrize("function", [roc_auc, roc_curve])
+def test_nan_scores_are_refused(function) -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        function([1, 0], [0.3, math.nan])
+
+
+def test_dice_refuses_masks_of_different_shapes() -> None:
+    """Broadcast, a one-slice prediction against a four-slice truth gave DSC 1.6."""
+    with pytest.raises(ValueError, match="shape"):
+        dice_coefficient(np.ones((1, 4, 4)), np.ones((4, 4, 4)))
+
+
 def test_class_absent_from_evaluation_set() -> None:
     y_true = [0, 0, 1, 1]
     probs = [[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]]

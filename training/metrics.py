@@ -153,8 +153,11 @@ def _rmsd_from(d_pred: np.ndarray, d_truth: np.ndarray) -> float:
 
 
 def dice_coefficient(pred: np.ndarray, truth: np.ndarray) -> float:
-    """DSC = 2 |P & T| / (|P| + |T|); 1 when both are empty."""
+    """DSC = 2 |P & T| / (|P| + |T|); 1 when both are empty. Masks of different shapes
+    are refused (broadcast, they would give a DSC above 1)."""
     p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction {p.shape} and truth {t.shape} differ in shape")
     total = np.count_nonzero(p) + np.count_nonzero(t)
     return 1.0 if total == 0 else float(2.0 * np.count_nonzero(p & t) / total)
 
@@ -306,6 +309,8 @@ def _binary_inputs(
     values = np.asarray(scores, dtype=np.float64).reshape(-1)
     if positive.shape != values.shape:
         raise ValueError(f"{positive.size} labels but {values.size} scores")
+    if np.isnan(values).any():
+        raise ValueError("scores hold NaN: no rank or threshold for it")
     return positive, values
 
 
@@ -338,7 +343,9 @@ def roc_curve(
         return np.array([math.nan]), np.array([math.nan]), np.array([np.inf])
     order = np.argsort(-values, kind="mergesort")
     sorted_values, sorted_positive = values[order], positive[order]
-    last_of_group = np.r_[np.flatnonzero(np.diff(sorted_values)), sorted_values.size - 1]
+    # Compared, not subtracted: inf - inf is NaN and would split a tie of infinite scores.
+    last_of_group = np.r_[np.flatnonzero(sorted_values[1:] != sorted_values[:-1]),
+                          sorted_values.size - 1]
     tps = np.cumsum(sorted_positive)[last_of_group]
     fps = (last_of_group + 1) - tps
     tps, fps = np.r_[0, tps], np.r_[0, fps]
