@@ -802,3 +802,118 @@ def test_only_what_a_person_drew_is_truth_and_the_newest_seg_wins(tmp_path: Path
     vendor.ContentDate, vendor.ContentTime = "20261202", "120000"
     vendor.save_as(tmp_path / "pat" / "vendor.dcm")
     np.testing.assert_array_equal(scan_dicom_folder(tmp_path)[0].lesion_mask, lesion)
+
+
+def test_nifti_spacing_comes_from_the_affine_in_any_storage_order(tmp_path: Path) -> None:
+    """A tool that resamples and updates the sform alone leaves pixdim (and the qform)
+    stale; a file already stored RAS+ kept that stale pixdim as its spacing, while the same
+    file stored in another order got the affine's."""
+    volume, lesion = _volume()
+    dz, dy, dx = SPACING
+    stale = np.diag([dx / 2, dy / 2, dz / 2, 1.0])
+    for name, flip in (("ras", 1.0), ("las", -1.0)):
+        data = np.transpose(volume, (2, 1, 0))[::-1, ::-1, :]
+        mask = np.transpose(lesion.astype(np.uint8), (2, 1, 0))[::-1, ::-1, :]
+        if flip < 0:
+            data, mask = data[::-1], mask[::-1]
+        affine = np.diag([flip * dx, dy, dz, 1.0])
+        for array, suffix in ((data, ""), (mask, "_m")):
+            image = nib.Nifti1Image(np.ascontiguousarray(array), affine)
+            image.header.set_qform(stale, code=1)
+            image.header.set_zooms((dx / 2, dy / 2, dz / 2))
+            image.set_sform(affine, code=2)
+            nib.save(image, str(tmp_path / f"{name}{suffix}.nii.gz"))
+    (tmp_path / "labels.csv").write_text("case_id,label,image,lesion_mask\n"
+                                         "ras,covid,ras.nii.gz,ras_m.nii.gz\n"
+                                         "las,covid,las.nii.gz,las_m.nii.gz\n")
+    source = NiftiSource.from_csv(tmp_path / "labels.csv")
+    for i in range(2):
+        case = source[i]
+        assert case.spacing_mm == pytest.approx(SPACING)
+        np.testing.assert_array_equal(case.volume_hu, volume)
+        np.testing.assert_array_equal(case.lesion_mask, lesion)
+
+
+def test_unreadable_nifti_and_seg_files_are_refused_cases_not_crashes(tmp_path: Path) -> None:
+    """A truncated .nii.gz, an Analyze file where NIfTI is expected, a truncated SEG: each
+    is a refused case (skipped and named by train and evaluate), not the end of a run."""
+    volume, lesion = _volume()
+    _write_nifti(tmp_path / "a.nii.gz", volume, SPACING)
+    _write_nifti(tmp_path / "a_mask.nii.gz", lesion.astype(np.uint8), SPACING)
+    whole = (tmp_path / "a.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(whole[: len(whole) // 2])
+    dz, dy, dx = SPACING
+    nib.save(nib.AnalyzeImage(np.transpose(volume, (2, 1, 0)), np.diag([-dx, -dy, dz, 1.0])),
+             str(tmp_path / "old.img"))
+    (tmp_path / "labels.csv").write_text("case_id,label,image,lesion_mask\n"
+                                         "cut,covid,cut.nii.gz,a_mask.nii.gz\n"
+                                         "old,covid,old.img,a_mask.nii.gz\n")
+    source = NiftiSource.from_csv(tmp_path / "labels.csv")
+    with pytest.raises(DatasetError, match="cannot read the NIfTI voxels"):
+        source[0]
+    with pytest.raises(DatasetError, match="AnalyzeImage, not a NIfTI image"):
+        source[1]
+    ct = _write_ct(tmp_path / "dcm" / "pat" / "ct", volume, generate_uid())
+    _write_seg(tmp_path / "dcm" / "pat" / "seg.dcm", ct, lesion, None, "MANUAL")
+    seg_bytes = (tmp_path / "dcm" / "pat" / "seg.dcm").read_bytes()
+    pixel_data = seg_bytes.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010): cut inside the frames
+    (tmp_path / "dcm" / "pat" / "seg.dcm").write_bytes(seg_bytes[: pixel_data + 20])
+    dicom = scan_dicom_folder(tmp_path / "dcm")
+    with pytest.raises(DatasetError, match=r"seg\.dcm: (cannot be read as a SEG|its segments"
+                       r" cannot be laid on the CT series)"):
+        dicom[0]
+
+
+def test_a_truncated_file_in_a_dicom_folder_is_left_out_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cut-off copy of a CT slice beside a good series made the whole folder fail with
+    a struct.error that named no file."""
+    volume, lesion = _volume()
+    ct = _write_ct(tmp_path / "pat" / "ct", volume, generate_uid())
+    _write_seg(tmp_path / "pat" / "seg.dcm", ct, lesion, None, "MANUAL")
+    whole = ct[0].read_bytes()
+    (tmp_path / "stray").mkdir()
+    left_out = 0
+    for cut in range(130, len(whole), 23):  # wherever the copy stopped
+        (tmp_path / "stray" / "partial.dcm").write_bytes(whole[:cut])
+        with caplog.at_level(logging.WARNING, logger="training.datasets"):
+            caplog.clear()
+            source = scan_dicom_folder(tmp_path)
+        # Cut in its pixels, the copy reads as the series' instance (spread over two
+        # folders, the case is then named by its UID) and the whole file is read first.
+        [case] = [source[i] for i in range(len(source))]
+        np.testing.assert_array_equal(case.lesion_mask, lesion)
+        warned = [r.getMessage() for r in caplog.records if r.name == "training.datasets"]
+        if warned:
+            assert all("partial.dcm: left out" in message for message in warned)
+            left_out += 1
+    assert left_out > 5
+
+
+def test_a_series_in_the_root_folder_is_named_by_its_uid(tmp_path: Path) -> None:
+    """Its folder relative to the root is ".": two sites' single-series folders then shared
+    that case id, and `--val-data` was refused as holding a training case."""
+    volume, lesion = _volume()
+    ct = _write_ct(tmp_path, volume, generate_uid())
+    _write_seg(tmp_path / "seg.dcm", ct, lesion, None, "MANUAL")
+    source = scan_dicom_folder(tmp_path)
+    [case_id] = source.case_ids()
+    assert case_id == str(pydicom.dcmread(ct[0]).SeriesInstanceUID)
+
+
+def test_of_two_segs_saved_at_the_same_time_the_one_left_out_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    volume, lesion = _volume()
+    ct = _write_ct(tmp_path / "pat" / "ct", volume, generate_uid())
+    other = np.zeros_like(lesion)
+    other[0, 30:35, 10:15] = True
+    for name, mask in (("a.dcm", other), ("b.dcm", lesion)):
+        seg = _write_seg(tmp_path / "pat" / name, ct, mask, None, "MANUAL")
+        seg.ContentDate, seg.ContentTime = "20261201", "120000"
+        seg.save_as(tmp_path / "pat" / name)
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        source = scan_dicom_folder(tmp_path)
+    np.testing.assert_array_equal(source[0].lesion_mask, lesion)  # the later file by path
+    assert "a.dcm ignored" in caplog.text and "b.dcm ignored" not in caplog.text

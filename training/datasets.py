@@ -557,19 +557,28 @@ def _nifti_zyx(path: Path) -> tuple[np.ndarray, Spacing, np.ndarray]:
         loaded = nib.load(str(path))
     except (OSError, nib.filebasedimages.ImageFileError) as exc:
         raise DatasetError(f"{path}: cannot read the NIfTI file: {exc}") from exc
+    if not isinstance(loaded, nib.Nifti1Pair):  # .nii, .hdr/.img, NIfTI-1/2; not Analyze
+        raise DatasetError(f"{path}: a {type(loaded).__name__}, not a NIfTI image; convert"
+                           " it to NIfTI (.nii or .nii.gz) with its orientation")
     header = loaded.header
     if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
         raise DatasetError(
             f"{path}: neither qform nor sform is set (codes 0), so its orientation is"
             " unknown and the image could load mirrored; write it with an affine (e.g."
             " nibabel's set_qform/set_sform, code 1)")
-    image = nib.as_closest_canonical(loaded)
-    data = np.asarray(image.dataobj)
+    try:  # reorienting reads the voxels too
+        image = nib.as_closest_canonical(loaded)
+        data = np.asarray(image.dataobj)
+    except Exception as exc:  # a truncated .nii.gz: EOFError, zlib.error, ValueError ...
+        raise DatasetError(f"{path}: cannot read the NIfTI voxels: {type(exc).__name__}:"
+                           f" {exc}") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise DatasetError(f"{path}: expected a 3D image, got shape {data.shape}")
-    zooms = image.header.get_zooms()[:3]
+    # From the affine, which places the voxels: a tool that resamples and updates the
+    # sform alone leaves pixdim stale, and a file already in RAS+ keeps its header as is.
+    zooms = nib.affines.voxel_sizes(image.affine)
     volume = np.transpose(data, (2, 1, 0))[:, ::-1, ::-1]
     spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
     return np.ascontiguousarray(volume), spacing, np.asarray(image.affine)
@@ -781,8 +790,12 @@ def case_from_dicom(
             raise DatasetError(f"{case_id}: no SEG, and not labelled normal")
         empty = np.zeros(volume.hu.shape, dtype=bool)
         return Case(case_id, _to_int16(volume.hu), volume.spacing_mm, empty, None, label)
-    seg = hd.seg.segread(str(seg_path))
-    referenced = {uid for _, _, uid in seg.get_source_image_uids()}
+    try:
+        seg = hd.seg.segread(str(seg_path))
+        referenced = {uid for _, _, uid in seg.get_source_image_uids()}
+    except Exception as exc:  # a truncated or malformed SEG: highdicom raises many kinds
+        raise DatasetError(f"{seg_path}: cannot be read as a SEG: {type(exc).__name__}:"
+                           f" {exc}") from exc
     if not referenced & {str(ds.SOPInstanceUID) for ds in volume.datasets}:
         raise DatasetError(
             f"{seg_path}: SEG references none of the CT series' instances (drawn on another"
@@ -792,9 +805,13 @@ def case_from_dicom(
     if not lesion_numbers and not normal:
         raise DatasetError(f"{seg_path}: SEG has no lesion segment (and the scan is not"
                            " labelled normal)")
-    lesion = (_union(seg, volume, lesion_numbers) if lesion_numbers
-              else np.zeros(volume.hu.shape, dtype=bool))
-    lung = _union(seg, volume, lung_numbers) if lung_numbers else None
+    try:
+        lesion = (_union(seg, volume, lesion_numbers) if lesion_numbers
+                  else np.zeros(volume.hu.shape, dtype=bool))
+        lung = _union(seg, volume, lung_numbers) if lung_numbers else None
+    except Exception as exc:  # frames without per-frame references to the CT's images ...
+        raise DatasetError(f"{seg_path}: its segments cannot be laid on the CT series:"
+                           f" {type(exc).__name__}: {exc}") from exc
     return Case(case_id, _to_int16(volume.hu), volume.spacing_mm, lesion, lung, label)
 
 
@@ -894,11 +911,11 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
     series labelled normal (no SEG needed: its truth is an empty lesion mask).
 
     Case id = the CT series' folder relative to ``root``; its SeriesInstanceUID when the
-    series is spread over several folders or shares its folder with another CT series
-    (a flat PACS export), so that no two cases share an id. Labels come from
-    ``labels_csv`` (default
-    ``root/labels.csv`` when present), keyed by case id, SeriesInstanceUID or
-    StudyInstanceUID; cases without a label train the segmentation only.
+    series is spread over several folders, shares its folder with another CT series
+    (a flat PACS export) or lies in ``root`` itself, so that no two cases share an id.
+    Labels come from ``labels_csv`` (default ``root/labels.csv`` when present), keyed by
+    case id, SeriesInstanceUID or StudyInstanceUID; cases without a label train the
+    segmentation only.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -915,7 +932,11 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-        except (InvalidDicomError, OSError):
+        except InvalidDicomError:
+            continue  # not DICOM: a labels.csv, a README, a DICOMDIR's neighbours
+        except Exception as exc:  # a truncated copy: pydicom raises many kinds
+            logger.warning("%s: left out, cannot be read as DICOM: %s: %s", path,
+                           type(exc).__name__, exc)
             continue
         if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
             referenced = _referenced_series(ds)
@@ -927,18 +948,23 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
                 stamp = str(ds.get("ContentDate", "")) + str(ds.get("ContentTime", ""))
                 segs.append((path, referenced, (_is_reviewed(ds), stamp)))
         elif str(ds.get("Modality", "")) == "CT":
+            if "SeriesInstanceUID" not in ds:
+                logger.warning("%s: left out, a CT image without SeriesInstanceUID", path)
+                continue
             uid = str(ds.SeriesInstanceUID)
             series.setdefault(uid, []).append(path)
             studies[uid] = str(ds.get("StudyInstanceUID", ""))
             patients[uid] = str(ds.get("PatientID", "")).strip()
     newest: dict[str, tuple[Path, str, tuple[bool, str]]] = {}
     for seg in segs:  # one case per CT series: its newest SEG a person drew or edited, if any
-        if seg[1] in newest:
+        kept = newest.get(seg[1])
+        if kept is not None and seg[2] < kept[2]:
+            seg, kept = kept, seg  # `seg` wins; on a tie, the later file by path
+        if kept is not None:
             logger.warning("CT series %s has several SEGs; the newest reviewed one (else the"
-                           " newest) is truth, %s ignored",
-                           seg[1], min(seg, newest[seg[1]], key=lambda s: s[2])[0])
-        if seg[1] not in newest or seg[2] >= newest[seg[1]][2]:
-            newest[seg[1]] = seg
+                           " newest; on equal times the later file by path) is truth, %s"
+                           " ignored", seg[1], kept[0])
+        newest[seg[1]] = seg
     series_in_folder: dict[Path, int] = {}
     for paths in series.values():
         for folder in {p.parent for p in paths}:
@@ -946,8 +972,9 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
 
     def case_id_of(uid: str) -> str:
         folders = {p.parent for p in series[uid]}
-        own_folder = len(folders) == 1 and series_in_folder[next(iter(folders))] == 1
-        return str(folders.pop().relative_to(root)) if own_folder else uid
+        folder = next(iter(folders))
+        own_folder = len(folders) == 1 and series_in_folder[folder] == 1 and folder != root
+        return str(folder.relative_to(root)) if own_folder else uid  # "." names nothing
 
     refs = []
     for seg_path, uid, _ in newest.values():
