@@ -27,6 +27,7 @@ from training.losses import LossConfig
 from training.trainer import (
     STATE_FILE,
     Batch,
+    Dist,
     EpochResult,
     StageState,
     TrainConfig,
@@ -506,6 +507,66 @@ def test_resume_drops_metrics_rows_ahead_of_its_state(tmp_path: Path, cache: Pat
     go; the file's own columns stay."""
     (tmp_path / "metrics.csv").write_text("stage,epoch,lr\n1,1,0.1\n1,2,0.1\n2,1,0.01\n2")
     trainer = Trainer(_config(tmp_path, cache), *_sources(cache))
-    trainer._drop_metrics_after(StageState(stage=1, epochs_done=2))
+    trainer._drop_metrics_after(1, 2)
     assert (tmp_path / "metrics.csv").read_text().splitlines() == [
         "stage,epoch,lr", "1,1,0.1", "1,2,0.1"]
+
+
+def test_a_first_epoch_killed_before_its_state_leaves_one_row_per_epoch(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after its metrics row and before any resume state, a run starts afresh on
+    `--resume` (nothing to resume from); the row of the killed epoch was kept and the
+    epoch written twice. So was a `--stage 2` begun again after its stage 1."""
+    def killed(self: Trainer, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_state", killed)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(_config(tmp_path, cache, stage="1"), *_sources(cache)).run()
+    assert [(r["stage"], r["epoch"]) for r in _rows(tmp_path / "metrics.csv")] == [("1", "1")]
+    Trainer(_config(tmp_path, cache, stage="1", resume=True), *_sources(cache)).run()
+    assert [(r["stage"], r["epoch"]) for r in _rows(tmp_path / "metrics.csv")] == [
+        ("1", "1"), ("1", "2")]
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_state", killed)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(_config(tmp_path, cache, stage="2"), *_sources(cache)).run()
+    Trainer(_config(tmp_path, cache, stage="2"), *_sources(cache)).run()
+    assert [(r["stage"], r["epoch"]) for r in _rows(tmp_path / "metrics.csv")] == [
+        ("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+
+
+def test_a_resumed_stage_two_alone_still_names_its_stage_one_weights(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hash of the folder's stage-1 model was taken only where stage 2 began, so a
+    resumed stage 2 recorded none: its provenance differed from the uninterrupted run's."""
+    train = open_data([TRAIN], cache)  # no validation: the last epoch, the resumed run's
+    Trainer(_config(tmp_path, cache, stage="1", epochs1=1), train, None).run()
+    stage1_sha = file_sha256(tmp_path / "stage1.pt")
+    end_epoch = Trainer._end_epoch
+
+    def interrupted(self: Trainer, *args: object, **kwargs: object) -> None:
+        end_epoch(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_end_epoch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(_config(tmp_path, cache, stage="2"), train, None).run()
+    final = Trainer(_config(tmp_path, cache, stage="2", resume=True), train, None).run()
+    assert load_checkpoint(final).provenance.extra["init_sha256"] == [stage1_sha]
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(tmp_path: Path, cache: Path) -> None:
+    """Each step takes one batch per process: resumed by another process count (GPUs
+    under torchrun), the effective batch and the schedule would change mid-run."""
+    train = open_data([TRAIN], cache)
+    Trainer(_config(tmp_path, cache, stage="1", epochs1=1), train, None).run()
+    two = Dist(rank=0, world=2)
+    refused = r"trained by 1 process\(es\), now 2.*--nproc_per_node 1"
+    with pytest.raises(DatasetError, match=refused):
+        Trainer(_config(tmp_path, cache, stage="1", epochs1=1, resume=True), train, None,
+                info=two).run()

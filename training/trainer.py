@@ -149,7 +149,7 @@ class TrainConfig:
     # Then the classification stream alone (C stem and classifier) from this checkpoint:
     # a classifier fine-tuned elsewhere next to the segmenter of `init`.
     init_cls: Path | None = None
-    epochs1: int = 20
+    epochs1: int = 10
     epochs2: int = 10
     lr1: float = 1e-3
     lr2: float = 1e-4
@@ -537,7 +537,10 @@ class Trainer:
         missing = [str(path) for path in init if not path.is_file()]
         if missing:
             raise DatasetError(f"--init {', '.join(missing)}: no such checkpoint")
-        self.init_sha256 = [file_sha256(path) for path in init]
+        stage1 = self.out / STAGE_FILES[1]
+        if config.stages == (2,) and not config.init and stage1.is_file():
+            init.insert(0, stage1)  # stage 2 alone starts from another run's weights here
+        self.init_sha256 = [file_sha256(path) for path in init]  # also when resumed
         labels = [int(label) for label in train.labels() if label is not None]
         self.class_weights = None
         if self.model.classifier is not None:
@@ -564,6 +567,8 @@ class Trainer:
                 continue
             state, saved = resume if resume and resume[0].stage == stage else (None, None)
             if state is None:
+                if self.info.main:  # rows of an attempt at this stage killed before its state
+                    self._drop_metrics_after(stage, 0)
                 self._init_stage(stage)
             if state is None or not state.finished:
                 self._run_stage(stage, state, saved)
@@ -583,8 +588,6 @@ class Trainer:
         sources = self.config.init
         if stage == 2 and (1 in self.config.stages or not sources):
             sources = (self.out / STAGE_FILES[1],)
-            if 1 not in self.config.stages and sources[0].is_file():  # another run's weights:
-                self.init_sha256.append(file_sha256(sources[0]))  # named by content too
         for source in sources:
             self._load_init(stage, source)
         if self.config.init_cls is not None and stage == self.config.stages[0]:
@@ -930,6 +933,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimiser": optimiser.state_dict(),
             "schedule": schedule.state_dict(),
+            "world": self.info.world,
         }
         tmp = self.out / f".{STATE_FILE}.tmp"
         torch.save(payload, tmp)
@@ -960,22 +964,32 @@ class Trainer:
             logger.warning("--resume: no %s in %s; starting afresh", STATE_FILE, self.out)
             return None
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        world = saved.get("world")  # None: saved before the process count was kept
+        if world is not None and world != self.info.world:
+            raise DatasetError(
+                f"{self.out} was trained by {world} process(es), now {self.info.world}: each"
+                " step's batch (processes x --batch-size x --accumulate) and with it the"
+                " learning-rate schedule would change mid-run; resume it with torchrun"
+                f" --nproc_per_node {world}" + (" (or without torchrun)" if world == 1 else "")
+                + ", or start a new run from its weights with --init"
+            )
         state = StageState(**saved["state"])
         weights = saved.get("model")  # None: a run saved before the weights were kept here
         if weights is None:
             weights = load_checkpoint(self.out / LAST_FILE, "cpu").model.state_dict()
         self.model.load_state_dict(weights)
         if self.info.main:
-            self._drop_metrics_after(state)
+            self._drop_metrics_after(state.stage, state.epochs_done)
         logger.info(
             "resuming stage %d after epoch %d%s", state.stage, state.epochs_done,
             " (stage finished)" if state.finished else "",
         )  # fmt: skip
         return state, saved
 
-    def _drop_metrics_after(self, state: StageState) -> None:
-        """metrics.csv without the rows of epochs after the resumed state (an epoch whose
-        row was written before the run was killed, ahead of its state)."""
+    def _drop_metrics_after(self, stage: int, epochs_done: int) -> None:
+        """metrics.csv without the rows of epochs after `epochs_done` of `stage` (an
+        epoch whose row was written before the run was killed, ahead of its state; or a
+        stage begun again from its start)."""
         path = self.out / "metrics.csv"
         if not path.is_file():
             return
@@ -984,7 +998,7 @@ class Trainer:
             rows = list(reader)
         def done(row: dict[str, str]) -> bool:  # a row cut short by the kill: not done
             try:
-                return (int(row["stage"]), int(row["epoch"])) <= (state.stage, state.epochs_done)
+                return (int(row["stage"]), int(row["epoch"])) <= (stage, epochs_done)
             except (TypeError, ValueError):
                 return False
 
