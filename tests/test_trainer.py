@@ -570,3 +570,22 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path: Path, cach
     with pytest.raises(DatasetError, match=refused):
         Trainer(_config(tmp_path, cache, stage="1", epochs1=1, resume=True), train, None,
                 info=two).run()
+
+
+def test_a_stage_two_that_would_train_nothing_is_refused_before_stage_one() -> None:
+    """A segmentation-only model trains at --lr2 alone: --lr2 0 with --lr2-cls passed the
+    check and failed only after stage 1 had trained."""
+    with pytest.raises(ValueError, match="stage 2 of a seg model would train nothing"):
+        TrainConfig(data=[TRAIN], out=Path("x"), task="seg", lr2=0.0, lr2_cls=1e-3)
+    with pytest.raises(ValueError, match="stage 2 of a cls model would train nothing"):
+        TrainConfig(data=[TRAIN], out=Path("x"), task="cls", lr2=1e-4, lr2_cls=0.0)
+    TrainConfig(data=[TRAIN], out=Path("x"), task="joint", lr2=0.0, lr2_cls=1e-3)
+    TrainConfig(data=[TRAIN], out=Path("x"), task="seg", lr2=0.0, stage="1")
+
+
+def test_init_weights_of_another_size_are_refused_by_name(tmp_path: Path, cache: Path) -> None:
+    train = open_data([TRAIN], cache)
+    tiny = Trainer(_config(tmp_path / "tiny", cache, stage="1", epochs1=1), train, None).run()
+    lite = _config(tmp_path / "lite", cache, size="lite", stage="2", init=(tiny,))
+    with pytest.raises(DatasetError, match="holds a 'tiny' model; this run trains 'lite'"):
+        Trainer(lite, train, None).run()

@@ -197,8 +197,13 @@ class TrainConfig:
             problems.append(f"lr1 {self.lr1} must be > 0")
         if self.lr2 < 0 or (self.lr2_cls is not None and self.lr2_cls < 0):
             problems.append("lr2 and lr2_cls must be >= 0 (0 freezes a stream)")
-        elif self.stage != "1" and self.lr2 == 0 and not self.lr2_cls:
-            problems.append("lr2 0 and no lr2_cls > 0: stage 2 would train nothing")
+        elif self.stage != "1":
+            cls_rate = self.lr2 if self.lr2_cls is None else self.lr2_cls
+            rates = {"joint": (self.lr2, cls_rate), "seg": (self.lr2,), "cls": (cls_rate,)}
+            if not any(rate > 0 for rate in rates.get(self.task, (1.0,))):
+                problems.append(f"lr2 {self.lr2:g}, lr2_cls {cls_rate:g}: stage 2 of a"
+                                f" {self.task} model would train nothing (a segmentation-only"
+                                " model trains at lr2, a classification-only one at lr2_cls)")
         if self.lr_affine_scale <= 0:
             problems.append(f"lr_affine_scale {self.lr_affine_scale} must be > 0")
         if not 0.0 <= self.lesion_bias <= 1.0:
@@ -610,6 +615,9 @@ class Trainer:
                 "(run --stage 1 first or give --init CHECKPOINT)"
             )
         loaded = load_checkpoint(source, "cpu")
+        if loaded.model_config.name != self.model_config.name:  # other widths: no weight fits
+            raise DatasetError(f"{source} holds a {loaded.model_config.name!r} model; this run"
+                               f" trains {self.model_config.name!r} (--size)")
         weights = loaded.model.state_dict()
         if only:
             weights = {k: v for k, v in weights.items() if k.startswith(only)}
