@@ -228,3 +228,48 @@ def test_cli_writes_both_formats(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert len(list((tmp_path / "dicom").glob("*.dcm"))) == 4
     assert len(list((tmp_path / "nifti").glob("*.nii.gz"))) == 3
     assert "CAP phantom, seed 7" in capsys.readouterr().out
+
+
+def test_phantoms_that_differ_never_share_uids(tmp_path: Path) -> None:
+    """The slice thickness changes the pixels at the same slice interval, and a series
+    written into another study is another object: neither may repeat a UID."""
+    thin = generate_phantom("covid", 7, slices=6, size=32)
+    thick = generate_phantom("covid", 7, slices=6, size=32,  # as thick as the interval
+                             slice_thickness_mm=thin.spacing_mm[0])
+    assert thin.spacing_mm == thick.spacing_mm
+    assert not np.array_equal(thin.volume_hu, thick.volume_hu)
+    uids = []
+    for name, phantom, study in (("a", thin, None), ("b", thick, None), ("c", thin, "1.2.3.1"),
+                                 ("d", thin, "1.2.3.2")):
+        [first] = write_dicom_series(phantom, tmp_path / name, study_uid=study)[:1]
+        ds = pydicom.dcmread(first)
+        uids.append((ds.SeriesInstanceUID, ds.SOPInstanceUID))
+    assert len({series for series, _ in uids}) == 4 and len({sop for _, sop in uids}) == 4
+
+
+def test_a_name_beyond_latin_1_is_written_in_utf_8(tmp_path: Path) -> None:
+    p = generate_phantom("normal", 3, slices=2, size=32)
+    [first] = write_dicom_series(p, tmp_path / "jp", patient_name="山田^太郎")[:1]
+    ds = pydicom.dcmread(first)
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == "山田^太郎"
+    [first] = write_dicom_series(p, tmp_path / "de", patient_name="Müller^Jörg")[:1]
+    assert pydicom.dcmread(first).SpecificCharacterSet == "ISO_IR 100"
+
+
+def test_a_folder_holding_another_series_is_refused(tmp_path: Path) -> None:
+    """Mixed with an earlier, longer series, the files read as one broken series."""
+    write_dicom_series(generate_phantom("cap", 1, slices=5, size=32), tmp_path)
+    again = write_dicom_series(generate_phantom("cap", 1, slices=5, size=32), tmp_path)
+    assert len(again) == 5  # the same series again: rewritten in place
+    with pytest.raises(ValueError, match="already holds 5 CT file"):
+        write_dicom_series(generate_phantom("cap", 2, slices=3, size=32), tmp_path)
+
+
+def test_cli_bad_settings_are_a_message_not_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_phantom_arguments(parser)
+    for bad in (["--size", "8"], ["--seed", "-1"], ["--thickness", "-2"]):
+        assert run_phantom_command(parser.parse_args([str(tmp_path), *bad])) == 2
+    assert "seed must be >= 0" in caplog.text

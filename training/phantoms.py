@@ -1144,7 +1144,21 @@ def _uid(*parts: object) -> str:
 
 
 def _case_key(phantom: Phantom) -> tuple[object, ...]:
-    return (phantom.kind, phantom.seed, phantom.volume_hu.shape, phantom.spacing_mm)
+    """What makes one phantom's pixels: two phantoms that differ in any of it must not
+    share a UID (the slice thickness changes the partial volume at the same spacing)."""
+    return (phantom.kind, phantom.seed, phantom.volume_hu.shape, phantom.spacing_mm,
+            phantom.slice_thickness_mm)
+
+
+def _character_set(*texts: str) -> str:
+    """ISO_IR 100 (Latin-1) when every text fits it, else ISO_IR 192 (UTF-8): a name in
+    another script must not be written as question marks."""
+    try:
+        for text in texts:
+            text.encode("latin-1")
+    except UnicodeEncodeError:
+        return "ISO_IR 192"
+    return "ISO_IR 100"
 
 
 def _ds_number(value: float) -> str:
@@ -1165,8 +1179,12 @@ def write_dicom_series(
     accession: str = "",
 ) -> list[Path]:
     """One CT Image Storage file per slice (explicit VR little endian), slice 0 the most
-    superior. UIDs, dates and patient identity derive from the phantom's seed unless given,
-    so the same phantom always makes the same series."""
+    superior, named CT0001.dcm ... UIDs, dates and patient identity derive from the
+    phantom's seed unless given, so the same phantom always makes the same series (a
+    series UID from the study UID as well: one series is never in two studies). A folder
+    that already holds such files of another series is refused: mixed, the two would read
+    as one broken series."""
+    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
@@ -1174,7 +1192,13 @@ def write_dicom_series(
     out_dir.mkdir(parents=True, exist_ok=True)
     key = _case_key(phantom)
     study_uid = study_uid or _uid("study", *key)
-    series_uid = series_uid or _uid("series", *key)
+    series_uid = series_uid or _uid("series", study_uid, *key)
+    earlier = sorted(out_dir.glob("CT[0-9][0-9][0-9][0-9].dcm"))
+    if earlier:
+        other = pydicom.dcmread(earlier[0], stop_before_pixels=True, force=True)
+        if str(other.get("SeriesInstanceUID", "")) != series_uid:
+            raise ValueError(f"{out_dir} already holds {len(earlier)} CT file(s) of another"
+                             " series (CT0001.dcm ...): write into an empty folder")
     frame_uid = _uid("frame", study_uid, series_uid)
     day = datetime.date(2020, 1, 1) + datetime.timedelta(days=phantom.seed % 1500)
     date = day.strftime("%Y%m%d")
@@ -1185,7 +1209,10 @@ def write_dicom_series(
     stored = (phantom.volume_hu.astype(np.int32) - HU_MIN).clip(0, 4095).astype(np.uint16)
 
     common = Dataset()
-    common.SpecificCharacterSet = "ISO_IR 100"
+    patient_name = patient_name or f"Phantom^{phantom.kind.upper()}{phantom.seed}"
+    patient_id = patient_id or f"PHANTOM-{phantom.kind.upper()}-{phantom.seed}"
+    common.SpecificCharacterSet = _character_set(patient_name, patient_id, series_description,
+                                                 accession)
     common.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     common.SOPClassUID = CT_IMAGE_STORAGE
     common.StudyDate = common.SeriesDate = common.AcquisitionDate = common.ContentDate = date
@@ -1198,8 +1225,8 @@ def write_dicom_series(
     common.ReferringPhysicianName = ""
     common.StudyDescription = "Synthetic chest CT"
     common.SeriesDescription = series_description
-    common.PatientName = patient_name or f"Phantom^{phantom.kind.upper()}{phantom.seed}"
-    common.PatientID = patient_id or f"PHANTOM-{phantom.kind.upper()}-{phantom.seed}"
+    common.PatientName = patient_name
+    common.PatientID = patient_id
     common.PatientBirthDate = ""
     common.PatientSex = "O"
     common.BodyPartExamined = "CHEST"
@@ -1312,19 +1339,24 @@ def add_phantom_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_phantom_command(args: argparse.Namespace) -> int:
-    """Generate one phantom and write it; prints where it went."""
-    phantom = generate_phantom(
-        args.kind, args.seed, slices=args.slices, size=args.size,
-        slice_thickness_mm=args.slice_thickness_mm, pixel_spacing_mm=args.pixel_spacing_mm,
-    )
+    """Generate one phantom and write it; prints where it went (2 and why on bad
+    settings)."""
     out = Path(args.out)
     written: list[str] = []
-    if args.format in ("dicom", "both"):
-        files = write_dicom_series(phantom, out / "dicom" if args.format == "both" else out)
-        written.append(f"{len(files)} DICOM files in {files[0].parent}")
-    if args.format in ("nifti", "both"):
-        nifti = write_nifti(phantom, out / "nifti" if args.format == "both" else out)
-        written.extend(str(p) for p in nifti.values())
+    try:
+        phantom = generate_phantom(
+            args.kind, args.seed, slices=args.slices, size=args.size,
+            slice_thickness_mm=args.slice_thickness_mm, pixel_spacing_mm=args.pixel_spacing_mm,
+        )
+        if args.format in ("dicom", "both"):
+            files = write_dicom_series(phantom, out / "dicom" if args.format == "both" else out)
+            written.append(f"{len(files)} DICOM files in {files[0].parent}")
+        if args.format in ("nifti", "both"):
+            nifti = write_nifti(phantom, out / "nifti" if args.format == "both" else out)
+            written.extend(str(p) for p in nifti.values())
+    except ValueError as exc:
+        log.error("phantom: %s", exc)
+        return 2
     summary = _summary(phantom)
     print(summary)
     for line in written:
