@@ -234,6 +234,11 @@ def save_checkpoint(
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file 0600; a checkpoint gets the mode of any new file (the
+        # umask's), so that the node can serve one that another user trained.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -339,10 +344,13 @@ def _missing_message(p: Path, default: bool) -> str:
             "`dicomnode train` (docs/training.md) and set [ai] checkpoint in config.toml to "
             f"it, or install a release that ships {DEFAULT_NAME}"
         )
+    if p.is_dir():  # a training run's folder
+        return (f"{p} is a folder, not a checkpoint: a training run's final model is"
+                f" {p / 'model.pt'}")
     return (
-        f"no model weights at {p} ([ai] checkpoint): the file does not exist. Train one "
-        "with `dicomnode train` (docs/training.md) or leave [ai] checkpoint empty to use "
-        "the shipped default"
+        f"no model weights at {p}: the file does not exist. Train one with `dicomnode"
+        " train` (docs/training.md); the node serves the one [ai] checkpoint names (empty:"
+        " the shipped default)"
     )
 
 

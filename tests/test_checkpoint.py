@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,19 @@ def test_save_returns_the_file_hash_and_leaves_no_temp_files(tmp_path: Path) -> 
     assert [p.name for p in path.parent.iterdir()] == ["m.pt"]
 
 
+def test_a_checkpoint_gets_the_mode_of_any_new_file(tmp_path: Path) -> None:
+    """mkstemp made stage1.pt, stage2.pt and last.pt 0600: a node run by another user
+    could not serve them."""
+    model = make()
+    mask = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "m.pt", model, preprocess_config_for(model.config),
+                        provenance())
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "m.pt").stat().st_mode) == 0o644
+
+
 def test_single_task_checkpoints_round_trip(tmp_path: Path) -> None:
     model = make("seg")
     save_checkpoint(tmp_path / "s.pt", model, preprocess_config_for(model.config), provenance())
@@ -90,6 +105,8 @@ def test_single_task_checkpoints_round_trip(tmp_path: Path) -> None:
 def test_missing_file_names_how_to_get_weights(tmp_path: Path, monkeypatch: Any) -> None:
     with pytest.raises(WeightsMissing, match="dicomnode train"):
         load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(WeightsMissing, match="is a folder, not a checkpoint: .*model.pt"):
+        load_checkpoint(tmp_path)  # a training run's folder
     monkeypatch.setattr("ai.checkpoint.default_checkpoint_path", lambda: tmp_path / "d.pt")
     with pytest.raises(WeightsMissing, match="default checkpoint .* not installed"):
         load_checkpoint(None)

@@ -319,6 +319,13 @@ def test_labels_csv_rows_are_checked(tmp_path: Path) -> None:
         read_labels_csv(path)
     path.write_text("\ufeffcase_id,label\nx,covid\nx,covid\n", encoding="utf-8")
     assert read_labels_csv(path) == {"x": Diagnosis.COVID19}
+    path.write_text("case_id,label\na,COVID_19\nb,Non Pneumonia\nc,CAP\n")
+    assert read_labels_csv(path) == {"a": Diagnosis.COVID19, "b": Diagnosis.NON_PNEUMONIA,
+                                     "c": Diagnosis.CAP}
+    for ambiguous in ("pneumonia", "none"):  # COVID-19 pneumonia? no disease, or no label?
+        path.write_text(f"case_id,label\nx,{ambiguous}\n")
+        with pytest.raises(DatasetError, match=f"unknown label '{ambiguous}'"):
+            read_labels_csv(path)
 
 
 def test_nifti_csv_errors(tmp_path: Path) -> None:

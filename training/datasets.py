@@ -65,16 +65,15 @@ LABEL_NAMES: dict[str, Diagnosis] = {
     "covid19": Diagnosis.COVID19,
     "covid-19": Diagnosis.COVID19,
     "cap": Diagnosis.CAP,
-    "pneumonia": Diagnosis.CAP,
     "normal": Diagnosis.NON_PNEUMONIA,
     "non-pneumonia": Diagnosis.NON_PNEUMONIA,
     "nonpneumonia": Diagnosis.NON_PNEUMONIA,
-    "none": Diagnosis.NON_PNEUMONIA,
 }
-"""Spellings accepted in label CSVs (case-insensitive); an empty cell is 'unknown'. No
-numbers: public sets mean 0 = normal (MosMedData's CT-0) or 0 = negative, 1 = COVID-19,
-and a silent mapping to the model's class order would train every normal scan as
-COVID-19."""
+"""Spellings accepted in label CSVs (case-insensitive, "_" and " " read as "-"); an empty
+cell is 'unknown'. No numbers: public sets mean 0 = normal (MosMedData's CT-0) or 0 =
+negative, 1 = COVID-19, and a silent mapping to the model's class order would train every
+normal scan as COVID-19. Nor "pneumonia" (COVID-19 is a pneumonia too: a set that means
+COVID-19 pneumonia would train as CAP) or "none" (no disease, or no label?)."""
 
 PHANTOM_KINDS: dict[str, Diagnosis] = {
     "covid": Diagnosis.COVID19,
