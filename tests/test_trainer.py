@@ -16,6 +16,7 @@ from ai.checkpoint import file_sha256, load_checkpoint, preprocess_config_for, s
 from ai.errors import NoLungsFound
 from ai.labels import Diagnosis
 from ai.model import ChannelAffine, ModelConfig, build_model
+from training import trainer as trainer_module
 from training.datasets import (
     Augmentation,
     DatasetError,
@@ -347,6 +348,8 @@ def test_single_task_ablations_train_and_evaluate(tmp_path: Path, cache: Path, t
     assert run_evaluate_command(args) == 0
     summary = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["summary"]
     assert (summary["classification"] is None) == (task == "seg")
+    table = (tmp_path / "eval" / "evaluation.txt").read_text()  # says why a part is empty
+    assert f"A single-task ({task}) model: it does not" in table
     assert (summary["lvr_abs_error_points"] is None) == (task == "cls")
     if task == "cls":  # at an operating point that calls a disease at any probability
         args.disease_thresholds = [0.0, 0.0]
@@ -589,3 +592,28 @@ def test_init_weights_of_another_size_are_refused_by_name(tmp_path: Path, cache:
     lite = _config(tmp_path / "lite", cache, size="lite", stage="2", init=(tiny,))
     with pytest.raises(DatasetError, match="holds a 'tiny' model; this run trains 'lite'"):
         Trainer(lite, train, None).run()
+
+
+def test_an_out_that_cannot_be_a_folder_fails_before_any_scan(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An --out that is a file failed with a traceback-like status 1 after every scan."""
+    checkpoint = Trainer(_config(tmp_path / "run", cache, stage="1", epochs1=1),
+                         open_data([TRAIN], cache), None).run()
+    (tmp_path / "afile").write_text("")
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a scan was evaluated")
+
+    monkeypatch.setattr(trainer_module, "_case_result", never)
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(checkpoint), "--data", HELD_OUT, "--out",
+                              str(tmp_path / "afile"), "--device", "cpu", "--workers", "0",
+                              "--cache-dir", str(cache)])
+    assert run_evaluate_command(args) == 2
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--data", TRAIN, "--out", str(tmp_path / "afile"), "--size",
+                              "tiny", "--device", "cpu", "--cache-dir", str(cache)])
+    assert run_train_command(args) == 2

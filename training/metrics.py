@@ -687,7 +687,7 @@ def _classification_lines(summary: EvaluationSummary, label: str, include_paper:
         ["Accuracy (%)", "Sensitivity (%)", "Specificity (%)", "F1-score (%)", "AUC (%)"],
     )
     if cls is None:
-        return [header, "  no labelled scans", ""]
+        return [header, "  no scan with a label and a class prediction", ""]
     lines = [
         header,
         _row(
@@ -746,7 +746,8 @@ def plot_roc(ax: Any, scores: ClassificationScores | None) -> None:
     """One-vs-rest ROC curve per class on a matplotlib Axes, AUC in the legend."""
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1)
     if scores is None or scores.n == 0:
-        ax.text(0.5, 0.5, "no labelled scans", ha="center", va="center")
+        ax.text(0.5, 0.5, "no scan with a label\nand a class prediction", ha="center",
+                va="center")
     else:
         for c in scores.per_class:
             if c.roc_fpr and all(map(math.isfinite, c.roc_fpr + c.roc_tpr)):

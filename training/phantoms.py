@@ -1354,7 +1354,7 @@ def run_phantom_command(args: argparse.Namespace) -> int:
         if args.format in ("nifti", "both"):
             nifti = write_nifti(phantom, out / "nifti" if args.format == "both" else out)
             written.extend(str(p) for p in nifti.values())
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # bad settings; an OUT that cannot be written
         log.error("phantom: %s", exc)
         return 2
     summary = _summary(phantom)

@@ -1287,6 +1287,8 @@ def evaluate(
             raise ValueError(f"disease thresholds {list(disease_thresholds)} must be in [0, 1]")
     ckpt = with_overlap(load_checkpoint(checkpoint, device), overlap)
     source = open_data(list(data), cache_dir or default_cache_dir())
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not at the end
     results: list[ScanResult] = []
     examples: list[_Overlay] = []
     seconds: list[float] = []
@@ -1314,13 +1316,16 @@ def evaluate(
         table += ("\nDiagnosis at the operating point COVID-19 >= {:g}, CAP >= {:g}"
                   " ([ai] disease_thresholds); AUC does not depend on it."
                   ).format(*disease_thresholds)
+    task = ckpt.model_config.task
+    if task != "joint":
+        table += (f"\nA single-task ({task}) model: it does not"
+                  f" {'classify' if task == 'seg' else 'segment'}.")
     if skipped:
         table += (f"\nSkipped (the node refuses them, or they cannot be loaded):"
                   f" {', '.join(sorted(skipped))}")
     logger.info("evaluated %s on %d scans, %.2f s per scan", label, len(results),
                 float(np.mean(seconds)) if seconds else math.nan)  # fmt: skip
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         report = {
             "checkpoint": ckpt.info | {"path": str(ckpt.path)},
             "data": list(data),
@@ -1599,7 +1604,7 @@ def run_train_command(args: argparse.Namespace) -> int:
                     logger.info("cross-validation: %s", json.dumps(report["summary"]))
                 return 0
             train(config_from_args(args, args.fold or 0), place)
-    except (DatasetError, ValueError, CheckpointError) as exc:
+    except (DatasetError, ValueError, CheckpointError, OSError) as exc:
         logger.error("train: %s", exc)
         return 2
     return 0
@@ -1696,7 +1701,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
             overlays=args.overlays, mirror=args.mirror, overlap=args.overlap,
             disease_thresholds=args.disease_thresholds,
         )  # fmt: skip
-    except (DatasetError, ValueError, CheckpointError) as exc:
+    except (DatasetError, ValueError, CheckpointError, OSError) as exc:
         logger.error("evaluate: %s", exc)
         return 2
     print(table)
