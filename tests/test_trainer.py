@@ -37,6 +37,7 @@ from training.trainer import (
     _collate,
     add_evaluate_arguments,
     add_train_arguments,
+    evaluate,
     prepare_data,
     run_evaluate_command,
     run_train_command,
@@ -617,3 +618,18 @@ def test_an_out_that_cannot_be_a_folder_fails_before_any_scan(
     args = parser.parse_args(["--data", TRAIN, "--out", str(tmp_path / "afile"), "--size",
                               "tiny", "--device", "cpu", "--cache-dir", str(cache)])
     assert run_train_command(args) == 2
+
+
+def test_truth_lungs_says_where_the_data_had_none(tmp_path: Path, cache: Path) -> None:
+    """Data without lung masks get the node's; --truth-lungs recorded true regardless."""
+    checkpoint = Trainer(_config(tmp_path / "run", cache, stage="1", epochs1=1),
+                         open_data([TRAIN], cache), None).run()
+    for spec, segmented in ((HELD_OUT, False), (f"{HELD_OUT},lungs=node", True)):
+        out = tmp_path / ("node" if segmented else "own")
+        evaluate(checkpoint, [spec], out, device="cpu", workers=0, cache_dir=cache,
+                 truth_lungs=True)
+        report = json.loads((out / "evaluation.json").read_text())
+        n = report["summary"]["n_scans"]
+        assert len(report["lungs_segmented"]) == (n if segmented else 0)
+        said = "have no lung mask of their own" in (out / "evaluation.txt").read_text()
+        assert said == segmented

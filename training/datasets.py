@@ -109,6 +109,8 @@ class Case:
     # cannot be loaded, or "": evaluation and validation skip it and training draws
     # another case instead.
     refused: str = ""
+    # The lung mask was segmented by the node (`ai.lungs`, cached), not given by the data.
+    lungs_segmented: bool = False
 
     def __post_init__(self) -> None:
         shape = self.volume_hu.shape
@@ -241,6 +243,7 @@ class WithLungMasks:
             return Case(case_id, np.zeros((1, 1, 1), np.float32), (1.0, 1.0, 1.0), empty,
                         empty, self.source.labels()[index], f"cannot be loaded: {exc}")
         if case.lung_mask is None:
+            case.lungs_segmented = True
             try:
                 case.lung_mask = self.cache(case.volume_hu, case.spacing_mm)
             except InputVolumeError as exc:

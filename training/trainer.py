@@ -1294,6 +1294,7 @@ def evaluate(
     seconds: list[float] = []
     cases = iterate_cases(source, workers)
     skipped: dict[str, str] = {}
+    lungs_segmented: list[str] = []  # with --truth-lungs: scans without lung masks of their own
     for case in tqdm(cases, total=len(source), desc="evaluate", unit="scan", leave=False):
         if case.refused:  # its lungs could not be segmented
             skipped[case.case_id] = case.refused
@@ -1307,6 +1308,8 @@ def evaluate(
             continue
         results.append(result)
         seconds.append(elapsed)
+        if truth_lungs and case.lungs_segmented:
+            lungs_segmented.append(case.case_id)
         if len(examples) < overlays and (case.lesion_mask.any() or len(source) <= overlays):
             examples.append(_overlay(case, pred_mask))
     summary = summarise(results)
@@ -1320,6 +1323,9 @@ def evaluate(
     if task != "joint":
         table += (f"\nA single-task ({task}) model: it does not"
                   f" {'classify' if task == 'seg' else 'segment'}.")
+    if lungs_segmented:
+        table += (f"\n--truth-lungs: {len(lungs_segmented)} of {len(results)} scans have no"
+                  " lung mask of their own; the node's lung segmentation stood in")
     if skipped:
         table += (f"\nSkipped (the node refuses them, or they cannot be loaded):"
                   f" {', '.join(sorted(skipped))}")
@@ -1330,6 +1336,7 @@ def evaluate(
             "checkpoint": ckpt.info | {"path": str(ckpt.path)},
             "data": list(data),
             "truth_lungs": truth_lungs,
+            "lungs_segmented": sorted(lungs_segmented),  # where truth_lungs found none
             "threshold": threshold,
             "mirror": mirror,
             "window_overlap": ckpt.preprocess.seg_overlap,
@@ -1659,7 +1666,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--truth-lungs",
         action="store_true",
-        help="use the data's lung masks instead of the node's lung segmentation",
+        help="use the data's lung masks instead of the node's lung segmentation (where a "
+        "scan has none, the node's stands in, and the report says so)",
     )
     parser.add_argument(
         "--threshold",
