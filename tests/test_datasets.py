@@ -74,6 +74,9 @@ def test_phantom_spec_assigns_seeds_and_labels() -> None:
         ("phantoms:seed=3", "give a count"),
         ("phantoms:covid=1,lungs=mine", "lungs="),
         ("phantoms:covid=x", "phantoms"),
+        ("phantoms:covid=1,thickness=-1", "thickness=-1.0 must be > 0"),
+        ("phantoms:covid=1,size=8,seed=-2", "seed=-2 must be >= 0; size=8 must be >= 16"),
+        ("phantoms:covid=1,cache=nope", "cache=nope must be yes or no"),
         ("nowhere:/x", "unknown scheme"),
         ("no-scheme", "expected SCHEME"),
         ("dicom:/does/not/exist", "not a folder"),
@@ -447,10 +450,13 @@ def test_dicom_folder_with_seg_and_labels(tmp_path: Path) -> None:
     assert source[by_id["pat2/ct"]].lung_mask is None
 
 
-def test_scans_labelled_normal_need_no_lesion_segment(tmp_path: Path) -> None:
+def test_scans_labelled_normal_need_no_lesion_segment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A team's normal scans have no SEG, or one with the lungs only: labelled normal,
     they are cases with an empty lesion mask (without them the classifier could not
-    learn 'no pneumonia' from DICOM data); unlabelled or labelled diseased, they are not."""
+    learn 'no pneumonia' from DICOM data); unlabelled or labelled diseased, they are not,
+    and the series left out are counted in the log."""
     volume, lesion = _volume()
     lung = np.zeros_like(lesion)
     lung[:, 2:30, 2:45] = True
@@ -460,8 +466,10 @@ def test_scans_labelled_normal_need_no_lesion_segment(tmp_path: Path) -> None:
     _write_ct(tmp_path / "unlabelled" / "ct", volume, generate_uid())
     (tmp_path / "labels.csv").write_text(
         "key,label\nnormal/ct,normal\nlungs_only/ct,normal\n")
-    source = scan_dicom_folder(tmp_path)
+    with caplog.at_level(logging.INFO, logger="training.datasets"):
+        source = scan_dicom_folder(tmp_path)
     assert sorted(source.case_ids()) == ["lungs_only/ct", "normal/ct"]
+    assert "1 CT series under" in caplog.text and "no label normal: left out" in caplog.text
     for i in range(len(source)):
         case = source[i]
         assert case.label == Diagnosis.NON_PNEUMONIA and not case.lesion_mask.any()

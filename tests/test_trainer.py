@@ -613,6 +613,8 @@ def test_an_out_that_cannot_be_a_folder_fails_before_any_scan(
                               str(tmp_path / "afile"), "--device", "cpu", "--workers", "0",
                               "--cache-dir", str(cache)])
     assert run_evaluate_command(args) == 2
+    args.out, args.overlays = tmp_path / "eval", -1  # nor a negative number of examples
+    assert run_evaluate_command(args) == 2
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
     args = parser.parse_args(["--data", TRAIN, "--out", str(tmp_path / "afile"), "--size",

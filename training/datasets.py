@@ -82,6 +82,9 @@ PHANTOM_KINDS: dict[str, Diagnosis] = {
 }
 """Phantom kinds of training/phantoms.py and the label each one carries."""
 PHANTOM_LUNGS = ("truth", "node")
+CACHE_WORDS = {"yes": True, "1": True, "true": True, "on": True,
+               "no": False, "0": False, "false": False, "off": False}
+"""The values of a phantom spec's ``cache=`` option."""
 """Whose lung masks phantoms carry: the generator's, or none (segmented like the node)."""
 
 LUNG_CODES = frozenset({"39607008", "3341006", "44029006"})
@@ -528,12 +531,24 @@ def _phantom_source(options: Mapping[str, str], cache_dir: Path | None) -> Phant
         raise DatasetError(f"phantoms: {exc}") from exc
     if not counts or sum(counts.values()) < 1 or min(counts.values()) < 0:
         raise DatasetError(f"phantoms: give a count for at least one of {sorted(PHANTOM_KINDS)}")
+    # Checked here, not when the first phantom is made (after the run folder is set up).
+    problems = [text for bad, text in (
+        (seed < 0, f"seed={seed} must be >= 0"),
+        (size < 16, f"size={size} must be >= 16"),
+        (slices is not None and slices < 1, f"slices={slices} must be >= 1"),
+        (thickness is not None and not thickness > 0, f"thickness={thickness} must be > 0"),
+        (spacing is not None and not spacing > 0, f"spacing={spacing} must be > 0"),
+        (options.get("cache", "yes").lower() not in CACHE_WORDS,
+         f"cache={options.get('cache')} must be yes or no"),
+    ) if bad]
+    if problems:
+        raise DatasetError(f"phantoms: {'; '.join(problems)}")
     lungs = options.get("lungs", "truth")
     items: list[tuple[str, int]] = []
     for kind in PHANTOM_KINDS:  # fixed kind order: seeds do not depend on option order
         for _ in range(counts.get(kind, 0)):
             items.append((kind, seed + len(items)))
-    if options.get("cache", "yes").lower() in ("no", "0", "false", "off"):
+    if not CACHE_WORDS[options.get("cache", "yes").lower()]:
         cache_dir = None
     return PhantomSource(items, size, slices, thickness, spacing, cache_dir, lungs)
 
@@ -995,6 +1010,10 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
         if any(labels.get(k) == Diagnosis.NON_PNEUMONIA for k in (case_id, uid, studies[uid])):
             refs.append(DicomCaseRef(case_id, [str(p) for p in series[uid]], "", None,
                                      (uid, studies[uid]), patients[uid]))
+    unused = len(set(series) - {ref.keys[0] for ref in refs})
+    if unused:  # a scout, a reformat, a series nobody drew on: said, not silently dropped
+        logger.info("dicom: %d CT series under %s have no SEG and no label normal: left out",
+                    unused, root)
     if not refs:
         raise DatasetError(f"dicom: no CT series with a SEG (or labelled normal) under {root}")
     if csv_path is not None:

@@ -1281,6 +1281,8 @@ def evaluate(
     ``disease_thresholds`` (the operating point, as ``[ai] disease_thresholds``; None:
     the most probable class) as in ``analyse``.
     """
+    if overlays < 0:
+        raise ValueError(f"overlays {overlays} must be >= 0")
     if disease_thresholds:
         diagnose((0.0, 0.0, 1.0), disease_thresholds)  # two values, or a clear error now
         if not all(0.0 <= t <= 1.0 for t in disease_thresholds):
@@ -1368,8 +1370,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data", action="append", required=True, metavar="SPEC",
-        help="training data, repeatable: phantoms:covid=N,cap=N,normal=N[,seed=S][,size=P]"
-        "[,slices=Z] | nifti:LABELS.csv | dicom:FOLDER[,labels=CSV] | index:DATA_DIR",
+        help="training data, repeatable: phantoms:covid=N,cap=N,normal=N[,seed=S][,size=P"
+        " (512)][,slices=Z][,thickness=MM][,spacing=MM][,cache=no][,lungs=node] |"
+        " nifti:LABELS.csv | dicom:FOLDER[,labels=CSV] | index:DATA_DIR[,labels=CSV]"
+        "[,url=DATABASE_URL] (docs/training.md, Data)",
     )  # fmt: skip
     data.add_argument(
         "--val-data",
@@ -1409,7 +1413,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=min(8, os.cpu_count() or 1),
-        help="DataLoader worker processes that load or generate scans",
+        help="DataLoader worker processes that load or generate scans (min(8, cores))",
     )
     model = parser.add_argument_group("model and schedule")
     model.add_argument(
@@ -1425,7 +1429,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default="both",
         help="1: separate pre-training, 2: joint fine-tuning (default both)",
     )
-    model.add_argument("--size", choices=SIZES, default="lite")
+    model.add_argument("--size", choices=SIZES, default="lite",
+                       help="model widths and grid: lite (256 grid, default), paper (512), tiny")
     model.add_argument(
         "--task", choices=TASKS, default="joint", help="joint, or a single-task ablation (seg, cls)"
     )
@@ -1470,12 +1475,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--epochs", type=int, default=10, help="epochs of each stage (10)")
     model.add_argument("--epochs1", type=int, default=None, help="stage-1 epochs (--epochs)")
     model.add_argument("--epochs2", type=int, default=None, help="stage-2 epochs (--epochs)")
-    model.add_argument("--lr1", type=float, default=1e-3, help="stage-1 learning rate")
+    model.add_argument("--lr1", type=float, default=1e-3, help="stage-1 learning rate (1e-3)")
     model.add_argument(
         "--lr2",
         type=float,
         default=1e-4,
-        help="stage-2 learning rate (0: the segmentation stream stays as it starts)",
+        help="stage-2 learning rate (1e-4; 0: the segmentation stream stays as it starts)",
     )
     model.add_argument(
         "--lr2-cls",
@@ -1496,7 +1501,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--patience",
         type=int,
         default=5,
-        help="early stop after N validations without gain; 0: never",
+        help="early stop after N validations without gain (5); 0: never",
     )
     model.add_argument(
         "--val-every",
@@ -1549,7 +1554,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--window-batch",
         type=int,
         default=8,
-        help="sliding windows per batch for whole-scan passes",
+        help="sliding windows per batch for whole-scan passes (8)",
     )
 
 
@@ -1655,7 +1660,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
-        help="worker processes that load or generate scans",
+        help="worker processes that load or generate scans (min(4, cores))",
     )
     parser.add_argument(
         "--cache-dir",
@@ -1675,11 +1680,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_THRESHOLD,
         help="lesion probability threshold (0.5)",
     )
-    parser.add_argument("--overlays", type=int, default=4, help="example slices in the PNG")
+    parser.add_argument("--overlays", type=int, default=4, help="example slices in the PNG (4)")
     parser.add_argument(
         "--mirror",
         action="store_true",
-        help="test-time mirroring of the segmentation, as [ai] mirror (joint models)",
+        help="test-time mirroring of the segmentation, as [ai] mirror",
     )
     parser.add_argument(
         "--overlap",
