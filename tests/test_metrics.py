@@ -359,3 +359,17 @@ def test_a_distance_of_exactly_the_tolerance_is_within() -> None:
     pred[0, 0, 0] = truth[0, 0, 3] = True
     assert normalised_surface_dice(pred, truth, (1.0, 1.0, 0.7), tolerance_mm=2.1) == 1.0
     assert normalised_surface_dice(pred, truth, (1.0, 1.0, 0.7), tolerance_mm=2.09) == 0.0
+
+
+def test_each_roc_point_says_its_probability_threshold() -> None:
+    """Picking an operating point off the ROC curve needs the score at each point."""
+    y_true = [0, 0, 1, 2]
+    probs = [[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.4, 0.5, 0.1], [0.2, 0.1, 0.7]]
+    covid = classification_scores(y_true, probs).per_class[0]
+    assert covid.roc_thresholds == (math.inf, 0.9, 0.6, 0.4, 0.2)
+    assert len(covid.roc_thresholds) == len(covid.roc_fpr) == len(covid.roc_tpr)
+    results = [ScanResult(case_id=f"s{i}", label=y, probabilities=tuple(p))
+               for i, (y, p) in enumerate(zip(y_true, probs, strict=True))]
+    dumped = json.loads(json.dumps(summarise(results).to_dict(), allow_nan=False))
+    assert dumped["classification"]["per_class"][0]["roc_thresholds"] == [
+        None, 0.9, 0.6, 0.4, 0.2]

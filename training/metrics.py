@@ -370,6 +370,10 @@ class ClassScores:
     auc: float
     roc_fpr: tuple[float, ...] = ()
     roc_tpr: tuple[float, ...] = ()
+    roc_thresholds: tuple[float, ...] = ()
+    """The probability of this class from which a scan counts positive at each ROC point
+    (the first is +inf, None in JSON: none positive): where to read an operating point
+    (`--disease-thresholds`, `[ai] disease_thresholds`) off the curve."""
 
 
 @dataclass(frozen=True)
@@ -418,7 +422,7 @@ def classification_scores(
         fn = int(matrix[c].sum()) - tp
         fp = int(matrix[:, c].sum()) - tp
         tn = n - tp - fn - fp
-        fpr, tpr, _ = roc_curve(true == c, probs[:, c]) if n else (np.array([]),) * 3
+        fpr, tpr, cuts = roc_curve(true == c, probs[:, c]) if n else (np.array([]),) * 3
         per_class.append(
             ClassScores(
                 name=name,
@@ -430,6 +434,7 @@ def classification_scores(
                 auc=roc_auc(true == c, probs[:, c]) if n else math.nan,
                 roc_fpr=tuple(float(v) for v in fpr),
                 roc_tpr=tuple(float(v) for v in tpr),
+                roc_thresholds=tuple(float(v) for v in cuts),
             )
         )
     return ClassificationScores(
