@@ -23,6 +23,7 @@ from training.metrics import (
     format_table,
     normalised_surface_dice,
     plot_report,
+    plot_roc,
     rms_surface_distance,
     roc_auc,
     roc_curve,
@@ -373,3 +374,22 @@ def test_each_roc_point_says_its_probability_threshold() -> None:
     dumped = json.loads(json.dumps(summarise(results).to_dict(), allow_nan=False))
     assert dumped["classification"]["per_class"][0]["roc_thresholds"] == [
         None, 0.9, 0.6, 0.4, 0.2]
+
+
+def test_roc_curves_that_coincide_stay_distinguishable() -> None:
+    """A perfect classifier's three curves lie on one another: drawn alike, only the last
+    showed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probs = [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.05, 0.05, 0.9]]
+    fig, ax = plt.subplots()
+    try:
+        plot_roc(ax, classification_scores([0, 1, 2], probs))
+        curves = ax.lines[1:]  # after the chance diagonal
+        assert len(curves) == 3
+        assert len({(line.get_linestyle(), line.get_linewidth()) for line in curves}) == 3
+    finally:
+        plt.close(fig)

@@ -754,9 +754,14 @@ def plot_roc(ax: Any, scores: ClassificationScores | None) -> None:
         ax.text(0.5, 0.5, "no scan with a label\nand a class prediction", ha="center",
                 va="center")
     else:
-        for c in scores.per_class:
+        # Wide to narrow, solid to dotted: curves that coincide (a perfect classifier's)
+        # all stay visible instead of the last drawn hiding the others.
+        styles = [("-", 3.0), ("--", 2.0), (":", 1.5)]
+        for i, c in enumerate(scores.per_class):
             if c.roc_fpr and all(map(math.isfinite, c.roc_fpr + c.roc_tpr)):
-                ax.plot(c.roc_fpr, c.roc_tpr, label=f"{c.name} (AUC {_pct(c.auc)} %)")
+                style, width = styles[i % len(styles)]
+                ax.plot(c.roc_fpr, c.roc_tpr, linestyle=style, linewidth=width,
+                        label=f"{c.name} (AUC {_pct(c.auc)} %)")
         ax.legend(loc="lower right", fontsize="small")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
