@@ -16,7 +16,9 @@ Steps, on a working grid of about `working_spacing_mm` voxels for speed:
    bronchus stops where it opens into a lung. Orientation-agnostic (no head/feet guess),
    but a chest holds one trachea: where both ends offer one, the end whose candidate
    keeps the steadier cross-section is the head (a lung tip near the middle at the feet
-   end, in front of the heart, also narrows towards the scan's end).
+   end, in front of the heart, also narrows towards the scan's end). Known limit: an
+   air-filled oesophagus at the feet end, steadier than the trachea, would be taken for
+   it, and the trachea would then join the lungs.
 3. Lung parts that touch the image edge (border-connected in their slice) are put back when
    they overlap enclosed lung in the neighbouring slice, so a small field of view still works.
 4. Gas pockets: enclosed pure air (median below `min_lung_median_hu`) wide enough to hold a
