@@ -585,6 +585,37 @@ def test_node_index_takes_reviewed_segs_only(tmp_path: Path) -> None:
     np.testing.assert_array_equal(case.volume_hu, volume)
 
 
+def test_node_index_takes_the_newest_drawn_seg_not_the_last_received(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A draft drawn earlier but received (or re-analysed) later replaced the newest
+    correction; a damaged SEG in the store was passed over without a word."""
+    volume, lesion = _volume()
+    data = tmp_path / "data"
+    ct = _write_ct(data / "ct", volume, generate_uid())
+    draft = lesion.copy()
+    draft[5, 30:35, 30:35] = True
+    index = StudyIndex(f"sqlite:///{data / 'index.sqlite'}")
+    for path in ct:
+        _add_to_index(index, data, path)
+    for name, mask, time in (("final.dcm", lesion, "140000"), ("draft.dcm", draft, "120000")):
+        seg = _write_seg(data / name, ct, mask, None, "MANUAL")
+        seg.ContentDate, seg.ContentTime = "20261201", time
+        seg.save_as(data / name)
+        _add_to_index(index, data, data / name)  # the draft arrives last
+    broken = _write_seg(data / "broken.dcm", ct, draft, None, "MANUAL")
+    _add_to_index(index, data, data / "broken.dcm")
+    index.close()
+    del broken.SegmentSequence
+    broken.save_as(data / "broken.dcm")
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        source = parse_data_spec(f"index:{data}")
+    assert len(source) == 1
+    np.testing.assert_array_equal(source[0].lesion_mask, lesion)
+    assert "draft.dcm ignored" in caplog.text
+    assert "broken.dcm: left out, a SEG without segments" in caplog.text
+
+
 def _add_to_index(index: StudyIndex, data: Path, path: Path) -> None:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     record = InstanceRecord(

@@ -837,6 +837,11 @@ def _referenced_series(seg: Any) -> str | None:
     return str(refs[0].SeriesInstanceUID) if refs else None
 
 
+def _content_stamp(seg: Any) -> str:
+    """ContentDate and ContentTime as one string: the later SEG sorts higher."""
+    return str(seg.get("ContentDate", "")) + str(seg.get("ContentTime", ""))
+
+
 def _is_reviewed(seg: Any) -> bool:
     """True when some segment was drawn or edited by a person (MANUAL / SEMIAUTOMATIC)."""
     return any(
@@ -962,8 +967,7 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
             elif str(ds.get("Manufacturer", "")) == MANUFACTURER and not _is_reviewed(ds):
                 logger.info("%s: this node's own SEG, not reviewed: not truth", path)
             else:
-                stamp = str(ds.get("ContentDate", "")) + str(ds.get("ContentTime", ""))
-                segs.append((path, referenced, (_is_reviewed(ds), stamp)))
+                segs.append((path, referenced, (_is_reviewed(ds), _content_stamp(ds))))
         elif str(ds.get("Modality", "")) == "CT":
             if "SeriesInstanceUID" not in ds:
                 logger.warning("%s: left out, a CT image without SeriesInstanceUID", path)
@@ -1051,26 +1055,44 @@ def index_source(
 
     data_dir = Path(data_dir)
     rows = index.series_status(limit=max(1, index.counts().get("series", 0)))
-    refs: list[DicomCaseRef] = []
-    seen: set[str] = set()
-    for row in rows:  # newest first
+    # Per CT series, its newest reviewed SEG by content date and time (when it was drawn,
+    # not when the node last received or re-analysed anything of the study), the later
+    # file by path on a tie, as for a DICOM folder.
+    newest: dict[str, tuple[str, str, Any, str]] = {}  # CT series -> stamp, path, ds, study
+    for row in rows:
         if row["modality"] != "SEG":
             continue
-        for relative in reversed(index.series_instance_paths(row["series_instance_uid"])):
-            seg_path = data_dir / relative  # the series' newest instance first
-            ds = pydicom.dcmread(str(seg_path), stop_before_pixels=True)
+        for relative in index.series_instance_paths(row["series_instance_uid"]):
+            seg_path = data_dir / relative
+            try:
+                ds = pydicom.dcmread(str(seg_path), stop_before_pixels=True)
+            except Exception as exc:  # gone from the store, or damaged
+                logger.warning("%s: left out, cannot be read as DICOM: %s: %s", seg_path,
+                               type(exc).__name__, exc)
+                continue
+            if "SegmentSequence" not in ds:
+                logger.warning("%s: left out, a SEG without segments (damaged?)", seg_path)
+                continue
             source = _referenced_series(ds)
-            if source is None or source in seen or not _is_reviewed(ds):
+            if source is None or not _is_reviewed(ds):
                 continue
-            ct = [str(data_dir / p) for p in index.series_instance_paths(source)]
-            if not ct:
-                logger.info("SEG %s: its CT series is not in the store", seg_path.name)
-                continue
-            seen.add(source)
-            study = row["study_instance_uid"]
-            # the SEG's Patient module is its CT's (PS3.3 C.7.1.1)
-            patient = str(ds.get("PatientID", "")).strip()
-            refs.append(DicomCaseRef(source, ct, str(seg_path), None, (study,), patient))
+            entry = (_content_stamp(ds), str(seg_path), ds, row["study_instance_uid"])
+            kept = newest.get(source)
+            if kept is not None:
+                if entry[:2] < kept[:2]:
+                    entry, kept = kept, entry  # `entry` wins, `kept` is left out
+                logger.warning("CT series %s has several reviewed SEGs; the newest is truth,"
+                               " %s ignored", source, kept[1])
+            newest[source] = entry
+    refs: list[DicomCaseRef] = []
+    for source, (_, seg_path, ds, study) in newest.items():
+        ct = [str(data_dir / p) for p in index.series_instance_paths(source)]
+        if not ct:
+            logger.info("SEG %s: its CT series is not in the store", Path(seg_path).name)
+            continue
+        # the SEG's Patient module is its CT's (PS3.3 C.7.1.1)
+        patient = str(ds.get("PatientID", "")).strip()
+        refs.append(DicomCaseRef(source, ct, seg_path, None, (study,), patient))
     if not refs:
         raise DatasetError(f"no CT series with a reviewed (manual) SEG in {data_dir}")
     _apply_labels(refs, labels or {})
