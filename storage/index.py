@@ -60,6 +60,10 @@ from storage.models import (
 
 logger = logging.getLogger(__name__)
 
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+"""The one SOP class the node analyses (`dicomnode.volume` reads it): `reanalyse` never
+queues a series without it (a SEG or SR a viewer sent back, skipped by the rules)."""
+
 # The C-STORE hot path's statements, built once: constructing a Core statement per call
 # (and its cache key) cost more than executing it.
 _FIND_INSTANCE = select(Instance.path, Instance.sha256, Instance.size_bytes).where(
@@ -1381,10 +1385,14 @@ class StudyIndex:
                 state = latest.state if latest is not None else None
                 if latest is not None and latest.reason == OWN_OUTPUT:
                     continue
-                if state not in again:
+                ct_images = session.scalar(select(exists().where(
+                    Instance.series_pk == series.id, Instance.sop_class_uid == CT_IMAGE_STORAGE)))
+                if state not in again or not ct_images:
                     shown = state.value if state else "no job"
                     if state == JobState.SKIPPED and latest is not None and latest.reason:
                         shown += f" ({latest.reason})"
+                    if state in again and not ct_images:  # a SEG or SR a viewer sent back
+                        shown += "; holds no CT image to analyse"
                     others[series.series_instance_uid] = shown
                     continue
                 session.add(Job(series=series, state=JobState.QUEUED, reason="reanalyse",

@@ -665,6 +665,23 @@ def test_reanalyse_takes_a_skipped_series_only_when_asked(index: StudyIndex) -> 
     assert job is not None and job.series_instance_uid == "1.1"
 
 
+def test_reanalyse_never_queues_a_series_without_ct_images(index: StudyIndex) -> None:
+    """A radiologist's corrected SEG sent back to the node is a series the rules skip;
+    `reanalyse STUDY --skipped` queued it, and its job could only fail."""
+    add(index, 1, T0, series="1.1")
+    seg = replace(record(1, series="1.2"), sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+                  modality="SEG")
+    index.add_instance(seg, "p/seg", 10, "shaseg", now=T0)
+    for progress in index.collecting_series():
+        reason = "modalities: SEG is not one of ['CT']" if progress.series_instance_uid == (
+            "1.2") else "min_slices: 1 instances"
+        complete_job(index, progress.job_id, CompletionRule.QUIET, reason, 1)
+    queued, others = index.reanalyse("1.2.3", skipped=True)
+    assert queued == ["1.1"]
+    assert others == {"1.2": "skipped (modalities: SEG is not one of ['CT']); holds no CT"
+                             " image to analyse"}
+
+
 def test_a_job_whose_series_grew_while_it_ran_is_superseded(index: StudyIndex) -> None:
     job = _claimed_job(index)
     assert not index.supersede_if_grown(job.job_id, job.attempts)  # nothing new
