@@ -82,6 +82,8 @@ def test_phantom_spec_assigns_seeds_and_labels() -> None:
         ("dicom:/does/not/exist", "not a folder"),
         ("nifti:/does/not/exist.csv", "cannot read"),
         ("index:/does/not/exist", "no index.sqlite"),
+        ("index:", "give the node's data directory"),
+        ("index:/tmp,url=nonsense://x", "cannot open the study index"),
     ],
 )
 def test_bad_specs_say_why(spec: str, message: str) -> None:

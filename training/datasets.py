@@ -1117,12 +1117,16 @@ def _split_options(text: str) -> tuple[str, dict[str, str]]:
 
 
 def _open_index(data_dir: Path, url: str | None) -> Any:
+    from storage.errors import IndexUnavailable
     from storage.index import StudyIndex
 
     database = data_dir / "index.sqlite"
     if url is None and not database.exists():
         raise DatasetError(f"index: no index.sqlite in {data_dir}")
-    return StudyIndex(url or f"sqlite:///{database}", schema="check")
+    try:
+        return StudyIndex(url or f"sqlite:///{database}", schema="check")
+    except IndexUnavailable as exc:  # its message hides a password in the URL
+        raise DatasetError(f"index: {exc}") from exc
 
 
 def parse_data_spec(spec: str, cache_dir: str | Path | None = None) -> CaseSource:
@@ -1152,6 +1156,8 @@ def parse_data_spec(spec: str, cache_dir: str | Path | None = None) -> CaseSourc
         if scheme == "index":
             head, options = _split_options(rest)
             _only(options, {"labels", "url"})
+            if not head:  # `index:` alone: not the folder the command ran in
+                raise DatasetError("index: give the node's data directory (index:/DATA_DIR)")
             labels = read_labels_csv(options["labels"]) if "labels" in options else None
             index = _open_index(Path(head), options.get("url"))
             try:
