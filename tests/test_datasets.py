@@ -684,6 +684,9 @@ class _OneCase:
     def case_ids(self) -> list[str]:
         return ["toy"]
 
+    def scan_keys(self) -> list[str]:
+        return ["toy"]
+
     def patients(self) -> list[str]:
         return ["toy"]
 
@@ -965,3 +968,33 @@ def test_of_two_segs_saved_at_the_same_time_the_one_left_out_is_named(
         source = scan_dicom_folder(tmp_path)
     np.testing.assert_array_equal(source[0].lesion_mask, lesion)  # the later file by path
     assert "a.dcm ignored" in caplog.text and "b.dcm ignored" not in caplog.text
+
+
+def test_validation_overlap_is_judged_by_scan_not_case_id(tmp_path: Path) -> None:
+    """Two sites' exports with the same layout ("pat/ct") hold other scans: refused as
+    shared by case id before; one series exported twice under other folder names is the
+    same scan and is refused."""
+    from training.trainer import TrainConfig, prepare_data
+
+    volume, lesion = _volume()
+    sites = {}
+    for site in ("a", "b"):
+        ct = _write_ct(tmp_path / site / "pat" / "ct", volume, generate_uid())
+        _write_seg(tmp_path / site / "pat" / "seg.dcm", ct, lesion, None, "MANUAL")
+        sites[site] = ct
+    copy = tmp_path / "c" / "other" / "ct"
+    copy.mkdir(parents=True)
+    for path in sites["a"]:
+        (copy / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "c" / "other" / "seg.dcm").write_bytes(
+        (tmp_path / "a" / "pat" / "seg.dcm").read_bytes())
+
+    def config(val: str) -> TrainConfig:
+        return TrainConfig(data=[f"dicom:{tmp_path / 'a'}"], val_data=[f"dicom:{val}"],
+                           out=tmp_path / "run", size="tiny", task="seg",
+                           cache_dir=tmp_path / "cache")
+
+    train, val = prepare_data(config(str(tmp_path / "b")))
+    assert train.case_ids() == val.case_ids() == ["pat/ct"]  # same name, other scans
+    with pytest.raises(DatasetError, match="shares 1 case.* validated on scans it trained on"):
+        prepare_data(config(str(tmp_path / "c")))

@@ -142,6 +142,12 @@ class CaseSource(Protocol):
 
     def case_ids(self) -> list[str]: ...
 
+    def scan_keys(self) -> list[str]:
+        """What each case's scan is, across sources: the CT's SeriesInstanceUID, a NIfTI
+        image's resolved path, a phantom's case id. Two sources' case ids may coincide
+        (two sites' "case001/ct") for other scans; the same key is the same scan."""
+        ...
+
     def patients(self) -> list[str]:
         """Whose scan each case is (the PatientID; the case id when unknown), without
         loading volumes: a split keeps a patient's scans together, so that no patient is
@@ -262,6 +268,9 @@ class WithLungMasks:
     def case_ids(self) -> list[str]:
         return self.source.case_ids()
 
+    def scan_keys(self) -> list[str]:
+        return self.source.scan_keys()
+
     def patients(self) -> list[str]:
         return self.source.patients()
 
@@ -289,6 +298,10 @@ class Subset:
     def case_ids(self) -> list[str]:
         ids = self.source.case_ids()
         return [ids[i] for i in self.indices]
+
+    def scan_keys(self) -> list[str]:
+        keys = self.source.scan_keys()
+        return [keys[i] for i in self.indices]
 
     def patients(self) -> list[str]:
         patients = self.source.patients()
@@ -318,6 +331,9 @@ class Concat:
 
     def case_ids(self) -> list[str]:
         return [i for s in self.sources for i in s.case_ids()]
+
+    def scan_keys(self) -> list[str]:
+        return [k for s in self.sources for k in s.scan_keys()]
 
     def patients(self) -> list[str]:
         return [p for s in self.sources for p in s.patients()]
@@ -508,6 +524,9 @@ class PhantomSource:
 
     def case_ids(self) -> list[str]:
         return [f"phantom-{kind}-{seed}" for kind, seed in self.items]
+
+    def scan_keys(self) -> list[str]:
+        return self.case_ids()  # one seed, one chest, whatever its size or slices
 
     def patients(self) -> list[str]:
         return self.case_ids()  # every phantom is a patient of its own
@@ -716,6 +735,9 @@ class NiftiSource:
     def case_ids(self) -> list[str]:
         return [r["case_id"] for r in self.rows]
 
+    def scan_keys(self) -> list[str]:
+        return [str(self._path(r["image"]).resolve()) for r in self.rows]
+
     def patients(self) -> list[str]:
         return [r.get("patient_id") or r["case_id"] for r in self.rows]
 
@@ -903,6 +925,9 @@ class DicomSource:
 
     def case_ids(self) -> list[str]:
         return [r.case_id for r in self.refs]
+
+    def scan_keys(self) -> list[str]:
+        return [r.keys[0] if r.keys else r.case_id for r in self.refs]  # SeriesInstanceUID
 
     def patients(self) -> list[str]:
         return [r.patient_id or r.case_id for r in self.refs]
@@ -1092,7 +1117,7 @@ def index_source(
             continue
         # the SEG's Patient module is its CT's (PS3.3 C.7.1.1)
         patient = str(ds.get("PatientID", "")).strip()
-        refs.append(DicomCaseRef(source, ct, seg_path, None, (study,), patient))
+        refs.append(DicomCaseRef(source, ct, seg_path, None, (source, study), patient))
     if not refs:
         raise DatasetError(f"no CT series with a reviewed (manual) SEG in {data_dir}")
     _apply_labels(refs, labels or {})

@@ -1123,11 +1123,15 @@ def prepare_data(config: TrainConfig) -> tuple[CaseSource, CaseSource | None]:
                                            patients)
     elif config.val_data:
         val = open_data(config.val_data, cache)
-        shared = sorted(set(source.case_ids()) & set(val.case_ids()))
+        # By scan, not case id: two sites' "case001/ct" are other scans, while one series
+        # exported to two folders is the same.
+        val_keys = set(val.scan_keys())
+        shared = sorted(c for c, k in zip(source.case_ids(), source.scan_keys(), strict=True)
+                        if k in val_keys)
         if shared:
             raise DatasetError(f"--val-data shares {len(shared)} case(s) with --data"
                                f" ({', '.join(shared[:3])}{' ...' if len(shared) > 3 else ''}):"
-                               " a model would be validated on cases it trained on")
+                               " a model would be validated on scans it trained on")
         return source, val
     elif config.val_fraction > 0:
         train_idx, val_idx = split_indices(labels, config.val_fraction, config.split_seed,
