@@ -236,9 +236,7 @@ def save_checkpoint(
             os.fsync(f.fileno())
         # mkstemp makes the file 0600; a checkpoint gets the mode of any new file (the
         # umask's), so that the node can serve one that another user trained.
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -335,6 +333,20 @@ def _from_payload(raw: Any, p: Path) -> dict[str, Any]:
         "provenance": provenance,
         "metrics": dict(raw["metrics"]),
     }
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (setting and
+    restoring it would race with other threads creating files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _missing_message(p: Path, default: bool) -> str:

@@ -26,6 +26,7 @@ from dicomnode.config import (
 from dicomnode.scu import Peer, PeerError, client_tls_context, echo, send
 from storage.errors import IndexUnavailable
 from storage.filestore import DataDirInUse
+from storage.index import NO_CT_IMAGE
 
 if TYPE_CHECKING:  # storage.index pulls in SQLAlchemy: imported where it is used
     from storage.index import StudyIndex
@@ -173,8 +174,12 @@ def cmd_reanalyse(args: argparse.Namespace) -> int:
     finally:
         index.close()
     for uid, state in others.items():
-        hint = ("; --skipped analyses it all the same" if state.startswith("skipped")
-                else " (only done, failed or, with --skipped, skipped series are)")
+        if state.endswith(NO_CT_IMAGE):
+            hint = ""  # nothing would analyse it
+        elif state.startswith("skipped"):
+            hint = "; --skipped analyses it all the same"
+        else:
+            hint = " (only done, failed or, with --skipped, skipped series are)"
         print(f"series {uid}: {state}, not queued{hint}", file=sys.stderr)
     if not queued:
         if not others:

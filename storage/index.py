@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from pydicom.uid import CTImageStorage
 from sqlalchemy import (
     Connection,
     DateTime,
@@ -60,9 +61,9 @@ from storage.models import (
 
 logger = logging.getLogger(__name__)
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-"""The one SOP class the node analyses (`dicomnode.volume` reads it): `reanalyse` never
-queues a series without it (a SEG or SR a viewer sent back, skipped by the rules)."""
+NO_CT_IMAGE = "; holds no CT image to analyse"
+"""What `reanalyse` says of a series without a CT Image Storage instance (the one SOP
+class the node analyses), which it never queues: a SEG or SR a viewer sent back."""
 
 # The C-STORE hot path's statements, built once: constructing a Core statement per call
 # (and its cache key) cost more than executing it.
@@ -1386,13 +1387,13 @@ class StudyIndex:
                 if latest is not None and latest.reason == OWN_OUTPUT:
                     continue
                 ct_images = session.scalar(select(exists().where(
-                    Instance.series_pk == series.id, Instance.sop_class_uid == CT_IMAGE_STORAGE)))
+                    Instance.series_pk == series.id, Instance.sop_class_uid == CTImageStorage)))
                 if state not in again or not ct_images:
                     shown = state.value if state else "no job"
                     if state == JobState.SKIPPED and latest is not None and latest.reason:
                         shown += f" ({latest.reason})"
-                    if state in again and not ct_images:  # a SEG or SR a viewer sent back
-                        shown += "; holds no CT image to analyse"
+                    if not ct_images:  # a SEG or SR a viewer sent back
+                        shown += NO_CT_IMAGE
                     others[series.series_instance_uid] = shown
                     continue
                 session.add(Job(series=series, state=JobState.QUEUED, reason="reanalyse",

@@ -293,6 +293,33 @@ def test_reanalyse_of_a_skipped_series_says_how(
     assert f"series {series}: queued for a new analysis" in capsys.readouterr().out
 
 
+def test_reanalyse_of_a_seg_series_promises_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A radiologist's SEG sent back: skipped by the rules, and nothing would analyse it,
+    so no hint to try --skipped (which said it would, then did not)."""
+    from dataclasses import replace
+
+    from pydicom.data import get_testdata_file
+
+    from dicomnode.scp import instance_record
+    from storage.models import CompletionRule
+
+    config, index = _config_of_a_node_that_ran(tmp_path)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    record = replace(instance_record(ds, str(ds.file_meta.TransferSyntaxUID), "OHIF"),
+                     sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4", modality="SEG")
+    index.add_instance(record, "p/1", 10, "sha1")
+    [progress] = index.collecting_series()
+    complete_job(index, progress.job_id, CompletionRule.QUIET, "modalities: SEG", 1)
+    index.close()
+    for extra in ([], ["--skipped"]):
+        assert main(["reanalyse", "--config", str(config), record.series_instance_uid,
+                     *extra]) == 1
+        err = capsys.readouterr().err
+        assert "holds no CT image to analyse, not queued\n" in err and "--skipped" not in err
+
+
 def test_status_says_when_the_model_does_not_load(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

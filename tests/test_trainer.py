@@ -538,8 +538,14 @@ def test_a_first_epoch_killed_before_its_state_leaves_one_row_per_epoch(
         with pytest.raises(KeyboardInterrupt):
             Trainer(_config(tmp_path, cache, stage="2"), *_sources(cache)).run()
     Trainer(_config(tmp_path, cache, stage="2"), *_sources(cache)).run()
-    assert [(r["stage"], r["epoch"]) for r in _rows(tmp_path / "metrics.csv")] == [
-        ("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    rows = [(r["stage"], r["epoch"]) for r in _rows(tmp_path / "metrics.csv")]
+    assert rows == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    # a stage 2 begun again but refused (weights of another size) leaves the rows alone
+    tiny = tmp_path / "stage1.pt"
+    with pytest.raises(DatasetError, match="holds a 'tiny' model"):
+        Trainer(_config(tmp_path, cache, stage="2", size="lite", init=(tiny,)),
+                *_sources(cache)).run()
+    assert [(r["stage"], r["epoch"]) for r in _rows(tmp_path / "metrics.csv")] == rows
 
 
 def test_a_resumed_stage_two_alone_still_names_its_stage_one_weights(

@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -82,10 +82,10 @@ PHANTOM_KINDS: dict[str, Diagnosis] = {
 }
 """Phantom kinds of training/phantoms.py and the label each one carries."""
 PHANTOM_LUNGS = ("truth", "node")
+"""Whose lung masks phantoms carry: the generator's, or none (segmented like the node)."""
 CACHE_WORDS = {"yes": True, "1": True, "true": True, "on": True,
                "no": False, "0": False, "false": False, "off": False}
 """The values of a phantom spec's ``cache=`` option."""
-"""Whose lung masks phantoms carry: the generator's, or none (segmented like the node)."""
 
 LUNG_CODES = frozenset({"39607008", "3341006", "44029006"})
 """SNOMED CT Lung, Right lung, Left lung: SEG segments that are lung, not lesion."""
@@ -550,16 +550,12 @@ def _phantom_source(options: Mapping[str, str], cache_dir: Path | None) -> Phant
         raise DatasetError(f"phantoms: {exc}") from exc
     if not counts or sum(counts.values()) < 1 or min(counts.values()) < 0:
         raise DatasetError(f"phantoms: give a count for at least one of {sorted(PHANTOM_KINDS)}")
+    from training.phantoms import settings_problems
+
     # Checked here, not when the first phantom is made (after the run folder is set up).
-    problems = [text for bad, text in (
-        (seed < 0, f"seed={seed} must be >= 0"),
-        (size < 16, f"size={size} must be >= 16"),
-        (slices is not None and slices < 1, f"slices={slices} must be >= 1"),
-        (thickness is not None and not thickness > 0, f"thickness={thickness} must be > 0"),
-        (spacing is not None and not spacing > 0, f"spacing={spacing} must be > 0"),
-        (options.get("cache", "yes").lower() not in CACHE_WORDS,
-         f"cache={options.get('cache')} must be yes or no"),
-    ) if bad]
+    problems = settings_problems(seed, slices, size, thickness, spacing)
+    if options.get("cache", "yes").lower() not in CACHE_WORDS:
+        problems.append(f"cache={options['cache']} must be yes or no")
     if problems:
         raise DatasetError(f"phantoms: {'; '.join(problems)}")
     lungs = options.get("lungs", "truth")
@@ -859,6 +855,25 @@ def _referenced_series(seg: Any) -> str | None:
     return str(refs[0].SeriesInstanceUID) if refs else None
 
 
+T = TypeVar("T")
+
+
+def _keep_newest(newest: dict[str, tuple[tuple[Any, ...], T]], series: str,
+                 rank: tuple[Any, ...], item: T) -> None:
+    """Keep for `series` the higher-ranked of `item` and the one kept so far; `rank` ends
+    with the SEG's path, so that on equal times the later file wins, whatever order the
+    files were met in. A warning names the one left out."""
+    kept = newest.get(series)
+    if kept is not None:
+        loser = min(kept[0], rank)
+        logger.warning("CT series %s has several SEGs; the newest (reviewed ones first, on"
+                       " equal times the later file by path) is truth, %s ignored", series,
+                       loser[-1])
+        if kept[0] > rank:
+            return
+    newest[series] = (rank, item)
+
+
 def _content_stamp(seg: Any) -> str:
     """ContentDate and ContentTime as one string: the later SEG sorts higher."""
     return str(seg.get("ContentDate", "")) + str(seg.get("ContentTime", ""))
@@ -975,7 +990,8 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
     series: dict[str, list[Path]] = {}
     studies: dict[str, str] = {}
     patients: dict[str, str] = {}
-    segs: list[tuple[Path, str, tuple[bool, str]]] = []  # path, series, (reviewed, time)
+    # One case per CT series: its newest SEG a person drew or edited, if any.
+    newest: dict[str, tuple[tuple[Any, ...], Path]] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
@@ -992,7 +1008,8 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
             elif str(ds.get("Manufacturer", "")) == MANUFACTURER and not _is_reviewed(ds):
                 logger.info("%s: this node's own SEG, not reviewed: not truth", path)
             else:
-                segs.append((path, referenced, (_is_reviewed(ds), _content_stamp(ds))))
+                _keep_newest(newest, referenced, (_is_reviewed(ds), _content_stamp(ds),
+                                                  str(path)), path)
         elif str(ds.get("Modality", "")) == "CT":
             if "SeriesInstanceUID" not in ds:
                 logger.warning("%s: left out, a CT image without SeriesInstanceUID", path)
@@ -1001,16 +1018,6 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
             series.setdefault(uid, []).append(path)
             studies[uid] = str(ds.get("StudyInstanceUID", ""))
             patients[uid] = str(ds.get("PatientID", "")).strip()
-    newest: dict[str, tuple[Path, str, tuple[bool, str]]] = {}
-    for seg in segs:  # one case per CT series: its newest SEG a person drew or edited, if any
-        kept = newest.get(seg[1])
-        if kept is not None and seg[2] < kept[2]:
-            seg, kept = kept, seg  # `seg` wins; on a tie, the later file by path
-        if kept is not None:
-            logger.warning("CT series %s has several SEGs; the newest reviewed one (else the"
-                           " newest; on equal times the later file by path) is truth, %s"
-                           " ignored", seg[1], kept[0])
-        newest[seg[1]] = seg
     series_in_folder: dict[Path, int] = {}
     for paths in series.values():
         for folder in {p.parent for p in paths}:
@@ -1023,7 +1030,7 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
         return str(folder.relative_to(root)) if own_folder else uid  # "." names nothing
 
     refs = []
-    for seg_path, uid, _ in newest.values():
+    for uid, (_, seg_path) in newest.items():
         if uid not in series:
             logger.warning("%s: referenced CT series %s not found under %s", seg_path, uid, root)
             continue
@@ -1081,9 +1088,9 @@ def index_source(
     data_dir = Path(data_dir)
     rows = index.series_status(limit=max(1, index.counts().get("series", 0)))
     # Per CT series, its newest reviewed SEG by content date and time (when it was drawn,
-    # not when the node last received or re-analysed anything of the study), the later
-    # file by path on a tie, as for a DICOM folder.
-    newest: dict[str, tuple[str, str, Any, str]] = {}  # CT series -> stamp, path, ds, study
+    # not when the node last received or re-analysed anything of the study), as for a
+    # DICOM folder.
+    newest: dict[str, tuple[tuple[Any, ...], tuple[Path, Any, str]]] = {}
     for row in rows:
         if row["modality"] != "SEG":
             continue
@@ -1101,23 +1108,17 @@ def index_source(
             source = _referenced_series(ds)
             if source is None or not _is_reviewed(ds):
                 continue
-            entry = (_content_stamp(ds), str(seg_path), ds, row["study_instance_uid"])
-            kept = newest.get(source)
-            if kept is not None:
-                if entry[:2] < kept[:2]:
-                    entry, kept = kept, entry  # `entry` wins, `kept` is left out
-                logger.warning("CT series %s has several reviewed SEGs; the newest is truth,"
-                               " %s ignored", source, kept[1])
-            newest[source] = entry
+            _keep_newest(newest, source, (_content_stamp(ds), str(seg_path)),
+                         (seg_path, ds, row["study_instance_uid"]))
     refs: list[DicomCaseRef] = []
-    for source, (_, seg_path, ds, study) in newest.items():
+    for source, (_, (seg_path, ds, study)) in newest.items():
         ct = [str(data_dir / p) for p in index.series_instance_paths(source)]
         if not ct:
-            logger.info("SEG %s: its CT series is not in the store", Path(seg_path).name)
+            logger.info("SEG %s: its CT series is not in the store", seg_path.name)
             continue
         # the SEG's Patient module is its CT's (PS3.3 C.7.1.1)
         patient = str(ds.get("PatientID", "")).strip()
-        refs.append(DicomCaseRef(source, ct, seg_path, None, (source, study), patient))
+        refs.append(DicomCaseRef(source, ct, str(seg_path), None, (source, study), patient))
     if not refs:
         raise DatasetError(f"no CT series with a reviewed (manual) SEG in {data_dir}")
     _apply_labels(refs, labels or {})

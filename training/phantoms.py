@@ -215,11 +215,6 @@ def _draw_scan(
         thickness = min(interval, drawn_thickness)
     else:
         interval = thickness = float(thickness_mm)
-    if slices < 1 or size < 16 or pixel_spacing_mm <= 0 or interval <= 0:
-        raise ValueError(
-            f"phantom needs slices >= 1, size >= 16 and positive spacings; got slices={slices}, "
-            f"size={size}, slice interval {interval} mm, pixel spacing {pixel_spacing_mm} mm"
-        )
     spacing = (float(interval), float(pixel_spacing_mm), float(pixel_spacing_mm))
     return _Scan((int(slices), int(size), int(size)), spacing, float(thickness), sigma, kvp)
 
@@ -1055,6 +1050,26 @@ def _pleura_proximity(chest: _Chest, plan: _Planning,
 # --------------------------------------------------------------------------- assembly
 
 
+def settings_problems(
+    seed: int,
+    slices: int | None,
+    size: int,
+    slice_thickness_mm: float | None,
+    pixel_spacing_mm: float | None,
+) -> list[str]:
+    """What is wrong with these `generate_phantom` settings (empty: nothing), so that a
+    data spec can be refused when it is read, not when its first phantom is made."""
+    return [text for bad, text in (
+        (seed < 0, f"seed must be >= 0, got {seed}"),
+        (size < 16, f"size must be >= 16, got {size}"),
+        (slices is not None and slices < 1, f"slices must be >= 1, got {slices}"),
+        (slice_thickness_mm is not None and not slice_thickness_mm > 0,
+         f"slice thickness must be > 0 mm, got {slice_thickness_mm}"),
+        (pixel_spacing_mm is not None and not pixel_spacing_mm > 0,
+         f"pixel spacing must be > 0 mm, got {pixel_spacing_mm}"),
+    ) if bad]
+
+
 def generate_phantom(
     kind: Diagnosis | str,
     seed: int,
@@ -1068,8 +1083,9 @@ def generate_phantom(
     None are drawn from the seed (thickness 1-5 mm, pixel spacing 0.55-0.9 mm at 512, a
     250-350 mm chest in 60-400 slices)."""
     label = parse_kind(kind)
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    problems = settings_problems(seed, slices, size, slice_thickness_mm, pixel_spacing_mm)
+    if problems:
+        raise ValueError("; ".join(problems))
     started = time.perf_counter()
     streams = np.random.SeedSequence([int(seed), int(label)]).spawn(5)
     rng_scan, rng_body, rng_vessels, rng_lesions, rng_noise = (

@@ -200,7 +200,7 @@ class TrainConfig:
         elif self.stage != "1":
             cls_rate = self.lr2 if self.lr2_cls is None else self.lr2_cls
             rates = {"joint": (self.lr2, cls_rate), "seg": (self.lr2,), "cls": (cls_rate,)}
-            if not any(rate > 0 for rate in rates.get(self.task, (1.0,))):
+            if self.task in rates and not any(rate > 0 for rate in rates[self.task]):
                 problems.append(f"lr2 {self.lr2:g}, lr2_cls {cls_rate:g}: stage 2 of a"
                                 f" {self.task} model would train nothing (a segmentation-only"
                                 " model trains at lr2, a classification-only one at lr2_cls)")
@@ -572,9 +572,9 @@ class Trainer:
                 continue
             state, saved = resume if resume and resume[0].stage == stage else (None, None)
             if state is None:
+                self._init_stage(stage)  # may refuse: then the folder's rows stay as they are
                 if self.info.main:  # rows of an attempt at this stage killed before its state
                     self._drop_metrics_after(stage, 0)
-                self._init_stage(stage)
             if state is None or not state.finished:
                 self._run_stage(stage, state, saved)
         final = self.out / STAGE_FILES[self.config.stages[-1]]
@@ -1019,8 +1019,9 @@ class Trainer:
             writer.writeheader()  # the file's own columns (an older run's may differ)
             writer.writerows(kept)
         os.replace(tmp, path)
-        logger.info("metrics.csv: %d row(s) of epochs after the resumed state dropped",
-                    len(rows) - len(kept))
+        logger.info("metrics.csv: %d row(s) of stage %d after epoch %d dropped (written"
+                    " ahead of a state that was never saved, or of a stage begun again)",
+                    len(rows) - len(kept), stage, epochs_done)
 
     def _log_epoch(
         self,
