@@ -1146,6 +1146,8 @@ def _open_index(data_dir: Path, url: str | None) -> Any:
     from storage.errors import IndexUnavailable
     from storage.index import StudyIndex
 
+    if not data_dir.is_dir():  # the SEG and CT files lie there, whatever the database
+        raise DatasetError(f"index: {data_dir} is not a folder (the node's data directory)")
     database = data_dir / "index.sqlite"
     if url is None and not database.exists():
         raise DatasetError(f"index: no index.sqlite in {data_dir}")
