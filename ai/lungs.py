@@ -509,9 +509,9 @@ def _track_airways(comps: _AirComponents, grid: _Grid, cfg: LungConfig) -> np.nd
     tells the trachea from a lung tip at the other end. Only one end holds the trachea: with
     tubes at both, the end of the clearly steadiest one (`_TRACHEA_STEADIER`; a lung tip near
     the middle, the anterior left lung at the base, widens inwards as a tube does not),
-    else both ends. From there, components
-    overlapping the airway in the next slice inwards join while they stay small; a bronchus
-    that opens into a lung becomes large there and stops.
+    else both ends. From there, components overlapping the airway in the next slice
+    inwards join while they stay small; a bronchus that opens into a lung becomes large
+    there and stops.
     """
     dz, dy, dx = grid.spacing
     s = grid.shape[0]

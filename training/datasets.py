@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 Spacing = tuple[float, float, float]
 
 LABEL_NAMES: dict[str, Diagnosis] = {
@@ -853,9 +855,6 @@ def case_from_dicom(
 def _referenced_series(seg: Any) -> str | None:
     refs = seg.get("ReferencedSeriesSequence") or []
     return str(refs[0].SeriesInstanceUID) if refs else None
-
-
-T = TypeVar("T")
 
 
 def _keep_newest(newest: dict[str, tuple[tuple[Any, ...], T]], series: str,
