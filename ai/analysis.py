@@ -7,7 +7,10 @@ Definitions (units in names):
 - LVR = lesion voxels / lung voxels.
 - PLR = lesion voxels in the peripheral band / lesion voxels, where the band of slice s is
   U_s minus its 2D erosion by a disk of radius sigma mm (an ellipse in pixels when the pixel
-  spacing is anisotropic); outside the image counts as outside the lung.
+  spacing is anisotropic); outside the image counts as outside the lung. U_s is the lung
+  outline: each lung on slice s closed by a disk of `outline_closing_mm` (0: the lung mask
+  itself, as in the paper), so that a bite which a consolidation left out of the lung mask
+  cuts into the lung does not count as pleura (`DEFAULT_OUTLINE_CLOSING_MM`).
 - Spread = sqrt(mean_i |c_i - mean(c)|^2) over lesion centres c_i in mm, each lesion counted
   once (not volume-weighted), so it measures scattered vs concentrated disease (Finding 4)
   rather than lesion size.
@@ -32,6 +35,15 @@ from ai.lungs import LungSide, bounding_box
 log = logging.getLogger(__name__)
 
 DEFAULT_PERIPHERAL_MM = 10.0
+DEFAULT_OUTLINE_CLOSING_MM = 10.0
+"""Radius of the per-slice closing of each lung before its peripheral band is measured.
+The paper's U_s is a learned lung mask that holds consolidations; the node's classical one
+leaves a dense consolidation against the mediastinum out (ai/lungs.py, step 6), and the
+lesion beside that cut then counts as peripheral: on the 20 held-out phantoms with lesions
+of the selection set (seed 900000) the shipped weights overestimated the PLR on 19 of 20
+scans, by 4.4 points on average (CAP 7.2). Closing by 10 mm, the radius the lung mask
+closes with near the mediastinum, bridges bites up to 20 mm wide: the error falls to 2.9
+points (CAP 3.9), and the truth's own PLR (true lungs) moves by at most 1.1 points."""
 DEFAULT_CONSOLIDATION_HU = -300.0
 DEFAULT_CONNECTIVITY = 26
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
@@ -91,6 +103,8 @@ class ScanAnalysis:
     lesion_mean_hu: float | None
     """Mean attenuation of all lesion voxels; None without lesions."""
     peripheral_thickness_mm: float
+    outline_closing_mm: float
+    """Closing radius of the lung outline the peripheral band is measured from."""
     consolidation_hu: float
     connectivity: int
     lesions: tuple[LesionStats, ...]
@@ -164,6 +178,38 @@ def peripheral_band(
     return band
 
 
+def lung_outline(
+    lung_labels: np.ndarray, spacing_mm: Sequence[float], closing_mm: float
+) -> np.ndarray:
+    """U_s of the peripheral band: per axial slice, each lung (each label > 0 of
+    `lung_labels`) closed by a disk of radius `closing_mm` (an ellipse in pixels), and their
+    union. Each lung on its own, so the mediastinum between them is never bridged; beyond the
+    image is empty, so the closing adds nothing there. 0: the lungs as they are."""
+    labels = np.asarray(lung_labels)
+    outline = labels > 0
+    if closing_mm <= 0:
+        return outline
+    _, dy, dx = _spacing(spacing_mm)
+    reach = closing_mm * (1.0 + BAND_EDGE_SLACK)
+    pad = (int(closing_mm // dy) + 2, int(closing_mm // dx) + 2)
+    h, w = labels.shape[1:]
+    for z in range(labels.shape[0]):
+        for value in np.unique(labels[z]):
+            if value == 0:
+                continue
+            box = _bbox2d(labels[z] == value)
+            assert box is not None
+            (y0, y1), (x0, x1) = box
+            # The closing of a lung reaches at most `closing_mm` beyond its bounding box.
+            ys = slice(max(y0 - pad[0], 0), min(y1 + pad[0], h))
+            xs = slice(max(x0 - pad[1], 0), min(x1 + pad[1], w))
+            m = np.pad(labels[z, ys, xs] == value, ((pad[0], pad[0]), (pad[1], pad[1])))
+            dilated = ndi.distance_transform_edt(~m, sampling=(dy, dx)) <= reach
+            closed = ndi.distance_transform_edt(dilated, sampling=(dy, dx)) > reach
+            outline[z, ys, xs] |= closed[pad[0] : -pad[0], pad[1] : -pad[1]]
+    return outline
+
+
 def _band_2d(lung2d: np.ndarray, dy: float, dx: float, thickness_mm: float) -> np.ndarray:
     box = _bbox2d(lung2d)
     if box is None:
@@ -206,12 +252,16 @@ def _bbox2d(mask2d: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | Non
 # --------------------------------------------------------------------------- analysis
 
 
-def check_settings(peripheral_mm: float, consolidation_hu: float) -> None:
+def check_settings(
+    peripheral_mm: float, consolidation_hu: float, outline_closing_mm: float = 0.0
+) -> None:
     """Refuse settings `analyse_lesions` cannot use (callers check before the network
     runs, not after)."""
     # A negative band would shrink the lesions' crops and silently drop lesions.
-    if not (math.isfinite(peripheral_mm) and peripheral_mm >= 0):
-        raise ValueError(f"peripheral_mm {peripheral_mm!r} must be a finite number >= 0")
+    for name, value in (("peripheral_mm", peripheral_mm),
+                        ("outline_closing_mm", outline_closing_mm)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} {value!r} must be a finite number >= 0")
     if not math.isfinite(consolidation_hu):
         raise ValueError(f"consolidation_hu {consolidation_hu!r} must be finite")
 
@@ -224,13 +274,15 @@ def analyse_lesions(
     *,
     lung_sides: np.ndarray | None = None,
     peripheral_mm: float = DEFAULT_PERIPHERAL_MM,
+    outline_closing_mm: float = DEFAULT_OUTLINE_CLOSING_MM,
     consolidation_hu: float = DEFAULT_CONSOLIDATION_HU,
     connectivity: int = DEFAULT_CONNECTIVITY,
 ) -> ScanAnalysis:
     """LVR, PLR, lesion components with per-lesion stats, and the per-scan summary.
 
     lung_sides: optional labels (0 background, `LungSide.RIGHT`, `LungSide.LEFT`) as from
-    `ai.lungs.label_lungs(...).sides`; gives each lesion its side.
+    `ai.lungs.label_lungs(...).sides`; gives each lesion its side, and each lung its own
+    outline for the PLR (without them, each 3D component of the lung mask is a lung).
     """
     shape = tuple(volume_hu.shape)
     for name, arr in (("lesion_mask", lesion_mask), ("lung_mask", lung_mask)):
@@ -238,7 +290,7 @@ def analyse_lesions(
             raise ValueError(f"{name} shape {tuple(arr.shape)} != volume shape {shape}")
     if lung_sides is not None and tuple(lung_sides.shape) != shape:
         raise ValueError(f"lung_sides shape {tuple(lung_sides.shape)} != volume shape {shape}")
-    check_settings(peripheral_mm, consolidation_hu)
+    check_settings(peripheral_mm, consolidation_hu, outline_closing_mm)
     spacing = _spacing(spacing_mm)
     voxel_ml = math.prod(spacing) / 1000.0
     lung = np.asarray(lung_mask, dtype=bool)
@@ -257,6 +309,7 @@ def analyse_lesions(
         lesion_volume_ml=lesion_voxels * voxel_ml,
         lvr=lvr,
         peripheral_thickness_mm=float(peripheral_mm),
+        outline_closing_mm=float(outline_closing_mm),
         consolidation_hu=float(consolidation_hu),
         connectivity=connectivity,
     )
@@ -278,7 +331,9 @@ def analyse_lesions(
         slice(max(xb.start - rx, 0), min(xb.stop + rx, shape[2])),
     )
     les = lesion[crop]
-    band = _lesion_band(lung, les, crop, spacing, peripheral_mm, (ry, rx))
+    lungs = _lung_labels(lung, lung_sides, outline_closing_mm)
+    band = _lesion_band(lungs, lung, les, crop, spacing, peripheral_mm, outline_closing_mm,
+                        (ry, rx))
     labels, n = label_components(les, connectivity)
     offset = np.array([s.start for s in crop], dtype=float)
 
@@ -345,12 +400,27 @@ def analyse_lesions(
     )
 
 
+def _lung_labels(
+    lung: np.ndarray, lung_sides: np.ndarray | None, outline_closing_mm: float
+) -> np.ndarray:
+    """One label per lung, for `lung_outline`: the sides (lung voxels without one together
+    as a third), else the 3D components of the mask; the mask itself without a closing."""
+    if outline_closing_mm <= 0:
+        return lung
+    if lung_sides is None:
+        return label_components(lung)[0]
+    sides = np.asarray(lung_sides)
+    return np.where(lung, np.where(sides > 0, sides, max(LungSide) + 1), 0).astype(np.uint8)
+
+
 def _lesion_band(
+    lungs: np.ndarray,
     lung: np.ndarray,
     les: np.ndarray,
     crop: tuple[slice, slice, slice],
     spacing: tuple[float, float, float],
     thickness_mm: float,
+    closing_mm: float,
     margin: tuple[int, int],
 ) -> np.ndarray:
     """The peripheral band inside `crop`, right at the lesion voxels `les` (elsewhere it may
@@ -367,27 +437,33 @@ def _lesion_band(
         xs = slice(max(xc.start + int(cols[0]) - margin[1], 0),
                    min(xc.start + int(cols[-1]) + 1 + margin[1], w))
         z = zc.start + int(k)
-        part = _crop_band(lung, (slice(z, z + 1), ys, xs), spacing, thickness_mm)
+        part = _crop_band(lungs, lung, (slice(z, z + 1), ys, xs), spacing, thickness_mm,
+                          closing_mm)
         band[k, ys.start - yc.start : ys.stop - yc.start,
              xs.start - xc.start : xs.stop - xc.start] = part[0]
     return band
 
 
 def _crop_band(
+    lungs: np.ndarray,
     lung: np.ndarray,
     crop: tuple[slice, slice, slice],
     spacing: tuple[float, float, float],
     thickness_mm: float,
+    closing_mm: float,
 ) -> np.ndarray:
     """The peripheral band inside `crop`, computed as on the whole slice: the crop edges that
-    are image edges count as outside, the others are far enough away not to matter."""
+    are image edges count as outside, the others are far enough away not to matter (the
+    outline is closed over a context wider by twice the closing radius, all it depends on)."""
     zc, yc, xc = crop
     h, w = lung.shape[1:]
     # Extend by one pixel where the crop is inside the image so that pixels beyond are seen
     # as "unknown lung" (True), not as outside; at image edges pad with outside (False).
-    ys = slice(max(yc.start - 1, 0), min(yc.stop + 1, h))
-    xs = slice(max(xc.start - 1, 0), min(xc.stop + 1, w))
-    sub = lung[zc, ys, xs].copy()
+    cy = int(math.ceil(2 * closing_mm / spacing[1])) if closing_mm > 0 else 0
+    cx = int(math.ceil(2 * closing_mm / spacing[2])) if closing_mm > 0 else 0
+    ys = slice(max(yc.start - 1 - cy, 0), min(yc.stop + 1 + cy, h))
+    xs = slice(max(xc.start - 1 - cx, 0), min(xc.stop + 1 + cx, w))
+    sub = lung_outline(lungs[zc, ys, xs], spacing, closing_mm)
     if ys.start > 0:
         sub[:, 0, :] = True
     if ys.stop < h:

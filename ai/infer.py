@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ai.analysis import (
     DEFAULT_CONSOLIDATION_HU,
+    DEFAULT_OUTLINE_CLOSING_MM,
     DEFAULT_PERIPHERAL_MM,
     LesionStats,
     ScanAnalysis,
@@ -191,6 +192,7 @@ def analyse(
     threshold: float = DEFAULT_THRESHOLD,
     min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
     peripheral_mm: float = DEFAULT_PERIPHERAL_MM,
+    outline_closing_mm: float = DEFAULT_OUTLINE_CLOSING_MM,
     consolidation_hu: float = DEFAULT_CONSOLIDATION_HU,
     batch_size: int | None = None,
     disease_thresholds: Sequence[float] | None = None,
@@ -212,7 +214,7 @@ def analyse(
         raise ValueError(f"threshold {threshold} must be in (0, 1)")
     if not min_lesion_mm3 >= 0.0:
         raise ValueError(f"min_lesion_mm3 {min_lesion_mm3} must be >= 0")
-    check_settings(peripheral_mm, consolidation_hu)
+    check_settings(peripheral_mm, consolidation_hu, outline_closing_mm)
     _check_batch(batch_size)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -263,6 +265,7 @@ def analyse(
         spacing,
         lung_sides=sides,
         peripheral_mm=peripheral_mm,
+        outline_closing_mm=outline_closing_mm,
         consolidation_hu=consolidation_hu,
     )
     timings["analysis"] = time.perf_counter() - t

@@ -242,6 +242,11 @@ class AIConfig:
     peripheral_thickness_mm: float = _doc(
         "Thickness of the peripheral lung band for the PLR (paper eq. 1, sigma).", 10.0
     )
+    peripheral_outline_closing_mm: float = _doc(
+        "Each lung's outline is closed per slice by a disk of this radius before the"
+        " peripheral band is measured, so that a bite a consolidation cut into the lung mask"
+        " is not taken for pleura; 0 measures from the lung mask itself.", 10.0
+    )
     # ai.infer's default, with which the shipped weights were evaluated (docs/training.md).
     min_lesion_volume_mm3: float = _doc(
         "Lesion components smaller than this are removed as noise.", 10.0
@@ -284,6 +289,8 @@ class AIConfig:
         for value in self.disease_thresholds:
             _check_range("ai.disease_thresholds", value, 0.0, 1.0)
         _check_range("ai.peripheral_thickness_mm", self.peripheral_thickness_mm, 0.0, 100.0)
+        _check_range("ai.peripheral_outline_closing_mm", self.peripheral_outline_closing_mm,
+                     0.0, 100.0)
         _check_range("ai.min_lesion_volume_mm3", self.min_lesion_volume_mm3, 0.0, 1e6)
         _check_range("ai.consolidation_hu", self.consolidation_hu, -1000.0, 1000.0)
 

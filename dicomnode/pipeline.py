@@ -101,6 +101,7 @@ def algorithm_parameters(settings: Settings, model: dict[str, object]) -> dict[s
     return parameters | {
         "min_lesion_volume_mm3": f"{ai.min_lesion_volume_mm3:g}",
         "peripheral_thickness_mm": f"{ai.peripheral_thickness_mm:g}",
+        "peripheral_outline_closing_mm": f"{ai.peripheral_outline_closing_mm:g}",
         "consolidation_hu": f"{ai.consolidation_hu:g}",
         "disease_thresholds": thresholds or "most probable class",
     }
@@ -143,6 +144,7 @@ def analyse_volume(volume: CTVolume, settings: Settings, checkpoint: object) -> 
         volume.hu, volume.spacing_mm, checkpoint=checkpoint,  # type: ignore[arg-type]
         device=ai.device,
         min_lesion_mm3=ai.min_lesion_volume_mm3, peripheral_mm=ai.peripheral_thickness_mm,
+        outline_closing_mm=ai.peripheral_outline_closing_mm,
         consolidation_hu=ai.consolidation_hu, disease_thresholds=ai.disease_thresholds or None,
         mirror=MIRROR_CHOICES[ai.mirror],
         overlap=None if ai.window_overlap == "auto" else float(ai.window_overlap),

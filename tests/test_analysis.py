@@ -13,6 +13,7 @@ from scipy import ndimage as ndi
 from ai.analysis import (
     analyse_lesions,
     label_components,
+    lung_outline,
     peripheral_band,
     remove_small_components,
 )
@@ -21,20 +22,41 @@ from ai.lungs import LungSide
 SPACING = (2.5, 0.8, 0.7)
 
 
+def _disk(spacing, radius_mm: float) -> np.ndarray:
+    """A disk of `radius_mm` in pixels (an ellipse), in exact decimal arithmetic:
+    (12 x 0.8)^2 + (4 x 0.7)^2 is 10^2 exactly, not in floats."""
+    _, dy, dx = (Fraction(str(s)) for s in spacing)
+    radius = Fraction(str(radius_mm))
+    ry, rx = int(radius // dy), int(radius // dx)
+    return np.array([[(y * dy) ** 2 + (x * dx) ** 2 <= radius**2 for x in range(-rx, rx + 1)]
+                     for y in range(-ry, ry + 1)])
+
+
 def _disk_band(lung: np.ndarray, spacing, sigma_mm: float) -> np.ndarray:
     """Paper eq. 1 by the book: per slice, U_s minus its erosion by a disk of radius sigma
-    (an ellipse in pixels), outside the image counting as outside the lung. The disk in
-    exact decimal arithmetic: (12 x 0.8)^2 + (4 x 0.7)^2 is 10^2 exactly, not in floats."""
-    _, dy, dx = (Fraction(str(s)) for s in spacing)
-    sigma = Fraction(str(sigma_mm))
-    ry, rx = int(sigma // dy), int(sigma // dx)
-    disk = np.array([[(y * dy) ** 2 + (x * dx) ** 2 <= sigma**2 for x in range(-rx, rx + 1)]
-                     for y in range(-ry, ry + 1)])
+    (an ellipse in pixels), outside the image counting as outside the lung."""
+    disk = _disk(spacing, sigma_mm)
     band = np.zeros_like(lung)
     for z in range(lung.shape[0]):
         eroded = ndi.binary_erosion(lung[z], structure=disk, border_value=0)
         band[z] = lung[z] & ~eroded
     return band
+
+
+def _closed_outline(lung: np.ndarray, spacing, radius_mm: float) -> np.ndarray:
+    """The outline by the book: per slice, each 3D component of the lung closed (dilated,
+    then eroded) by a disk of `radius_mm`, beyond the image empty."""
+    disk = _disk(spacing, radius_mm)
+    pad = max(disk.shape)
+    labels, n = ndi.label(lung, structure=np.ones((3, 3, 3)))
+    outline = lung.copy()
+    for z in range(lung.shape[0]):
+        for value in range(1, n + 1):
+            part = np.pad(labels[z] == value, pad)
+            closed = ndi.binary_erosion(ndi.binary_dilation(part, structure=disk),
+                                        structure=disk, border_value=0)
+            outline[z] |= closed[pad:-pad, pad:-pad]
+    return outline
 
 
 def _blobby_lung(shape=(6, 90, 100), seed=0) -> np.ndarray:
@@ -72,16 +94,21 @@ def test_band_on_selected_slices_only() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_plr_matches_the_full_slice_band(seed: int) -> None:
-    """analyse_lesions computes the band only around the lesions; it must equal the band of
-    whole slices, also where lesions touch the image edge."""
+@pytest.mark.parametrize("closing_mm", [0.0, 4.0, 10.0])
+def test_plr_matches_the_full_slice_band(seed: int, closing_mm: float) -> None:
+    """analyse_lesions computes the band only around the lesions, from an outline closed
+    only there; it must equal the band of whole slices of the outline closed by the book,
+    also where lesions touch the image edge."""
     lung = _blobby_lung(seed=seed)
     rng = np.random.default_rng(seed + 10)
     field = ndi.gaussian_filter(rng.normal(size=lung.shape), (1, 4, 4))
     lesion = lung & (field > np.quantile(field, 0.8))
     vol = np.full(lung.shape, -800.0)
-    result = analyse_lesions(vol, lesion, lung, SPACING, peripheral_mm=10.0)
-    band = _disk_band(lung, SPACING, 10.0)
+    result = analyse_lesions(vol, lesion, lung, SPACING, peripheral_mm=10.0,
+                             outline_closing_mm=closing_mm)
+    outline = _closed_outline(lung, SPACING, closing_mm) if closing_mm else lung
+    assert outline.sum() > lung.sum() or not closing_mm  # the closing does something here
+    band = _disk_band(outline, SPACING, 10.0) & lung
     expected = np.count_nonzero(lesion & band) / np.count_nonzero(lesion)
     assert result.plr == pytest.approx(expected, abs=1e-12)
     total = sum(les.peripheral_fraction * les.voxels for les in result.lesions)
@@ -123,6 +150,55 @@ def test_plr_band_edge_survives_the_rounding_of_decimal_spacings() -> None:
     at_sigma = np.zeros_like(lung)
     at_sigma[3, 23, 40] = True  # nearest non-lung: row 9, 14 pixels of 0.8 mm
     assert analyse_lesions(vol, at_sigma, lung, (5.0, 0.8, 0.8), peripheral_mm=11.2).plr == 1.0
+
+
+def _lungs_with_a_bite() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two box lungs 8 mm apart (1 mm pixels); the right one with a 12 mm wide bite cut
+    into it from the mediastinum (a consolidation the lung mask left out), 20 mm deep."""
+    lung = np.zeros((4, 80, 110), dtype=bool)
+    lung[:, 10:70, 5:50] = True
+    lung[:, 10:70, 58:103] = True
+    lung[:, 34:46, 30:50] = False
+    sides = np.where(np.arange(110) < 54, LungSide.RIGHT, LungSide.LEFT)
+    return lung, np.where(lung, sides, 0).astype(np.uint8), np.full(lung.shape, -800.0)
+
+
+def test_a_bite_left_out_of_the_lung_mask_is_not_pleura() -> None:
+    """Lesion beside the bite, 15 mm from every true edge of the lung: peripheral only for
+    the bare mask (the paper's eq. 1 on a mask that missed the consolidation)."""
+    lung, sides, vol = _lungs_with_a_bite()
+    lesion = np.zeros_like(lung)
+    lesion[1:3, 28:34, 25:35] = True  # rows 28-33, up to 6 mm above the bite
+    spacing = (5.0, 1.0, 1.0)
+    for lung_sides in (sides, None):  # the sides, or the mask's components
+        closed = analyse_lesions(vol, lesion, lung, spacing, lung_sides=lung_sides,
+                                 peripheral_mm=10.0, outline_closing_mm=10.0)
+        bare = analyse_lesions(vol, lesion, lung, spacing, lung_sides=lung_sides,
+                               peripheral_mm=10.0, outline_closing_mm=0.0)
+        assert (closed.plr, bare.plr) == (0.0, 1.0)
+        assert closed.outline_closing_mm == 10.0
+
+
+def test_the_closing_never_bridges_the_two_lungs() -> None:
+    """Lesion along the 8 mm gap between the lungs stays peripheral: each lung is closed on
+    its own, by sides or, without them, by 3D component."""
+    lung, sides, vol = _lungs_with_a_bite()
+    lesion = np.zeros_like(lung)
+    lesion[1:3, 50:60, 60:66] = True  # the left lung's medial edge, 2-7 mm from the gap
+    for lung_sides in (sides, None):
+        result = analyse_lesions(vol, lesion, lung, (5.0, 1.0, 1.0), lung_sides=lung_sides,
+                                 peripheral_mm=10.0, outline_closing_mm=10.0)
+        assert result.plr == 1.0
+
+
+def test_lung_outline_closes_each_lung_alone() -> None:
+    lung, sides, _ = _lungs_with_a_bite()
+    outline = lung_outline(sides, (5.0, 1.0, 1.0), 10.0)
+    # The bite bridged but for a shallow arc at its mouth, where a 10 mm disk still fits.
+    np.testing.assert_array_equal(outline[:, 34:46, 30:47], True)
+    assert not outline[:, 40, 49].any()
+    np.testing.assert_array_equal(outline[:, :, 50:58], False)  # the gap kept
+    np.testing.assert_array_equal(lung_outline(sides, (5.0, 1.0, 1.0), 0.0), lung)
 
 
 @pytest.mark.parametrize("spacing", [(0.0, 1.0, 1.0), (-2.5, 1.0, 1.0), (2.5, float("nan"), 1.0),
@@ -327,6 +403,7 @@ def test_label_components() -> None:
 
 @pytest.mark.parametrize(("option", "value"), [
     ("peripheral_mm", -5.0), ("peripheral_mm", float("nan")), ("consolidation_hu", float("inf")),
+    ("outline_closing_mm", -1.0), ("outline_closing_mm", float("inf")),
 ])
 def test_a_nonsense_band_or_threshold_is_refused(option: str, value: float) -> None:
     """A negative band silently dropped lesions (their crops shrank to nothing)."""

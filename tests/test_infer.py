@@ -400,12 +400,13 @@ def test_analyse_hands_its_settings_to_the_analysis(ckpt: Checkpoint) -> None:
     vol, _ = chest(size=96)
     spacing = (8.0, 4.0, 4.0)
     a = infer.analyse(vol, spacing, checkpoint=ckpt, peripheral_mm=4.0, consolidation_hu=-600.0,
-                      min_lesion_mm3=0.0)
+                      min_lesion_mm3=0.0, outline_closing_mm=6.0)
     sides = label_lungs(vol, spacing).sides
     direct = analyse_lesions(vol, a.lesion_mask, a.lung_mask, spacing, lung_sides=sides,
-                             peripheral_mm=4.0, consolidation_hu=-600.0)
+                             peripheral_mm=4.0, consolidation_hu=-600.0, outline_closing_mm=6.0)
     assert a.stats == direct and a.lesions
     assert (direct.peripheral_thickness_mm, direct.consolidation_hu) == (4.0, -600.0)
+    assert direct.outline_closing_mm == 6.0
     assert all(lesion.side in ("right", "left") for lesion in a.lesions)
 
 

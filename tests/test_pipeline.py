@@ -519,7 +519,8 @@ def test_offline_infer_writes_every_output(tiny_checkpoint: Path, tmp_path: Path
         "device": "cpu", "test_time_mirroring": "off", "window_overlap": "0",
         "lesion_threshold": "0.5", "field_of_view_mm": "whole matrix",
         "min_lesion_volume_mm3": "10",
-        "peripheral_thickness_mm": "10", "consolidation_hu": "-300",
+        "peripheral_thickness_mm": "10", "peripheral_outline_closing_mm": "10",
+        "consolidation_hu": "-300",
         "disease_thresholds": "most probable class",
     }
     sr = pydicom.dcmread(folder / "sr.dcm")

@@ -26,6 +26,8 @@ from dicomnode.outputs.sr import (
     COVID19,
     DIAGNOSIS,
     LVR,
+    OUTLINE_CLOSING,
+    PERIPHERAL_THICKNESS,
     PLR,
     PNEUMONIA,
     build_failure_notice,
@@ -226,6 +228,9 @@ def test_sr_is_valid_and_carries_the_result(
         assert evaluations[PNEUMONIA] == codes.SCT.Absent
     numbers = {m.name: float(m.value) for m in study_group.get_measurements()}
     assert numbers[LVR] == pytest.approx(100 * stats.lvr, abs=1e-3)
+    # How the PLR was measured travels with it.
+    assert (numbers[PERIPHERAL_THICKNESS], numbers[OUTLINE_CLOSING]) == (
+        stats.peripheral_thickness_mm, stats.outline_closing_mm)
     assert (PLR in numbers) == (stats.plr is not None)
     if stats.plr is not None:
         assert numbers[PLR] == pytest.approx(100 * stats.plr, abs=1e-3)

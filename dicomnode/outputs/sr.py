@@ -62,6 +62,7 @@ PROBABILITY_CODES = {
 LVR = Code("LVR", SCHEME, "Lesion volume ratio")
 PLR = Code("PLR", SCHEME, "Peripheral lesion ratio")
 PERIPHERAL_THICKNESS = Code("PERIPH-MM", SCHEME, "Peripheral band thickness")
+OUTLINE_CLOSING = Code("PERIPH-CLOSE-MM", SCHEME, "Lung outline closing radius")
 LESION_COUNT = Code("LESION-N", SCHEME, "Number of lesions")
 LESION_VOLUME = Code("LESION-VOL", SCHEME, "Total lesion volume")
 LUNG_VOLUME = Code("LUNG-VOL", SCHEME, "Lung volume")
@@ -115,6 +116,7 @@ def _diagnosis_group(
         _number(LUNG_VOLUME, analysis.lung_volume_ml, codes.UCUM.CubicCentimeter, provenance),
         _number(PERIPHERAL_THICKNESS, analysis.peripheral_thickness_mm, codes.UCUM.Millimeter,
                 provenance),
+        _number(OUTLINE_CLOSING, analysis.outline_closing_mm, codes.UCUM.Millimeter, provenance),
     ]
     optional = [(PLR, analysis.plr, pct, 100.0), (SPREAD, analysis.spread_mm,
                 codes.UCUM.Millimeter, 1.0), (GGO_FRACTION, analysis.ggo_fraction, pct, 100.0),
