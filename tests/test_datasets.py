@@ -27,6 +27,7 @@ from training import datasets
 from training.datasets import (
     Augmentation,
     Case,
+    Concat,
     DatasetError,
     LungMaskCache,
     NiftiSource,
@@ -65,6 +66,20 @@ def test_phantom_spec_assigns_seeds_and_labels() -> None:
     assert source.labels() == [Diagnosis.COVID19, Diagnosis.COVID19, Diagnosis.CAP,
                                Diagnosis.NON_PNEUMONIA]  # fmt: skip
     assert source.case_ids()[2] == "phantom-cap-102"
+
+
+def test_a_case_id_two_sources_hold_is_told_apart_by_its_source() -> None:
+    """Two sites' ``pat1/ct`` (here the same phantom given twice) appeared twice under one
+    name in evaluation.json; ids only one source holds stay as they are."""
+    spec = "phantoms:covid=1,seed=100,size=16,slices=8"
+    source = Concat([parse_data_spec(spec), parse_data_spec(spec),
+                     parse_data_spec("phantoms:cap=1,seed=300,size=16,slices=8")])
+    ids = ["1:phantom-covid-100", "2:phantom-covid-100", "phantom-cap-300"]
+    assert source.case_ids() == ids
+    assert [source[i].case_id for i in range(3)] == ids
+    assert source[-2].case_id == ids[1]
+    with pytest.raises(IndexError):
+        source[3]
 
 
 @pytest.mark.parametrize(

@@ -29,8 +29,10 @@ import inspect
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -312,7 +314,9 @@ class Subset:
 
 @dataclass
 class Concat:
-    """Several sources as one (``--data`` given more than once)."""
+    """Several sources as one (``--data`` given more than once). A case id that more than
+    one source holds (two sites' ``pat1/ct``) is prefixed with its source's place in
+    ``--data`` (``2:pat1/ct``), so that results and logs tell the scans apart."""
 
     sources: list[CaseSource]
 
@@ -322,17 +326,25 @@ class Concat:
     def __getitem__(self, index: int) -> Case:
         if index < 0:
             index += len(self)
-        for source in self.sources:
-            if index < len(source):
-                return source[index]
+        for k, source in enumerate(self.sources):
+            if 0 <= index < len(source):
+                case, case_id = source[index], self._case_ids[k][index]
+                return case if case.case_id == case_id else replace(case, case_id=case_id)
             index -= len(source)
         raise IndexError(index)
 
     def labels(self) -> list[Diagnosis | None]:
         return [label for s in self.sources for label in s.labels()]
 
+    @cached_property
+    def _case_ids(self) -> list[list[str]]:
+        per_source = [s.case_ids() for s in self.sources]
+        sources_of = Counter(i for ids in per_source for i in set(ids))
+        return [[f"{k}:{i}" if sources_of[i] > 1 else i for i in ids]
+                for k, ids in enumerate(per_source, start=1)]
+
     def case_ids(self) -> list[str]:
-        return [i for s in self.sources for i in s.case_ids()]
+        return [i for ids in self._case_ids for i in ids]
 
     def scan_keys(self) -> list[str]:
         return [k for s in self.sources for k in s.scan_keys()]
