@@ -265,6 +265,19 @@ def test_a_folder_holding_another_series_is_refused(tmp_path: Path) -> None:
         write_dicom_series(generate_phantom("cap", 2, slices=3, size=32), tmp_path)
 
 
+def test_nifti_of_another_phantom_under_the_same_names_is_refused(tmp_path: Path) -> None:
+    """The same kind and seed at another size has the same file names: it overwrote them."""
+    nib = pytest.importorskip("nibabel")
+    write_nifti(generate_phantom("cap", 1, slices=5, size=32), tmp_path)
+    again = write_nifti(generate_phantom("cap", 1, slices=5, size=32), tmp_path)
+    assert nib.load(again["image"]).shape == (32, 32, 5)  # the same phantom: rewritten
+    with pytest.raises(ValueError, match="phantom_cap_00001_image.nii.gz is another image"):
+        write_nifti(generate_phantom("cap", 1, slices=6, size=32), tmp_path)
+    assert nib.load(again["image"]).shape == (32, 32, 5)
+    other = write_nifti(generate_phantom("cap", 1, slices=6, size=32), tmp_path, case_id="b")
+    assert other["image"].name == "b_image.nii.gz"
+
+
 def test_cli_bad_settings_are_a_message_not_a_traceback(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

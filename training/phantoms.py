@@ -34,7 +34,6 @@ HU_MAX = 3071
 """Range stored with RescaleIntercept -1024 in 12 unsigned bits; the volume is clipped to it."""
 
 MANUFACTURER = "dicomnode phantom"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 AIR_HU = -1000.0
 FAT_HU = -100.0
@@ -1202,7 +1201,7 @@ def write_dicom_series(
     as one broken series."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1230,7 +1229,7 @@ def write_dicom_series(
     common.SpecificCharacterSet = _character_set(patient_name, patient_id, series_description,
                                                  accession)
     common.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    common.SOPClassUID = CT_IMAGE_STORAGE
+    common.SOPClassUID = CTImageStorage
     common.StudyDate = common.SeriesDate = common.AcquisitionDate = common.ContentDate = date
     common.StudyTime = common.SeriesTime = common.AcquisitionTime = common.ContentTime = clock
     common.AccessionNumber = accession
@@ -1279,7 +1278,7 @@ def write_dicom_series(
         ds.update(common)
         sop_uid = _uid("instance", series_uid, k)
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
@@ -1309,12 +1308,25 @@ def affine_ras(phantom: Phantom) -> np.ndarray:
 
 def write_nifti(phantom: Phantom, out_dir: Path, *, case_id: str | None = None) -> dict[str, Path]:
     """The image (int16 HU) and its lung and lesion masks (uint8) as NIfTI-1, arrays in
-    (x, y, z) order with the affine from the spacing. Keys: image, lung, lesion."""
+    (x, y, z) order with the affine from the spacing. Keys: image, lung, lesion. The
+    header's description names the phantom (kind, seed and a UID of its settings); files
+    of another phantom under the same names (the same kind and seed at another size) are
+    refused, not overwritten."""
     import nibabel as nib
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     case_id = case_id or f"phantom_{phantom.kind}_{phantom.seed:05d}"
+    identity = f"phantom {_uid('nifti', *_case_key(phantom))}"  # at most 80 characters
+    earlier = out_dir / f"{case_id}_image.nii.gz"
+    if earlier.exists():
+        try:
+            description = nib.load(earlier).header["descrip"].item().decode("ascii", "replace")
+        except Exception as exc:  # nibabel raises several types for a damaged file
+            description = f"unreadable ({exc})"
+        if description != identity:
+            raise ValueError(f"{earlier} is another image ({description or 'no description'}):"
+                             " write into another folder")
     affine = affine_ras(phantom)
     arrays = {
         "image": phantom.volume_hu.astype(np.int16),
@@ -1325,6 +1337,7 @@ def write_nifti(phantom: Phantom, out_dir: Path, *, case_id: str | None = None) 
     for name, array in arrays.items():
         image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine)
         image.header.set_xyzt_units("mm")
+        image.header["descrip"] = identity
         image.header.set_qform(affine, code=1)
         image.header.set_sform(affine, code=1)
         path = out_dir / f"{case_id}_{name}.nii.gz"
