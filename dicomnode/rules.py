@@ -11,13 +11,11 @@ import math
 import re
 
 from dicomnode.config import SeriesConfig
+from dicomnode.volume import MULTI_FRAME_CT
 from storage.index import SeriesProgress
 
 AXIAL_TOLERANCE_DEG = 10.0
-MULTI_FRAME_CT = {
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
-}
+MULTI_FRAME_NAMES = {uid: uid.name for uid in MULTI_FRAME_CT}
 """Multi-frame CT: one instance holds the whole series, which `dicomnode.volume` does
 not read (it says so too, for a series that gets past these rules)."""
 
@@ -43,7 +41,7 @@ def skip_reason(series: SeriesProgress, rules: SeriesConfig) -> str | None:
     modalities = [m.upper() for m in rules.modalities]
     if series.modality.upper() not in modalities:
         return f"modalities: {series.modality or 'no modality'} is not one of {modalities}"
-    multi_frame = sorted(MULTI_FRAME_CT[c] for c in series.sop_classes if c in MULTI_FRAME_CT)
+    multi_frame = sorted(MULTI_FRAME_NAMES[c] for c in series.sop_classes if c in MULTI_FRAME_NAMES)
     if multi_frame:
         return (f"multi-frame CT ({', '.join(multi_frame)}) is not supported: have the"
                 " scanner or PACS send the series as CT Image Storage (one slice per instance)")

@@ -23,13 +23,16 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
 
 logger = logging.getLogger(__name__)
 
-ENHANCED_CT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
-LEGACY_CONVERTED_ENHANCED_CT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.2")
-MULTI_FRAME_CT = (ENHANCED_CT_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_STORAGE)
+MULTI_FRAME_CT = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
+"""Multi-frame CT: one instance holds the whole series, which this module does not read."""
 PERPENDICULAR_TOLERANCE = 0.01
 """Largest |cosine| between the row and column directions still counted as perpendicular
 (cosines written with few decimals are off by about 1e-3)."""
@@ -49,7 +52,6 @@ AXIAL_MIN_NORMAL_Z = 0.8
 """|z| of the slice normal from which a series counts as axial (and is turned to the
 display convention); below it (tilted over 37 degrees: coronal, sagittal) it is refused,
 since the lung segmentation and the model read axial slices only."""
-CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 
 
 class SeriesRejected(ValueError):
@@ -132,7 +134,7 @@ def _left_out_reason(ds: Dataset) -> str | None:
     whole series over them would lose the analysis. Only these two kinds are left out:
     anything else that does not fit is still a reason to reject the series."""
     sop_class = ds.get("SOPClassUID")
-    if sop_class not in (CT_IMAGE_STORAGE, *MULTI_FRAME_CT):
+    if sop_class not in (CTImageStorage, *MULTI_FRAME_CT):
         return f"SOP class {sop_class or 'missing'} is not CT Image Storage"
     if "LOCALIZER" in (v.upper() for v in string_values(ds, "ImageType")):
         return "ImageType LOCALIZER"
@@ -276,7 +278,7 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     for keyword, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
         value = ds.get(keyword)
         if value is None or value == "":
-            if ds.get("SOPClassUID") == CT_IMAGE_STORAGE:
+            if ds.get("SOPClassUID") == CTImageStorage:
                 raise SeriesRejected(
                     f"instance {ds.get('InstanceNumber', '?')} lacks {keyword} (Type 1 in"
                     " CT images): its values cannot be turned into HU"
