@@ -845,10 +845,13 @@ def test_a_scan_whose_lungs_are_refused_is_marked_and_training_draws_another(
     assert samples[(0, 1)]["case_id"] == "a"
 
 
-def test_only_what_a_person_drew_is_truth_and_the_newest_seg_wins(tmp_path: Path) -> None:
+def test_only_what_a_person_drew_is_truth_and_the_newest_seg_wins(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A corrected copy of the node's SEG keeps its AUTOMATIC segments (false positives
     the radiologist removed from the MANUAL one among them); the node's own unreviewed
-    SEG beside it in the export is not truth; one case per CT series."""
+    SEG beside it in the export is not truth, and is counted at INFO without its path
+    (a folder may be named after the patient); one case per CT series."""
     volume, lesion = _volume()
     false_positive = np.zeros_like(lesion)
     false_positive[0, 30:35, 10:15] = True
@@ -861,9 +864,13 @@ def test_only_what_a_person_drew_is_truth_and_the_newest_seg_wins(tmp_path: Path
                            automatic_extra=false_positive)
     corrected.ContentDate, corrected.ContentTime = "20261201", "120000"
     corrected.save_as(tmp_path / "pat" / "corrected.dcm")
-    source = scan_dicom_folder(tmp_path)
+    with caplog.at_level(logging.INFO, logger="training.datasets"):
+        source = scan_dicom_folder(tmp_path)
     assert len(source) == 1
     np.testing.assert_array_equal(source[0].lesion_mask, lesion)
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("1 of this node's own SEG(s)" in m for m in info)
+    assert not any("own.dcm" in m for m in info)
     # another vendor's automatic SEG, newer than the radiologist's: the radiologist's wins
     vendor = _write_seg(tmp_path / "pat" / "vendor.dcm", ct, lesion | false_positive, None,
                         "AUTOMATIC")

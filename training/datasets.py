@@ -1003,6 +1003,7 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
     patients: dict[str, str] = {}
     # One case per CT series: its newest SEG a person drew or edited, if any.
     newest: dict[str, tuple[tuple[Any, ...], Path]] = {}
+    own_segs = 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
@@ -1017,7 +1018,8 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
             if referenced is None:
                 logger.warning("%s: SEG references no series; ignored", path)
             elif str(ds.get("Manufacturer", "")) == MANUFACTURER and not _is_reviewed(ds):
-                logger.info("%s: this node's own SEG, not reviewed: not truth", path)
+                own_segs += 1  # a path may name the patient: counted at INFO, named at DEBUG
+                logger.debug("%s: this node's own SEG, not reviewed: not truth", path)
             else:
                 _keep_newest(newest, referenced, (_is_reviewed(ds), _content_stamp(ds),
                                                   str(path)), path)
@@ -1057,6 +1059,9 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
         if any(labels.get(k) == Diagnosis.NON_PNEUMONIA for k in (case_id, uid, studies[uid])):
             refs.append(DicomCaseRef(case_id, [str(p) for p in series[uid]], "", None,
                                      (uid, studies[uid]), patients[uid]))
+    if own_segs:
+        logger.info("dicom: %d of this node's own SEG(s) under %s, not reviewed: not truth",
+                    own_segs, root)
     unused = len(set(series) - {ref.keys[0] for ref in refs})
     if unused:  # a scout, a reformat, a series nobody drew on: said, not silently dropped
         logger.info("dicom: %d CT series under %s have no SEG and no label normal: left out",
