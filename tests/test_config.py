@@ -49,6 +49,7 @@ def test_shipped_config_is_the_generated_default() -> None:
         ({"ai": {"window_overlap": 0.9}}, "ai.window_overlap = 0.9"),
         ({"ai": {"window_overlap": [0.5]}}, "expected number or string"),
         ({"ai": {"disease_thresholds": [0.3, 1.5]}}, "ai.disease_thresholds = 1.5"),
+        ({"ai": {"peripheral_outline_closing_mm": -1.0}}, "ai.peripheral_outline_closing_mm"),
         ({"destinations": [{"name": "p", "ae_title": "X", "host": "h"}]},
          "destinations[p].port is missing"),
         ({"destinations": [{"name": "", "ae_title": "X", "host": "h", "port": "4242"}]},

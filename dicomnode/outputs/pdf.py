@@ -138,8 +138,7 @@ def _summary(analysis: Analysis) -> list[list[str]]:
     rows += [
         ["LVR", percent(analysis.lvr), "lesion volume / lung volume"],
         ["PLR", percent(analysis.plr),
-         f"share of lesion volume within {stats.peripheral_thickness_mm:g} mm of the pleura"
-         f" (lung outline closed by {stats.outline_closing_mm:g} mm)"],
+         f"share of lesion volume within {stats.peripheral_thickness_mm:g} mm of the pleura"],
         ["Lesions", str(stats.lesion_count), "3D connected components"],
         ["Lesion volume", f"{stats.lesion_volume_ml:.1f} mL", ""],
         ["Lung volume", f"{stats.lung_volume_ml:.1f} mL", ""],
