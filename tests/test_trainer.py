@@ -291,6 +291,8 @@ def test_train_and_evaluate_commands_end_to_end(
     rows = _rows(out / "metrics.csv")
     assert [r["stage"] for r in rows] == ["1", "2"]
     assert float(rows[1]["train_ta"]) > 0 and rows[0]["train_ta"] == "nan"
+    # the held-out scan without disease gives the false positives their column
+    assert all(float(r["val_fp_ml"]) >= 0 for r in rows)
     ckpt = load_checkpoint(out / "model.pt")
     assert ckpt.provenance.data == TRAIN and ckpt.metrics["stage"] == 2
     assert ckpt.preprocess.field_of_view_mm == 360.0  # the command's default
@@ -394,6 +396,23 @@ def test_an_unscored_validation_never_replaces_a_scored_best(tmp_path: Path, cac
     trainer._end_epoch(1, 1, state, result, scored, optimiser, schedule)
     trainer._end_epoch(1, 2, state, result, {"val_score": math.nan}, optimiser, schedule)
     assert load_checkpoint(tmp_path / "stage1.pt").metrics["epoch"] == 2
+
+
+def test_a_run_resumed_from_an_older_version_keeps_its_metrics_columns(
+    tmp_path: Path, cache: Path
+) -> None:
+    """Rows appended under an older header (no val_fp_ml) stay aligned with it; a new
+    file gets every column."""
+    trainer = Trainer(_config(tmp_path, cache, stage="1"), *_sources(cache))
+    result = EpochResult({"total": 1.0}, 1e-4, 1.0, 0.0, 1)
+    val = {"val_dsc": 0.5, "val_fp_ml": 2.5, "val_score": 0.5}
+    trainer._log_epoch(1, 0, StageState(stage=1), result, val)
+    assert _rows(tmp_path / "metrics.csv")[0]["val_fp_ml"] == "2.5"
+    older = "stage,epoch,lr,val_dsc,val_score\n1,1,0.1,0.4,0.4\n"
+    (tmp_path / "metrics.csv").write_text(older)
+    trainer._log_epoch(1, 1, StageState(stage=1), result, val)
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[:2] == older.splitlines() and lines[2] == "1,2,0.0001,0.5,0.5"
 
 
 def test_the_validation_split_does_not_follow_the_seed(cache: Path) -> None:

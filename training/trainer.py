@@ -102,7 +102,7 @@ logger = logging.getLogger(__name__)
 LOSS_TERMS = ("total", "seg", "dice", "focal", "cls", "ta")
 CSV_FIELDS = (
     "stage", "epoch", "lr", *(f"train_{t}" for t in LOSS_TERMS), "val_dsc", "val_accuracy",
-    "val_score", "best_score", "a11", "a12", "a21", "a22", "seconds", "data_seconds",
+    "val_fp_ml", "val_score", "best_score", "a11", "a12", "a21", "a22", "seconds", "data_seconds",
     "scans_per_second",
 )  # fmt: skip
 STAGE_FILES = {1: "stage1.pt", 2: "stage2.pt"}
@@ -820,12 +820,16 @@ class Trainer:
     def _validate(self) -> dict[str, float]:
         """Whole-scan inference on the validation cases, exactly as the node runs it.
 
-        Score = mean of the available DSC (scans with lesions) and accuracy.
+        Score = mean of the available DSC (scans with lesions) and accuracy. The mean
+        false-positive volume on the scans without lesions (val_fp_ml) is logged beside
+        it, not scored: a run that trades it for DSC shows, and the score, which picks the
+        epoch every run keeps, stays comparable with earlier runs.
         """
         assert self.val_source is not None
         self.model.eval()
         ckpt = self.as_checkpoint()
         dscs: list[float] = []
+        false_positive_ml: list[float] = []
         labels: list[int] = []
         probabilities: list[np.ndarray] = []
         started = time.perf_counter()
@@ -844,13 +848,17 @@ class Trainer:
             except InputVolumeError as exc:
                 logger.warning("validation: %s skipped: %s", case.case_id, exc)
                 continue
-            if pred.lesion_probability is not None and case.lesion_mask.any():
+            if pred.lesion_probability is not None:
                 mask = remove_small_components(
                     (pred.lesion_probability > DEFAULT_THRESHOLD) & case.lung_mask,
                     case.spacing_mm,
                     DEFAULT_MIN_LESION_MM3,
                 )
-                dscs.append(dice_coefficient(mask, case.lesion_mask))
+                if case.lesion_mask.any():
+                    dscs.append(dice_coefficient(mask, case.lesion_mask))
+                else:
+                    voxel_ml = math.prod(case.spacing_mm) / 1000.0
+                    false_positive_ml.append(float(np.count_nonzero(mask)) * voxel_ml)
             if pred.probabilities is not None and case.label is not None:
                 labels.append(int(case.label))
                 probabilities.append(pred.probabilities)
@@ -860,6 +868,8 @@ class Trainer:
             out["val_dsc"] = float(np.mean(dscs))
         if labels:
             out["val_accuracy"] = classification_scores(labels, probabilities).accuracy
+        if false_positive_ml:
+            out["val_fp_ml"] = float(np.mean(false_positive_ml))
         parts = [out[k] for k in ("val_dsc", "val_accuracy") if k in out]
         out["val_score"] = float(np.mean(parts)) if parts else math.nan
         logger.info(
@@ -1041,6 +1051,7 @@ class Trainer:
             **{f"train_{k}": v for k, v in result.terms.items()},
             "val_dsc": val.get("val_dsc", math.nan),
             "val_accuracy": val.get("val_accuracy", math.nan),
+            "val_fp_ml": val.get("val_fp_ml", math.nan),
             "val_score": val.get("val_score", math.nan),
             "best_score": state.best_score,
             **dict(zip(("a11", "a12", "a21", "a22"), stitch, strict=True)),
@@ -1049,10 +1060,13 @@ class Trainer:
             "scans_per_second": result.scans * self.info.world / max(result.seconds, 1e-9),
         }
         path = self.out / "metrics.csv"
-        new = not path.exists()
+        fields: Sequence[str] = CSV_FIELDS
+        if path.exists():  # a run resumed from an older version keeps its file's columns
+            with path.open(newline="") as handle:
+                fields = next(csv.reader(handle), None) or CSV_FIELDS
         with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-            if new:
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            if handle.tell() == 0:
                 writer.writeheader()
             writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.terms.items() if v == v)
