@@ -16,8 +16,8 @@ from storage.index import SeriesProgress
 
 AXIAL_TOLERANCE_DEG = 10.0
 MULTI_FRAME_NAMES = {uid: uid.name for uid in MULTI_FRAME_CT}
-"""Multi-frame CT: one instance holds the whole series, which `dicomnode.volume` does
-not read (it says so too, for a series that gets past these rules)."""
+"""For the skip reason (`dicomnode.volume` says so too, for a series that gets past
+these rules)."""
 
 
 def slice_normal_angle_deg(orientation: tuple[float, ...]) -> float | None:

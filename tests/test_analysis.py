@@ -45,13 +45,16 @@ def _disk_band(lung: np.ndarray, spacing, sigma_mm: float) -> np.ndarray:
 
 def _closed_outline(lung: np.ndarray, spacing, radius_mm: float) -> np.ndarray:
     """The outline by the book: per slice, each 3D component of the lung, on each side of
-    the middle of the columns the lungs use, closed (dilated, then eroded) by a disk of
-    `radius_mm`, beyond the image empty."""
+    the column with the least lung in the middle 60 % of the lungs' width, closed (dilated,
+    then eroded) by a disk of `radius_mm`, beyond the image empty."""
     disk = _disk(spacing, radius_mm)
     pad = max(disk.shape)
     labels, n = ndi.label(lung, structure=np.ones((3, 3, 3)))
-    columns = np.flatnonzero(lung.any(axis=(0, 1)))
-    right = np.arange(lung.shape[2]) <= columns.mean()
+    profile = lung.sum(axis=(0, 1))
+    first, last = np.flatnonzero(profile)[[0, -1]]
+    skip = int((last - first) * 0.2)
+    split = first + skip + np.argmin(profile[first + skip : last - skip + 1])
+    right = np.arange(lung.shape[2]) <= split
     outline = lung.copy()
     for z in range(lung.shape[0]):
         for value, side in ((v, s) for v in range(1, n + 1) for s in (right, ~right)):
@@ -191,7 +194,10 @@ def test_the_closing_never_bridges_the_two_lungs() -> None:
     lesion[1:3, 50:60, 60:66] = True  # the left lung's medial edge, 2-7 mm from the gap
     joined = lung.copy()
     joined[3, 20, 50:58] = True  # a strand across the gap on another slice: one component
-    for lung_mask, lung_sides in ((lung, sides), (lung, None), (joined, None)):
+    lopsided = joined.copy()  # ... and the right lung twice as wide as the left
+    lopsided[:, 10:70, 72:103] = False
+    for lung_mask, lung_sides in ((lung, sides), (lung, None), (joined, None),
+                                  (lopsided, None)):
         result = analyse_lesions(vol, lesion, lung_mask, (5.0, 1.0, 1.0),
                                  lung_sides=lung_sides, peripheral_mm=10.0,
                                  outline_closing_mm=10.0)

@@ -95,7 +95,6 @@ LUNG_CODES = frozenset({"39607008", "3341006", "44029006"})
 """SNOMED CT Lung, Right lung, Left lung: SEG segments that are lung, not lesion."""
 ANATOMY_CATEGORIES = frozenset({"91723000", "123037004"})
 """SNOMED CT 'Anatomical Structure' (current and retired code)."""
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 class DatasetError(ValueError):
@@ -992,6 +991,7 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.uid import SegmentationStorage
 
     from dicomnode.outputs import MANUFACTURER
 
@@ -1013,7 +1013,7 @@ def scan_dicom_folder(root: str | Path, labels_csv: str | Path | None = None) ->
             logger.warning("%s: left out, cannot be read as DICOM: %s: %s", path,
                            type(exc).__name__, exc)
             continue
-        if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
+        if ds.get("SOPClassUID") == SegmentationStorage:
             referenced = _referenced_series(ds)
             if referenced is None:
                 logger.warning("%s: SEG references no series; ignored", path)

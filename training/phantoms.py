@@ -1325,8 +1325,9 @@ def write_nifti(phantom: Phantom, out_dir: Path, *, case_id: str | None = None) 
         except Exception as exc:  # nibabel raises several types for a damaged file
             description = f"unreadable ({exc})"
         if description != identity:
-            raise ValueError(f"{earlier} is another image ({description or 'no description'}):"
-                             " write into another folder")
+            what = description or "no phantom identity: another tool's, or written before"
+            raise ValueError(f"{earlier} is another image ({what}): write into another"
+                             " folder, or remove it")
     affine = affine_ras(phantom)
     arrays = {
         "image": phantom.volume_hu.astype(np.int16),
