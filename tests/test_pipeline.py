@@ -581,6 +581,26 @@ def test_algorithm_parameters_say_how_the_model_ran() -> None:
     assert "device" not in algorithm_parameters(settings, {})  # a failure notice: no model run
 
 
+def test_every_ai_analysis_setting_reaches_the_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings away from the defaults, so that a line dropped from `analyse_volume` (which
+    would fall back to the default) fails here."""
+    from dicomnode.config import AIConfig, Settings
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(pipeline_module, "analyse", lambda *a, **kw: seen.update(kw))
+    ai = AIConfig(peripheral_thickness_mm=7.0, peripheral_outline_closing_mm=4.0,
+                  min_lesion_volume_mm3=25.0, consolidation_hu=-250.0,
+                  disease_thresholds=[0.3, 0.45], mirror="on", window_overlap=0.25)
+    volume = dataclasses.make_dataclass("V", ["hu", "spacing_mm"])(None, (1.0, 1.0, 1.0))
+    pipeline_module.analyse_volume(volume, Settings(ai=ai), None)  # type: ignore[arg-type]
+    assert {k: seen[k] for k in ("peripheral_mm", "outline_closing_mm", "min_lesion_mm3",
+                                 "consolidation_hu", "disease_thresholds", "mirror",
+                                 "overlap")} == {
+        "peripheral_mm": 7.0, "outline_closing_mm": 4.0, "min_lesion_mm3": 25.0,
+        "consolidation_hu": -250.0, "disease_thresholds": [0.3, 0.45], "mirror": True,
+        "overlap": 0.25}
+
+
 def test_offline_infer_goes_on_after_a_series_that_breaks(
     tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
