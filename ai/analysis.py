@@ -283,7 +283,8 @@ def analyse_lesions(
 
     lung_sides: optional labels (0 background, `LungSide.RIGHT`, `LungSide.LEFT`) as from
     `ai.lungs.label_lungs(...).sides`; gives each lesion its side, and each lung its own
-    outline for the PLR (without them, each 3D component of the lung mask is a lung).
+    outline for the PLR (without them, each 3D component of the lung mask on either side
+    of the column between the lungs is one).
     """
     shape = tuple(volume_hu.shape)
     for name, arr in (("lesion_mask", lesion_mask), ("lung_mask", lung_mask)):
