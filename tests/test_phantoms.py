@@ -278,6 +278,26 @@ def test_nifti_of_another_phantom_under_the_same_names_is_refused(tmp_path: Path
     assert other["image"].name == "b_image.nii.gz"
 
 
+def test_cli_both_formats_refused_before_either_is_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NIfTI refusal must not leave a fresh DICOM series behind it, nor the reverse."""
+    pytest.importorskip("nibabel")
+    parser = argparse.ArgumentParser()
+    add_phantom_arguments(parser)
+    args = ["--kind", "cap", "--seed", "1", "--slices", "6", "--size", "32", "--format", "both"]
+    nifti_taken = tmp_path / "a"
+    write_nifti(generate_phantom("cap", 1, slices=5, size=32), nifti_taken / "nifti")
+    assert run_phantom_command(parser.parse_args([str(nifti_taken), *args])) == 2
+    assert "is another image" in caplog.text
+    assert not (nifti_taken / "dicom").exists()
+    dicom_taken = tmp_path / "b"
+    write_dicom_series(generate_phantom("cap", 2, slices=3, size=32), dicom_taken / "dicom")
+    assert run_phantom_command(parser.parse_args([str(dicom_taken), *args])) == 2
+    assert "already holds 3 CT file" in caplog.text
+    assert not (dicom_taken / "nifti").exists()
+
+
 def test_cli_bad_settings_are_a_message_not_a_traceback(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

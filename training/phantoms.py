@@ -1199,21 +1199,15 @@ def write_dicom_series(
     series UID from the study UID as well: one series is never in two studies). A folder
     that already holds such files of another series is refused: mixed, the two would read
     as one broken series."""
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     key = _case_key(phantom)
     study_uid = study_uid or _uid("study", *key)
-    series_uid = series_uid or _uid("series", study_uid, *key)
-    earlier = sorted(out_dir.glob("CT[0-9][0-9][0-9][0-9].dcm"))
-    if earlier:
-        other = pydicom.dcmread(earlier[0], stop_before_pixels=True, force=True)
-        if str(other.get("SeriesInstanceUID", "")) != series_uid:
-            raise ValueError(f"{out_dir} already holds {len(earlier)} CT file(s) of another"
-                             " series (CT0001.dcm ...): write into an empty folder")
+    series_uid = series_uid or default_series_uid(phantom, study_uid)
+    refuse_other_series(out_dir, series_uid)
+    out_dir.mkdir(parents=True, exist_ok=True)
     frame_uid = _uid("frame", study_uid, series_uid)
     day = datetime.date(2020, 1, 1) + datetime.timedelta(days=phantom.seed % 1500)
     date = day.strftime("%Y%m%d")
@@ -1296,6 +1290,26 @@ def write_dicom_series(
     return paths
 
 
+def refuse_other_series(out_dir: Path, series_uid: str) -> None:
+    """Raise ValueError when `out_dir` holds phantom CT files (CT0001.dcm ...) of a series
+    other than `series_uid`: mixed, the two would read as one broken series."""
+    import pydicom
+
+    earlier = sorted(Path(out_dir).glob("CT[0-9][0-9][0-9][0-9].dcm"))
+    if earlier:
+        other = pydicom.dcmread(earlier[0], stop_before_pixels=True, force=True)
+        if str(other.get("SeriesInstanceUID", "")) != series_uid:
+            raise ValueError(f"{out_dir} already holds {len(earlier)} CT file(s) of another"
+                             " series (CT0001.dcm ...): write into an empty folder")
+
+
+def default_series_uid(phantom: Phantom, study_uid: str | None = None) -> str:
+    """The Series Instance UID `write_dicom_series` gives the phantom unless told (from the
+    study's: one series is never in two studies)."""
+    key = _case_key(phantom)
+    return _uid("series", study_uid or _uid("study", *key), *key)
+
+
 def affine_ras(phantom: Phantom) -> np.ndarray:
     """The NIfTI (RAS) affine of the volume written by `write_nifti`, matching the DICOM
     geometry: columns go to patient left, rows to posterior, slices to inferior."""
@@ -1315,19 +1329,10 @@ def write_nifti(phantom: Phantom, out_dir: Path, *, case_id: str | None = None) 
     import nibabel as nib
 
     out_dir = Path(out_dir)
+    case_id = case_id or _default_case_id(phantom)
+    identity = _nifti_identity(phantom)
+    refuse_other_nifti(phantom, out_dir, case_id=case_id)
     out_dir.mkdir(parents=True, exist_ok=True)
-    case_id = case_id or f"phantom_{phantom.kind}_{phantom.seed:05d}"
-    identity = f"phantom {_uid('nifti', *_case_key(phantom))}"  # at most 80 characters
-    earlier = out_dir / f"{case_id}_image.nii.gz"
-    if earlier.exists():
-        try:
-            description = nib.load(earlier).header["descrip"].item().decode("ascii", "replace")
-        except Exception as exc:  # nibabel raises several types for a damaged file
-            description = f"unreadable ({exc})"
-        if description != identity:
-            what = description or "no phantom identity: another tool's, or written before"
-            raise ValueError(f"{earlier} is another image ({what}): write into another"
-                             " folder, or remove it")
     affine = affine_ras(phantom)
     arrays = {
         "image": phantom.volume_hu.astype(np.int16),
@@ -1346,6 +1351,33 @@ def write_nifti(phantom: Phantom, out_dir: Path, *, case_id: str | None = None) 
         paths[name] = path
     log.info("wrote NIfTI %s to %s", case_id, out_dir)
     return paths
+
+
+def _default_case_id(phantom: Phantom) -> str:
+    return f"phantom_{phantom.kind}_{phantom.seed:05d}"
+
+
+def _nifti_identity(phantom: Phantom) -> str:
+    """The NIfTI header description naming the phantom (at most 80 characters)."""
+    return f"phantom {_uid('nifti', *_case_key(phantom))}"
+
+
+def refuse_other_nifti(phantom: Phantom, out_dir: Path, *, case_id: str | None = None) -> None:
+    """Raise ValueError when `out_dir` holds the NIfTI image `write_nifti` would write, but
+    of another phantom (the same kind and seed at another size has the same file names)."""
+    import nibabel as nib
+
+    earlier = Path(out_dir) / f"{case_id or _default_case_id(phantom)}_image.nii.gz"
+    if not earlier.exists():
+        return
+    try:
+        description = nib.load(earlier).header["descrip"].item().decode("ascii", "replace")
+    except Exception as exc:  # nibabel raises several types for a damaged file
+        description = f"unreadable ({exc})"
+    if description != _nifti_identity(phantom):
+        what = description or "no phantom identity: another tool's, or written before"
+        raise ValueError(f"{earlier} is another image ({what}): write into another"
+                         " folder, or remove it")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1378,11 +1410,16 @@ def run_phantom_command(args: argparse.Namespace) -> int:
             args.kind, args.seed, slices=args.slices, size=args.size,
             slice_thickness_mm=args.slice_thickness_mm, pixel_spacing_mm=args.pixel_spacing_mm,
         )
+        dicom_dir = out / "dicom" if args.format == "both" else out
+        nifti_dir = out / "nifti" if args.format == "both" else out
+        if args.format == "both":  # refused before either is written, not half-way
+            refuse_other_series(dicom_dir, default_series_uid(phantom))
+            refuse_other_nifti(phantom, nifti_dir)
         if args.format in ("dicom", "both"):
-            files = write_dicom_series(phantom, out / "dicom" if args.format == "both" else out)
+            files = write_dicom_series(phantom, dicom_dir)
             written.append(f"{len(files)} DICOM files in {files[0].parent}")
         if args.format in ("nifti", "both"):
-            nifti = write_nifti(phantom, out / "nifti" if args.format == "both" else out)
+            nifti = write_nifti(phantom, nifti_dir)
             written.extend(str(p) for p in nifti.values())
     except (ValueError, OSError) as exc:  # bad settings; an OUT that cannot be written
         log.error("phantom: %s", exc)
