@@ -62,6 +62,7 @@ from ai.preprocess import (
     resize_inplane,
     sample_cls_slices,
 )
+from ai.refine import DEFAULT_REFINEMENT, OutlineRefinement, refine_lesion_outline
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ def analyse(
     disease_thresholds: Sequence[float] | None = None,
     mirror: bool | None = None,
     overlap: float | None = None,
+    refinement: OutlineRefinement = DEFAULT_REFINEMENT,
 ) -> Analysis:
     """Analyse one CT volume (z, y, x) in HU with spacing (dz, dy, dx) mm.
 
@@ -208,6 +210,7 @@ def analyse(
     on a GPU only (on a CPU it doubles the longest stage). `overlap`: the share of a
     segmentation window that its neighbours cover too (`with_overlap`); None:
     `GPU_OVERLAP` on a GPU, the checkpoint's own (none for the shipped weights) on a CPU.
+    `refinement`: how the lesion outline is re-decided by density (`ai.refine`).
     Bad input raises an `ai.errors.InputVolumeError` subclass that says why.
     """
     if not 0.0 < threshold < 1.0:
@@ -251,11 +254,11 @@ def analyse(
     timings |= pred.timings
 
     t = time.perf_counter()
-    candidate = pred.lesion_probability > threshold
-    candidate &= lung
+    probability = pred.lesion_probability
     pred = dataclasses.replace(pred, lesion_probability=None)  # freed: the largest array
-    lesion = remove_small_components(candidate, spacing, min_lesion_mm3)
-    del candidate
+    lesion = lesion_mask(probability, lung, volume_hu, spacing, threshold=threshold,
+                         min_lesion_mm3=min_lesion_mm3, refinement=refinement)
+    del probability
     timings["segmentation"] += time.perf_counter() - t
     t = time.perf_counter()
     stats = analyse_lesions(
@@ -298,11 +301,32 @@ def analyse(
         model=ckpt.info | {
             "device": str(ckpt.device), "mirror": mirrored,
             "window_overlap": ckpt.preprocess.seg_overlap, "threshold": threshold,
+            "outline_band_mm": refinement.band_mm,
+            "outline_contrast_hu": refinement.contrast_hu,
             "field_of_view_mm": ckpt.preprocess.field_of_view_mm,
             "disease_thresholds": list(disease_thresholds) if disease_thresholds else None,
         },
         caveats=caveats + disagreement,
     )
+
+
+def lesion_mask(
+    probability: np.ndarray,
+    lung: np.ndarray,
+    volume_hu: np.ndarray,
+    spacing_mm: Sequence[float],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3,
+    refinement: OutlineRefinement = DEFAULT_REFINEMENT,
+) -> np.ndarray:
+    """The network's lesion probability to the lesion mask: cut at `threshold` inside the
+    lungs, the outline re-decided by density (`ai.refine`), then components under
+    `min_lesion_mm3` removed (the refinement can leave specks at the band's edge)."""
+    candidate = probability > threshold
+    candidate &= lung
+    candidate = refine_lesion_outline(volume_hu, candidate, lung, spacing_mm, refinement)
+    return remove_small_components(candidate, spacing_mm, min_lesion_mm3)
 
 
 def predict(

@@ -19,7 +19,7 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address, ip_netw
 from pathlib import Path
 from typing import Any
 
-from ai.limits import MAX_WINDOW_OVERLAP
+from ai.limits import DEFAULT_OUTLINE_BAND_MM, DEFAULT_OUTLINE_CONTRAST_HU, MAX_WINDOW_OVERLAP
 
 __all__ = [
     "AIConfig",
@@ -255,6 +255,16 @@ class AIConfig:
         "Lesion voxels at or above this HU count as consolidation, below as ground-glass.",
         -300.0,
     )
+    outline_band_mm: float = _doc(
+        "Lung voxels inside the network's lesions or within this distance of them are"
+        " decided again by their density above the surrounding lung, which sharpens the"
+        " outlines (ai/refine.py); 0 keeps the network's own outline.",
+        DEFAULT_OUTLINE_BAND_MM,
+    )
+    outline_contrast_hu: float = _doc(
+        "How many HU above the local lung parenchyma makes such a voxel lesion.",
+        DEFAULT_OUTLINE_CONTRAST_HU,
+    )
     mirror: str = _doc(
         "Test-time mirroring: average the lesion probability over the scan as it is, "
         "mirrored left-right, flipped along its slices, and both (better masks, four times "
@@ -293,6 +303,8 @@ class AIConfig:
                      0.0, 100.0)
         _check_range("ai.min_lesion_volume_mm3", self.min_lesion_volume_mm3, 0.0, 1e6)
         _check_range("ai.consolidation_hu", self.consolidation_hu, -1000.0, 1000.0)
+        _check_range("ai.outline_band_mm", self.outline_band_mm, 0.0, 100.0)
+        _check_range("ai.outline_contrast_hu", self.outline_contrast_hu, -1000.0, 1000.0)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from ai.errors import InputVolumeError
 from ai.infer import Analysis, analyse, load_model
 from ai.labels import CLASS_NAMES
+from ai.refine import OutlineRefinement
 from dicomnode import __version__
 from dicomnode.config import MIRROR_CHOICES, Settings
 from dicomnode.export import Exporter
@@ -103,6 +104,8 @@ def algorithm_parameters(settings: Settings, model: dict[str, object]) -> dict[s
         "peripheral_thickness_mm": f"{ai.peripheral_thickness_mm:g}",
         "peripheral_outline_closing_mm": f"{ai.peripheral_outline_closing_mm:g}",
         "consolidation_hu": f"{ai.consolidation_hu:g}",
+        "outline_band_mm": f"{ai.outline_band_mm:g}",
+        "outline_contrast_hu": f"{ai.outline_contrast_hu:g}",
         "disease_thresholds": thresholds or "most probable class",
     }
 
@@ -148,6 +151,8 @@ def analyse_volume(volume: CTVolume, settings: Settings, checkpoint: object) -> 
         consolidation_hu=ai.consolidation_hu, disease_thresholds=ai.disease_thresholds or None,
         mirror=MIRROR_CHOICES[ai.mirror],
         overlap=None if ai.window_overlap == "auto" else float(ai.window_overlap),
+        refinement=OutlineRefinement(band_mm=ai.outline_band_mm,
+                                     contrast_hu=ai.outline_contrast_hu),
     )
 
 

@@ -50,6 +50,8 @@ def test_shipped_config_is_the_generated_default() -> None:
         ({"ai": {"window_overlap": [0.5]}}, "expected number or string"),
         ({"ai": {"disease_thresholds": [0.3, 1.5]}}, "ai.disease_thresholds = 1.5"),
         ({"ai": {"peripheral_outline_closing_mm": -1.0}}, "ai.peripheral_outline_closing_mm"),
+        ({"ai": {"outline_band_mm": -1.0}}, "ai.outline_band_mm"),
+        ({"ai": {"outline_contrast_hu": 5000.0}}, "ai.outline_contrast_hu"),
         ({"destinations": [{"name": "p", "ae_title": "X", "host": "h"}]},
          "destinations[p].port is missing"),
         ({"destinations": [{"name": "", "ae_title": "X", "host": "h", "port": "4242"}]},

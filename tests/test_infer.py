@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ai.preprocess import (
     normalise_hu,
     resize_inplane,
 )
+from ai.refine import NO_REFINEMENT, OutlineRefinement, refine_lesion_outline
 
 torch.set_num_threads(1)
 
@@ -279,19 +281,23 @@ def test_mirroring_makes_the_segmentation_mirror_equivariant(
     """With test-time mirroring, the lesions of a scan mirrored left-right or flipped
     along its slices are exactly the flipped lesions (each is the average of the same four
     passes), with a field of view too; the classification is the scan's own. (The
-    threshold suits the untrained model, whose probabilities lie around 0.5.)"""
+    threshold suits the untrained model, whose probabilities lie around 0.5. The outline
+    refinement is left out: its coarse grid of parenchyma levels starts at the first voxel,
+    so a flipped scan's level can differ in the last digits, and a voxel exactly at the
+    contrast threshold with it.)"""
     ckpt = dataclasses.replace(ckpt, preprocess=dataclasses.replace(
         ckpt.preprocess, field_of_view_mm=field_of_view_mm))
     vol, lungs = chest()
-    plain = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=0.497)
-    one = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=0.497,
-                        mirror=True)
+    analyse = functools.partial(infer.analyse, refinement=NO_REFINEMENT)
+    plain = analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=0.497)
+    one = analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=0.497,
+                  mirror=True)
     assert one.lesion_mask.any()
     assert not np.array_equal(one.lesion_mask, plain.lesion_mask)
     for axes in ((2,), (0,)):
-        other = infer.analyse(np.ascontiguousarray(np.flip(vol, axes)), SPACING,
-                              checkpoint=ckpt, threshold=0.497, mirror=True,
-                              lung_mask=np.ascontiguousarray(np.flip(lungs, axes)))
+        other = analyse(np.ascontiguousarray(np.flip(vol, axes)), SPACING,
+                        checkpoint=ckpt, threshold=0.497, mirror=True,
+                        lung_mask=np.ascontiguousarray(np.flip(lungs, axes)))
         np.testing.assert_array_equal(one.lesion_mask, np.flip(other.lesion_mask, axes))
     assert one.probabilities == plain.probabilities
     assert one.timings["segmentation"] > plain.timings["segmentation"] * 2
@@ -422,8 +428,35 @@ def test_the_lesion_threshold_is_strict(ckpt: Checkpoint, monkeypatch: Any) -> N
         return dataclasses.replace(pred, lesion_probability=probability)
 
     monkeypatch.setattr(infer, "_predict", at_threshold)
-    a = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=0.5)
+    a = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, threshold=0.5,
+                      refinement=NO_REFINEMENT)
     assert np.array_equal(a.lesion_mask, lungs & (np.arange(vol.shape[0]) < 12)[:, None, None])
+
+
+def test_the_network_outline_is_refined_by_density(ckpt: Checkpoint, monkeypatch: Any) -> None:
+    """`analyse` cuts the probability, re-decides the outline by density (ai/refine.py,
+    tested there) and then removes small components; the settings travel with the result."""
+    vol, lungs = chest()
+    real = infer._predict
+    found = np.zeros_like(lungs)
+    found[6:10, 20:30, 12:22] = True
+    found &= lungs
+
+    def blob(*args: Any, **kwargs: Any) -> infer.Prediction:
+        return dataclasses.replace(real(*args, **kwargs),
+                                   lesion_probability=found.astype(np.float32))
+
+    monkeypatch.setattr(infer, "_predict", blob)
+    refinement = OutlineRefinement(band_mm=8.0, contrast_hu=20.0)
+    a = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs, refinement=refinement,
+                      min_lesion_mm3=0.0)
+    expected = refine_lesion_outline(vol, found, lungs, SPACING, refinement)
+    assert not np.array_equal(expected, found)  # the refinement has something to do here
+    assert np.array_equal(a.lesion_mask, expected)
+    assert (a.model["outline_band_mm"], a.model["outline_contrast_hu"]) == (8.0, 20.0)
+    off = infer.analyse(vol, SPACING, checkpoint=ckpt, lung_mask=lungs,
+                        refinement=NO_REFINEMENT, min_lesion_mm3=0.0)
+    assert np.array_equal(off.lesion_mask, found) and off.model["outline_band_mm"] == 0.0
 
 
 def test_a_phantom_ct_end_to_end(ckpt: Checkpoint) -> None:

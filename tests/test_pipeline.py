@@ -520,7 +520,7 @@ def test_offline_infer_writes_every_output(tiny_checkpoint: Path, tmp_path: Path
         "lesion_threshold": "0.5", "field_of_view_mm": "whole matrix",
         "min_lesion_volume_mm3": "10",
         "peripheral_thickness_mm": "10", "peripheral_outline_closing_mm": "10",
-        "consolidation_hu": "-300",
+        "consolidation_hu": "-300", "outline_band_mm": "6", "outline_contrast_hu": "30",
         "disease_thresholds": "most probable class",
     }
     sr = pydicom.dcmread(folder / "sr.dcm")
@@ -584,21 +584,23 @@ def test_algorithm_parameters_say_how_the_model_ran() -> None:
 def test_every_ai_analysis_setting_reaches_the_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings away from the defaults, so that a line dropped from `analyse_volume` (which
     would fall back to the default) fails here."""
+    from ai.refine import OutlineRefinement
     from dicomnode.config import AIConfig, Settings
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(pipeline_module, "analyse", lambda *a, **kw: seen.update(kw))
     ai = AIConfig(peripheral_thickness_mm=7.0, peripheral_outline_closing_mm=4.0,
                   min_lesion_volume_mm3=25.0, consolidation_hu=-250.0,
-                  disease_thresholds=[0.3, 0.45], mirror="on", window_overlap=0.25)
+                  disease_thresholds=[0.3, 0.45], mirror="on", window_overlap=0.25,
+                  outline_band_mm=4.0, outline_contrast_hu=45.0)
     volume = dataclasses.make_dataclass("V", ["hu", "spacing_mm"])(None, (1.0, 1.0, 1.0))
     pipeline_module.analyse_volume(volume, Settings(ai=ai), None)  # type: ignore[arg-type]
     assert {k: seen[k] for k in ("peripheral_mm", "outline_closing_mm", "min_lesion_mm3",
                                  "consolidation_hu", "disease_thresholds", "mirror",
-                                 "overlap")} == {
+                                 "overlap", "refinement")} == {
         "peripheral_mm": 7.0, "outline_closing_mm": 4.0, "min_lesion_mm3": 25.0,
         "consolidation_hu": -250.0, "disease_thresholds": [0.3, 0.45], "mirror": True,
-        "overlap": 0.25}
+        "overlap": 0.25, "refinement": OutlineRefinement(band_mm=4.0, contrast_hu=45.0)}
 
 
 def test_offline_infer_goes_on_after_a_series_that_breaks(

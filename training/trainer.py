@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ai.analysis import analyse_lesions, remove_small_components
+from ai.analysis import analyse_lesions
 from ai.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
@@ -53,10 +53,10 @@ from ai.checkpoint import (
 )
 from ai.errors import InputVolumeError
 from ai.infer import (
-    DEFAULT_MIN_LESION_MM3,
     DEFAULT_THRESHOLD,
     analyse,
     diagnose,
+    lesion_mask,
     predict,
     with_overlap,
 )
@@ -74,6 +74,7 @@ from ai.model import (
     evidence_class,
 )
 from ai.preprocess import DEFAULT_FIELD_OF_VIEW_MM, PreprocessConfig, SlidingWindow
+from ai.refine import DEFAULT_REFINEMENT, NO_REFINEMENT, OutlineRefinement
 from training.datasets import (
     Augmentation,
     Case,
@@ -818,7 +819,9 @@ class Trainer:
         )
 
     def _validate(self) -> dict[str, float]:
-        """Whole-scan inference on the validation cases, exactly as the node runs it.
+        """Whole-scan inference on the validation cases, as the node runs it but for the
+        outline refinement (`ai.refine`): epochs are compared on the network's own outline,
+        which is what training changes, and which earlier runs' logs recorded.
 
         Score = mean of the available DSC (scans with lesions) and accuracy. The mean
         false-positive volume on the scans without lesions (val_fp_ml) is logged beside
@@ -849,11 +852,8 @@ class Trainer:
                 logger.warning("validation: %s skipped: %s", case.case_id, exc)
                 continue
             if pred.lesion_probability is not None:
-                mask = remove_small_components(
-                    (pred.lesion_probability > DEFAULT_THRESHOLD) & case.lung_mask,
-                    case.spacing_mm,
-                    DEFAULT_MIN_LESION_MM3,
-                )
+                mask = lesion_mask(pred.lesion_probability, case.lung_mask, case.volume_hu,
+                                   case.spacing_mm, refinement=NO_REFINEMENT)
                 if case.lesion_mask.any():
                     dscs.append(dice_coefficient(mask, case.lesion_mask))
                 else:
@@ -1214,6 +1214,7 @@ class _Overlay:
 def _case_result(
     case: Case, ckpt: Checkpoint, truth_lungs: bool, threshold: float, mirror: bool = False,
     disease_thresholds: Sequence[float] | None = None,
+    refinement: OutlineRefinement = DEFAULT_REFINEMENT,
 ) -> tuple[ScanResult, np.ndarray, float]:
     """Score one case: (result, predicted lesion mask, seconds of inference)."""
     assert case.lung_mask is not None
@@ -1224,7 +1225,7 @@ def _case_result(
         analysis = analyse(
             case.volume_hu, case.spacing_mm, checkpoint=ckpt, lung_mask=lung_in,
             threshold=threshold, mirror=mirror, overlap=ckpt.preprocess.seg_overlap,
-            disease_thresholds=disease_thresholds,
+            disease_thresholds=disease_thresholds, refinement=refinement,
         )  # fmt: skip
         pred_mask, stats = analysis.lesion_mask, analysis.stats
         probabilities = tuple(analysis.probabilities[name] for name in CLASS_NAMES)
@@ -1233,10 +1234,8 @@ def _case_result(
         pred = predict(ckpt, case.volume_hu, lung, case.spacing_mm, mirror=mirror)
         pred_mask, stats = np.zeros(case.volume_hu.shape, dtype=bool), None
         if pred.lesion_probability is not None:
-            pred_mask = remove_small_components(
-                (pred.lesion_probability > threshold) & lung, case.spacing_mm,
-                DEFAULT_MIN_LESION_MM3,
-            )  # fmt: skip
+            pred_mask = lesion_mask(pred.lesion_probability, lung, case.volume_hu,
+                                    case.spacing_mm, threshold=threshold, refinement=refinement)
             stats = analyse_lesions(case.volume_hu, pred_mask, lung, case.spacing_mm)
         if pred.probabilities is not None:
             probabilities = tuple(float(p) for p in pred.probabilities)
@@ -1290,6 +1289,7 @@ def evaluate(
     mirror: bool = False,
     overlap: float | None = None,
     disease_thresholds: Sequence[float] | None = None,
+    refinement: OutlineRefinement = DEFAULT_REFINEMENT,
 ) -> tuple[EvaluationSummary, str]:
     """Evaluate a checkpoint on every case of ``data``: (summary, Table II-style text).
 
@@ -1298,7 +1298,8 @@ def evaluate(
     the true masks. With ``out``: evaluation.json and evaluation.png are written there.
     ``mirror`` and ``overlap`` (None: the checkpoint's own, on any device) and
     ``disease_thresholds`` (the operating point, as ``[ai] disease_thresholds``; None:
-    the most probable class) as in ``analyse``.
+    the most probable class) and ``refinement`` (the outline's, as ``[ai] outline_band_mm``
+    and ``outline_contrast_hu``) as in ``analyse``.
     """
     if overlays < 0:
         raise ValueError(f"overlays {overlays} must be >= 0")
@@ -1322,7 +1323,7 @@ def evaluate(
             continue
         try:
             result, pred_mask, elapsed = _case_result(case, ckpt, truth_lungs, threshold,
-                                                      mirror, disease_thresholds)
+                                                      mirror, disease_thresholds, refinement)
         except InputVolumeError as exc:  # the node would refuse this scan: say so, go on
             logger.warning("evaluate: %s skipped: %s", case.case_id, exc)
             skipped[case.case_id] = str(exc)
@@ -1359,6 +1360,8 @@ def evaluate(
             "truth_lungs": truth_lungs,
             "lungs_segmented": sorted(lungs_segmented),  # where truth_lungs found none
             "threshold": threshold,
+            "outline_band_mm": refinement.band_mm,
+            "outline_contrast_hu": refinement.contrast_hu,
             "mirror": mirror,
             "window_overlap": ckpt.preprocess.seg_overlap,
             "disease_thresholds": list(disease_thresholds or []),
@@ -1699,6 +1702,22 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_THRESHOLD,
         help="lesion probability threshold (0.5)",
     )
+    parser.add_argument(
+        "--outline-band-mm",
+        type=float,
+        default=DEFAULT_REFINEMENT.band_mm,
+        metavar="MM",
+        help="re-decide the lesion outline by density within MM of the network's, as [ai] "
+        f"outline_band_mm ({DEFAULT_REFINEMENT.band_mm:g}; 0: the network's own outline)",
+    )
+    parser.add_argument(
+        "--outline-contrast-hu",
+        type=float,
+        default=DEFAULT_REFINEMENT.contrast_hu,
+        metavar="HU",
+        help="HU above the local parenchyma that makes a voxel near the outline lesion, as "
+        f"[ai] outline_contrast_hu ({DEFAULT_REFINEMENT.contrast_hu:g})",
+    )
     parser.add_argument("--overlays", type=int, default=4, help="example slices in the PNG (4)")
     parser.add_argument(
         "--mirror",
@@ -1727,11 +1746,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate_command(args: argparse.Namespace) -> int:
     """``dicomnode evaluate``: prints the table; 0 on success, 2 on unusable input."""
     try:
+        refinement = OutlineRefinement(band_mm=args.outline_band_mm,
+                                       contrast_hu=args.outline_contrast_hu)
         _, table = evaluate(
             args.checkpoint, args.data, args.out, device=args.device, workers=args.workers,
             cache_dir=args.cache_dir, truth_lungs=args.truth_lungs, threshold=args.threshold,
             overlays=args.overlays, mirror=args.mirror, overlap=args.overlap,
-            disease_thresholds=args.disease_thresholds,
+            disease_thresholds=args.disease_thresholds, refinement=refinement,
         )  # fmt: skip
     except (DatasetError, ValueError, CheckpointError, OSError) as exc:
         logger.error("evaluate: %s", exc)
