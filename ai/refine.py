@@ -16,8 +16,9 @@ and a voxel within `band_mm` of the network's outline (outside it) or inside it 
 when its contrast exceeds `contrast_hu`. Voxels farther out keep the network's call, and
 what the band adds must join a lesion that keeps some of the network's voxels, so the
 refinement moves outlines and may drop a faint false lesion, but never creates a lesion
-the network did not find. Vessels running into a lesion are taken in up to `band_mm`, as
-an outline drawn by hand takes them in.
+the network did not find. Vessels inside a lesion stay in it (they are denser than the
+lung); a vessel leaving it, or denser lung beside it, is taken in up to `band_mm`, which is
+what the refinement costs (docs/training.md).
 """
 
 from __future__ import annotations

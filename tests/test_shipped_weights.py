@@ -12,6 +12,7 @@ import pytest
 from ai import infer
 from ai.checkpoint import Checkpoint, default_checkpoint_path, load_checkpoint
 from ai.labels import CLASS_NAMES, Diagnosis
+from ai.refine import DEFAULT_REFINEMENT
 from training.datasets import PhantomSource, parse_data_spec
 from training.metrics import dice_coefficient
 from training.phantoms import generate_phantom
@@ -59,6 +60,9 @@ def test_shipped_evaluation_is_of_these_weights_on_held_out_phantoms(
 ) -> None:
     evaluation = json.loads(default_checkpoint_path().with_name(name).read_text())
     assert (evaluation["mirror"], evaluation["window_overlap"]) == test_time
+    # with the node's default outline refinement (ai/refine.py)
+    assert (evaluation["outline_band_mm"], evaluation["outline_contrast_hu"]) == (
+        DEFAULT_REFINEMENT.band_mm, DEFAULT_REFINEMENT.contrast_hu)
     assert evaluation["checkpoint"]["checkpoint_sha256"] == shipped.sha256
     config = shipped.provenance.extra["train_config"]
     trained_on = _phantom_items(config["data"] + config["val_data"])
