@@ -35,7 +35,7 @@ from ai.limits import DEFAULT_OUTLINE_BAND_MM, DEFAULT_OUTLINE_CONTRAST_HU
 from ai.lungs import bounding_box
 
 _TRUNCATE = 4.0
-"""Gaussian kernels reach this many sigmas (scipy's default), which sizes the crop."""
+"""Gaussian kernels reach this many sigmas (scipy's default)."""
 _SLAB = 32
 """Slices decided at a time (bounds the float temporaries, as `ai.infer.SLAB`)."""
 _MIN_WEIGHT = 1e-3
@@ -98,10 +98,13 @@ def refine_lesion_outline(
     reach = [math.ceil(settings.band_mm / d) for d in spacing]
     box = tuple(slice(max(0, sl.start - r), min(n, sl.stop + r))
                 for sl, r, n in zip(box, reach, lesion.shape, strict=True))
+    # blocks of about a quarter of the level's sigma (`_parenchyma_level`)
+    factors = [max(1, round(settings.background_mm / 4.0 / d)) for d in spacing]
     level, share = _parenchyma_level(
         volume_hu, lung & ~lesion & (volume_hu < settings.background_max_hu), spacing,
-        settings.background_mm)  # fmt: skip
-    weights = _interpolation_weights(box, level.shape, spacing, settings.background_mm)
+        settings.background_mm, factors)  # fmt: skip
+    weights = [_interpolation(sl, f, n)
+               for sl, f, n in zip(box, factors, level.shape, strict=True)]
     found = lesion[box]
     refined = np.empty_like(found)
     halo = reach[0]  # slices beyond a slab that can hold a lesion within the band
@@ -129,9 +132,10 @@ def refine_lesion_outline(
 
 
 def _parenchyma_level(
-    volume_hu: np.ndarray, parenchyma: np.ndarray, spacing: np.ndarray, sigma_mm: float
+    volume_hu: np.ndarray, parenchyma: np.ndarray, spacing: np.ndarray, sigma_mm: float,
+    factors: Sequence[int],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """On blocks of `_blocks` voxels, the Gaussian-weighted mean HU of the parenchyma
+    """On blocks of `factors` voxels, the Gaussian-weighted mean HU of the parenchyma
     voxels (normalised convolution; outside the volume counts as no parenchyma) and the
     share of the kernel's weight they hold.
 
@@ -139,25 +143,12 @@ def _parenchyma_level(
     voxels by linear interpolation (`_resample`): a full-resolution Gaussian of 20 mm over
     a 300 x 512 x 512 scan takes a minute on 2 cores.
     """
-    factors = _blocks(spacing, sigma_mm)
     w = _block_sums(parenchyma, factors)
     v = _block_sums(np.where(parenchyma, volume_hu, 0), factors)
     sigma = [sigma_mm / (d * f) for d, f in zip(spacing, factors, strict=True)]
     w = ndi.gaussian_filter(w, sigma, mode="constant", truncate=_TRUNCATE)
     v = ndi.gaussian_filter(v, sigma, mode="constant", truncate=_TRUNCATE)
     return v / np.maximum(w, _MIN_WEIGHT), w / math.prod(factors)
-
-
-def _blocks(spacing: np.ndarray, sigma_mm: float) -> list[int]:
-    return [max(1, round(sigma_mm / 4.0 / d)) for d in spacing]
-
-
-def _interpolation_weights(
-    box: tuple[slice, slice, slice], blocks: tuple[int, ...], spacing: np.ndarray,
-    sigma_mm: float,
-) -> list[np.ndarray]:
-    return [_interpolation(sl, f, n) for sl, f, n in zip(
-        box, _blocks(spacing, sigma_mm), blocks, strict=True)]
 
 
 def _resample(grid: np.ndarray, wz: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:

@@ -32,18 +32,11 @@ def _chest(lesion: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 CENTRE = (12.0, 32.0, 32.0)
 
 
-def test_an_undersegmented_lesion_grows_to_its_density_outline() -> None:
+@pytest.mark.parametrize("network_radius_mm", [5.0, 11.0])  # under- and oversegmented
+def test_a_lesion_outline_moves_to_its_density_outline(network_radius_mm: float) -> None:
     truth = _ball(CENTRE, 8.0)
     hu, lung = _chest(truth)
-    network = _ball(CENTRE, 5.0)
-    refined = refine_lesion_outline(hu, network, lung, SPACING)
-    assert np.array_equal(refined, truth & lung)
-
-
-def test_an_oversegmented_lesion_shrinks_to_its_density_outline() -> None:
-    truth = _ball(CENTRE, 8.0)
-    hu, lung = _chest(truth)
-    network = _ball(CENTRE, 11.0)
+    network = _ball(CENTRE, network_radius_mm)
     refined = refine_lesion_outline(hu, network, lung, SPACING)
     assert np.array_equal(refined, truth & lung)
 
