@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -402,24 +402,35 @@ def analyse_lesions(
     )
 
 
+LungLabels = Callable[[tuple[slice, slice, slice]], np.ndarray]
+"""The lung labels of a region (z, y, x slices): made per crop, as only the lesions' slices
+need them (a full-volume array of a 640-slice scan is 170 MB)."""
+
+
 def _lung_labels(
     lung: np.ndarray, lung_sides: np.ndarray | None, outline_closing_mm: float
-) -> np.ndarray:
+) -> LungLabels:
     """One label per lung, for `lung_outline`: the sides (lung voxels without one together
     as a third), else the 3D components of the mask, each split at `_mediastinum_column`
     (two lungs that touch anywhere are one component, which the closing would bridge
     across the mediastinum); the mask itself without a closing."""
     if outline_closing_mm <= 0:
-        return lung
-    if lung_sides is None:
+        return lambda region: lung[region]
+    if lung_sides is None:  # components are global: labelled once, whole
         labels, _ = label_components(lung)  # int32, in place below: a full-volume array
         labels *= 2
         labels -= 1
         labels[:, :, _mediastinum_column(lung) + 1 :] += 1
         labels[~lung] = 0
-        return labels
+        return lambda region: labels[region]
     sides = np.asarray(lung_sides)
-    return np.where(lung, np.where(sides > 0, sides, max(LungSide) + 1), 0).astype(np.uint8)
+
+    def crop(region: tuple[slice, slice, slice]) -> np.ndarray:
+        part = sides[region]
+        return np.where(lung[region], np.where(part > 0, part, max(LungSide) + 1), 0).astype(
+            np.uint8)
+
+    return crop
 
 
 MEDIASTINUM_SEARCH_SHARE = 0.2
@@ -441,7 +452,7 @@ def _mediastinum_column(lung: np.ndarray) -> int:
 
 
 def _lesion_band(
-    lungs: np.ndarray,
+    lungs: LungLabels,
     lung: np.ndarray,
     les: np.ndarray,
     crop: tuple[slice, slice, slice],
@@ -473,7 +484,7 @@ def _lesion_band(
 
 
 def _crop_band(
-    lungs: np.ndarray,
+    lungs: LungLabels,
     lung: np.ndarray,
     crop: tuple[slice, slice, slice],
     spacing: tuple[float, float, float],
@@ -492,7 +503,7 @@ def _crop_band(
     cx = int(math.ceil(2 * closing_mm / spacing[2])) if closing_mm > 0 else 0
     ys = slice(max(yc.start - 1 - cy, 0), min(yc.stop + 1 + cy, h))
     xs = slice(max(xc.start - 1 - cx, 0), min(xc.stop + 1 + cx, w))
-    sub = lung_outline(lungs[zc, ys, xs], spacing, closing_mm)
+    sub = lung_outline(lungs((zc, ys, xs)), spacing, closing_mm)
     if ys.start > 0:
         sub[:, 0, :] = True
     if ys.stop < h:
