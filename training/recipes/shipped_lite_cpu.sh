@@ -55,6 +55,9 @@ TRAIN="phantoms:covid=30,cap=30,normal=30,seed=1000,size=256,slices=64"
 VAL="phantoms:covid=3,cap=3,normal=3,seed=5000,size=256,slices=64"
 HELD_OUT="phantoms:covid=10,cap=10,normal=10,seed=900000,size=256,slices=64"  # selection
 FRESH="phantoms:covid=10,cap=10,normal=10,seed=950000,size=256,slices=64"  # final report
+# two more that no decision saw, to tell how far the fresh set's numbers carry (sessions 27-28)
+THIRD="phantoms:covid=10,cap=10,normal=10,seed=980000,size=256,slices=64"
+FOURTH="phantoms:covid=10,cap=10,normal=10,seed=970000,size=256,slices=64"
 # --field-of-view-mm 0: these runs saw the whole matrix (they came before the option).
 RUN=(--size lite --device cpu --workers 1 --patience 0 --batch-size 2 --field-of-view-mm 0
      ${RESUME:+--resume})
@@ -140,3 +143,9 @@ python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "$F
     --out "$OUT/lite-cpu21/fresh" --device cpu --workers 1
 python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "$FRESH" \
     --out "$OUT/lite-cpu21/fresh-mirror-overlap" --device cpu --workers 1 --mirror --overlap 0.5
+for set in THIRD FOURTH; do  # docs/training.md, "How sure"
+    python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "${!set}" \
+        --out "$OUT/lite-cpu21/${set,,}" --device cpu --workers 1
+done
+python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "$THIRD" \
+    --out "$OUT/lite-cpu21/third-mirror-overlap" --device cpu --workers 1 --mirror --overlap 0.5
