@@ -147,5 +147,8 @@ for set in THIRD FOURTH; do  # docs/training.md, "How sure"
     python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "${!set}" \
         --out "$OUT/lite-cpu21/${set,,}" --device cpu --workers 1
 done
-python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "$THIRD" \
-    --out "$OUT/lite-cpu21/third-mirror-overlap" --device cpu --workers 1 --mirror --overlap 0.5
+for set in THIRD FOURTH; do
+    python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "${!set}" \
+        --out "$OUT/lite-cpu21/${set,,}-mirror-overlap" --device cpu --workers 1 --mirror \
+        --overlap 0.5
+done
