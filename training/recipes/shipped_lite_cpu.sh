@@ -143,11 +143,9 @@ python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "$F
     --out "$OUT/lite-cpu21/fresh" --device cpu --workers 1
 python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "$FRESH" \
     --out "$OUT/lite-cpu21/fresh-mirror-overlap" --device cpu --workers 1 --mirror --overlap 0.5
-for set in THIRD FOURTH; do  # docs/training.md, "How sure"
+for set in THIRD FOURTH; do  # both defaults again (docs/training.md, "How sure")
     python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "${!set}" \
         --out "$OUT/lite-cpu21/${set,,}" --device cpu --workers 1
-done
-for set in THIRD FOURTH; do
     python3 -m dicomnode evaluate --checkpoint "$OUT/lite-cpu21/model.pt" --data "${!set}" \
         --out "$OUT/lite-cpu21/${set,,}-mirror-overlap" --device cpu --workers 1 --mirror \
         --overlap 0.5
