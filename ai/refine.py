@@ -13,12 +13,18 @@ network's outline each lung voxel is decided again by that contrast:
                     the network left out: lung, not lesion, vessel or airway wall)
 
 and a voxel within `band_mm` of the network's outline (outside it) or inside it is lesion
-when its contrast exceeds `contrast_hu`. Voxels farther out keep the network's call, and
-what the band adds must join a lesion that keeps some of the network's voxels, so the
-refinement moves outlines and may drop a faint false lesion, but never creates a lesion
-the network did not find. Vessels inside a lesion stay in it (they are denser than the
-lung); a vessel leaving it, or denser lung beside it, is taken in up to `band_mm`, which is
-what the refinement costs (docs/training.md).
+when its contrast exceeds `contrast_hu`. A single voxel's contrast is noisy, so the calls
+also go to a vote of each voxel's 3 x 3 neighbourhood within the slice (`_MAJORITY` of 9):
+the band adds a voxel only where the majority agrees (no lone voxel of noise above the
+threshold, and a vessel one or two voxels wide no longer carries the outline out along
+itself), and inside the network's lesions a voxel below the threshold stays lesion where
+the majority is (a gap of noise); the vote never takes away what the network found and
+the contrast confirms, so small lesions keep their shape. Voxels farther out keep the
+network's call, and what the band adds must join a lesion that keeps some of the
+network's voxels, so the refinement moves outlines and may drop a faint false lesion, but
+never creates a lesion the network did not find. Vessels inside a lesion stay in it (they
+are denser than the lung); a vessel wider than the vote leaving it, or denser lung beside
+it, is taken in up to `band_mm`, which is what the refinement costs (docs/training.md).
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ _TRUNCATE = 4.0
 """Gaussian kernels reach this many sigmas (scipy's default)."""
 _SLAB = 32
 """Slices decided at a time (bounds the float temporaries, as `ai.infer.SLAB`)."""
+_MAJORITY = 5
+"""Lesion calls among a voxel's 3 x 3 in-plane neighbourhood (itself included) that make a
+majority; in the slice only, as slices are often several times thicker than the pixels
+(chosen on held-out phantoms: docs/training.md, "Refining the outline")."""
+_IN_PLANE_3X3 = np.ones((1, 3, 3), dtype=np.uint8)
 _MIN_WEIGHT = 1e-3
 """Below this share of parenchyma in the background kernel the level is unknown there and
 the network's call stands (a lesion filling the whole neighbourhood)."""
@@ -119,7 +130,11 @@ def refine_lesion_outline(
         wz = weights[0][part]
         decided = near & lung_s & (_resample(share, wz, *weights[1:]) >= _MIN_WEIGHT)
         contrast = hu - _resample(level, wz, *weights[1:])
-        refined[part] = np.where(decided, contrast > settings.contrast_hu, found[part]) & lung_s
+        called = np.where(decided, contrast > settings.contrast_hu, found[part])
+        vote = _in_plane_majority(called)
+        # the band adds a voxel its neighbours agree on; inside, a gap they agree on closes
+        voted = np.where(found[part], called | vote, called & vote)
+        refined[part] = np.where(decided, voted, called) & lung_s
     # only what joins a lesion the network found: noise above the threshold in the band
     # would otherwise make specks of single voxels, each a lesion of its own
     labels, n = label_components(refined)
@@ -129,6 +144,13 @@ def refine_lesion_outline(
     out = lesion.copy()
     out[box] = joined[labels]
     return out
+
+
+def _in_plane_majority(called: np.ndarray) -> np.ndarray:
+    """Where at least `_MAJORITY` of the 3 x 3 in-plane neighbourhood is called lesion
+    (outside the array counts as not lesion)."""
+    votes = ndi.correlate(called.astype(np.uint8), _IN_PLANE_3X3, mode="constant")
+    return votes >= _MAJORITY
 
 
 def _parenchyma_level(

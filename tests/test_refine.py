@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from ai.refine import NO_REFINEMENT, OutlineRefinement, refine_lesion_outline
 
@@ -32,13 +33,35 @@ def _chest(lesion: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 CENTRE = (12.0, 32.0, 32.0)
 
 
+def _assert_outline(refined: np.ndarray, expected: np.ndarray) -> None:
+    """`refined` is `expected` but for one-voxel tips of a digital sphere's outline that the
+    band would add and the in-plane majority vote does not (at most 1 %, on its surface)."""
+    assert not (refined & ~expected).any()
+    missing = expected & ~refined
+    assert np.count_nonzero(missing) <= 0.01 * np.count_nonzero(expected)
+    assert not (missing & ndi.binary_erosion(expected)).any()
+
+
 @pytest.mark.parametrize("network_radius_mm", [5.0, 11.0])  # under- and oversegmented
 def test_a_lesion_outline_moves_to_its_density_outline(network_radius_mm: float) -> None:
     truth = _ball(CENTRE, 8.0)
     hu, lung = _chest(truth)
     network = _ball(CENTRE, network_radius_mm)
     refined = refine_lesion_outline(hu, network, lung, SPACING)
-    assert np.array_equal(refined, truth & lung)
+    _assert_outline(refined, truth & lung)
+
+
+def test_the_in_plane_vote_drops_a_thin_vessel_and_fills_a_one_voxel_gap() -> None:
+    lesion = _ball(CENTRE, 6.0)
+    hu, lung = _chest(lesion)
+    vessel = np.zeros(SHAPE, dtype=bool)
+    vessel[12, 32, 32:50] = True  # one voxel wide, leaving the lesion through the band
+    hu[vessel & ~lesion] = -100
+    hu[12, 30, 30] = -860  # a voxel of plain lung inside the lesion
+    refined = refine_lesion_outline(hu, lesion, lung, SPACING)
+    assert refined[12, 30, 30]
+    assert not (refined & vessel & ~lesion).any()
+    _assert_outline(refined, lesion & lung)
 
 
 def test_no_lesion_is_made_where_the_network_found_none() -> None:
@@ -47,7 +70,7 @@ def test_no_lesion_is_made_where_the_network_found_none() -> None:
     far = _ball((12.0, 10.0, 10.0), 4.0)  # dense, beyond the band
     hu, lung = _chest(found | near | far)
     refined = refine_lesion_outline(hu, found, lung, SPACING)
-    assert np.array_equal(refined, found)
+    _assert_outline(refined, found)
     assert not (refined & (near | far)).any()
 
 
@@ -83,8 +106,8 @@ def test_the_contrast_threshold_decides_a_faint_rim() -> None:
     hu[rim & ~core] = -820  # 40 HU above the lung
     low = refine_lesion_outline(hu, core, lung, SPACING, OutlineRefinement(contrast_hu=25.0))
     high = refine_lesion_outline(hu, core, lung, SPACING, OutlineRefinement(contrast_hu=60.0))
-    assert np.array_equal(low, rim & lung)
-    assert np.array_equal(high, core & lung)
+    _assert_outline(low, rim & lung)
+    _assert_outline(high, core & lung)
 
 
 @pytest.mark.parametrize(
