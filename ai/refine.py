@@ -48,7 +48,6 @@ _MAJORITY = 5
 """Lesion calls among a voxel's 3 x 3 in-plane neighbourhood (itself included) that make a
 majority; in the slice only, as slices are often several times thicker than the pixels
 (chosen on held-out phantoms: docs/training.md, "Refining the outline")."""
-_IN_PLANE_3X3 = np.ones((1, 3, 3), dtype=np.uint8)
 _MIN_WEIGHT = 1e-3
 """Below this share of parenchyma in the background kernel the level is unknown there and
 the network's call stands (a lesion filling the whole neighbourhood)."""
@@ -148,9 +147,11 @@ def refine_lesion_outline(
 
 def _in_plane_majority(called: np.ndarray) -> np.ndarray:
     """Where at least `_MAJORITY` of the 3 x 3 in-plane neighbourhood is called lesion
-    (outside the array counts as not lesion)."""
-    votes = ndi.correlate(called.astype(np.uint8), _IN_PLANE_3X3, mode="constant")
-    return votes >= _MAJORITY
+    (outside the array counts as not lesion); sums of shifted slices, as a 3 x 3 filter
+    over 300 x 512 x 512 takes seconds."""
+    c = np.pad(called, ((0, 0), (1, 1), (1, 1))).view(np.uint8)
+    rows = c[:, :-2] + c[:, 1:-1] + c[:, 2:]
+    return rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:] >= _MAJORITY
 
 
 def _parenchyma_level(
