@@ -16,10 +16,10 @@ and a voxel within `band_mm` of the network's outline (outside it) or inside it 
 when its contrast exceeds `contrast_hu`. A single voxel's contrast is noisy, so the calls
 also go to a vote of each voxel's 3 x 3 neighbourhood within the slice (`_MAJORITY` of 9):
 the band adds a voxel only where the majority agrees (no lone voxel of noise above the
-threshold, and a vessel one or two voxels wide no longer carries the outline out along
-itself), and inside the network's lesions a voxel below the threshold stays lesion where
-the majority is (a gap of noise); the vote never takes away what the network found and
-the contrast confirms, so small lesions keep their shape. Voxels farther out keep the
+threshold, and a vessel one voxel wide no longer carries the outline out along itself),
+and inside the network's lesions a voxel below the threshold stays lesion where the
+majority is (a gap of noise); the vote never takes away what the network found and the
+contrast confirms, so small lesions keep their shape. Voxels farther out keep the
 network's call, and what the band adds must join a lesion that keeps some of the
 network's voxels, so the refinement moves outlines and may drop a faint false lesion, but
 never creates a lesion the network did not find. Vessels inside a lesion stay in it (they
