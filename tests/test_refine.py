@@ -48,6 +48,8 @@ def test_a_lesion_outline_moves_to_its_density_outline(network_radius_mm: float)
     hu, lung = _chest(truth)
     network = _ball(CENTRE, network_radius_mm)
     refined = refine_lesion_outline(hu, network, lung, SPACING)
+    if network_radius_mm > 8.0:  # all inside what the network found: nothing voted away
+        assert np.array_equal(refined, truth & lung)
     _assert_outline(refined, truth & lung)
 
 
@@ -70,7 +72,7 @@ def test_no_lesion_is_made_where_the_network_found_none() -> None:
     far = _ball((12.0, 10.0, 10.0), 4.0)  # dense, beyond the band
     hu, lung = _chest(found | near | far)
     refined = refine_lesion_outline(hu, found, lung, SPACING)
-    _assert_outline(refined, found)
+    assert np.array_equal(refined, found)
     assert not (refined & (near | far)).any()
 
 
@@ -107,7 +109,7 @@ def test_the_contrast_threshold_decides_a_faint_rim() -> None:
     low = refine_lesion_outline(hu, core, lung, SPACING, OutlineRefinement(contrast_hu=25.0))
     high = refine_lesion_outline(hu, core, lung, SPACING, OutlineRefinement(contrast_hu=60.0))
     _assert_outline(low, rim & lung)
-    _assert_outline(high, core & lung)
+    assert np.array_equal(high, core & lung)
 
 
 @pytest.mark.parametrize(
