@@ -55,7 +55,8 @@ TRAIN="phantoms:covid=30,cap=30,normal=30,seed=1000,size=256,slices=64"
 VAL="phantoms:covid=3,cap=3,normal=3,seed=5000,size=256,slices=64"
 HELD_OUT="phantoms:covid=10,cap=10,normal=10,seed=900000,size=256,slices=64"  # selection
 FRESH="phantoms:covid=10,cap=10,normal=10,seed=950000,size=256,slices=64"  # final report
-# two more that no decision saw, to tell how far the fresh set's numbers carry (sessions 27-28)
+# two more, to tell how far the fresh set's numbers carry (sessions 27-28); with the fresh
+# set they decided only the in-plane vote's yes or no (session 29, docs/training.md)
 THIRD="phantoms:covid=10,cap=10,normal=10,seed=980000,size=256,slices=64"
 FOURTH="phantoms:covid=10,cap=10,normal=10,seed=970000,size=256,slices=64"
 # --field-of-view-mm 0: these runs saw the whole matrix (they came before the option).
